@@ -1,0 +1,20 @@
+"""fxmem: graph-level memory passes for PyTorch.
+
+``torch.compile(model, backend="fxmem", options={...})`` works without importing this package
+(the backend is registered through an entry point). The public API is below and nothing else.
+"""
+
+from fxmem.backend import backend
+from fxmem.config import FxmemConfig, OptionError, parse_options
+from fxmem.freeze import StaleWeightsError
+from fxmem.pipeline import PassFailure, PassResult
+from fxmem.report import Report, explain, optimize
+from fxmem.verify import VerificationError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "backend", "explain", "optimize", "Report",
+    "FxmemConfig", "parse_options", "OptionError", "PassFailure", "PassResult",
+    "StaleWeightsError", "VerificationError", "__version__",
+]

@@ -1,0 +1,219 @@
+"""The ``torch.compile`` backend: options → config → pipeline → AOTAutograd.
+
+``torch.compile(model, backend="fxmem", options={...})`` finds :func:`fxmem_backend` through the
+``torch_dynamo_backends`` entry point. Dynamo hands it a torch-level FX graph and example inputs
+(parameters among them); then
+
+* inference (grad disabled, or nothing requires grad): AOTAutograd traces an ATen inference
+  graph; fxmem freezes the parameters into it (:mod:`fxmem.freeze`) and runs the ``inference``
+  passes (tie → prune → int8 → precision → shard → lower). Frozen weights are watched: if one
+  that a pass derived from changes in place, the graph is derived again before the next call.
+* training: AOTAutograd traces the joint graph; fxmem runs the ``joint`` passes, partitions it
+  (:func:`partition`: remat by min-cut, PyTorch's ``min_cut_rematerialization_partition`` until
+  the remat pass is installed, ``default_partition`` with ``remat=False``), then runs the
+  ``forward`` and ``backward`` passes on the two halves, both compiled — nothing is left to eager.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._functorch import partitioners
+from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+
+from fxmem.analysis.saved import saved_activation_bytes
+from fxmem.analysis.sizes import PARAM_META_KEY
+from fxmem.config import FxmemConfig, OptionError, parse_options
+from fxmem.freeze import WeightWatch, freeze_parameters
+from fxmem.pipeline import EXAMPLE_INPUTS_KEY, STAGE_KEY, Recorder, count_nodes, make_record, run_pipeline
+from fxmem.verify import verify_outputs
+
+# ATen ops that AOTAutograd keeps whole (softmax, native_layer_norm, gelu, SDPA) stay whole:
+# passes pattern-match them and the cost model prices them. CompositeImplicit ops (linear, matmul)
+# decompose on their own.
+DECOMPOSITIONS: dict = {}
+
+
+def is_training_call(example_inputs: Sequence[Any]) -> bool:
+    """Training when grad mode is on and some input (a parameter, usually) requires grad."""
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+
+
+_SOURCE_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.(?!_modules|_parameters|_buffers)([A-Za-z_]\w*)|\[(\d+)\]")
+
+
+def _source_fqn(node: fx.Node) -> str | None:
+    """``L['self']._modules['fc']._parameters['weight']`` → ``fc.weight`` (None if not a module tensor)."""
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is None:
+        return None
+    name = source.name() if callable(getattr(source, "name", None)) else str(getattr(source, "name", source))
+    if "_parameters" not in name and "_buffers" not in name:
+        return None
+    rest = name.split("]", 1)[1] if name.startswith(("L[", "G[")) else name
+    parts = ["".join(groups) for groups in _SOURCE_PART.findall(rest)]
+    return ".".join(parts) if parts else None
+
+
+def parameter_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[int, str]:
+    """Index → qualified name of the Dynamo inputs that are parameters or buffers."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    found = {}
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        if not isinstance(value, torch.Tensor):
+            continue
+        fqn = _source_fqn(node)
+        is_module_tensor = isinstance(value, torch.nn.Parameter) or (fqn is not None and "_buffers" in str(getattr(node.meta.get("grapharg"), "source", "")))
+        if is_module_tensor:
+            found[i] = fqn or node.name
+    return found
+
+
+class FxmemBackend:
+    """A ``torch.compile`` backend bound to one parsed config (and, for explain, a recorder)."""
+
+    def __init__(self, config: FxmemConfig, recorder: Recorder | None = None):
+        self.config = config
+        self.recorder = recorder if recorder is not None else Recorder()
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        if is_training_call(example_inputs):
+            lossy = self.config.lossy_options()
+            if lossy:
+                raise OptionError(
+                    f"fxmem options {lossy} change weights and run on inference graphs only; this graph "
+                    "trains (grad is enabled and parameters require grad). Call the model under "
+                    "torch.no_grad()/torch.inference_mode(), or drop these options for training "
+                    "(precision and remat work in training)."
+                )
+            compiled = self._compile_training(gm, example_inputs)
+        else:
+            compiled = self._compile_inference(gm, example_inputs)
+        if self.config.verify is not None:
+            return verify_outputs(gm, compiled, self.config.verify)
+        return compiled
+
+    # -- inference -------------------------------------------------------------------------
+    def _compile_inference(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        params = parameter_inputs(gm, example_inputs)
+        backend = self
+
+        def inference_compiler(aten_gm: fx.GraphModule, flat_args: Sequence[Any]):
+            placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
+            if len(placeholders) != len(example_inputs):
+                # tensor subclasses (DTensor) were desugared: inputs no longer map one-to-one;
+                # run the passes without freezing (weight passes then find no frozen weights).
+                return make_boxed_func(backend._run_inference_pipeline(aten_gm, {}, flat_args))
+            frozen = {placeholders[i].name: (fqn, example_inputs[i]) for i, fqn in params.items()}
+            user_idx = [i for i in range(len(placeholders)) if i not in params]
+            template = aten_gm
+            state: dict[str, Any] = {}
+
+            def build() -> None:
+                gm_copy = fx.GraphModule(template, _copy_graph(template.graph))
+                frozen_now = {name: (fqn, t) for name, (fqn, t) in frozen.items()}
+                state["gm"] = backend._run_inference_pipeline(gm_copy, frozen_now, [flat_args[i] for i in user_idx])
+                state["watch"] = WeightWatch.after({fqn: t for fqn, t in frozen_now.values()}, state["gm"])
+
+            build()
+
+            def run(args: list) -> Any:
+                if state["watch"].changed():
+                    build()  # a source weight changed in place: derive the frozen weights again
+                user_args = [args[i] for i in user_idx]
+                args.clear()
+                return state["gm"](*user_args)
+
+            run._boxed_call = True  # type: ignore[attr-defined]
+            return run
+
+        with torch.no_grad():
+            return aot_module_simplified(gm, example_inputs, fw_compiler=inference_compiler,
+                                         decompositions=DECOMPOSITIONS, keep_inference_input_mutations=True)
+
+    def _run_inference_pipeline(self, aten_gm: fx.GraphModule, frozen: dict, user_args: Sequence[Any]) -> fx.GraphModule:
+        if frozen:
+            freeze_parameters(aten_gm, frozen)
+        aten_gm.meta[EXAMPLE_INPUTS_KEY] = tuple(user_args)
+        return run_pipeline(aten_gm, "inference", self.config, self.recorder)
+
+    # -- training --------------------------------------------------------------------------
+    def _compile_training(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        backend = self
+        state: dict[str, Any] = {}
+
+        def partition_fn(joint_gm, joint_inputs, *, num_fwd_outputs, static_lifetime_input_indices=None, **kwargs):
+            static = set(static_lifetime_input_indices or ())
+            primals = [n for n in joint_gm.graph.nodes if n.op == "placeholder" and n.name.startswith("primals")]
+            for i, node in enumerate(primals):
+                if i in static:
+                    node.meta[PARAM_META_KEY] = True
+            joint_gm = run_pipeline(joint_gm, "joint", backend.config, backend.recorder)
+            fw, bw, info = partition(joint_gm, joint_inputs, backend.config, num_fwd_outputs=num_fwd_outputs,
+                                     static_lifetime_input_indices=static_lifetime_input_indices)
+            state["num_fwd_outputs"] = num_fwd_outputs
+            state["static"] = static
+            backend.recorder.partitions.append(info)
+            return fw, bw
+
+        def fw_compiler(fw_gm: fx.GraphModule, args: Sequence[Any]):
+            static = state.get("static", set())
+            for i, node in enumerate(n for n in fw_gm.graph.nodes if n.op == "placeholder"):
+                if i in static:
+                    node.meta[PARAM_META_KEY] = True
+            saved = saved_activation_bytes(fw_gm, state.get("num_fwd_outputs", 0))
+            if backend.recorder.partitions:
+                backend.recorder.partitions[-1]["saved_bytes"] = saved
+            name = backend.recorder.new_graph_name("forward")
+            backend.recorder.records.append(make_record("partition", name, _with_stage(fw_gm, "forward"), status="changed",
+                                                        time_s=0.0, nodes_before=count_nodes(fw_gm), saved_bytes=saved))
+            return make_boxed_func(run_pipeline(fw_gm, "forward", backend.config, backend.recorder, graph_name=name))
+
+        def bw_compiler(bw_gm: fx.GraphModule, args: Sequence[Any]):
+            return make_boxed_func(run_pipeline(bw_gm, "backward", backend.config, backend.recorder))
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=fw_compiler, bw_compiler=bw_compiler,
+                                     partition_fn=partition_fn, decompositions=DECOMPOSITIONS)
+
+
+def _with_stage(gm: fx.GraphModule, stage: str) -> fx.GraphModule:
+    gm.meta[STAGE_KEY] = stage
+    return gm
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    new = fx.Graph()
+    out = new.graph_copy(graph, {})
+    new.output(out)
+    return new
+
+
+def partition(joint_gm: fx.GraphModule, joint_inputs, config: FxmemConfig, *, num_fwd_outputs: int,
+              static_lifetime_input_indices=None) -> tuple[fx.GraphModule, fx.GraphModule, dict]:
+    """Split a joint graph into forward and backward graphs by the ``remat`` option.
+
+    Returns ``(forward, backward, info)``; ``info`` describes the partition for the report.
+    """
+    kwargs = dict(num_fwd_outputs=num_fwd_outputs, static_lifetime_input_indices=static_lifetime_input_indices)
+    if not config.remat.enabled:
+        fw, bw = partitioners.default_partition(joint_gm, joint_inputs, **kwargs)
+        return fw, bw, {"partitioner": "default_partition (remat=False)"}
+    fw, bw = partitioners.min_cut_rematerialization_partition(joint_gm, joint_inputs, compiler="inductor", **kwargs)
+    return fw, bw, {"partitioner": "torch min_cut_rematerialization_partition"}
+
+
+def backend(**options: Any) -> FxmemBackend:
+    """``fxmem.backend(**options)``: a backend object with the options parsed now (errors early)."""
+    return FxmemBackend(parse_options(options))
+
+
+def fxmem_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: dict | None = None, mode: str | None = None) -> Callable:
+    """The entry point registered as ``backend="fxmem"``."""
+    if mode is not None:
+        raise OptionError(f"fxmem takes no torch.compile mode (got mode={mode!r}); pass options={{...}} instead")
+    return FxmemBackend(parse_options(options))(gm, example_inputs)

@@ -1,0 +1,138 @@
+"""Model → frozen ATen inference graph, and back to a module with the model's call signature.
+
+``fxmem.explain`` / ``fxmem.optimize`` need a standalone result, so they do not go through
+Dynamo: the model is traced by AOTAutograd's ``aot_export_module`` (the same ATen IR, the same
+decompositions as the backend's graphs), its parameters are frozen in (:mod:`fxmem.freeze`), and
+:class:`OptimizedModule` gives the transformed graph back the model's call signature (positional
+and keyword arguments, nested outputs) through ``torch.utils._pytree``.
+
+The graph is specialized to the example inputs' shapes and to their non-tensor values; a call
+with other shapes or values raises :class:`SignatureError` instead of computing on a graph traced
+for something else. (``torch.compile(backend="fxmem")`` handles dynamic shapes.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch._functorch.aot_autograd import aot_export_module
+
+from fxmem.freeze import WeightWatch, freeze_parameters
+
+
+class CaptureError(RuntimeError):
+    """The model cannot be traced to a standalone graph (it mutates its buffers or inputs)."""
+
+
+class SignatureError(TypeError):
+    """An optimized module was called with inputs unlike the ones it was traced for."""
+
+
+class _FlatCall(torch.nn.Module):
+    """Calls ``model`` from a flat list of tensor leaves and returns a flat tuple of outputs."""
+
+    def __init__(self, model: torch.nn.Module, leaves: list, tensor_positions: list[int], in_spec):
+        super().__init__()
+        self.model = model
+        self._leaves = leaves
+        self._positions = tensor_positions
+        self._in_spec = in_spec
+        self.out_spec = None
+
+    def forward(self, *tensors):
+        leaves = list(self._leaves)
+        for pos, t in zip(self._positions, tensors):
+            leaves[pos] = t
+        args, kwargs = pytree.tree_unflatten(leaves, self._in_spec)
+        out = self.model(*args, **kwargs)
+        flat, self.out_spec = pytree.tree_flatten(out)
+        return tuple(flat)
+
+
+@dataclass
+class Captured:
+    gm: fx.GraphModule                   # ATen graph, parameters frozen as get_attr
+    originals: dict[str, torch.Tensor]   # qualified name → the model's tensor that was frozen
+    in_spec: Any
+    out_spec: Any
+    leaves: list                         # the flattened (args, kwargs); tensors replaced at call
+    tensor_positions: list[int]
+    example_tensors: tuple
+
+
+def _owned(model: torch.nn.Module, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        tensors[prefix + name] = t
+    return tensors
+
+
+def capture_inference(model: torch.nn.Module, args: Sequence[Any], kwargs: dict | None, decompositions: dict) -> Captured:
+    """Trace ``model(*args, **kwargs)`` to a frozen ATen inference graph."""
+    leaves, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs or {})))
+    positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    tensors = tuple(leaves[i] for i in positions)
+    flat = _FlatCall(model, leaves, positions, in_spec)
+    with torch.no_grad():
+        gm, sig = aot_export_module(flat, tensors, trace_joint=False, decompositions=decompositions)
+    if getattr(sig, "buffers_to_mutate", None) or getattr(sig, "user_inputs_to_mutate", None):
+        raise CaptureError(
+            "fxmem.explain/optimize: the model mutates buffers or inputs in its forward "
+            f"({dict(sig.buffers_to_mutate) or dict(sig.user_inputs_to_mutate)}); use torch.compile(backend='fxmem') for it"
+        )
+    owned = _owned(model)
+    frozen = {}
+    for ph_name, fqn in {**sig.inputs_to_parameters, **sig.inputs_to_buffers}.items():
+        frozen[ph_name] = (fqn.removeprefix("model."), owned[fqn])
+    freeze_parameters(gm, frozen)
+    originals = {fqn: t for fqn, t in frozen.values()}
+    return Captured(gm, originals, in_spec, flat.out_spec, leaves, positions, tensors)
+
+
+def _describe(x: Any) -> Any:
+    return (tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x
+
+
+class OptimizedModule(torch.nn.Module):
+    """A transformed graph with the original model's call signature.
+
+    ``self.graph_module`` holds the ATen graph and its (possibly transformed) weights, so
+    ``state_dict()`` / ``load_state_dict()`` save and load them; the module can be called,
+    exported and compiled like any module.
+    """
+
+    def __init__(self, gm: fx.GraphModule, captured: Captured, watch: WeightWatch):
+        super().__init__()
+        self.graph_module = gm
+        self._in_spec = captured.in_spec
+        self._out_spec = captured.out_spec
+        self._leaves = [None if isinstance(x, torch.Tensor) else x for x in captured.leaves]
+        self._expected = [_describe(x) for x in captured.leaves]
+        self._positions = captured.tensor_positions
+        self._watch = watch
+
+    @property
+    def code(self) -> str:
+        return self.graph_module.code
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        if spec != self._in_spec:
+            raise SignatureError(f"fxmem: this module was traced for inputs structured as {self._in_spec}; got {spec}")
+        got = [_describe(x) for x in leaves]
+        if got != self._expected:
+            bad = next(i for i, (g, e) in enumerate(zip(got, self._expected)) if g != e)
+            raise SignatureError(
+                f"fxmem: input leaf {bad} is {got[bad]}, but this module was traced for {self._expected[bad]} "
+                "(optimized modules are specialized to the example inputs' shapes and values; run "
+                "fxmem.optimize with the new inputs, or use torch.compile(backend='fxmem'))"
+            )
+        if not torch.compiler.is_compiling():
+            self._watch.check()
+        out = self.graph_module(*[leaves[i] for i in self._positions])
+        return pytree.tree_unflatten(list(out), self._out_spec)

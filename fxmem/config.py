@@ -1,0 +1,360 @@
+"""Options → frozen configs.
+
+Every option key of design.md §1 has one frozen dataclass here and one parser. The same keys are
+accepted by ``torch.compile(..., options=...)``, ``fxmem.backend(**options)``, ``fxmem.explain``
+and ``fxmem.optimize``. Parsing happens before any work: an unknown key or a bad value raises
+:class:`OptionError` (a ``ValueError``) that names the key and lists what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class OptionError(ValueError):
+    """A bad fxmem option: names the key, the value given and what is accepted."""
+
+
+def _fail(key: str, value: Any, accepted: str) -> OptionError:
+    return OptionError(f"fxmem option {key!r}: got {value!r}; accepted: {accepted}")
+
+
+def _check_keys(key: str, given: Mapping, allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise OptionError(
+            f"fxmem option {key!r}: unknown sub-key(s) {unknown}; accepted sub-keys: {list(allowed)}"
+        )
+
+
+def _fraction(key: str, value: Any, *, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        accepted = "a float in [0, 1]" + (" or None" if allow_none else "")
+        raise _fail(key, value, accepted)
+    return float(value)
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise _fail(key, value, " | ".join(repr(c) for c in choices))
+    return value
+
+
+def _positive_int(key: str, value: Any, *, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(key, value, "a non-negative int" + (" or None" if allow_none else ""))
+    return value
+
+
+def _str_tuple(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise _fail(key, value, "a string or a list of strings")
+
+
+# --------------------------------------------------------------------------------------------
+# One frozen dataclass per pass.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RematConfig:
+    """``remat``: which forward activations are saved for backward (training graphs).
+
+    ``budget`` is the fraction of eager's saved-activation bytes that may be kept; ``None`` means
+    "recompute only what is free" (no extra matmul or attention FLOPs).
+    """
+
+    enabled: bool = True
+    budget: float | None = None
+
+    @classmethod
+    def parse(cls, value: Any) -> RematConfig:
+        if isinstance(value, RematConfig):
+            return value
+        if isinstance(value, bool):
+            return cls(enabled=value)
+        if isinstance(value, Mapping):
+            _check_keys("remat", value, ("budget", "enabled"))
+            enabled = value.get("enabled", True)
+            if not isinstance(enabled, bool):
+                raise _fail("remat.enabled", enabled, "True | False")
+            return cls(enabled=enabled, budget=_fraction("remat.budget", value.get("budget"), allow_none=True))
+        raise _fail("remat", value, "True | False | {'budget': float in [0, 1] or None}")
+
+
+_LOW_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """``precision``: low-precision compute (and, for inference, low-precision weight storage).
+
+    ``keep_fp32`` names extra ATen ops (``"aten.softmax"`` or ``"softmax"``) kept in fp32 beyond
+    autocast's CUDA fp32 lists; ``overflow_guard`` keeps ops whose values exceed the low dtype's
+    range on the example inputs in fp32.
+    """
+
+    dtype: torch.dtype = torch.bfloat16
+    keep_fp32: tuple[str, ...] = ()
+    overflow_guard: bool = True
+
+    @classmethod
+    def parse(cls, value: Any) -> PrecisionConfig | None:
+        if value is None or isinstance(value, PrecisionConfig):
+            return value
+        accepted = "None | 'fp16' | 'bf16' | {'dtype': 'fp16'|'bf16', 'keep_fp32': [op names], 'overflow_guard': bool}"
+        if isinstance(value, str):
+            if value not in _LOW_DTYPES:
+                raise _fail("precision", value, accepted)
+            return cls(dtype=_LOW_DTYPES[value])
+        if isinstance(value, torch.dtype):
+            if value not in (torch.float16, torch.bfloat16):
+                raise _fail("precision", value, accepted)
+            return cls(dtype=value)
+        if isinstance(value, Mapping):
+            _check_keys("precision", value, ("dtype", "keep_fp32", "overflow_guard"))
+            dtype = value.get("dtype", "bf16")
+            parsed = cls.parse(dtype)
+            if parsed is None:
+                raise _fail("precision.dtype", dtype, "'fp16' | 'bf16'")
+            guard = value.get("overflow_guard", True)
+            if not isinstance(guard, bool):
+                raise _fail("precision.overflow_guard", guard, "True | False")
+            return cls(
+                dtype=parsed.dtype,
+                keep_fp32=_str_tuple("precision.keep_fp32", value.get("keep_fp32", ())),
+                overflow_guard=guard,
+            )
+        raise _fail("precision", value, accepted)
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    """``int8``: rewrite linear/matmul with frozen weights to int8 weights and fp32 scales.
+
+    ``granularity`` is ``"per_channel"`` (one scale per output row) or ``"per_group"`` (one scale
+    per ``group_size`` input columns of each row). ``skip`` holds fnmatch patterns on module
+    names (``"lm_head"``, ``"*.attn.*"``); weights with fewer than ``min_numel`` elements stay.
+    """
+
+    mode: str = "weight_only"
+    granularity: str = "per_channel"
+    group_size: int = 128
+    skip: tuple[str, ...] = ()
+    min_numel: int = 1024
+
+    @classmethod
+    def parse(cls, value: Any) -> Int8Config | None:
+        if value is None or isinstance(value, Int8Config):
+            return value
+        modes = ("weight_only", "dynamic")
+        if isinstance(value, str):
+            return cls(mode=_choice("int8", value, modes))
+        if isinstance(value, Mapping):
+            _check_keys("int8", value, ("mode", "granularity", "group_size", "skip", "min_numel"))
+            group_size = _positive_int("int8.group_size", value.get("group_size", 128))
+            if group_size == 0:
+                raise _fail("int8.group_size", group_size, "a positive int")
+            return cls(
+                mode=_choice("int8.mode", value.get("mode", "weight_only"), modes),
+                granularity=_choice("int8.granularity", value.get("granularity", "per_channel"), ("per_channel", "per_group")),
+                group_size=group_size,
+                skip=_str_tuple("int8.skip", value.get("skip", ())),
+                min_numel=_positive_int("int8.min_numel", value.get("min_numel", 1024)),
+            )
+        raise _fail("int8", value, "None | 'weight_only' | 'dynamic' | {'mode', 'granularity', 'group_size', 'skip', 'min_numel'}")
+
+
+@dataclass(frozen=True)
+class TieConfig:
+    """``tie_weights``: one storage for identical parameters (exact), or near-identical (similar)."""
+
+    enabled: bool = True
+    mode: str = "exact"
+    rtol: float = 1e-3
+
+    @classmethod
+    def parse(cls, value: Any) -> TieConfig:
+        if isinstance(value, TieConfig):
+            return value
+        if isinstance(value, bool):
+            return cls(enabled=value)
+        if isinstance(value, Mapping):
+            _check_keys("tie_weights", value, ("mode", "rtol", "enabled"))
+            rtol = value.get("rtol", 1e-3)
+            if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or rtol < 0:
+                raise _fail("tie_weights.rtol", rtol, "a non-negative float")
+            enabled = value.get("enabled", True)
+            if not isinstance(enabled, bool):
+                raise _fail("tie_weights.enabled", enabled, "True | False")
+            return cls(enabled=enabled, mode=_choice("tie_weights.mode", value.get("mode", "exact"), ("exact", "similar")), rtol=float(rtol))
+        raise _fail("tie_weights", value, "True | False | {'mode': 'exact' | 'similar', 'rtol': float}")
+
+
+PRUNE_TARGETS = ("mlp", "heads", "channels")
+PRUNE_IMPORTANCE = ("l2", "l1", "taylor", "activation")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """``prune``: structured pruning of MLP neurons, attention heads and conv channels."""
+
+    ratio: float = 0.3
+    targets: tuple[str, ...] = PRUNE_TARGETS
+    importance: str = "l2"
+
+    @classmethod
+    def parse(cls, value: Any) -> PruneConfig | None:
+        if value is None or isinstance(value, PruneConfig):
+            return value
+        if isinstance(value, Mapping):
+            _check_keys("prune", value, ("ratio", "targets", "importance"))
+            ratio = _fraction("prune.ratio", value.get("ratio", 0.3))
+            if ratio >= 1.0:
+                raise _fail("prune.ratio", ratio, "a float in [0, 1)")
+            targets = _str_tuple("prune.targets", value.get("targets", PRUNE_TARGETS))
+            for t in targets:
+                _choice("prune.targets", t, PRUNE_TARGETS)
+            return cls(ratio=ratio, targets=targets, importance=_choice("prune.importance", value.get("importance", "l2"), PRUNE_IMPORTANCE))
+        raise _fail("prune", value, "None | {'ratio': float in [0, 1), 'targets': [...], 'importance': 'l2'|'l1'|'taylor'|'activation'}")
+
+
+@dataclass(frozen=True)
+class LowerConfig:
+    """``lower``: lower memory hotspots to generated Triton kernels.
+
+    ``mode``: ``"auto"`` (where Triton runs natively, i.e. CUDA, or under ``TRITON_INTERPRET=1``),
+    ``"on"`` (forced, the interpreter on CPU) or ``"off"``.
+    """
+
+    mode: str = "auto"
+    max_kernels: int | None = None
+    min_bytes: int = 0
+
+    @classmethod
+    def parse(cls, value: Any) -> LowerConfig:
+        if isinstance(value, LowerConfig):
+            return value
+        if value is True:
+            return cls(mode="on")
+        if value is False:
+            return cls(mode="off")
+        if value == "auto":
+            return cls(mode="auto")
+        if isinstance(value, Mapping):
+            _check_keys("lower", value, ("mode", "max_kernels", "min_bytes"))
+            mode = value.get("mode", "on")
+            mode = {True: "on", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode
+            return cls(
+                mode=_choice("lower.mode", mode, ("auto", "on", "off")),
+                max_kernels=_positive_int("lower.max_kernels", value.get("max_kernels"), allow_none=True),
+                min_bytes=_positive_int("lower.min_bytes", value.get("min_bytes", 0)),
+            )
+        raise _fail("lower", value, "'auto' | True | False | {'mode', 'max_kernels', 'min_bytes'}")
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """``verify``: run eager once beside the compiled graph and raise on mismatch."""
+
+    atol: float | None = None
+    rtol: float | None = None
+
+    @classmethod
+    def parse(cls, value: Any) -> VerifyConfig | None:
+        if value is None or value is False:
+            return None
+        if isinstance(value, VerifyConfig):
+            return value
+        if value is True:
+            return cls()
+        if isinstance(value, Mapping):
+            _check_keys("verify", value, ("atol", "rtol"))
+            tols = {}
+            for k in ("atol", "rtol"):
+                v = value.get(k)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+                    raise _fail(f"verify.{k}", v, "a non-negative float")
+                tols[k] = None if v is None else float(v)
+            return cls(**tols)
+        raise _fail("verify", value, "True | False | {'atol': float, 'rtol': float}")
+
+
+# --------------------------------------------------------------------------------------------
+# The whole configuration.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FxmemConfig:
+    """All options, parsed. Build it with :func:`parse_options`."""
+
+    remat: RematConfig = field(default_factory=RematConfig)
+    precision: PrecisionConfig | None = None
+    int8: Int8Config | None = None
+    tie_weights: TieConfig = field(default_factory=TieConfig)
+    prune: PruneConfig | None = None
+    lower: LowerConfig = field(default_factory=LowerConfig)
+    verify: VerifyConfig | None = None
+    strict: bool = False
+
+    def lossy_options(self) -> list[str]:
+        """The option keys set here that change weights (allowed on inference graphs only)."""
+        lossy = []
+        if self.int8 is not None:
+            lossy.append("int8")
+        if self.prune is not None:
+            lossy.append("prune")
+        if self.tie_weights.enabled and self.tie_weights.mode == "similar":
+            lossy.append("tie_weights")
+        return lossy
+
+
+_PARSERS = {
+    "remat": RematConfig.parse,
+    "precision": PrecisionConfig.parse,
+    "int8": Int8Config.parse,
+    "tie_weights": TieConfig.parse,
+    "prune": PruneConfig.parse,
+    "lower": LowerConfig.parse,
+    "verify": VerifyConfig.parse,
+}
+
+OPTION_KEYS = tuple(_PARSERS) + ("strict",)
+
+
+def parse_options(options: Mapping[str, Any] | FxmemConfig | None = None, **more: Any) -> FxmemConfig:
+    """Parse user options (a dict and/or keywords) into a :class:`FxmemConfig`.
+
+    >>> parse_options({"remat": {"budget": 0.5}}, precision="bf16").precision.dtype
+    torch.bfloat16
+    """
+    if isinstance(options, FxmemConfig):
+        return dataclasses.replace(options, **{k: v for k, v in parse_options(None, **more).__dict__.items() if k in more}) if more else options
+    if options is not None and not isinstance(options, Mapping):
+        raise OptionError(f"fxmem options must be a dict; got {type(options).__name__}. Accepted keys: {list(OPTION_KEYS)}")
+    merged = {**(options or {}), **more}
+    unknown = sorted(k for k in merged if k not in OPTION_KEYS)
+    if unknown:
+        raise OptionError(f"unknown fxmem option(s) {unknown}; accepted keys: {list(OPTION_KEYS)}")
+    values: dict[str, Any] = {}
+    for key, value in merged.items():
+        if key == "strict":
+            if not isinstance(value, bool):
+                raise _fail("strict", value, "True | False")
+            values[key] = value
+        else:
+            values[key] = _PARSERS[key](value)
+    return FxmemConfig(**values)

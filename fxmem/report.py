@@ -1,0 +1,183 @@
+"""``fxmem.explain`` and ``fxmem.optimize``: run the pipeline on a model and keep what it saw.
+
+Inference (``model.eval()``, or ``mode="inference"``): the model is traced to a frozen ATen
+graph (:mod:`fxmem.capture`), the ``inference`` passes run over it, and ``report.module`` is the
+transformed graph with the model's call signature — a plain module that can be called, saved,
+exported and compiled.
+
+Training (``model.training`` with parameters that require grad, or ``mode="training"``): the
+model is compiled with the fxmem backend and run forward and backward once on the example
+inputs (gradients already on the parameters are restored afterwards); the report holds the
+joint, forward and backward graphs and the partition. ``report.module`` is then the compiled
+model (``torch.compile(model, backend=fxmem.backend(**options))``).
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fxmem.analysis.sizes import module_parameter_bytes
+from fxmem.backend import DECOMPOSITIONS, FxmemBackend
+from fxmem.capture import OptimizedModule, capture_inference
+from fxmem.config import FxmemConfig, OptionError, parse_options
+from fxmem.freeze import WeightWatch
+from fxmem.pipeline import EXAMPLE_INPUTS_KEY, PassRecord, Recorder, run_pipeline
+
+MODES = ("inference", "training")
+
+
+def _mib(n: int | None) -> str:
+    return "—" if n is None else f"{n / 2**20:.2f}"
+
+
+@dataclass
+class Report:
+    """What one run of the pipeline saw. ``print(report)`` shows the table."""
+
+    mode: str
+    config: FxmemConfig
+    records: list[PassRecord]
+    graphs: dict[str, str]
+    module: torch.nn.Module
+    partitions: list[dict[str, Any]] = field(default_factory=list)
+    kernels: list[Any] = field(default_factory=list)
+    eager_param_bytes: int = 0
+    total_time_s: float = 0.0
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per pass run (the table's rows)."""
+        return [
+            {"pass": r.name, "graph": r.graph, "status": r.status, "time_ms": r.time_s * 1e3,
+             "nodes": f"{r.nodes_before}→{r.nodes_after}", "param_bytes": r.param_bytes,
+             "saved_bytes": r.saved_bytes, "peak_bytes": r.peak_bytes, "stats": r.stats, "message": r.message}
+            for r in self.records
+        ]
+
+    def __str__(self) -> str:
+        head = f"fxmem report ({self.mode}; eager parameters {_mib(self.eager_param_bytes)} MiB; {self.total_time_s:.2f} s)"
+        cols = ("pass", "graph", "status", "time ms", "nodes", "params MiB", "saved MiB", "peak MiB")
+        body = [
+            (r.name, r.graph, r.status, f"{r.time_s * 1e3:.1f}", f"{r.nodes_before}→{r.nodes_after}",
+             _mib(r.param_bytes), _mib(r.saved_bytes), _mib(r.peak_bytes))
+            for r in self.records
+        ]
+        widths = [max(len(c), *(len(row[i]) for row in body)) if body else len(c) for i, c in enumerate(cols)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        lines = [head, fmt.format(*cols), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(*row) for row in body]
+        notes = [f"  {r.name} [{r.graph}]: {r.message}" for r in self.records if r.message]
+        stats = [f"  {r.name} [{r.graph}]: {_short(r.stats)}" for r in self.records if r.stats]
+        if stats:
+            lines += ["", "pass statistics:"] + stats
+        if notes:
+            lines += ["", "notes:"] + notes
+        for p in self.partitions:
+            lines += ["", f"partition: {_short(p)}"]
+        for k in self.kernels:
+            lines += ["", f"kernel: {getattr(k, 'name', k)}"]
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+    def to_html(self, path: str) -> str:
+        """Write the tables and each graph (drawn with graphviz when installed) to ``path``."""
+        parts = [f"<html><head><meta charset='utf-8'><title>fxmem report</title>",
+                 "<style>body{font-family:sans-serif} td,th{padding:2px 8px;text-align:left} "
+                 "pre{background:#f6f6f6;padding:8px;overflow-x:auto}</style></head><body>",
+                 f"<h1>fxmem report — {html.escape(self.mode)}</h1><table border=1 cellspacing=0>",
+                 "<tr>" + "".join(f"<th>{c}</th>" for c in ("pass", "graph", "status", "time ms", "nodes",
+                                                            "params MiB", "saved MiB", "peak MiB", "statistics")) + "</tr>"]
+        for r in self.records:
+            cells = (r.name, r.graph, r.status, f"{r.time_s * 1e3:.1f}", f"{r.nodes_before}→{r.nodes_after}",
+                     _mib(r.param_bytes), _mib(r.saved_bytes), _mib(r.peak_bytes), _short(r.stats) + (" " + r.message if r.message else ""))
+            parts.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+        parts.append("</table>")
+        for p in self.partitions:
+            parts.append(f"<h2>partition</h2><pre>{html.escape(_short(p))}</pre>")
+        for k in self.kernels:
+            parts.append(f"<h2>kernel {html.escape(str(getattr(k, 'name', k)))}</h2><pre>{html.escape(str(getattr(k, 'source', '')))}</pre>")
+        for name, code in self.graphs.items():
+            parts.append(f"<h2>graph after {html.escape(name)}</h2>{_draw(code)}<pre>{html.escape(code)}</pre>")
+        parts.append("</body></html>")
+        text = "\n".join(parts)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+
+def _short(d: dict) -> str:
+    items = []
+    for k, v in d.items():
+        if isinstance(v, (list, tuple)) and len(v) > 4:
+            v = f"[{len(v)} items]"
+        items.append(f"{k}={v}")
+    return ", ".join(items)
+
+
+def _draw(code: str) -> str:
+    """An SVG drawing when the graphviz package and binary are present, else nothing."""
+    return ""
+
+
+def _graphs_from(recorder: Recorder) -> dict[str, str]:
+    graphs: dict[str, str] = {}
+    for r in recorder.records:
+        graphs[f"{r.graph}/{r.name}"] = r.code
+        graphs.setdefault(r.name, r.code)
+    return graphs
+
+
+def _default_mode(model: torch.nn.Module) -> str:
+    trains = model.training and torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+    return "training" if trains else "inference"
+
+
+def explain(model: torch.nn.Module, *args: Any, kwargs: dict | None = None, mode: str | None = None, **options: Any) -> Report:
+    """Run fxmem's pipeline on ``model(*args, **kwargs)`` and return a :class:`Report`."""
+    config = parse_options(options)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"fxmem.explain: model must be a torch.nn.Module; got {type(model).__name__}")
+    mode = mode or _default_mode(model)
+    if mode not in MODES:
+        raise OptionError(f"fxmem.explain: mode={mode!r}; accepted: {MODES}")
+    if mode == "training" and config.lossy_options():
+        raise OptionError(
+            f"fxmem options {config.lossy_options()} change weights and run on inference graphs only, "
+            "but the model is in training mode. Call model.eval() first, or pass mode='inference'."
+        )
+    recorder = Recorder()
+    start = time.perf_counter()
+    if mode == "inference":
+        captured = capture_inference(model, args, kwargs, DECOMPOSITIONS)
+        captured.gm.meta[EXAMPLE_INPUTS_KEY] = captured.example_tensors
+        gm = run_pipeline(captured.gm, "inference", config, recorder)
+        module: torch.nn.Module = OptimizedModule(gm, captured, WeightWatch.after(captured.originals, gm))
+    else:
+        module = _explain_training(model, args, kwargs or {}, config, recorder)
+    return Report(mode=mode, config=config, records=recorder.records, graphs=_graphs_from(recorder), module=module,
+                  partitions=recorder.partitions, kernels=recorder.kernels,
+                  eager_param_bytes=module_parameter_bytes(model), total_time_s=time.perf_counter() - start)
+
+
+def _explain_training(model, args, kwargs, config, recorder) -> torch.nn.Module:
+    compiled = torch.compile(model, backend=FxmemBackend(config, recorder))
+    grads = {p: p.grad for p in model.parameters()}
+    try:
+        out = compiled(*args, **kwargs)
+        loss = sum(t.float().sum() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad)
+        if isinstance(loss, torch.Tensor):
+            loss.backward()
+    finally:
+        for p, g in grads.items():
+            p.grad = g
+    return compiled
+
+
+def optimize(model: torch.nn.Module, *args: Any, kwargs: dict | None = None, mode: str = "inference", **options: Any) -> torch.nn.Module:
+    """``explain(...).module``: the transformed, runnable module (inference by default)."""
+    return explain(model, *args, kwargs=kwargs, mode=mode, **options).module
