@@ -74,6 +74,21 @@ class PassRecord:
     code: str = ""
 
 
+@dataclass
+class KernelRecord:
+    """A generated or hand-written kernel a pass put in the graph (shown in ``report.kernels``).
+
+    A pass that emits kernels lists them in ``PassResult.stats["kernels"]``; the pipeline moves
+    them into the report and leaves a count in the statistics.
+    """
+
+    name: str
+    nodes_replaced: list[str]
+    bytes_saved: int
+    source: str
+    graph: str = ""
+
+
 @dataclass(frozen=True)
 class PassSpec:
     """A pass in the pipeline: its name (= option key), the stages it runs in, its function."""
@@ -208,6 +223,12 @@ def run_pipeline(
         elapsed = time.perf_counter() - start
         gm = result.gm
         history.append(spec.name)
+        kernels = result.stats.pop("kernels", None)
+        if kernels:
+            for k in kernels:
+                k.graph = graph_name
+            recorder.kernels.extend(kernels)
+            result.stats["kernels"] = len(kernels)
         recorder.records.append(make_record(spec.name, graph_name, gm, status="changed" if result.changed else "unchanged",
                                             time_s=elapsed, nodes_before=before, stats=result.stats))
     recorder.graphs[graph_name] = gm.code
