@@ -59,7 +59,7 @@ def measure_training(
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - start)
-    saved = measure_saved_bytes(lambda: fn(*args), model.parameters())
+    saved = measure_saved_bytes(lambda: fn(*args), model)
     return TrainingMeasurement(
         name=name,
         compile_s=times[0],
