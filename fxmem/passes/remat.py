@@ -170,12 +170,27 @@ def _eager_saved(joint: fx.GraphModule, info: Any) -> list[fx.Node]:
     return saved
 
 
+def _mutated_inputs(joint: fx.GraphModule) -> set[fx.Node]:
+    """Primals the graph writes to (BatchNorm running stats, in-place input updates).
+
+    AOTAutograd copies their new values into them after the forward, so the backward must not
+    read them: a recomputation from a mutated input would see the new value (and trip autograd's
+    version check). Found from the output descriptors AOTAutograd attaches to the joint graph.
+    """
+    out = joint.graph.output_node()
+    descs = out.meta.get("desc") or []
+    targets = [getattr(d, "mutated_input", None) for d in descs]
+    targets = [t for t in targets if t is not None]
+    return {n for n in joint.graph.nodes if n.op == "placeholder" and n.meta.get("desc") in targets}
+
+
 def _classify(joint: fx.GraphModule, num_fwd_outputs: int, static_indices: Sequence[int] | None) -> _Problem:
     static_indices = list(static_indices or [])
     info = P.classify_nodes(joint, static_indices, num_fwd_outputs)
     primals = [n for n in joint.graph.nodes if P._is_primal(n)]
     static = set(info.static_lifetime_input_nodes) | {n for n in primals if n.meta.get(PARAM_META_KEY, False)}
-    derived = _parameter_derived(joint.graph, static)
+    mutated = _mutated_inputs(joint)
+    derived = _parameter_derived(joint.graph, static - mutated)
     closure = info.tangents_closure
     nodes = [n for n in joint.graph.nodes if n.op != "output" and n not in closure]
     index = {n: i for i, n in enumerate(nodes)}
@@ -210,6 +225,11 @@ def _classify(joint: fx.GraphModule, num_fwd_outputs: int, static_indices: Seque
                 sinks.append(i)
             elif user in index:
                 edges.append((i, index[user]))
+    # a mutated input is saved only where nothing else works (then eager would save it too)
+    avoid = float(sum(c for c in save_cap if c != INF)) + 1.0
+    for node in mutated:
+        if node in index:
+            save_cap[index[node]] = avoid
     eager = _eager_saved(joint, info)
     for n in primals:
         if n in static:
