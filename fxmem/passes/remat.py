@@ -68,6 +68,9 @@ graph whose tensors are between 1 byte and 1 TB."""
 
 LAMBDA_STEPS = 18
 
+POLISH_SECONDS = 10.0
+"""Time limit of the exact ILP that follows the λ search under a budget (0 disables it)."""
+
 __all__ = ["RematConfig", "RematResult", "rematerialize", "partition", "partition_with_info", "trace_joint"]
 
 
@@ -292,8 +295,78 @@ def _solve(prob: _Problem, lam: float | None, *, allow_compute: bool) -> _Choice
                    sum(prob.cost[prob.index[r]] for r in recomputed), sum(node_flops(r) for r in recomputed), lam)
 
 
+def _polish(prob: _Problem, target: float, incumbent: _Choice, time_limit: float) -> _Choice | None:
+    """The exact constrained optimum (least recompute cost with bytes ≤ target) as an ILP.
+
+    The λ search only reaches points on the lower convex hull of (bytes, cost); a budget that
+    falls between two hull points can have a cheaper split that no λ finds. This is the same
+    cut model as :func:`_solve` written as a mixed-integer program — vertex sides ``x`` (1 =
+    sink side, i.e. recomputed / needed by backward) and cut indicators ``y`` — solved by HiGHS
+    (``scipy.optimize.milp``) within ``time_limit``; ``None`` if it does not finish better.
+    """
+    import numpy as np
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import coo_matrix
+
+    n = len(prob.nodes)
+    nv = 2 + 2 * n
+    rows, cols, vals, lo, hi = [], [], [], [], []
+
+    def constraint(entries, low, high):
+        r = len(lo)
+        for c, v in entries:
+            rows.append(r)
+            cols.append(c)
+            vals.append(v)
+        lo.append(low)
+        hi.append(high)
+
+    cost = np.zeros(nv + n)
+    budget = []
+    fixed_zero, fixed_one = [0], [1]
+    for i in range(n):
+        v_in, v_out = 2 + 2 * i, 3 + 2 * i
+        if prob.save_cap[i] == INF:
+            constraint([(v_out, 1), (v_in, -1)], -np.inf, 0)          # cannot be saved
+        else:
+            constraint([(nv + i, 1), (v_out, -1), (v_in, 1)], 0, np.inf)  # y ≥ x_out − x_in
+            budget.append((nv + i, prob.save_cap[i]))
+        if prob.banned[i]:
+            fixed_zero.append(v_in)
+        elif prob.forced[i]:
+            fixed_one.append(v_in)
+        cost[v_in] = prob.cost[i]
+    for i in prob.sinks:
+        fixed_one.append(3 + 2 * i)
+    for i, k in prob.edges:
+        constraint([(2 + 2 * k, 1), (3 + 2 * i, -1)], -np.inf, 0)      # data dependency
+    constraint(budget, -np.inf, target)
+    lb, ub = np.zeros(nv + n), np.ones(nv + n)
+    ub[nv:] = np.inf
+    lb[fixed_one] = 1
+    ub[fixed_zero] = 0
+    matrix = coo_matrix((vals, (rows, cols)), shape=(len(lo), nv + n)).tocsr()
+    integrality = np.r_[np.ones(nv), np.zeros(n)]
+    res = milp(cost, constraints=LinearConstraint(matrix, lo, hi), bounds=Bounds(lb, ub), integrality=integrality,
+               options={"time_limit": time_limit, "mip_rel_gap": 1e-6})
+    if res.x is None or res.fun >= incumbent.cost - 1e-9:
+        return None
+    sink_side = res.x[:nv] > 0.5
+    saved, recomputed = [], []
+    for i, node in enumerate(prob.nodes):
+        if not sink_side[2 + 2 * i] and sink_side[3 + 2 * i]:
+            saved.append(node)
+        elif sink_side[2 + 2 * i] and prob.info.is_required_fw(node) and node.op == "call_function":
+            recomputed.append(node)
+    tensors = [s for s in saved if _is_tensor(s)]
+    choice = _Choice(saved, recomputed, unique_storage_bytes(tensors, exclude_parameters=True),
+                     sum(prob.cost[prob.index[r]] for r in recomputed), sum(node_flops(r) for r in recomputed), None)
+    return choice if choice.saved_bytes <= target else None
+
+
 def _search(prob: _Problem, target: float) -> tuple[_Choice, int]:
-    """Least recompute cost with saved bytes ≤ target: λ bisection in log space."""
+    """Least recompute cost with saved bytes ≤ target: λ bisection in log space, then the ILP
+    polish where the hull point is not already exact."""
     solves = 1
     cheapest = _solve(prob, INF, allow_compute=True)  # no recompute that costs anything
     if cheapest.saved_bytes <= target:
@@ -314,6 +387,10 @@ def _search(prob: _Problem, target: float) -> tuple[_Choice, int]:
                 best = choice
         else:
             hi = mid
+    if POLISH_SECONDS > 0:
+        polished = _polish(prob, target, best, POLISH_SECONDS)
+        if polished is not None:
+            return polished, solves + 1
     return best, solves
 
 
@@ -470,6 +547,7 @@ class Joint:
     inputs: Any
     num_fwd_outputs: int
     static_lifetime_input_indices: list[int]
+    primals: list[torch.Tensor]  # the real values of the primal inputs: parameters, buffers, args
 
 
 def trace_joint(module: torch.nn.Module, *args: torch.Tensor) -> Joint:
@@ -491,10 +569,14 @@ def trace_joint(module: torch.nn.Module, *args: torch.Tensor) -> Joint:
             out = self.inner(*xs)
             return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
-    n_params = len(list(module.parameters())) + len(list(module.buffers()))
+    # AOTAutograd lifts parameters and buffers in this order, tied ones once per name
+    lifted = [*dict(module.named_parameters(remove_duplicate=False)).values(),
+              *dict(module.named_buffers(remove_duplicate=False)).values()]
+    n_params = len(lifted)
 
     def capture(joint, joint_inputs, *, num_fwd_outputs, static_lifetime_input_indices=None, **kw):
-        captured["joint"] = Joint(joint, joint_inputs, num_fwd_outputs, list(range(n_params)))
+        primals = [*lifted, *args]
+        captured["joint"] = Joint(joint, joint_inputs, num_fwd_outputs, list(range(n_params)), primals)
         for i, node in enumerate(n for n in joint.graph.nodes if P._is_primal(n)):
             if i < n_params:
                 node.meta[PARAM_META_KEY] = True
@@ -503,5 +585,7 @@ def trace_joint(module: torch.nn.Module, *args: torch.Tensor) -> Joint:
     fn = aot_module_simplified(_TupleOut(module), args, fw_compiler=lambda g, a: g, bw_compiler=lambda g, a: g,
                                partition_fn=capture)
     del fn
+    if "joint" not in captured:
+        raise ValueError("trace_joint: no output of the module requires grad, so there is no backward to partition")
     return captured["joint"]
 
