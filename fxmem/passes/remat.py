@@ -93,8 +93,18 @@ class RematResult:
 
 
 def _is_random(node: fx.Node) -> bool:
+    """Draws random numbers. Attention ops are tagged random for their dropout; with
+    ``dropout_p == 0`` (every inference and most training calls) they are deterministic."""
     tags = getattr(node.target, "tags", ())
-    return torch.Tag.nondeterministic_seeded in tags
+    if torch.Tag.nondeterministic_seeded not in tags:
+        return False
+    schema = getattr(node.target, "_schema", None)
+    names = [a.name for a in schema.arguments] if schema is not None else []
+    if "dropout_p" in names:
+        i = names.index("dropout_p")
+        p = node.args[i] if i < len(node.args) else node.kwargs.get("dropout_p", schema.arguments[i].default_value)
+        return not (isinstance(p, (int, float)) and p == 0)
+    return True
 
 
 def _is_getitem(node: fx.Node) -> bool:
@@ -124,7 +134,7 @@ def _parameter_derived(graph: fx.Graph, static: set[fx.Node]) -> set[fx.Node]:
     """
     derived: set[fx.Node] = set()
     for node in graph.nodes:
-        if node.op != "call_function" or is_compute_bound(node) or _is_random(node) or node.is_impure():
+        if node.op != "call_function" or is_compute_bound(node) or _is_random(node) or node.is_impure(impure_random=False):
             continue
         inputs = node.all_input_nodes
         if inputs and all(_is_param(a, static) or a in derived for a in inputs):
@@ -213,7 +223,7 @@ def _classify(joint: fx.GraphModule, num_fwd_outputs: int, static_indices: Seque
                 save = INF  # a tuple: its getitems are saved instead
             policy = node.meta.get("recompute")
             must_save = policy == P.CheckpointPolicy.MUST_SAVE
-            ban = fw and (_is_random(node) or node.is_impure() or must_save)
+            ban = fw and (_is_random(node) or node.is_impure(impure_random=False) or must_save)
         save_cap.append(save)
         cost.append(recompute_cost(node) if fw else 0.0)
         banned.append(ban)
