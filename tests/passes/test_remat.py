@@ -328,3 +328,58 @@ def test_budget_search_within_two_percent_of_ilp(graph, budget):
         return
     best = _ilp(prob, "cost", target=target)
     assert choice.cost <= best * 1.02 + 1e-6
+
+
+# -- explain and Hugging Face models ---------------------------------------------------------------
+
+
+def test_explain_lists_saved_recomputed_and_budget():
+    s = sample("mlp")
+    report = fxmem.explain(s.model, *s.args, mode="training", remat={"budget": 0.5})
+    (p,) = report.partitions
+    assert p["partitioner"] == "fxmem min-cut" and p["budget"] == 0.5
+    assert p["budget_met"] and p["saved_bytes"] <= p["target_bytes"] == int(0.5 * p["eager_saved_bytes"])
+    activations = [row for row in p["saved"] if not row["parameter"]]
+    assert activations and all(set(row) >= {"name", "shape", "bytes"} for row in activations)
+    assert sum(row["bytes"] for row in activations) == p["saved_bytes"]
+    assert p["recomputed"] and all(set(row) >= {"name", "flops", "bytes_moved"} for row in p["recomputed"])
+    assert "partition:" in str(report)
+
+
+def _hf_models():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return {
+        "gpt2": transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+        "llama_gqa": transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=32)),
+        "bert": transformers.BertModel(transformers.BertConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),
+    }
+
+
+class _Logits(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        out = self.model(ids)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "bert"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_hf_models_train_with_remat(name, attn):
+    model = _hf_models()[name]
+    model.config._attn_implementation = attn
+    ids = torch.randint(0, 100, (2, 16))
+    for options in (True, {"budget": 0.0}):
+        torch._dynamo.reset()
+        be = fxmem.backend(remat=options)
+        assert_equivalent(_Logits(model), _Logits(torch.compile(model, backend=be)), (ids,), atol=1e-5, rtol=1e-4)
+        assert all(p["saved_bytes"] < p["eager_saved_bytes"] for p in be.recorder.partitions)
