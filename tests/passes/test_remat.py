@@ -224,6 +224,18 @@ def test_partition_has_aot_signature():
     _assert_same(_run(fw, bw, j)[1], _run(*_default(j), j)[1])
 
 
+def test_rematerialize_infers_outputs_and_parameters():
+    """design.md §1: ``remat.rematerialize(joint_gm, remat.RematConfig(budget=0.5))``."""
+    for name in ("mlp", "conv_norm"):
+        s, j = _joint(name)
+        plain = remat.rematerialize(copy.deepcopy(j.graph_module), remat.RematConfig(budget=0.5))
+        explicit = remat.rematerialize(copy.deepcopy(j.graph_module), remat.RematConfig(budget=0.5),
+                                       num_fwd_outputs=j.num_fwd_outputs,
+                                       static_lifetime_input_indices=j.static_lifetime_input_indices)
+        assert plain.saved_bytes == explicit.saved_bytes
+        assert [r["name"] for r in plain.stats["saved"]] == [r["name"] for r in explicit.stats["saved"]]
+
+
 # -- optimality: an exact ILP on the same network ------------------------------------------------
 
 
