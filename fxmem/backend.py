@@ -9,8 +9,8 @@
   passes (tie → prune → int8 → precision → shard → lower). Frozen weights are watched: if one
   that a pass derived from changes in place, the graph is derived again before the next call.
 * training: AOTAutograd traces the joint graph; fxmem runs the ``joint`` passes, partitions it
-  (:func:`partition`: remat by min-cut, PyTorch's ``min_cut_rematerialization_partition`` until
-  the remat pass is installed, ``default_partition`` with ``remat=False``), then runs the
+  (:func:`partition`: :mod:`fxmem.passes.remat`'s min-cut, ``default_partition`` with
+  ``remat=False``), then runs the
   ``forward`` and ``backward`` passes on the two halves, both compiled — nothing is left to eager.
 """
 
@@ -30,6 +30,7 @@ from fxmem.analysis.saved import saved_activation_bytes
 from fxmem.analysis.sizes import PARAM_META_KEY
 from fxmem.config import FxmemConfig, OptionError, parse_options
 from fxmem.freeze import WeightWatch, freeze_parameters
+from fxmem.passes import remat
 from fxmem.pipeline import EXAMPLE_INPUTS_KEY, STAGE_KEY, Recorder, count_nodes, make_record, run_pipeline
 from fxmem.verify import verify_outputs
 
@@ -208,8 +209,7 @@ def partition(joint_gm: fx.GraphModule, joint_inputs, config: FxmemConfig, *, nu
     if not config.remat.enabled:
         fw, bw = partitioners.default_partition(joint_gm, joint_inputs, **kwargs)
         return fw, bw, {"partitioner": "default_partition (remat=False)"}
-    fw, bw = partitioners.min_cut_rematerialization_partition(joint_gm, joint_inputs, compiler="inductor", **kwargs)
-    return fw, bw, {"partitioner": "torch min_cut_rematerialization_partition"}
+    return remat.partition_with_info(joint_gm, joint_inputs, config.remat, **kwargs)
 
 
 def backend(**options: Any) -> FxmemBackend:
