@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 
 from fxmem.analysis.sizes import fetch_attr, is_alias_op, parameter_bytes
 from fxmem.config import PrecisionConfig
@@ -182,6 +182,10 @@ def _finite_absmax(t: torch.Tensor) -> float:
     return float(torch.where(torch.isfinite(t), t.abs(), torch.zeros((), dtype=t.dtype, device=t.device)).max())
 
 
+def _real(example) -> bool:
+    return not any(isinstance(t, FakeTensor) for t in torch.utils._pytree.tree_leaves(example))
+
+
 class _RangeInterpreter(fx.Interpreter):
     """Runs the graph and records the finite ``|x|max`` of every floating value."""
 
@@ -215,6 +219,9 @@ def _overflow_plan(gm: fx.GraphModule, config: PrecisionConfig, plan: _Plan) -> 
         return None
     if example is None:
         plan.guard = "not run: the graph has no example inputs (gm.meta['fxmem_example_inputs'])"
+        return None
+    if not _real(example):
+        plan.guard = "not run: the example inputs are fake tensors (no values to measure ranges on)"
         return None
     interp = _RangeInterpreter(gm)
     with torch.no_grad():
@@ -294,6 +301,8 @@ class _Rewriter:
                 continue
             if value.dim() < 2:
                 continue
+            if self.config.weights == "autocast" and not self._only_low_uses(node):
+                continue
             key = id(value)
             if key not in made:
                 target = f"{node.target}_{suffix}"
@@ -309,6 +318,23 @@ class _Rewriter:
             node.target = target
             node.meta["val"] = self.fake_mode.from_tensor(low, static_shapes=True)
             self.derived.add(node)
+
+    def _only_low_uses(self, node: fx.Node) -> bool:
+        """Every use of the weight, through views and data movement, is a LOW op's input."""
+        stack, seen = list(node.users), set()
+        while stack:
+            user = stack.pop()
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.op != "call_function":
+                return False
+            name = _name(user.target)
+            if is_alias_op(user) or name in MOVE_OPS:
+                stack.extend(user.users)
+            elif op_class(user.target, self.extra_fp32) != _LOW or user in self.plan.forced:
+                return False
+        return True
 
     # -- the walk -----------------------------------------------------------------------------
     def _arg_names(self, node: fx.Node) -> list[tuple[object, str, str | int]]:
@@ -453,6 +479,12 @@ def _max_abs_error(ref, out) -> float:
 
 def cast_precision(gm: fx.GraphModule, config: PrecisionConfig) -> PassResult:
     """Rewrite ``gm`` to compute in ``config.dtype`` (see the module docstring)."""
+    # the backend calls passes while AOTAutograd's fake mode is active; weights are real tensors
+    with unset_fake_temporarily():
+        return _cast_precision(gm, config)
+
+
+def _cast_precision(gm: fx.GraphModule, config: PrecisionConfig) -> PassResult:
     stage = gm.meta.get(STAGE_KEY, "inference")
     inference = stage == "inference"
     bytes_before = parameter_bytes(gm)

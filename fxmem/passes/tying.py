@@ -42,6 +42,7 @@ import hashlib
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from fxmem.analysis.sizes import fetch_attr, parameter_bytes, tensor_bytes
 from fxmem.config import TieConfig
@@ -185,6 +186,12 @@ def _output_error(before: fx.GraphModule, after: fx.GraphModule, example) -> flo
 
 def tie_weights(gm: fx.GraphModule, config: TieConfig) -> PassResult:
     """Make identical (or, in similar mode, near-identical) weights read one attribute."""
+    # the backend calls passes while AOTAutograd's fake mode is active; weights are real tensors
+    with unset_fake_temporarily():
+        return _tie_weights(gm, config)
+
+
+def _tie_weights(gm: fx.GraphModule, config: TieConfig) -> PassResult:
     bytes_before = parameter_bytes(gm)
     attrs_before = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     reference = None
