@@ -143,7 +143,7 @@ _LOW, _FP32, _FOLLOW = "low", "fp32", "follow"
 
 
 def _name(target) -> str:
-    return target.name().split("::")[-1] if isinstance(target, torch._ops.OpOverload) else ""
+    return target._opname if isinstance(target, torch._ops.OpOverload) else ""  # "pow", not "pow.Tensor_Scalar"
 
 
 def op_class(target, extra_fp32: frozenset[str] = frozenset()) -> str:
