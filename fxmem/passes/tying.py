@@ -142,8 +142,8 @@ def _modules(gm: fx.GraphModule) -> dict[str, dict[str, tuple[fx.Node, torch.Ten
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
-    na = float(torch.linalg.vector_norm(a.double()))
-    return float(torch.linalg.vector_norm(a.double() - b.double())) <= rtol * na
+    a, b = a.detach().double(), b.detach().double()
+    return float(torch.linalg.vector_norm(a - b)) <= rtol * float(torch.linalg.vector_norm(a))
 
 
 def _similar(gm: fx.GraphModule, rtol: float, ties: list[dict]) -> None:
@@ -168,7 +168,8 @@ def _similar(gm: fx.GraphModule, rtol: float, ties: list[dict]) -> None:
                 keep_node, keep_value = modules[rep][leaf]
                 if node.target == keep_node.target:
                     continue
-                rel = float(torch.linalg.vector_norm(value.double() - keep_value.double()) / max(float(torch.linalg.vector_norm(keep_value.double())), 1e-30))
+                v, k = value.detach().double(), keep_value.detach().double()
+                rel = float(torch.linalg.vector_norm(v - k)) / max(float(torch.linalg.vector_norm(k)), 1e-30)
                 for n in nodes_by_target.get(node.target, []):
                     _repoint(n, keep_node)
                 ties.append({"kept": _fqn(keep_node), "tied": _fqn(node), "how": f"similar (relative difference {rel:.3g})",

@@ -58,8 +58,12 @@ def test_op_classes_follow_autocast_lists():
     assert {"mm", "bmm", "convolution"} <= LOW_OPS and {"_softmax", "native_layer_norm", "mse_loss"} <= FP32_OPS
 
 
-@pytest.mark.parametrize("name", sorted(set(SAMPLES) - {"gpt_gqa"}))  # gpt_gqa: the explain and weights tests
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+_FAST_FP16 = {"mlp", "gpt_block_sdpa", "conv_norm", "tied_embeddings"}
+_CASES = [(n, torch.bfloat16) for n in sorted(set(SAMPLES) - {"gpt_gqa"})] + [
+    pytest.param(n, torch.float16, marks=() if n in _FAST_FP16 else pytest.mark.slow) for n in sorted(SAMPLES)]
+
+
+@pytest.mark.parametrize("name,dtype", _CASES)  # gpt_gqa bf16: the weights test; fp16: explain
 def test_samples_inference(name, dtype):
     s = sample(name)
     model = s.model.eval()
