@@ -43,7 +43,9 @@ So activations carry the dtypes autocast would give them; the difference is the 
   ``|x|max`` exceeds half the low dtype's largest number (fp16: 65504 / 2) keeps the op that
   produces it in fp32, and so does every ``LOW`` op that reads it — the T5 ``wo`` case
   (transformers#5651) found automatically instead of a hand-written ``_keep_in_fp32_modules``.
-  Weights beyond that range stay fp32. What was kept and why is in ``stats["overflow_kept"]``.
+  Weights beyond that range stay fp32, and so do weights read only by ops the guard keeps (the
+  ``wo`` weight itself, as HF's ``_keep_in_fp32_modules`` keeps it). What was kept and why is in
+  ``stats["overflow_kept"]`` and ``stats["weights_kept_fp32"]``.
 * ``LOW`` ops that read integers converted to float (positions) stay fp32: bf16 holds integers
   exactly only up to 256, fp16 up to 2048.
 * Training (joint graph): parameters and their gradients stay fp32 (master weights). The joint
@@ -303,6 +305,9 @@ class _Rewriter:
                 continue
             if self.config.weights == "autocast" and not self._only_low_uses(node):
                 continue
+            if self.plan.forced and self._only_forced_uses(node):
+                self.weights_fp32.append({"weight": fqn, "why": "only read by ops the overflow guard keeps in fp32"})
+                continue
             key = id(value)
             if key not in made:
                 target = f"{node.target}_{suffix}"
@@ -319,22 +324,31 @@ class _Rewriter:
             node.meta["val"] = self.fake_mode.from_tensor(low, static_shapes=True)
             self.derived.add(node)
 
-    def _only_low_uses(self, node: fx.Node) -> bool:
-        """Every use of the weight, through views and data movement, is a LOW op's input."""
-        stack, seen = list(node.users), set()
+    def _final_uses(self, node: fx.Node) -> list[fx.Node]:
+        """The nodes that compute with the weight's values (views and data movement followed)."""
+        stack, seen, out = list(node.users), set(), []
         while stack:
             user = stack.pop()
             if user in seen:
                 continue
             seen.add(user)
-            if user.op != "call_function":
-                return False
-            name = _name(user.target)
-            if is_alias_op(user) or name in MOVE_OPS:
+            if user.op == "call_function" and (is_alias_op(user) or _name(user.target) in MOVE_OPS):
                 stack.extend(user.users)
-            elif op_class(user.target, self.extra_fp32) != _LOW or user in self.plan.forced:
-                return False
-        return True
+            else:
+                out.append(user)
+        return out
+
+    def _is_low_use(self, user: fx.Node) -> bool:
+        return user.op == "call_function" and op_class(user.target, self.extra_fp32) == _LOW and user not in self.plan.forced
+
+    def _only_low_uses(self, node: fx.Node) -> bool:
+        """Every use of the weight is a LOW op that runs low (autocast rounds it there anyway)."""
+        return all(self._is_low_use(u) for u in self._final_uses(node))
+
+    def _only_forced_uses(self, node: fx.Node) -> bool:
+        """The overflow guard keeps every op that computes with the weight in fp32 (T5's ``wo``)."""
+        uses = self._final_uses(node)
+        return bool(uses) and all(u in self.plan.forced for u in uses)
 
     # -- the walk -----------------------------------------------------------------------------
     def _arg_names(self, node: fx.Node) -> list[tuple[object, str, str | int]]:

@@ -162,6 +162,7 @@ def test_overflow_guard_keeps_the_overflowing_op_in_fp32():
     rows = guarded.stats["overflow_kept"]
     assert rows and all(r["absmax"] > 65504 / 2 for r in rows)
     assert any(r["op"] == "addmm" for r in rows) and all("exceed" in r["why"] for r in rows)
+    assert [w["weight"] for w in guarded.stats["weights_kept_fp32"]] == ["wo.weight"]  # like _keep_in_fp32_modules
     # the first projection does not overflow: it still runs in fp16
     addmms = [n for n in guarded.gm.graph.nodes if n.target == aten.addmm.default]
     assert sorted(str(n.meta["val"].dtype) for n in addmms) == ["torch.float16", "torch.float32"]
