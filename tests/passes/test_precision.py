@@ -282,3 +282,27 @@ def test_random_graphs_within_tolerance(program):
         # intermediate the reference sees rather than by the output alone
         scale = max(float(ref.abs().max()), 1.0)
         assert float((out - ref).abs().max()) <= 4 * RTOL[dtype] * scale
+
+
+@pytest.mark.slow
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_programs(max_ops=6))
+def test_random_graphs_training_gradients(program):
+    module, x = program
+    module.train()
+    twin = copy.deepcopy(module)
+    torch._dynamo.reset()
+    rec = Recorder()
+    compiled = torch.compile(module, backend=FxmemBackend(parse_options(precision="fp16", strict=True), rec))
+    ref = twin(x)
+    if not ref.requires_grad:  # a program whose output does not depend on its parameters
+        return
+    ref.sum().backward()
+    compiled(x).sum().backward()
+    assert any(r.name == "precision" and r.stage == "joint" for r in rec.records)
+    overall = max(float(q.grad.abs().max()) for q in twin.parameters() if q.grad is not None) + 1e-6
+    for p, q in zip(module.parameters(), twin.parameters()):
+        assert (p.grad is None) == (q.grad is None)
+        if q.grad is not None:
+            assert p.grad.dtype == torch.float32
+            assert float((p.grad - q.grad).abs().max()) <= 4 * RTOL[torch.float16] * overall
