@@ -207,10 +207,10 @@ class _RangeInterpreter(fx.Interpreter):
 class _Plan:
     """What the walk needs to know before it rewrites: forced-fp32 nodes and kept weights."""
 
-    forced: dict[fx.Node, str] = field(default_factory=dict)          # node → why it stays fp32
+    forced: dict[fx.Node, dict] = field(default_factory=dict)         # node → report row: why it stays fp32
     weights_fp32: dict[str, str] = field(default_factory=dict)        # attribute target → why
     guard: str = "off"
-    rows: list[dict] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)                    # forced nodes that would have run low
 
 
 def _overflow_plan(gm: fx.GraphModule, config: PrecisionConfig, plan: _Plan) -> dict[fx.Node, object] | None:
@@ -234,20 +234,15 @@ def _overflow_plan(gm: fx.GraphModule, config: PrecisionConfig, plan: _Plan) -> 
         if amax <= limit:
             continue
         if node.op == "get_attr":
-            plan.weights_fp32[node.target] = f"|x|max {amax:.6g} exceeds {limit:.6g}"
-            plan.rows.append({"node": node.name, "op": "weight", "absmax": amax, "kept": node.meta.get("fxmem_fqn", node.target),
-                              "why": "weight values exceed the low dtype's range"})
+            plan.weights_fp32[node.target] = f"its values reach |x|max {amax:.6g} > {limit:.6g}"
             continue
         if node.op == "call_function" and not is_alias_op(node) and op_class(node.target) != _FP32:
-            plan.forced.setdefault(node, f"output |x|max {amax:.6g} exceeds {limit:.6g}")
-            plan.rows.append({"node": node.name, "op": _name(node.target) or str(node.target), "absmax": amax,
-                              "kept": node.name, "why": "its output exceeds the low dtype's range"})
+            plan.forced.setdefault(node, {"node": node.name, "op": _name(node.target) or str(node.target), "absmax": amax,
+                                          "why": f"its output reaches |x|max {amax:.6g} > {limit:.6g}"})
         for user in node.users:
-            if user.op == "call_function" and op_class(user.target) == _LOW:
-                if user not in plan.forced:
-                    plan.forced[user] = f"reads {node.name} whose |x|max {amax:.6g} exceeds {limit:.6g}"
-                    plan.rows.append({"node": user.name, "op": _name(user.target), "absmax": amax, "kept": user.name,
-                                      "why": f"its input {node.name} exceeds the low dtype's range"})
+            if user.op == "call_function" and op_class(user.target) == _LOW and user not in plan.forced:
+                plan.forced[user] = {"node": user.name, "op": _name(user.target), "absmax": amax,
+                                     "why": f"its input {node.name} reaches |x|max {amax:.6g} > {limit:.6g}"}
     return {"outputs": outputs}
 
 
@@ -299,7 +294,8 @@ class _Rewriter:
                 continue
             fqn = node.meta.get("fxmem_fqn", node.target)
             if node.target in self.plan.weights_fp32:
-                self.weights_fp32.append({"weight": fqn, "why": self.plan.weights_fp32[node.target]})
+                if value.dim() >= 2:
+                    self.weights_fp32.append({"weight": fqn, "why": self.plan.weights_fp32[node.target]})
                 continue
             if value.dim() < 2:
                 continue
@@ -404,10 +400,22 @@ class _Rewriter:
                 self._recompute(node)
             return
         name = _name(node.target)
+        if name == "_assert_tensor_metadata":
+            # export's dtype assertion on a value whose dtype this pass changed: assert the new one
+            checked = _dtype(node.args[0])
+            if len(node.args) > 3 and node.args[3] is not None and checked is not None:
+                node.args = (*node.args[:3], checked, *node.args[4:])
+            elif node.kwargs.get("dtype") is not None and checked is not None:
+                node.kwargs = {**node.kwargs, "dtype": checked}
+            return
         cls = op_class(node.target, self.extra_fp32)
         why = None
         if node in self.plan.forced:
-            cls, why = _FP32, self.plan.forced[node]
+            row = self.plan.forced[node]
+            # report it only where the guard changed something: the op would have run low
+            if cls == _LOW or any(_dtype(x) != self.orig.get(x) for x in inputs):
+                self.plan.rows.append(row)
+            cls = _FP32  # reported in stats["overflow_kept"]
         elif cls == _LOW and any(x in self.int_derived for x in inputs):
             cls, why = _FP32, "reads integers converted to float (exact in bf16 only to 256, in fp16 to 2048)"
         elif cls == _FP32 and (name in self.extra_fp32 or name.lstrip("_") in self.extra_fp32):

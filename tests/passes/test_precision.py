@@ -161,7 +161,7 @@ def test_overflow_guard_keeps_the_overflowing_op_in_fp32():
     _within(out, ref, torch.float16)
     rows = guarded.stats["overflow_kept"]
     assert rows and all(r["absmax"] > 65504 / 2 for r in rows)
-    assert any(r["op"] == "addmm" for r in rows) and all("exceed" in r["why"] for r in rows)
+    assert any(r["op"] == "addmm" for r in rows) and all("|x|max" in r["why"] for r in rows)
     assert [w["weight"] for w in guarded.stats["weights_kept_fp32"]] == ["wo.weight"]  # like _keep_in_fp32_modules
     # the first projection does not overflow: it still runs in fp16
     addmms = [n for n in guarded.gm.graph.nodes if n.target == aten.addmm.default]
@@ -306,3 +306,29 @@ def test_random_graphs_training_gradients(program):
         if q.grad is not None:
             assert p.grad.dtype == torch.float32
             assert float((p.grad - q.grad).abs().max()) <= 4 * RTOL[torch.float16] * overall
+
+
+def test_overflow_guard_finds_t5_wo_like_keep_in_fp32_modules():
+    """HF T5 with ``wo`` outputs beyond fp16's range: NaN without the guard; the guard keeps
+    exactly the ``wo`` projections (and their weights) in fp32 — HF's ``_keep_in_fp32_modules``."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    model = transformers.T5EncoderModel(cfg).eval()
+    with torch.no_grad():
+        for block in model.encoder.block:
+            block.layer[1].DenseReluDense.wo.weight.mul_(30000.0)
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        ref = model(ids).last_hidden_state
+    c = _captured(model, (ids,))
+    off = cast_precision(shallow_copy(c.gm), PrecisionConfig(dtype=torch.float16, overflow_guard=False))
+    on = cast_precision(shallow_copy(c.gm), PrecisionConfig(dtype=torch.float16))
+    with torch.no_grad():
+        assert not torch.isfinite(off.gm(ids)[0]).all()
+        out = on.gm(ids)[0]
+    _within(out, ref, torch.float16)
+    kept_weights = {w["weight"] for w in on.stats["weights_kept_fp32"]}
+    assert kept_weights == {f"encoder.block.{i}.layer.1.DenseReluDense.wo.weight" for i in range(2)}
+    assert {r["op"] for r in on.stats["overflow_kept"]} >= {"mm"}
+    assert model._keep_in_fp32_modules == {"wo"} or "wo" in model._keep_in_fp32_modules
