@@ -103,18 +103,22 @@ class PrecisionConfig:
 
     ``keep_fp32`` names extra ATen ops (``"aten.softmax"`` or ``"softmax"``) kept in fp32 beyond
     autocast's CUDA fp32 lists; ``overflow_guard`` keeps ops whose values exceed the low dtype's
-    range on the example inputs in fp32.
+    range on the example inputs in fp32. ``weights`` (inference): ``"low"`` stores every fp32 weight
+    with two or more dimensions in the low dtype (parameter bytes ~0.5x); ``"autocast"`` stores low
+    only the weights that every use reaches through a matmul-class op, the ones autocast rounds
+    anyway (error no worse than autocast's; embedding tables stay fp32).
     """
 
     dtype: torch.dtype = torch.bfloat16
     keep_fp32: tuple[str, ...] = ()
     overflow_guard: bool = True
+    weights: str = "low"
 
     @classmethod
     def parse(cls, value: Any) -> PrecisionConfig | None:
         if value is None or isinstance(value, PrecisionConfig):
             return value
-        accepted = "None | 'fp16' | 'bf16' | {'dtype': 'fp16'|'bf16', 'keep_fp32': [op names], 'overflow_guard': bool}"
+        accepted = "None | 'fp16' | 'bf16' | {'dtype': 'fp16'|'bf16', 'keep_fp32': [op names], 'overflow_guard': bool, 'weights': 'low'|'autocast'}"
         if isinstance(value, str):
             if value not in _LOW_DTYPES:
                 raise _fail("precision", value, accepted)
@@ -124,7 +128,7 @@ class PrecisionConfig:
                 raise _fail("precision", value, accepted)
             return cls(dtype=value)
         if isinstance(value, Mapping):
-            _check_keys("precision", value, ("dtype", "keep_fp32", "overflow_guard"))
+            _check_keys("precision", value, ("dtype", "keep_fp32", "overflow_guard", "weights"))
             dtype = value.get("dtype", "bf16")
             parsed = cls.parse(dtype)
             if parsed is None:
@@ -136,6 +140,7 @@ class PrecisionConfig:
                 dtype=parsed.dtype,
                 keep_fp32=_str_tuple("precision.keep_fp32", value.get("keep_fp32", ())),
                 overflow_guard=guard,
+                weights=_choice("precision.weights", value.get("weights", "low"), ("low", "autocast")),
             )
         raise _fail("precision", value, accepted)
 

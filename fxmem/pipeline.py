@@ -110,7 +110,11 @@ class PassSpec:
 
 def _passes() -> tuple[PassSpec, ...]:
     """The passes in pipeline order (design.md §2). A new pass adds one line here."""
+    from fxmem.passes import precision, tying  # passes import this module: import them late
+
     specs: list[PassSpec] = []
+    specs.append(PassSpec("tie_weights", ("inference",), tying.tie_weights, "tie_weights"))
+    specs.append(PassSpec("precision", ("inference", "joint"), precision.cast_precision, "precision"))
     return tuple(specs)
 
 
