@@ -111,6 +111,8 @@ class PassSpec:
 def _passes() -> tuple[PassSpec, ...]:
     """The passes in pipeline order (design.md §2). A new pass adds one line here."""
     specs: list[PassSpec] = []
+    from fxmem.passes.int8 import quantize_int8  # noqa: E402  (imported here: the pass imports this module)
+    specs.append(PassSpec("int8", ("inference",), quantize_int8, option="int8"))
     return tuple(specs)
 
 
