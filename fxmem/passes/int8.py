@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from fxmem.analysis.sizes import fetch_attr, tensor_bytes
 from fxmem.config import Int8Config
@@ -71,9 +72,16 @@ class _Use:
     node: fx.Node            # mm / addmm / linear / embedding
     kind: str                # "linear" | "embedding"
     orientation: str         # "NK": weight rows are output channels; "KN": mm(x, W) with W [K, N]
-    x: fx.Node | None = None
-    bias: object = None
     transpose: fx.Node | None = None
+
+    def operands(self) -> tuple:
+        """``(x, bias)`` read now: an earlier rewrite may have replaced the node producing ``x``."""
+        node = self.node
+        if node.target is aten.mm.default:
+            return node.args[0], None
+        if node.target is aten.addmm.default:
+            return node.args[1], node.args[0]
+        return node.args[0], node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")  # aten.linear
 
 
 @dataclass
@@ -118,18 +126,17 @@ def _linear_use(user: fx.Node, w: fx.Node, orientation: str, transpose: fx.Node 
         return None
     t = user.target
     if t is aten.mm.default and len(user.args) == 2 and user.args[1] is w and user.args[0] is not w:
-        return _Use(user, "linear", orientation, x=user.args[0], bias=None, transpose=transpose)
+        return _Use(user, "linear", orientation, transpose=transpose)
     if (t is aten.addmm.default and len(user.args) == 3 and user.args[2] is w and w not in user.args[:2]
             and _default_scalars(user)):
-        return _Use(user, "linear", orientation, x=user.args[1], bias=user.args[0], transpose=transpose)
+        return _Use(user, "linear", orientation, transpose=transpose)
     return None
 
 
 def _classify(attr: fx.Node, user: fx.Node) -> list[_Use] | str:
     """The uses of weight ``attr`` through ``user``, or a reason it cannot be rewritten."""
     if user.op == "call_function" and user.target is aten.linear.default and user.args[1] is attr and user.args[0] is not attr:
-        bias = user.args[2] if len(user.args) > 2 else user.kwargs.get("bias")
-        return [_Use(user, "linear", "NK", x=user.args[0], bias=bias)]
+        return [_Use(user, "linear", "NK")]
     if user.op == "call_function" and user.target is _EMBEDDING and user.args[0] is attr and attr not in user.args[1:]:
         return [_Use(user, "embedding", "NK")]
     if _is_transpose_2d(user):
@@ -215,7 +222,8 @@ def _rewrite_use(gm: fx.GraphModule, use: _Use, qnode: fx.Node, snode: fx.Node, 
         if use.kind == "embedding":
             new = gm.graph.call_function(torch.ops.fxmem.int8_embedding.default, (qnode, snode, use.node.args[1], dtype))
         else:
-            new = gm.graph.call_function(torch.ops.fxmem.int8_linear.default, (use.x, qnode, snode, use.bias, mode))
+            x, bias = use.operands()
+            new = gm.graph.call_function(torch.ops.fxmem.int8_linear.default, (x, qnode, snode, bias, mode))
     # same shape, dtype and (contiguous) layout as the node it replaces
     new.meta.update(use.node.meta)
     use.node.replace_all_uses_with(new)
@@ -266,7 +274,10 @@ def quantize_int8(gm: fx.GraphModule, config: Int8Config) -> PassResult:
         orientation = weight.uses[0].orientation
         w_nk = weight.tensor if orientation == "NK" else weight.tensor.t()
         group_size, granularity = _granularity(w_nk, config)
-        qweight, scales = int8_matmul.quantize_weight(w_nk, group_size)
+        with unset_fake_temporarily():  # the backend runs passes inside AOTAutograd's fake mode; these are real weights
+            qweight, scales = int8_matmul.quantize_weight(w_nk, group_size)
+            deq = int8_matmul.dequantize_weight(qweight, scales)
+            sqnr = int8_matmul.sqnr_db(w_nk, deq)
         fqn = weight.attrs[0].meta.get("fxmem_fqn", weight.attrs[0].target)
         first = weight.attrs[0]
         qnode = _add_constant(gm, f"{first.target}_int8", qweight, first, fake_mode, fqn, "qweight")
@@ -282,11 +293,10 @@ def quantize_int8(gm: fx.GraphModule, config: Int8Config) -> PassResult:
         after = tensor_bytes(qweight) + tensor_bytes(scales)
         total_before += before
         total_after += after
-        deq = int8_matmul.dequantize_weight(qweight, scales)
         layers.append({
             "layer": fqn.removesuffix(".weight"), "names": names, "shape": list(w_nk.shape), "granularity": granularity,
             "uses": len(weight.uses), "bytes_before": before, "bytes_after": after,
-            "sqnr_db": round(int8_matmul.sqnr_db(w_nk, deq), 2),
+            "sqnr_db": round(sqnr, 2),
         })
     if not layers:
         return PassResult(gm, False, {"layers": [], "skipped": skipped, "mode": config.mode})
