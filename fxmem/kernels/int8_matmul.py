@@ -24,7 +24,10 @@ stay traceable, exportable and compilable by Inductor):
 The Triton kernel uses only ``tl.*`` so it runs under ``TRITON_INTERPRET=1`` on the CPU (tests).
 Triton reads ``TRITON_INTERPRET`` when a function is decorated with ``triton.jit``, so the kernel
 is decorated on first use (:func:`jitted_kernel`), once per interpreter setting, rather than at
-import: importing fxmem never fixes the mode for the rest of the process.
+import: importing fxmem never fixes the mode for the rest of the process. For the same reason the
+kernel calls only ``tl`` builtins (``tl.full``, not the ``@triton.jit`` library function
+``tl.zeros``, which is decorated when triton is first imported): it then runs under the
+interpreter even when triton was imported before ``TRITON_INTERPRET=1`` was set.
 """
 
 from __future__ import annotations
@@ -110,7 +113,9 @@ def int8_weight_only_matmul_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # tl.full, not tl.zeros: tl.zeros is itself a @triton.jit function, decorated when triton is
+    # imported, so the interpreter cannot call it unless TRITON_INTERPRET was set before that import
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
