@@ -250,6 +250,15 @@ def _kernel_record(config: Int8Config, replaced: list[str], saved: int) -> Kerne
                         source=inspect.getsource(int8_matmul.dynamic_linear_aten))
 
 
+def _mark_void_nodes(gm: fx.GraphModule) -> None:
+    # ops that return nothing (aten._assert_tensor_metadata in HF graphs) carry no meta["val"];
+    # the pipeline's check wants the key on every call_function, and None is their value
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op == "call_function" and "val" not in node.meta and schema is not None and not schema.returns:
+            node.meta["val"] = None
+
+
 def quantize_int8(gm: fx.GraphModule, config: Int8Config) -> PassResult:
     """Rewrite linears with frozen weights to ``fxmem::int8_linear`` (see the module docstring)."""
     stage = gm.meta.get(STAGE_KEY, "inference")
@@ -300,6 +309,7 @@ def quantize_int8(gm: fx.GraphModule, config: Int8Config) -> PassResult:
         })
     if not layers:
         return PassResult(gm, False, {"layers": [], "skipped": skipped, "mode": config.mode})
+    _mark_void_nodes(gm)
     gm.graph.lint()
     out = shallow_copy(gm)  # a new module holding only the attributes the graph reads: no stale fp32 copies
     saved = total_before - total_after
