@@ -199,7 +199,10 @@ def bench_model(name, model, make_inputs, extra_kwargs, seq, repeat, tao) -> dic
             outs[vname] = out
             modules[vname] = qmodel
             pbytes = subclass_param_bytes(qmodel)
+            quantized = [n for n, mod in qmodel.named_modules()
+                         if isinstance(getattr(mod, "weight", None), torch.Tensor) and type(mod.weight.data if isinstance(mod.weight, torch.nn.Parameter) else mod.weight) not in (torch.Tensor,)]
             row["variants"][vname] = {"param_bytes": pbytes, "param_ratio": pbytes / row["eager_param_bytes"],
+                                      "layers_rewritten": len(quantized),
                                       "int8_weight_ratio": linear_weight_bytes(qmodel) / row["eager_linear_weight_bytes"],
                                       **errors(out, ref)}
         ao = outs["torchao Int8WeightOnlyConfig"]
@@ -235,6 +238,22 @@ def bench_linears(repeat: int) -> list[dict]:
             rows.append({"M": m, "N": n, "K": k, "fp32_mm_s": fp32,
                          "weight_only_ratio": wo / fp32, "weight_only_per_group_ratio": wg / fp32, "dynamic_ratio": dyn / fp32,
                          "bf16_mm_s": bf16, "bf16_weight_only_ratio_vs_bf16_mm": wob / bf16})
+    return rows
+
+
+def bench_gpu() -> list[dict]:
+    """Where a GPU is lent: the Triton kernel vs bf16 cuBLAS at decode shapes (target >= 1.4x at M=1)."""
+    from triton.testing import do_bench
+
+    rows = []
+    for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        q, s = int8_matmul.quantize_weight(w)
+        for m in (1, 2, 4, 8, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            cublas = do_bench(lambda: torch.mm(x, w.t()))
+            kernel = do_bench(lambda: int8_matmul.int8_weight_only_matmul(x, q, s))
+            rows.append({"M": m, "N": n, "K": k, "bf16_cublas_ms": cublas, "int8_triton_ms": kernel, "speedup": cublas / kernel})
     return rows
 
 
@@ -288,6 +307,8 @@ def main() -> None:
         result["models_decode"].append(bench_model(name, model, make_inputs, extra, 1, args.repeat, tao))
     print("[int8] linears", flush=True)
     result["linears"] = bench_linears(args.repeat)
+    if torch.cuda.is_available():
+        result["gpu"] = {"device": torch.cuda.get_device_name(), "decode": bench_gpu()}
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "int8.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)

@@ -14,9 +14,9 @@ stay traceable, exportable and compilable by Inductor):
     fast) or the ATen form torchao's ``Int8WeightOnlyConfig`` uses,
     ``mm(x, qweight.T.to(x.dtype)) * scales``.
   - ``mode="dynamic"``: per-token symmetric int8 activations, int32 accumulation with
-    ``torch._int_mm`` (CPU: any shape; CUDA: M > 16 and K, N multiples of 8; otherwise an exact
-    float64 accumulation of the same integers), fp32 rescaling (fp16 would overflow the int32
-    accumulator's range), then cast back to ``x``'s dtype.
+    ``torch._int_mm`` (CPU: any shape; CUDA: K, N multiples of 8, M padded with zero rows to 17
+    when smaller; otherwise an exact float64 accumulation of the same integers), fp32 rescaling
+    (int32 sums reach 127²·K, beyond fp16's range), then cast back to ``x``'s dtype.
 
 * ``fxmem::int8_embedding(qweight, scales, indices, dtype) -> rows``: ``embedding(W, indices)``
   for the same int8 ``W``, so a weight tied between an embedding and an output projection keeps
@@ -260,12 +260,18 @@ def weight_only_linear_aten(x: torch.Tensor, qweight: torch.Tensor, scales: torc
 
 
 def _int_mm_applies(a: torch.Tensor, b: torch.Tensor) -> bool:
-    # torch._int_mm: CPU takes any shape; CUDA wants M > 16 and K, N multiples of 8
+    # torch._int_mm: CPU takes any shape; CUDA wants M > 16 (rows are padded up to 17 below)
+    # and K, N multiples of 8
     if a.device.type == "cpu":
         return True
-    m, k = a.shape
-    n = b.shape[1]
-    return a.is_cuda and m > 16 and k % 8 == 0 and n % 8 == 0
+    return a.is_cuda and a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0
+
+
+def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    m = a.shape[0]
+    if a.is_cuda and m <= 16:  # decode: pad with zero rows (exact) to meet CUDA's M > 16
+        a = torch.cat([a, a.new_zeros(17 - m, a.shape[1])])
+    return torch._int_mm(a, b)[:m]
 
 
 def quantize_per_token(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,7 +292,7 @@ def dynamic_linear_aten(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     xq, xs = quantize_per_token(x2)
     wt = qweight.t()
     if _int_mm_applies(xq, wt):
-        acc = torch._int_mm(xq, wt).to(torch.float32)
+        acc = _int_mm(xq, wt).to(torch.float32)
     else:
         # the same integer sums, exactly: |sum| ≤ 127²·K < 2^53
         acc = torch.mm(xq.to(torch.float64), wt.to(torch.float64)).to(torch.float32)

@@ -18,7 +18,6 @@ from fxmem.kernels import int8_matmul as k8
 triton = pytest.importorskip("triton")
 
 
-
 def test_imported_without_the_interpreter():
     # the point of the module docstring: this process imported triton before any test set it
     assert "TRITON_INTERPRET" not in os.environ or not k8.interpreting()
@@ -112,3 +111,17 @@ def test_quantization_error_bound_and_zero_rows():
     assert torch.all((deq - w).abs() <= scales[:, None] / 2 + 1e-7)
     assert qweight.abs().max() <= 127
     assert 35 < k8.sqnr_db(w, deq) < 50
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16])
+def test_cuda_kernel_and_op(m):
+    # runs only where a GPU is lent: the compiled (not interpreted) kernel, bf16, decode shapes
+    torch.manual_seed(0)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    qweight, scales = k8.quantize_weight(torch.randn(4096, 4096, device="cuda"))
+    out = torch.ops.fxmem.int8_linear(x, qweight, scales, None, "weight_only")
+    ref = reference(x.float().cpu(), qweight.cpu(), scales.cpu())
+    torch.testing.assert_close(out.double().cpu(), ref, atol=0.5, rtol=2e-2)
+    dyn = torch.ops.fxmem.int8_linear(x, qweight, scales, None, "dynamic")  # _int_mm with M padded to 17
+    assert k8.sqnr_db(ref, dyn.cpu()) > 25
