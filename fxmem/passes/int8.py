@@ -46,6 +46,7 @@ the backend quantizes again, an optimized module raises).
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import re
 from dataclasses import dataclass, field
 
@@ -244,8 +245,6 @@ def _kernel_record(config: Int8Config, replaced: list[str], saved: int) -> Kerne
     if config.mode == "weight_only":
         return KernelRecord(name=int8_matmul.KERNEL_NAME, nodes_replaced=replaced, bytes_saved=saved,
                             source=int8_matmul.kernel_source())
-    import inspect
-
     return KernelRecord(name="fxmem_int8_dynamic_linear (torch._int_mm)", nodes_replaced=replaced, bytes_saved=saved,
                         source=inspect.getsource(int8_matmul.dynamic_linear_aten))
 
