@@ -232,9 +232,8 @@ def _rewrite_use(gm: fx.GraphModule, use: _Use, qnode: fx.Node, snode: fx.Node, 
     return new
 
 
-def _granularity(weight_nk: torch.Tensor, config: Int8Config) -> tuple[int | None, str]:
+def _granularity(k: int, config: Int8Config) -> tuple[int | None, str]:
     if config.granularity == "per_group":
-        k = weight_nk.shape[1]
         if k % config.group_size == 0:
             return config.group_size, f"per_group({config.group_size})"
         return None, f"per_channel (K={k} not a multiple of group_size={config.group_size})"
@@ -280,9 +279,10 @@ def quantize_int8(gm: fx.GraphModule, config: Int8Config) -> PassResult:
             skipped.append({"layer": names[0], "reason": reason})
             continue
         orientation = weight.uses[0].orientation
-        w_nk = weight.tensor if orientation == "NK" else weight.tensor.t()
-        group_size, granularity = _granularity(w_nk, config)
+        k = weight.tensor.shape[1] if orientation == "NK" else weight.tensor.shape[0]
+        group_size, granularity = _granularity(k, config)
         with unset_fake_temporarily():  # the backend runs passes inside AOTAutograd's fake mode; these are real weights
+            w_nk = weight.tensor if orientation == "NK" else weight.tensor.t()
             qweight, scales = int8_matmul.quantize_weight(w_nk, group_size)
             deq = int8_matmul.dequantize_weight(qweight, scales)
             sqnr = int8_matmul.sqnr_db(w_nk, deq)

@@ -145,6 +145,15 @@ def test_untransposed_conv1d_weight():
         assert rel_err(report.module(x), model(x)) < REL_TOL
 
 
+def test_untransposed_weight_through_the_backend():
+    # the backend runs passes inside AOTAutograd's fake mode: W.T must be taken on the real weight
+    model = Conv1DStyle().eval()
+    x = torch.randn(2, 5, 32)
+    compiled = torch.compile(model, backend=fxmem.backend(int8="weight_only", strict=True))
+    with torch.no_grad():
+        assert rel_err(compiled(x), model(x)) < REL_TOL
+
+
 class WeightAlsoRead(nn.Module):
     def __init__(self):
         super().__init__()
