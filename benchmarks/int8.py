@@ -12,9 +12,9 @@ small configs with random weights (no downloads):
   fxmem int8 graph, same executor; and vs eager), at M = seq (prefill) and at one token, plus
   single linears at decode shapes. Absolute GPU figures need a GPU: none here.
 
-Run: ``PYTHONPATH=. python benchmarks/int8.py`` (``--full`` for bigger configs). torchao is
+Run: ``PYTHONPATH=. python benchmarks/int8.py`` (``--full --name int8_full`` for bigger configs). torchao is
 optional: ``pip install torchao`` (or ``--torchao-path DIR`` for a throwaway ``pip --target``).
-Writes ``benchmarks/results/int8.json`` and ``int8.png``.
+Writes ``benchmarks/results/<name>.json`` and ``<name>.png``.
 """
 
 from __future__ import annotations
@@ -300,6 +300,7 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="bigger configs (d=512, 4 layers, vocab 8192)")
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--name", default="int8", help="output name under benchmarks/results/ (default int8)")
     ap.add_argument("--torchao-path", default=None, help="a directory holding torchao (pip install --target DIR torchao)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -320,9 +321,9 @@ def main() -> None:
     if torch.cuda.is_available():
         result["gpu"] = {"device": torch.cuda.get_device_name(), "decode": bench_gpu()}
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "int8.json"), "w") as f:
+    with open(os.path.join(RESULTS, f"{args.name}.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
-    plot(result, os.path.join(RESULTS, "int8.png"))
+    plot(result, os.path.join(RESULTS, f"{args.name}.png"))
     for r in result["models"] + result["models_decode"]:
         print(r["model"], "seq", r["seq"])
         for v, d in r["variants"].items():
