@@ -172,9 +172,14 @@ class Int8Config:
             group_size = _positive_int("int8.group_size", value.get("group_size", 128))
             if group_size == 0:
                 raise _fail("int8.group_size", group_size, "a positive int")
+            mode = _choice("int8.mode", value.get("mode", "weight_only"), modes)
+            granularity = _choice("int8.granularity", value.get("granularity", "per_channel"), ("per_channel", "per_group"))
+            if mode == "dynamic" and granularity != "per_channel":
+                # torch._int_mm accumulates whole rows in int32: one weight scale per output channel
+                raise _fail("int8.granularity", granularity, "'per_channel' with mode='dynamic' (per_group needs mode='weight_only')")
             return cls(
-                mode=_choice("int8.mode", value.get("mode", "weight_only"), modes),
-                granularity=_choice("int8.granularity", value.get("granularity", "per_channel"), ("per_channel", "per_group")),
+                mode=mode,
+                granularity=granularity,
                 group_size=group_size,
                 skip=_str_tuple("int8.skip", value.get("skip", ())),
                 min_numel=_positive_int("int8.min_numel", value.get("min_numel", 1024)),

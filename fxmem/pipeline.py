@@ -110,12 +110,17 @@ class PassSpec:
 
 def _passes() -> tuple[PassSpec, ...]:
     """The passes in pipeline order (design.md §2). A new pass adds one line here."""
-    from fxmem.passes import precision, tying  # passes import this module: import them late
+    # imported here: the pass modules import this one (PassResult, UnsupportedGraph)
+    from fxmem.passes import int8, lower, precision, prune, shard, tying
 
-    specs: list[PassSpec] = []
-    specs.append(PassSpec("tie_weights", ("inference",), tying.tie_weights, "tie_weights"))
-    specs.append(PassSpec("precision", ("inference", "joint"), precision.cast_precision, "precision"))
-    return tuple(specs)
+    return (
+        PassSpec("tie_weights", ("inference",), tying.tie_weights, "tie_weights"),
+        PassSpec("prune", ("inference",), prune.prune, "prune"),
+        PassSpec("int8", ("inference",), int8.quantize_int8, "int8"),
+        PassSpec("precision", ("inference", "joint"), precision.cast_precision, "precision"),
+        PassSpec("shard", ("inference", "forward", "backward"), shard.annotate, None),
+        PassSpec("lower", ("inference", "forward", "backward"), lower.lower, "lower"),
+    )
 
 
 def count_nodes(gm: fx.GraphModule) -> int:
