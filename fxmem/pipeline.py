@@ -111,6 +111,8 @@ class PassSpec:
 def _passes() -> tuple[PassSpec, ...]:
     """The passes in pipeline order (design.md §2). A new pass adds one line here."""
     specs: list[PassSpec] = []
+    from fxmem.passes import lower  # noqa: PLC0415 - passes import this module
+    specs.append(PassSpec("lower", ("inference", "forward", "backward"), lower.lower, option="lower"))
     return tuple(specs)
 
 
