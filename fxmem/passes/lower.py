@@ -542,6 +542,15 @@ def find_regions(gm: fx.GraphModule) -> list[Region]:
     return [r for r in regions if r.nodes]
 
 
+_ASSERT_META = getattr(aten, "_assert_tensor_metadata", None)
+
+
+def _is_meta_assert(node: fx.Node) -> bool:
+    """``aten._assert_tensor_metadata`` (emitted by export for ``.to()``): it checks dtype and
+    device, which a fused value keeps, so it does not force its input to be materialized."""
+    return _ASSERT_META is not None and node.op == "call_function" and node.target is _ASSERT_META.default
+
+
 def _split_lnb(node: fx.Node) -> bool:
     """A layer-norm backward whose weight/bias gradients are used keeps an ATen node for them."""
     return node.target is aten.native_layer_norm_backward.default and any(
@@ -582,7 +591,8 @@ def plan_region(region: Region, output_node: fx.Node) -> Plan:
             must_keep |= {a for a in n.all_input_nodes if a in members}
             residual += sum(tensor_bytes(a.meta["val"]) for a in n.all_input_nodes)
             residual += sum(node_bytes(u) for u in n.users if u.args[1] in (1, 2))
-    outputs = [n for n in values if n in must_keep or any(u not in members or u is output_node for u in n.users)]
+    outputs = [n for n in values if n in must_keep
+               or any((u not in members and not _is_meta_assert(u)) or u is output_node for u in n.users)]
     unfused = sum(node_bytes_moved(n) for n in region.nodes if not _is_getitem(n))
     fused = sum(tensor_bytes(a.meta["val"]) for a in inputs) + sum(node_bytes(n) for n in outputs) + residual
     intermediates = sum(node_bytes(n) for n in values if n not in outputs)
@@ -619,9 +629,19 @@ def _translate(plan: Plan) -> tuple[Program, list[fx.Node]]:
     return t.program, t.inputs
 
 
-def _fake_mode(nodes: list[fx.Node]):
-    vals = [n.meta.get("val") for n in nodes]
-    return torch._guards.detect_fake_mode(vals)
+def _fake_outputs(program: Program, inputs: list[fx.Node]) -> list[torch.Tensor]:
+    """FakeTensor values of the kernel's outputs, in the graph's fake mode when it has one."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    vals = [a.meta["val"] for a in inputs]
+    try:
+        mode = torch._guards.detect_fake_mode(vals)
+    except AssertionError:  # values from several fake modes (e.g. make_fx without a shared mode)
+        mode = None
+    mode = mode or FakeTensorMode()
+    device = vals[0].device if vals else torch.device("cpu")
+    with mode:
+        return [torch.empty(o.shape, dtype=o.dtype, device=device) for o in program.outputs]
 
 
 def _short_name(region: Region) -> str:
@@ -646,10 +666,7 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, config: LowerConfig) -> KernelRecor
     last = plan.region.nodes[-1]
     with graph.inserting_after(last):
         call = graph.call_function(op, (list(inputs),))
-    fake = _fake_mode(inputs + plan.outputs)
-    fake_inputs = [a.meta["val"] for a in inputs]
-    with fake if fake is not None else _nullcontext():
-        call.meta["val"] = op(fake_inputs)
+    call.meta["val"] = _fake_outputs(program, inputs)
     new_values: dict[fx.Node, fx.Node] = {}
     anchor = call
     for j, out in enumerate(plan.outputs):
@@ -675,18 +692,14 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, config: LowerConfig) -> KernelRecor
         for u in list(out.users):
             if u not in members:
                 u.replace_input_with(out, item)
+    for n in plan.region.nodes:  # checks of dtype/device on values that are no longer materialized
+        for u in list(n.users):
+            if _is_meta_assert(u):
+                graph.erase_node(u)
     for n in reversed(plan.region.nodes):
         if not n.users:
             graph.erase_node(n)
     return KernelRecord(name=kernel.name, nodes_replaced=replaced, bytes_saved=plan.bytes_saved, source=kernel.source)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --------------------------------------------------------------------------------------------
