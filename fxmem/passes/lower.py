@@ -764,6 +764,7 @@ def lower(gm: fx.GraphModule, config: LowerConfig) -> PassResult:
         record = _rewrite(gm, plan, config)
         kernels.append(record)
         rows.append({"kernel": record.name, "nodes": record.nodes_replaced, "bytes_saved": plan.bytes_saved,
+                     "bytes_unfused": plan.bytes_unfused, "bytes_fused": plan.bytes_fused,
                      "intermediate_bytes": plan.intermediate_bytes, "form": record.source.split("# form: ")[1].split("\n")[0]})
     if kernels:
         torch.fx.passes.tools_common.legalize_graph(gm)

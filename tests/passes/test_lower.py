@@ -24,7 +24,7 @@ from fxmem.backend import FxmemBackend  # noqa: E402
 from fxmem.config import LowerConfig, parse_options  # noqa: E402
 from fxmem.kernels import codegen  # noqa: E402
 from fxmem.passes import lower as lower_mod  # noqa: E402
-from fxmem.testing import assert_equivalent, sample  # noqa: E402
+from fxmem.testing import assert_equivalent  # noqa: E402
 
 INTERPRETER = codegen.interpreter_enabled()
 needs_interpreter = pytest.mark.skipif(not INTERPRETER, reason="Triton was imported without TRITON_INTERPRET=1 "
@@ -213,8 +213,11 @@ def _train(model, args, **options):
 
 @needs_interpreter
 def test_training_gpt_block_forward_and_backward_lowered():
-    s = sample("gpt_block_manual")
-    recorder = _train(s.model, s.args)
+    # the sample block's shapes, halved: the interpreter runs one Python loop per program
+    from fxmem.models.gpt import Block, GPTConfig
+
+    block = Block(GPTConfig(d_model=32, n_head=2, block_size=8, n_layer=1, vocab_size=64))
+    recorder = _train(block, (torch.randn(1, 8, 32),))
     graphs = {k.graph.split("#")[0] for k in recorder.kernels}
     assert graphs == {"forward", "backward"}, [(k.graph, k.nodes_replaced) for k in recorder.kernels]
     replaced = {n for k in recorder.kernels for n in k.nodes_replaced}
@@ -243,3 +246,32 @@ def test_training_backward_ops_equal_eager():
     for op in ("gelu_backward", "silu_backward", "sigmoid_backward", "tanh_backward", "threshold_backward",
                "_softmax_backward_data", "_log_softmax_backward_data", "native_layer_norm_backward"):
         assert any(n.startswith(op) for n in bw_nodes), (op, sorted(bw_nodes))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name", ["mlp", "gpt_block_sdpa", "tied_embeddings", "shared_parameters", "conv_norm"])
+def test_sample_models_inference(name):
+    from fxmem.testing import sample
+
+    s = sample(name)
+    s.model.eval()
+    with torch.no_grad():
+        report = fxmem.explain(s.model, *s.args, lower=True, strict=True)
+        torch.testing.assert_close(report.module(*s.args), s.model(*s.args), atol=ATOL, rtol=RTOL)
+
+
+@needs_interpreter
+def test_random_programs_equal_eager():
+    from hypothesis import HealthCheck, given, settings
+
+    from fxmem.testing.strategies import random_programs
+
+    @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(random_programs(max_ops=8))
+    def check(program):
+        module, x = program
+        with torch.no_grad():
+            report = fxmem.explain(module, x, lower=True, strict=True)
+            torch.testing.assert_close(report.module(x), module(x), atol=ATOL, rtol=RTOL)
+
+    check()
