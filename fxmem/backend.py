@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 from torch._functorch import partitioners
 from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from fxmem.analysis.saved import saved_activation_bytes
 from fxmem.analysis.sizes import PARAM_META_KEY
@@ -124,7 +125,8 @@ class FxmemBackend:
 
             def run(args: list) -> Any:
                 if state["watch"].changed():
-                    build()  # a source weight changed in place: derive the frozen weights again
+                    with torch.no_grad():
+                        build()  # a source weight changed in place: derive the frozen weights again
                 user_args = [args[i] for i in user_idx]
                 args.clear()
                 return state["gm"](*user_args)
@@ -140,7 +142,10 @@ class FxmemBackend:
         if frozen:
             freeze_parameters(aten_gm, frozen)
         aten_gm.meta[EXAMPLE_INPUTS_KEY] = tuple(user_args)
-        return run_pipeline(aten_gm, "inference", self.config, self.recorder)
+        # AOTAutograd compiles under its fake mode; weight passes compute real tensors
+        # (quantized weights, casts), so they run with the fake mode switched off.
+        with unset_fake_temporarily():
+            return run_pipeline(aten_gm, "inference", self.config, self.recorder)
 
     # -- training --------------------------------------------------------------------------
     def _compile_training(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:

@@ -13,6 +13,7 @@ for something else. (``torch.compile(backend="fxmem")`` handles dynamic shapes.)
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +52,17 @@ class _FlatCall(torch.nn.Module):
         args, kwargs = pytree.tree_unflatten(leaves, self._in_spec)
         out = self.model(*args, **kwargs)
         flat, self.out_spec = pytree.tree_flatten(out)
-        return tuple(flat)
+        self.out_constants = {}
+        for i, leaf in enumerate(flat):
+            if isinstance(leaf, torch.Tensor):
+                continue
+            if leaf is not None and not isinstance(leaf, (bool, int, float, str)):
+                raise CaptureError(
+                    f"fxmem.explain/optimize: output leaf {i} is a {type(leaf).__name__}, which torch.utils._pytree "
+                    "cannot look into; return tensors (for HF models pass use_cache=False so no cache object is returned)"
+                )
+            self.out_constants[i] = leaf
+        return tuple(t for t in flat if isinstance(t, torch.Tensor))
 
 
 @dataclass
@@ -60,6 +71,7 @@ class Captured:
     originals: dict[str, torch.Tensor]   # qualified name → the model's tensor that was frozen
     in_spec: Any
     out_spec: Any
+    out_constants: dict[int, Any]        # output leaf index → a non-tensor output (None, numbers)
     leaves: list                         # the flattened (args, kwargs); tensors replaced at call
     tensor_positions: list[int]
     example_tensors: tuple
@@ -72,13 +84,26 @@ def _owned(model: torch.nn.Module, prefix: str = "model.") -> dict[str, torch.Te
     return tensors
 
 
+@contextlib.contextmanager
+def _tracing_flag():
+    """``torch.compiler.is_compiling()`` is True while fxmem traces, as under ``torch.export``:
+    model code (HF transformers' mask helpers, say) then skips eager-only data-dependent checks
+    that a tracer cannot evaluate."""
+    previous = torch.compiler._is_compiling_flag
+    torch.compiler._is_compiling_flag = True
+    try:
+        yield
+    finally:
+        torch.compiler._is_compiling_flag = previous
+
+
 def capture_inference(model: torch.nn.Module, args: Sequence[Any], kwargs: dict | None, decompositions: dict) -> Captured:
     """Trace ``model(*args, **kwargs)`` to a frozen ATen inference graph."""
     leaves, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs or {})))
     positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
     tensors = tuple(leaves[i] for i in positions)
     flat = _FlatCall(model, leaves, positions, in_spec)
-    with torch.no_grad():
+    with torch.no_grad(), _tracing_flag():
         gm, sig = aot_export_module(flat, tensors, trace_joint=False, decompositions=decompositions)
     if getattr(sig, "buffers_to_mutate", None) or getattr(sig, "user_inputs_to_mutate", None):
         raise CaptureError(
@@ -91,7 +116,7 @@ def capture_inference(model: torch.nn.Module, args: Sequence[Any], kwargs: dict 
         frozen[ph_name] = (fqn.removeprefix("model."), owned[fqn])
     freeze_parameters(gm, frozen)
     originals = {fqn: t for fqn, t in frozen.values()}
-    return Captured(gm, originals, in_spec, flat.out_spec, leaves, positions, tensors)
+    return Captured(gm, originals, in_spec, flat.out_spec, flat.out_constants, leaves, positions, tensors)
 
 
 def _describe(x: Any) -> Any:
@@ -111,6 +136,7 @@ class OptimizedModule(torch.nn.Module):
         self.graph_module = gm
         self._in_spec = captured.in_spec
         self._out_spec = captured.out_spec
+        self._out_constants = captured.out_constants
         self._leaves = [None if isinstance(x, torch.Tensor) else x for x in captured.leaves]
         self._expected = [_describe(x) for x in captured.leaves]
         self._positions = captured.tensor_positions
@@ -134,5 +160,7 @@ class OptimizedModule(torch.nn.Module):
             )
         if not torch.compiler.is_compiling():
             self._watch.check()
-        out = self.graph_module(*[leaves[i] for i in self._positions])
-        return pytree.tree_unflatten(list(out), self._out_spec)
+        tensors = iter(self.graph_module(*[leaves[i] for i in self._positions]))
+        n = self._out_spec.num_leaves
+        flat = [self._out_constants[i] if i in self._out_constants else next(tensors) for i in range(n)]
+        return pytree.tree_unflatten(flat, self._out_spec)

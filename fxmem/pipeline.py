@@ -162,6 +162,7 @@ class Recorder:
 
     records: list[PassRecord] = field(default_factory=list)
     graphs: dict[str, str] = field(default_factory=dict)
+    final_graphs: dict[str, fx.Graph] = field(default_factory=dict)  # for drawing
     partitions: list[dict[str, Any]] = field(default_factory=list)
     kernels: list[Any] = field(default_factory=list)
     _counter: dict[str, int] = field(default_factory=dict)
@@ -234,4 +235,5 @@ def run_pipeline(
         recorder.records.append(make_record(spec.name, graph_name, gm, status="changed" if result.changed else "unchanged",
                                             time_s=elapsed, nodes_before=before, stats=result.stats))
     recorder.graphs[graph_name] = gm.code
+    recorder.final_graphs[graph_name] = gm.graph
     return gm

@@ -15,11 +15,14 @@ model (``torch.compile(model, backend=fxmem.backend(**options))``).
 from __future__ import annotations
 
 import html
+import shutil
+import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.fx as fx
 
 from fxmem.analysis.sizes import module_parameter_bytes
 from fxmem.backend import DECOMPOSITIONS, FxmemBackend
@@ -48,6 +51,7 @@ class Report:
     kernels: list[Any] = field(default_factory=list)
     eager_param_bytes: int = 0
     total_time_s: float = 0.0
+    final_graphs: dict[str, fx.Graph] = field(default_factory=dict)
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per pass run (the table's rows)."""
@@ -101,8 +105,11 @@ class Report:
             parts.append(f"<h2>partition</h2><pre>{html.escape(_short(p))}</pre>")
         for k in self.kernels:
             parts.append(f"<h2>kernel {html.escape(str(getattr(k, 'name', k)))}</h2><pre>{html.escape(str(getattr(k, 'source', '')))}</pre>")
+        for name, graph in self.final_graphs.items():
+            parts.append(f"<h2>final graph: {html.escape(name)}</h2>{_draw(graph)}")
         for name, code in self.graphs.items():
-            parts.append(f"<h2>graph after {html.escape(name)}</h2>{_draw(code)}<pre>{html.escape(code)}</pre>")
+            if "/" in name:
+                parts.append(f"<h2>graph after {html.escape(name)}</h2><pre>{html.escape(code)}</pre>")
         parts.append("</body></html>")
         text = "\n".join(parts)
         with open(path, "w", encoding="utf-8") as f:
@@ -119,13 +126,38 @@ def _short(d: dict) -> str:
     return ", ".join(items)
 
 
-def _draw(code: str) -> str:
-    """An SVG drawing when the graphviz package and binary are present, else nothing."""
-    return ""
+def graph_to_dot(graph: fx.Graph) -> str:
+    """DOT source of an FX graph: one box per node (op and shape), one edge per use."""
+    lines = ["digraph G {", "  node [shape=box, fontsize=10, fontname=monospace];"]
+    for node in graph.nodes:
+        val = node.meta.get("val")
+        shape = f"\\n{tuple(val.shape)} {str(val.dtype).removeprefix('torch.')}" if isinstance(val, torch.Tensor) else ""
+        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        label = f"{node.name}\\n{node.op}: {target}{shape}".replace('"', "'")
+        lines.append(f'  "{node.name}" [label="{label}"];')
+        for user in node.users:
+            lines.append(f'  "{node.name}" -> "{user.name}";')
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _draw(graph: fx.Graph) -> str:
+    """An inline SVG drawn by graphviz's ``dot`` when it is installed; empty otherwise (the
+    graph's code is always shown beside it)."""
+    dot = shutil.which("dot")
+    if dot is None:
+        return "<p><i>graphviz (dot) is not installed: graph shown as code only</i></p>"
+    try:
+        svg = subprocess.run([dot, "-Tsvg"], input=graph_to_dot(graph), capture_output=True, text=True, timeout=60, check=True).stdout
+    except (subprocess.SubprocessError, OSError) as err:
+        return f"<p><i>graphviz failed: {html.escape(str(err))}</i></p>"
+    return svg[svg.find("<svg"):]
 
 
 def _graphs_from(recorder: Recorder) -> dict[str, str]:
-    graphs: dict[str, str] = {}
+    """``graphs[pass]``: code after that pass (its first graph); ``graphs["graph/pass"]``: per
+    graph; ``graphs[graph]``: each graph's final code (``"inference"``, ``"forward"``, ...)."""
+    graphs: dict[str, str] = dict(recorder.graphs)
     for r in recorder.records:
         graphs[f"{r.graph}/{r.name}"] = r.code
         graphs.setdefault(r.name, r.code)
@@ -161,7 +193,8 @@ def explain(model: torch.nn.Module, *args: Any, kwargs: dict | None = None, mode
         module = _explain_training(model, args, kwargs or {}, config, recorder)
     return Report(mode=mode, config=config, records=recorder.records, graphs=_graphs_from(recorder), module=module,
                   partitions=recorder.partitions, kernels=recorder.kernels,
-                  eager_param_bytes=module_parameter_bytes(model), total_time_s=time.perf_counter() - start)
+                  eager_param_bytes=module_parameter_bytes(model), total_time_s=time.perf_counter() - start,
+                  final_graphs=recorder.final_graphs)
 
 
 def _explain_training(model, args, kwargs, config, recorder) -> torch.nn.Module:

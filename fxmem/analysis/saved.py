@@ -72,13 +72,18 @@ class SavedMeasurement:
 
 
 def measure_saved_bytes(
-    fn: Callable[[], object], parameters: Iterable[torch.Tensor] = ()
+    fn: Callable[[], object], parameters: Iterable[torch.Tensor] | torch.nn.Module = ()
 ) -> SavedMeasurement:
     """Run ``fn()`` (a forward) under saved-tensor hooks and count the distinct storages saved.
+
+    ``parameters``: tensors whose storages are not activations — give the model itself to
+    exclude all its parameters and buffers (a causal-mask buffer is model state, like a weight).
 
     Keep the forward's result alive until after this returns if you want to run backward; the
     storages are identified by data pointer while the tensors are alive.
     """
+    if isinstance(parameters, torch.nn.Module):
+        parameters = list(parameters.parameters()) + list(parameters.buffers())
     param_ptrs = {p.untyped_storage().data_ptr() for p in parameters}
     result = SavedMeasurement()
     keep: list[torch.Tensor] = []

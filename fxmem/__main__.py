@@ -1,0 +1,5 @@
+import sys
+
+from fxmem.cli import main
+
+sys.exit(main())

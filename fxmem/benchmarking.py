@@ -1,0 +1,78 @@
+"""Compile-overhead comparison on the built-in GPT, shared by ``fxmem bench`` and
+``benchmarks/compile_overhead.py``: eager, ``aot_eager``, Inductor and fxmem, one process, one run.
+
+Compile time is the first training step (forward + backward + SGD update) minus nothing — it is
+what a user waits for; step time is the median of the following steps. Both are reported as
+ratios to eager's, measured side by side.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+from typing import Any
+
+import torch
+
+from fxmem.measure import measure_training
+from fxmem.models.gpt import GPT, GPTConfig, example_batch
+
+
+def _compiler(backend: str):
+    if backend == "eager":
+        return lambda m: m
+    return lambda m: torch.compile(m, backend=backend)
+
+
+def compile_overhead(*, layers: int = 4, d_model: int = 128, seq: int = 128, batch: int = 4,
+                     backends: list[str] | tuple[str, ...] = ("eager", "aot_eager", "inductor", "fxmem"),
+                     steps: int = 3) -> dict[str, Any]:
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=layers, d_model=d_model, n_head=4, block_size=seq, vocab_size=512)
+    base = GPT(cfg)
+    args = (example_batch(cfg, batch, seed=0), example_batch(cfg, batch, seed=1))
+    rows = []
+    for backend in backends:
+        torch._dynamo.reset()
+        m = measure_training(backend, copy.deepcopy(base).train(), _compiler(backend), args, steps=steps)
+        rows.append({"backend": backend, **m.as_dict()})
+    eager = next((r for r in rows if r["backend"] == "eager"), rows[0])
+    for r in rows:
+        r["compile_ratio"] = r["compile_s"] / eager["compile_s"]
+        r["step_ratio"] = r["step_s"] / eager["step_s"]
+    return {
+        "question": "compile time and step time of fxmem vs eager, aot_eager and Inductor (training, built-in GPT)",
+        "device": "cpu: " + (platform.processor() or platform.machine()) + f", {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "model": {"layers": layers, "d_model": d_model, "seq": seq, "batch": batch, "params": sum(p.numel() for p in base.parameters())},
+        "steps": steps,
+        "rows": rows,
+    }
+
+
+def write_results(results: dict[str, Any], path: str) -> None:
+    """Write the JSON, and a PNG bar chart of the ratios beside it (when matplotlib is installed)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = results["rows"]
+    names = [r["backend"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key, title in ((axes[0], "compile_ratio", "compile (first step) × eager"), (axes[1], "step_ratio", "step time × eager")):
+        ax.bar(names, [r[key] for r in rows], color=["#888", "#4a7", "#c63", "#36c"][: len(rows)])
+        ax.set_title(title)
+        for i, r in enumerate(rows):
+            ax.text(i, r[key], f"{r[key]:.2f}", ha="center", va="bottom")
+    fig.suptitle(f"{results['model']['layers']}-layer GPT, d={results['model']['d_model']}, {results['device']}")
+    fig.tight_layout()
+    fig.savefig(os.path.splitext(path)[0] + ".png", dpi=110)
+    plt.close(fig)

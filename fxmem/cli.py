@@ -1,0 +1,217 @@
+"""The ``fxmem`` command line: ``demo``, ``explain`` and ``bench`` (also ``python -m fxmem``)."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import json
+import sys
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from fxmem.analysis.sizes import module_parameter_bytes, parameter_bytes
+from fxmem.config import OptionError, parse_options
+from fxmem.measure import measure_training, time_inference
+from fxmem.models.gpt import GPT, GPTConfig, example_batch
+from fxmem.report import explain
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.2f}"
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*headers), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in cells])
+
+
+def _options_from(ns: argparse.Namespace) -> tuple[dict, dict]:
+    """(inference options, training options) from the command-line flags."""
+    inference: dict[str, Any] = json.loads(ns.options) if getattr(ns, "options", None) else {}
+    training: dict[str, Any] = {}
+    if getattr(ns, "remat_budget", None) is not None:
+        training["remat"] = {"budget": ns.remat_budget}
+    if getattr(ns, "precision", None):
+        inference["precision"] = ns.precision
+        training["precision"] = ns.precision
+    if getattr(ns, "int8", None):
+        inference["int8"] = ns.int8
+    if getattr(ns, "prune", None):
+        inference["prune"] = {"ratio": ns.prune}
+    parse_options(inference)  # bad flags fail here, before any work
+    parse_options(training)
+    return inference, training
+
+
+def demo(ns: argparse.Namespace) -> int:
+    """Compile the built-in GPT for inference and for a few training steps; print the tables."""
+    inference_opts, training_opts = _options_from(ns)
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=ns.layers, d_model=ns.d_model, n_head=4, block_size=ns.seq, vocab_size=512)
+    base = GPT(cfg)
+    idx = example_batch(cfg, batch=ns.batch, seed=0)
+    targets = example_batch(cfg, batch=ns.batch, seed=1)
+    print(f"fxmem demo: built-in GPT, {cfg.n_layer} layers, d_model {cfg.d_model}, "
+          f"{sum(p.numel() for p in base.parameters()) / 1e6:.2f} M parameters, batch {ns.batch} × {ns.seq} tokens")
+    stages = ["inference: fxmem.explain", "inference: timing", "training: eager",
+              "training: torch.compile aot_eager (PyTorch default partitioner)", "training: torch.compile fxmem"]
+    bar = tqdm(total=len(stages), desc="compiling", unit="stage", file=sys.stderr, disable=ns.quiet)
+
+    def step(label: str) -> None:
+        bar.set_description(label)
+
+    # -- inference ---------------------------------------------------------------------------
+    step(stages[0])
+    model = copy.deepcopy(base).eval()
+    report = explain(model, idx, mode="inference", **inference_opts)
+    bar.update()
+    step(stages[1])
+    with torch.no_grad():
+        ref = model(idx)
+        got = report.module(idx)
+    _, eager_t = time_inference(model, (idx,))
+    _, fx_t = time_inference(report.module, (idx,))
+    bar.update()
+    inference_rows = [
+        ["eager", _mib(module_parameter_bytes(model)), "0", "1.00"],
+        ["fxmem", _mib(parameter_bytes(report.module.graph_module)), f"{(got.float() - ref.float()).abs().max():.2e}",
+         f"{fx_t / eager_t:.2f}"],
+    ]
+
+    # -- training ----------------------------------------------------------------------------
+    contenders = [
+        ("eager", lambda m: m),
+        ("aot_eager (PyTorch default partitioner)", lambda m: torch.compile(m, backend="aot_eager")),
+        ("fxmem", lambda m: torch.compile(m, backend="fxmem", options=training_opts or None)),
+    ]
+    results = []
+    for (name, make), label in zip(contenders, stages[2:]):
+        step(label)
+        torch._dynamo.reset()
+        results.append(measure_training(name, copy.deepcopy(base).train(), make, (idx, targets), steps=ns.steps))
+        bar.update()
+    bar.close()
+
+    print()
+    print(report)
+    print("\ninference (fp32 eager vs fxmem.optimize):")
+    print(_table(["", "params MiB", "max |Δ logits|", "latency × eager"], inference_rows))
+    print(f"\ntraining ({ns.steps} steps, SGD; saved activations measured with saved_tensors_hooks):")
+    eager = results[0]
+    print(_table(
+        ["", "saved MiB", "saved × eager", "params MiB", "compile s", "step × eager", "final loss"],
+        [[r.name, _mib(r.saved_bytes), f"{r.saved_bytes / max(eager.saved_bytes, 1):.2f}", _mib(r.param_bytes),
+          f"{r.compile_s:.2f}", f"{r.step_s / eager.step_s:.2f}", f"{r.loss:.4f}"] for r in results],
+    ))
+    return 0
+
+
+def _load_target(spec: str) -> torch.nn.Module:
+    if ":" not in spec:
+        raise SystemExit(f"fxmem explain: expected module:Class (e.g. mypkg.models:Net), got {spec!r}")
+    module_name, attr = spec.split(":", 1)
+    obj = getattr(importlib.import_module(module_name), attr)
+    model = obj() if not isinstance(obj, torch.nn.Module) else obj
+    if not isinstance(model, torch.nn.Module):
+        raise SystemExit(f"fxmem explain: {spec} did not give a torch.nn.Module (got {type(model).__name__})")
+    return model
+
+
+def explain_cmd(ns: argparse.Namespace) -> int:
+    inference_opts, training_opts = _options_from(ns)
+    if ns.target == "builtin":
+        cfg = GPTConfig(n_layer=2, d_model=64, n_head=4, block_size=32, vocab_size=256)
+        model, inputs = GPT(cfg), (example_batch(cfg, batch=2),)
+    else:
+        model = _load_target(ns.target)
+        if hasattr(model, "example_inputs"):
+            inputs = tuple(model.example_inputs())
+        elif ns.shape:
+            shape = tuple(int(s) for s in ns.shape.split(","))
+            inputs = (torch.randint(0, ns.high, shape) if ns.dtype == "int64" else torch.randn(shape),)
+        else:
+            raise SystemExit("fxmem explain: give --shape (and --dtype) or define example_inputs() on the model")
+    mode = ns.mode
+    if mode == "inference":
+        model.eval()
+    report = explain(model, *inputs, mode=mode, **(inference_opts if mode == "inference" else training_opts))
+    print(report)
+    if ns.html:
+        print(f"\nwrote {report.to_html(ns.html)}")
+    if ns.show_graph:
+        print(report.graphs.get(ns.show_graph, f"no graph named {ns.show_graph!r}; have {sorted(report.graphs)}"))
+    return 0
+
+
+def bench(ns: argparse.Namespace) -> int:
+    from fxmem.benchmarking import compile_overhead, write_results
+
+    results = compile_overhead(layers=ns.layers, d_model=ns.d_model, seq=ns.seq, batch=ns.batch,
+                               backends=ns.backends.split(","), steps=ns.steps)
+    print(_table(["backend", "compile s", "compile × eager", "step s", "step × eager"],
+                 [[r["backend"], f"{r['compile_s']:.2f}", f"{r['compile_ratio']:.2f}", f"{r['step_s']:.4f}",
+                   f"{r['step_ratio']:.2f}"] for r in results["rows"]]))
+    if ns.out:
+        write_results(results, ns.out)
+        print(f"wrote {ns.out}")
+    return 0
+
+
+def _add_option_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--options", help="fxmem options as JSON, e.g. '{\"int8\": \"weight_only\"}'")
+    p.add_argument("--precision", choices=["fp16", "bf16"])
+    p.add_argument("--int8", choices=["weight_only", "dynamic"])
+    p.add_argument("--prune", type=float, metavar="RATIO")
+    p.add_argument("--remat-budget", type=float, metavar="B")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxmem", description="Graph-level memory passes for PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="compile the built-in GPT for inference and training; print the report")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_option_flags(p)
+    p.set_defaults(func=demo)
+    p = sub.add_parser("explain", help="run explain on the built-in model or on module:Class")
+    p.add_argument("target", nargs="?", default="builtin", help="'builtin' or module:Class")
+    p.add_argument("--mode", choices=["inference", "training"], default="inference")
+    p.add_argument("--shape", help="input shape, e.g. 2,16")
+    p.add_argument("--dtype", choices=["float32", "int64"], default="float32")
+    p.add_argument("--high", type=int, default=100, help="upper bound of int64 inputs")
+    p.add_argument("--html", help="also write the HTML report here")
+    p.add_argument("--show-graph", metavar="PASS", help="print the graph after this pass")
+    _add_option_flags(p)
+    p.set_defaults(func=explain_cmd)
+    p = sub.add_parser("bench", help="compile and step time: eager, aot_eager, inductor, fxmem")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--backends", default="eager,aot_eager,inductor,fxmem")
+    p.add_argument("--out", help="write the JSON here (and a PNG beside it)")
+    p.set_defaults(func=bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.func(ns)
+    except OptionError as err:
+        print(f"fxmem: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxmem
+from fxmem.backend import FxmemBackend
+from fxmem.config import OptionError, parse_options
+from fxmem.pipeline import Recorder
+from fxmem.testing import SAMPLES, assert_equivalent, sample
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_backend_is_found_through_the_entry_point_without_importing_fxmem():
+    code = (
+        "import sys, torch\n"
+        "m = torch.nn.Linear(4, 3); x = torch.randn(2, 4)\n"
+        "out = torch.compile(m, backend='fxmem')(x)\n"
+        "assert torch.equal(out, m(x))\n"
+        "print('fxmem' in torch._dynamo.list_backends(), 'fxmem.backend' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"]
+
+
+def _compile(model, recorder=None, **options):
+    return torch.compile(model, backend=FxmemBackend(parse_options(options), recorder or Recorder()))
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_sample_models_train_and_infer_like_eager(name):
+    s = sample(name)
+    rec = Recorder()
+    compiled = _compile(s.model, rec)
+    assert_equivalent(s.model, compiled, s.args, s.kwargs, grads=True)
+    stages = {r.stage for r in rec.records}
+    assert {"joint", "forward", "backward"} <= stages, "the backward must be compiled too, not left to eager"
+    s.model.eval()
+    torch._dynamo.reset()
+    assert_equivalent(s.model, _compile(s.model), s.args, s.kwargs, grads=False)
+
+
+def test_inference_freezes_parameters_into_the_graph():
+    s = sample("mlp")
+    s.model.eval()
+    rec = Recorder()
+    with torch.no_grad():
+        _compile(s.model, rec)(*s.args)
+    inference = [r for r in rec.records if r.stage == "inference"]
+    assert inference and "fc1_weight = self.fc1.weight" in inference[-1].code
+    assert inference[-1].param_bytes == sum(p.numel() * 4 for p in s.model.parameters())
+
+
+def test_in_place_weight_updates_are_seen_by_an_exact_inference_graph():
+    s = sample("mlp")
+    compiled = _compile(s.model)
+    with torch.no_grad():
+        compiled(*s.args)
+        s.model.fc1.weight.mul_(2.0)
+        assert torch.equal(compiled(*s.args), s.model(*s.args))
+
+
+class WithBreak(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        torch._dynamo.graph_break()
+        return self.b(x).sum(-1)
+
+
+def test_graph_breaks_compile_each_piece():
+    model = WithBreak()
+    rec = Recorder()
+    compiled = _compile(model, rec)
+    x = torch.randn(4, 8)
+    assert_equivalent(model, compiled, (x,))
+    joint_graphs = {r.graph for r in rec.records if r.stage == "joint"}
+    assert len(joint_graphs) == 2
+
+
+def test_new_shapes_recompile_with_symbolic_sizes():
+    s = sample("gpt_block_manual")
+    compiled = torch.compile(s.model, backend=fxmem.backend(), dynamic=True)
+    for batch in (2, 3):
+        x = torch.randn(batch, 16, 64)
+        assert_equivalent(s.model, compiled, (x,))
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x, *, scale=1.0, bias=None):
+        y = self.fc(x) * scale
+        return y if bias is None else y + bias
+
+
+def test_keyword_arguments():
+    model = Scaled()
+    x, bias = torch.randn(3, 6), torch.randn(6)
+    assert_equivalent(model, _compile(model), (x,), {"scale": 0.5, "bias": bias})
+
+
+def test_lossy_options_on_a_training_graph_are_a_clear_error():
+    s = sample("mlp")
+    compiled = _compile(s.model, prune={"ratio": 0.5})
+    with pytest.raises(Exception, match="inference graphs only"):
+        compiled(*s.args)
+
+
+def test_lossy_options_are_refused_before_work_by_explain_in_training_mode():
+    s = sample("mlp")
+    with pytest.raises(OptionError, match="model.eval"):
+        fxmem.explain(s.model, *s.args, int8="weight_only")
+
+
+def test_dtensor_and_device_mesh_inputs():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_module, distribute_tensor
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    mesh = init_device_mesh("cpu", (1,))
+
+    class TakesMesh(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, mesh):
+            return torch.relu(self.fc(x)) * mesh.size()
+
+    model = distribute_module(TakesMesh(), mesh)  # parameters become replicated DTensors
+    x = distribute_tensor(torch.randn(2, 4), mesh, [Replicate()])
+    compiled = _compile(model)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, mesh).to_local(), model(x, mesh).to_local())
+    compiled(x, mesh).to_local().sum().backward()
+    expected = model.fc.weight.grad.to_local().clone()
+    model.zero_grad()
+    model(x, mesh).to_local().sum().backward()
+    torch.testing.assert_close(expected, model.fc.weight.grad.to_local())
