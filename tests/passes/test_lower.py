@@ -275,3 +275,24 @@ def test_random_programs_equal_eager():
             torch.testing.assert_close(report.module(x), module(x), atol=ATOL, rtol=RTOL)
 
     check()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_hf_models_inference(name):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if name == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0, eos_token_id=0,
+            attn_implementation="eager"))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=0, attn_implementation="eager"))
+    model.eval()
+    kwargs = {"input_ids": torch.randint(0, 64, (1, 8)), "use_cache": False}
+    with torch.no_grad():
+        report = fxmem.explain(model, kwargs=kwargs, lower=True, strict=True)
+        assert report.kernels
+        torch.testing.assert_close(report.module(**kwargs)[0], model(**kwargs)[0], atol=ATOL, rtol=RTOL)
