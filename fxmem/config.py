@@ -246,12 +246,16 @@ class LowerConfig:
     """``lower``: lower memory hotspots to generated Triton kernels.
 
     ``mode``: ``"auto"`` (where Triton runs natively, i.e. CUDA, or under ``TRITON_INTERPRET=1``),
-    ``"on"`` (forced, the interpreter on CPU) or ``"off"``.
+    ``"on"`` (forced, the interpreter on CPU) or ``"off"``. ``max_kernels``: lower at most this
+    many regions (best first); ``min_bytes``: only regions whose fusion saves at least this many
+    bytes of memory traffic; ``persistent_max``: a row reduction whose row has at most this many
+    elements runs as one block per row (persistent), longer rows loop over blocks.
     """
 
     mode: str = "auto"
     max_kernels: int | None = None
     min_bytes: int = 0
+    persistent_max: int = 1024
 
     @classmethod
     def parse(cls, value: Any) -> LowerConfig:
@@ -264,15 +268,16 @@ class LowerConfig:
         if value == "auto":
             return cls(mode="auto")
         if isinstance(value, Mapping):
-            _check_keys("lower", value, ("mode", "max_kernels", "min_bytes"))
+            _check_keys("lower", value, ("mode", "max_kernels", "min_bytes", "persistent_max"))
             mode = value.get("mode", "on")
             mode = {True: "on", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode
             return cls(
                 mode=_choice("lower.mode", mode, ("auto", "on", "off")),
                 max_kernels=_positive_int("lower.max_kernels", value.get("max_kernels"), allow_none=True),
                 min_bytes=_positive_int("lower.min_bytes", value.get("min_bytes", 0)),
+                persistent_max=_positive_int("lower.persistent_max", value.get("persistent_max", 1024)),
             )
-        raise _fail("lower", value, "'auto' | True | False | {'mode', 'max_kernels', 'min_bytes'}")
+        raise _fail("lower", value, "'auto' | True | False | {'mode', 'max_kernels', 'min_bytes', 'persistent_max'}")
 
 
 @dataclass(frozen=True)
