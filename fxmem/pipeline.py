@@ -110,7 +110,11 @@ class PassSpec:
 
 def _passes() -> tuple[PassSpec, ...]:
     """The passes in pipeline order (design.md §2). A new pass adds one line here."""
-    specs: list[PassSpec] = []
+    from fxmem.passes import shard
+
+    specs: list[PassSpec] = [
+        PassSpec("shard", ("inference", "forward", "backward"), shard.annotate, None),
+    ]
     return tuple(specs)
 
 
