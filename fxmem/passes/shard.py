@@ -315,6 +315,14 @@ def _group_size(node: fx.Node) -> int | None:
     for arg, value in zip(schema.arguments, node.args):
         if arg.name == "group_size" and isinstance(value, int):
             return value
+    for arg, value in zip(schema.arguments, node.args):
+        if arg.name == "group_name" and isinstance(value, str):
+            try:  # the group by name, when this process belongs to it
+                from torch.distributed.distributed_c10d import _resolve_process_group
+
+                return _resolve_process_group(value).size()
+            except Exception:  # noqa: BLE001 - a graph traced elsewhere: size unknown here
+                return None
     return None
 
 
