@@ -321,7 +321,7 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
         for f in feeding:
             if f not in members:
                 fallbacks.append((f.module, f"output features {f.weight.meta['val'].shape[0]} not divisible by {world_size}"))
-        while members:
+        if members:
             seeds = _seeds([(members, r)], Shard, Replicate)
             prop = propagate_placements(gm, seeds, world_size, force={r.out.name: Replicate()})
             region = _descendants([m.out for m in members]) & _ancestors_until(r.x, set())
@@ -330,16 +330,17 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
             inside = [x for x in prop.redistributions if x.node in names and not (x.node == r.out.name and x.arg == "output")]
             if not inside:
                 pairs.append((members, r))
-                break
+                continue
             blamed = _blame(inside, members, gm)
-            if not blamed or len(blamed) == len(members):
-                fallbacks.append((", ".join(m.module for m in members) + " → " + r.module,
-                                  f"DTensor needs {inside[0].kind} at {inside[0].node} ({inside[0].src} → {inside[0].dst})"))
-                break
-            for m in blamed:
-                fallbacks.append((m.module, f"replicated: its output cannot stay sharded on {world_size} ranks "
-                                  f"(DTensor needs {inside[0].kind} at {inside[0].node}, e.g. fewer heads than ranks)"))
-            members = [m for m in members if m not in blamed]
+            if blamed:
+                # e.g. grouped-query k/v with fewer kv heads than ranks. Megatron would replicate
+                # k/v and split q, but the backward of the kv-head repeat then reshapes a
+                # heads-sharded gradient that DTensor cannot split; the whole pair stays replicated.
+                reason = (f"{', '.join(m.module for m in blamed)}: output cannot stay sharded on {world_size} ranks "
+                          f"(DTensor needs {inside[0].kind} at {inside[0].node}: fewer heads than ranks)")
+            else:
+                reason = f"DTensor needs {inside[0].kind} at {inside[0].node} ({inside[0].src} → {inside[0].dst})"
+            fallbacks.append((", ".join(m.module for m in members) + " → " + r.module, reason))
 
     # 3. vocabulary-parallel embeddings / LM head where it pays.
     embeddings = find_embeddings(gm, model, captured.originals)

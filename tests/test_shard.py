@@ -44,11 +44,10 @@ def test_pairs_layers_without_names_and_prints_a_table():
 def test_gqa_kv_heads_fewer_than_ranks_are_replicated_with_a_reason():
     model, x = _gpt(n_kv_head=2)
     plan = fxmem.shard.plan(model, x, world_size=4)
-    attn = next(g for g in plan.groups if g.rowwise.endswith("o_proj"))
-    assert attn.colwise == ["blocks.0.attn.q_proj"]
-    reasons = dict(plan.fallbacks)
-    assert "cannot stay sharded on 4 ranks" in reasons["blocks.0.attn.k_proj"]
-    assert plan.propagated_collectives.get("all_gather", 0) == plan.forward_collectives.get("all_gather", 0)
+    assert [g.rowwise for g in plan.groups] == ["blocks.0.mlp.down_proj"]
+    reason = next(why for what, why in plan.fallbacks if "o_proj" in what)
+    assert "cannot stay sharded on 4 ranks" in reason and "k_proj" in reason
+    assert plan.propagated_collectives == plan.forward_collectives
 
 
 def test_tied_vocabulary_split_together_and_options_checked():
@@ -94,8 +93,8 @@ def _check(r, world):
 
 @pytest.mark.distributed
 def test_two_ranks_mlp_mlp3d_llama_style_blocks():
-    kwargs = {"mlp3d": {"tp_transform": True}, "gpt_manual": {"tp_transform": True}}
-    results = tp.spawn(_cases, 2, ["mlp", "mlp3d", "gpt_manual", "gpt_sdpa"], kwargs)
+    kwargs = {"mlp3d": {"tp_transform": True}, "gpt_sdpa": {"tp_transform": True}}
+    results = tp.spawn(_cases, 2, ["mlp3d", "gpt_sdpa"], kwargs)
     for rank_result in results:
         for r in rank_result.values():
             _check(r, 2)
@@ -104,25 +103,34 @@ def test_two_ranks_mlp_mlp3d_llama_style_blocks():
     assert r0["gpt_sdpa"]["fxmem"]["forward"] == {"all_reduce": 2}
     assert sum(r0["gpt_sdpa"]["hand"]["forward"].values()) > 2
     # tensor_parallel_transformation on the same plan: recorded; where it fails, ours does not
-    for case in ("mlp3d", "gpt_manual"):
+    for case in ("mlp3d", "gpt_sdpa"):
         tpt = r0[case]["tp_transform"]
         assert tpt["ok"] or tpt["failure"], case
 
 
 @pytest.mark.distributed
-def test_four_ranks_gqa_fallback_and_mlp():
-    results = tp.spawn(_cases, 4, ["mlp3d", "gpt_sdpa"], {})
+def test_four_ranks_mlp():
+    results = tp.spawn(_cases, 4, ["mlp"], {})
+    for rank_result in results:
+        _check(rank_result["mlp"], 4)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_four_ranks_gqa_fallback():
+    results = tp.spawn(_cases, 4, ["mlp3d", "gpt_sdpa", "llama"], {})
     for rank_result in results:
         for r in rank_result.values():
             _check(r, 4)
     gpt = results[0]["gpt_sdpa"]
-    assert [g[0] for g in gpt["plan"]["groups"] if g[1].endswith("o_proj")] == [["blocks.0.attn.q_proj"]]
+    assert [g[1] for g in gpt["plan"]["groups"]] == ["blocks.0.mlp.down_proj"]  # 2 kv heads, 4 ranks
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_hf_llama_and_compiled_with_fxmem_backend():
-    results = tp.spawn(_cases, 2, ["llama", "gpt_sdpa"], {"gpt_sdpa": {"compile_check": True, "hand": False}})
+    results = tp.spawn(_cases, 2, ["mlp", "gpt_manual", "llama", "gpt_sdpa"],
+                       {"gpt_sdpa": {"compile_check": True, "hand": False}, "gpt_manual": {"tp_transform": True}})
     for rank_result in results:
         for r in rank_result.values():
             _check(r, 2)
