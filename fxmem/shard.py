@@ -83,6 +83,9 @@ class Group:
     rowwise: str
     parent: str              # the innermost module holding all of them
     global_views: bool       # the code between them reshapes: keep DTensor outputs (views stay global)
+    # where ``parent`` receives the column-parallel layers' shared input: ("arg", i) or
+    # ("kwarg", name); None when it does not (or there is one column-parallel layer)
+    shared_input: tuple[str, Any] | None = None
 
 
 @dataclass
@@ -112,8 +115,22 @@ class ShardPlan:
         from torch.distributed.tensor import Replicate, Shard
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
+        from torch.distributed.tensor.parallel import PrepareModuleInput
+
         styles: dict[str, Any] = {}
         for g in self.groups:
+            if g.shared_input is not None:
+                # one Replicate DTensor for all of q/k/v (gate/up): their input gradients add up
+                # as Partial DTensors and are all-reduced once, not once per layer
+                kind, where = g.shared_input
+                if kind == "arg":
+                    layouts = tuple(Replicate() if i == where else None for i in range(where + 1))
+                    styles[g.parent] = PrepareModuleInput(input_layouts=layouts, desired_input_layouts=layouts,
+                                                          use_local_output=False)
+                else:
+                    styles[g.parent] = PrepareModuleInput(input_kwarg_layouts={where: Replicate()},
+                                                          desired_input_kwarg_layouts={where: Replicate()},
+                                                          use_local_output=False)
             for name in g.colwise:
                 styles[name] = ColwiseParallel(use_local_output=not g.global_views)
             styles[g.rowwise] = RowwiseParallel(input_layouts=Shard(-1), output_layouts=Replicate())
@@ -267,17 +284,24 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
     """Plan tensor parallelism for ``model`` over ``world_size`` ranks (no process group needed).
 
     ``vocab``: ``"auto"`` splits embeddings / the LM head over the vocabulary where the parameter
-    bytes saved per rank are at least the activation bytes its collective needs per rank;
-    ``True`` always, ``False`` never.
+    bytes saved per rank exceed the activation bytes the split adds per rank (its collective's
+    share, and for a head the local logits beside the gathered ones); ``True`` always, ``False``
+    never, or a list of the embedding / head module names to split.
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"fxmem.shard.plan: world_size must be a positive int, got {world_size!r}")
-    if vocab not in ("auto", True, False):
-        raise ValueError(f"fxmem.shard.plan: vocab={vocab!r}; accepted: 'auto' | True | False")
+    if isinstance(vocab, (list, tuple, set, frozenset)):
+        vocab = frozenset(vocab)
+    elif vocab not in ("auto", True, False):
+        raise ValueError(f"fxmem.shard.plan: vocab={vocab!r}; accepted: 'auto' | True | False | a list of module names")
     from torch.distributed.tensor import Replicate, Shard
 
     register_cpu_sdpa_rules()
-    captured = capture_inference(model, args, kwargs, decompositions={})
+    calls = _CallRecorder(model)
+    try:
+        captured = capture_inference(model, args, kwargs, decompositions={})
+    finally:
+        calls.remove()
     gm = captured.gm
     linears = find_linears(gm, model, captured.originals)
     by_out = {lin.out: lin for lin in linears}
@@ -376,7 +400,8 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
         w = weight_nodes[target]
         saved = node_bytes(w) - node_bytes(w) // world_size
         extra = sum(e for _, _, e in users)
-        if vocab is True or (vocab == "auto" and saved > extra and world_size > 1):
+        chosen = vocab is True or (isinstance(vocab, frozenset) and any(n in vocab for n, _, _ in users))
+        if chosen or (vocab == "auto" and saved > extra and world_size > 1):
             for name, kind, _ in users:
                 vocab_choice[name] = kind
         else:
@@ -397,7 +422,50 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
                 seeds[w.name] = Shard(0)
             force[lin.out.name] = Replicate()
     prop = propagate_placements(gm, seeds, world_size, force=force)
-    return _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_module, fallbacks, prop)
+    return _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_module, fallbacks, prop, calls)
+
+
+class _CallRecorder:
+    """Records, while the model is traced, which tensors each module was called with.
+
+    Used to find where a column-parallel group's parent module receives the group's shared input
+    (a positional index or a keyword), so it can be made a DTensor once for the whole group.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.calls: dict[str, list[tuple[tuple, dict]]] = {}
+        self.handles = []
+        for name, module in model.named_modules():
+            self.handles.append(module.register_forward_pre_hook(self._hook(name), with_kwargs=True))
+
+    def _hook(self, name: str):
+        def hook(module, args, kwargs):
+            self.calls.setdefault(name, []).append((tuple(id(a) for a in args), {k: id(v) for k, v in kwargs.items()}))
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def shared_input(self, parent: str, members: list[str]) -> tuple[str, Any] | None:
+        # the tracer may run the model more than once (AOTAutograd does, to collect metadata):
+        # a module must be called as often as its parent, and the last run decides
+        parent_calls = self.calls.get(parent, [])
+        member_calls = [self.calls.get(m, []) for m in members]
+        if (len(members) < 2 or not parent_calls or any(len(c) != len(parent_calls) or not c[-1][0] for c in member_calls)
+                or len({len(c) for c in self.calls.values() if c}) != 1):
+            return None
+        ids = {c[-1][0][0] for c in member_calls}
+        if len(ids) != 1:
+            return None
+        (x,) = ids
+        args, kwargs = parent_calls[-1]
+        if x in args:
+            return ("arg", args.index(x))
+        for k, v in kwargs.items():
+            if v == x:
+                return ("kwarg", k)
+        return None
 
 
 def _between(members: list[Linear], r: Linear) -> set[fx.Node]:
@@ -438,7 +506,7 @@ def _needs_grad(x: fx.Node, gm: fx.GraphModule) -> bool:
     return False
 
 
-def _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_module, fallbacks, prop) -> ShardPlan:
+def _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_module, fallbacks, prop, calls) -> ShardPlan:
     rows: list[Row] = []
     groups: list[Group] = []
     sharded_params: dict[int, int] = {}  # id(tensor) -> shard dim
@@ -475,12 +543,20 @@ def _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_
         # Replicate in backward (the f operator of Megatron): one all-reduce, when that input
         # needs a gradient at all (it does inside a network; a model input does not)
         bwd = ["all_reduce"] if _needs_grad(members[0].x, gm) else []
+        parent = _parent(names + [r.module])
+        shared = calls.shared_input(parent, names)
+        if shared is not None:
+            # the group's input enters as one DTensor: its gradient is all-reduced once
+            rows.append(Row(parent, "prepare_input", f"{role} input", f"{shared[0]} {shared[1]} Replicate()", 0, 0,
+                            [], list(bwd), "one DTensor input for the whole column-parallel group"))
+            bwd_total.update(bwd)
+            bwd = []
         for name in names:
             add_row(name, "colwise", f"{role} in", {"weight": 0, "bias": 0}, [], list(bwd))
             bwd_total.update(bwd)
         add_row(r.module, "rowwise", f"{role} out", {"weight": 1, "bias": None}, ["all_reduce"], [])
         fwd_total["all_reduce"] += 1
-        groups.append(Group(names, r.module, _parent(names + [r.module]), global_views))
+        groups.append(Group(names, r.module, parent, global_views, shared))
     for name, kind in vocab_choice.items():
         if kind == "embedding":
             add_row(name, "vocab_embedding", "embedding", {"weight": 0}, ["all_reduce"], [])

@@ -205,11 +205,15 @@ def run_case(case: str, rank: int, world_size: int, *, hand: bool = True, tp_tra
     reference = measure(single, args)
     result: dict[str, Any] = {"case": case, "world_size": world_size,
                               "single_bytes": local_bytes(single)}
+    if vocab == "hand":  # split the same embeddings / head as the hand-written plan, to compare
+        styles = hand_plan(case, copy.deepcopy(model), 1) or {}
+        vocab = [k for k in styles if k.endswith(("wte", "embed_tokens", "lm_head"))]
     plan = fxmem.shard.plan(copy.deepcopy(model), *args, world_size=world_size, vocab=vocab)
     result["plan"] = {"forward": plan.forward_collectives, "backward": plan.backward_collectives,
                       "bytes_per_rank": plan.per_rank_param_bytes, "param_bytes": plan.param_bytes,
                       "propagated": plan.propagated_collectives, "fallbacks": plan.fallbacks,
                       "groups": [(g.colwise, g.rowwise, g.global_views) for g in plan.groups],
+                      "vocab": plan.vocab,
                       "rows": [(r.module, r.style, r.param_bytes, r.per_rank_bytes) for r in plan.rows],
                       "table": plan.table()}
     sharded = fxmem.shard.apply(copy.deepcopy(model), plan, mesh)
