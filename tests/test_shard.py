@@ -149,3 +149,6 @@ def test_hf_llama_and_compiled_with_fxmem_backend():
         assert compiled["inference_error"] <= 1e-5
         assert compiled["train_out_error"] <= 1e-5 and compiled["train_grad_error"] <= 1e-5
         assert compiled["forward"] == {"all_reduce": 2}
+        # the "shard" pass saw the functional collectives in the compiled graphs
+        assert compiled["explain"]["forward"] == {"all_reduce": 2}
+        assert compiled["explain"]["backward"] == {"all_reduce": 2}

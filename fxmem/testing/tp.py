@@ -250,7 +250,18 @@ def _compiled(model, plan, mesh, args, reference) -> dict:
     with torch.no_grad():
         inf = _logits(compiled(*args))
     train = measure(compiled, args, reference)
-    return {"inference_error": float((inf - reference["out"]).abs().max()),
+    # what explain(mode="training") records, through its backend and recorder (explain itself
+    # stops at module_parameter_bytes, which reads storages a DTensor parameter does not have):
+    # the "shard" pass lists the collectives of each compiled graph
+    from fxmem.backend import FxmemBackend
+    from fxmem.config import parse_options
+    from fxmem.pipeline import Recorder
+
+    recorder = Recorder()
+    again = torch.compile(fxmem.shard.apply(copy.deepcopy(model), plan, mesh), backend=FxmemBackend(parse_options({}), recorder))
+    _logits(again(*args)).float().pow(2).mean().backward()
+    shard_stats = {r.graph: r.stats.get("collectives", {}) for r in recorder.records if r.name == "shard"}
+    return {"inference_error": float((inf - reference["out"]).abs().max()), "explain": shard_stats,
             "train_out_error": train["max_out_error"], "train_grad_error": train["max_grad_error"],
             "forward": train["forward"], "backward": train["backward"]}
 
