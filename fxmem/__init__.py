@@ -11,11 +11,12 @@ from fxmem.freeze import StaleWeightsError
 from fxmem.pipeline import PassFailure, PassResult
 from fxmem.report import Report, explain, optimize
 from fxmem.verify import VerificationError
+from fxmem import shard  # noqa: E402  (fxmem.shard.plan / apply, design.md §5)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "backend", "explain", "optimize", "Report", "distill",
     "FxmemConfig", "parse_options", "OptionError", "PassFailure", "PassResult",
-    "StaleWeightsError", "VerificationError", "__version__",
+    "StaleWeightsError", "VerificationError", "shard", "__version__",
 ]

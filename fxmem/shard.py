@@ -1,0 +1,653 @@
+"""Tensor parallelism planned from the graph, carried out by ``torch.distributed``.
+
+``plan(model, *example_inputs, world_size=N)`` traces the model to the frozen ATen graph fxmem
+works on (:func:`fxmem.capture.capture_inference`), finds its linear layers (``aten.t`` of a
+weight feeding ``mm``/``addmm``) and embeddings, and pairs them the way Megatron-LM does — without
+being told module names:
+
+* a *row-parallel* layer R (weight ``Shard(1)``) is paired with the *column-parallel* layers G
+  (weights ``Shard(0)``) that produce its input through non-linear code: MLP up/gate → down,
+  attention q/k/v → o. DTensor's sharding propagator (the rules DTensor itself runs) is asked for
+  the placement of every node in between; the pair is kept only if no collective is needed
+  inside it, so attention is split by whole heads (a ``view`` to ``[B, T, heads, head_dim]`` keeps
+  ``Shard`` on the heads dimension only if the world size divides the heads). A member of G whose
+  view cannot be split (grouped-query k/v with fewer kv heads than ranks) is left replicated, as
+  Megatron does, and the reason is recorded.
+* embeddings and a LM head are split over the vocabulary where it pays: when the parameter bytes
+  saved per rank are at least the activation bytes the extra collective needs per rank.
+
+The plan prints as a table (module, placement, per-rank parameter bytes, collectives per forward
+and backward) and exports the equivalent ``parallelize_module`` plan (:meth:`ShardPlan.parallelize_plan`).
+``apply(model, plan, mesh)`` carries it out with ``parallelize_module``; see ``docs/shard.md`` for
+how views of local heads are kept right without touching the model's attributes.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fxmem.analysis.sizes import node_bytes, tensor_bytes
+from fxmem.capture import capture_inference
+from fxmem.passes.shard import propagate_placements, register_cpu_sdpa_rules
+
+aten = torch.ops.aten
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+# Ops whose args hold a shape: a region that has them needs global (DTensor) shapes.
+_SHAPE_OPS = _VIEWS | {aten.expand.default, aten.split.Tensor, aten.split_with_sizes.default,
+                       aten.slice.Tensor, aten.narrow.default}
+
+
+class ShardPlanError(ValueError):
+    """The plan cannot be carried out as asked (wrong mesh size, model changed since planning)."""
+
+
+@dataclass
+class Linear:
+    """A linear layer as it appears in the graph."""
+
+    module: str
+    weight: fx.Node
+    bias: fx.Node | None
+    x: fx.Node          # its input (before the 3-D → 2-D view)
+    mm: fx.Node
+    out: fx.Node        # its output (after the 2-D → 3-D view)
+
+
+@dataclass
+class Row:
+    """One row of the plan's table: a module and what happens to it."""
+
+    module: str
+    style: str            # colwise | rowwise | vocab_embedding | vocab_head | replicate
+    role: str
+    placement: str
+    param_bytes: int
+    per_rank_bytes: int
+    forward: list[str] = field(default_factory=list)
+    backward: list[str] = field(default_factory=list)
+    note: str = ""
+
+
+@dataclass
+class Group:
+    """A Megatron pair: column-parallel layers feeding one row-parallel layer."""
+
+    colwise: list[str]
+    rowwise: str
+    parent: str              # the innermost module holding all of them
+    global_views: bool       # the code between them reshapes: keep DTensor outputs (views stay global)
+    # where ``parent`` receives the column-parallel layers' shared input: ("arg", i) or
+    # ("kwarg", name); None when it does not (or there is one column-parallel layer)
+    shared_input: tuple[str, Any] | None = None
+
+
+@dataclass
+class ShardPlan:
+    """A tensor-parallel plan: per-module styles, node placements, bytes and collectives."""
+
+    world_size: int
+    rows: list[Row]
+    groups: list[Group]
+    vocab: dict[str, str]                    # module -> "embedding" | "head"
+    fallbacks: list[tuple[str, str]]         # (module(s), reason) left replicated
+    tied: list[list[str]]                    # parameter names that share one tensor
+    placements: dict[str, str]               # graph node -> placement
+    graph: fx.GraphModule
+    param_bytes: int
+    per_rank_param_bytes: int
+    forward_collectives: dict[str, int]
+    backward_collectives: dict[str, int]
+    propagated_collectives: dict[str, int]   # what DTensor's propagator found on the forward graph
+
+    @property
+    def needs_dtensor_regions(self) -> bool:
+        return any(g.global_views for g in self.groups)
+
+    def parallelize_plan(self) -> dict[str, Any]:
+        """The equivalent ``parallelize_module`` plan: module name → ``ParallelStyle``."""
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+        from torch.distributed.tensor.parallel import PrepareModuleInput
+
+        styles: dict[str, Any] = {}
+        for g in self.groups:
+            if g.shared_input is not None:
+                # one Replicate DTensor for all of q/k/v (gate/up): their input gradients add up
+                # as Partial DTensors and are all-reduced once, not once per layer
+                kind, where = g.shared_input
+                if kind == "arg":
+                    layouts = tuple(Replicate() if i == where else None for i in range(where + 1))
+                    styles[g.parent] = PrepareModuleInput(input_layouts=layouts, desired_input_layouts=layouts,
+                                                          use_local_output=False)
+                else:
+                    styles[g.parent] = PrepareModuleInput(input_kwarg_layouts={where: Replicate()},
+                                                          desired_input_kwarg_layouts={where: Replicate()},
+                                                          use_local_output=False)
+            for name in g.colwise:
+                styles[name] = ColwiseParallel(use_local_output=not g.global_views)
+            styles[g.rowwise] = RowwiseParallel(input_layouts=Shard(-1), output_layouts=Replicate())
+        for name, kind in self.vocab.items():
+            if kind == "embedding":
+                styles[name] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+            else:
+                styles[name] = ColwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+        return styles
+
+    def table(self) -> str:
+        head = ("module", "style", "placement", "bytes", "bytes/rank", "forward", "backward")
+        lines = [head]
+        for r in self.rows:
+            lines.append((r.module, r.style, r.placement, str(r.param_bytes), str(r.per_rank_bytes),
+                          ", ".join(r.forward) or "-", ", ".join(r.backward) or "-"))
+        widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+        out = [f"fxmem.shard plan for world_size={self.world_size}"]
+        for i, line in enumerate(lines):
+            out.append("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
+            if i == 0:
+                out.append("  ".join("-" * w for w in widths))
+        out.append(f"parameters: {self.param_bytes} B in all, {self.per_rank_param_bytes} B per rank "
+                   f"({self.per_rank_param_bytes / max(self.param_bytes, 1):.3f} of the whole)")
+        out.append(f"collectives per forward: {_fmt(self.forward_collectives)}; per backward: {_fmt(self.backward_collectives)}")
+        for what, reason in self.fallbacks:
+            out.append(f"replicated: {what}: {reason}")
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _fmt(c: dict) -> str:
+    return ", ".join(f"{v} {k}" for k, v in sorted(c.items())) or "none"
+
+
+# --------------------------------------------------------------------------------------------
+# Finding layers in the graph
+# --------------------------------------------------------------------------------------------
+
+
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) → every name it has in the model (tied parameters have several)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
+
+
+def _owner(model: nn.Module, param_names: list[str], kind: type) -> str | None:
+    """The module of type ``kind`` that owns one of these parameter names as its ``weight``."""
+    for name in param_names:
+        module_name, _, leaf = name.rpartition(".")
+        if leaf != "weight":
+            continue
+        module = model.get_submodule(module_name) if module_name else model
+        if isinstance(module, kind):
+            return module_name
+    return None
+
+
+def _param_names(gm: fx.GraphModule, node: fx.Node, captured_originals: dict, aliases: dict) -> list[str]:
+    fqn = node.meta.get("fxmem_fqn")
+    if fqn is None:
+        return []
+    tensor = captured_originals.get(fqn)
+    return aliases.get(id(tensor), [fqn]) if tensor is not None else [fqn]
+
+
+def find_linears(gm: fx.GraphModule, model: nn.Module, originals: dict) -> list[Linear]:
+    """Every ``nn.Linear`` call in the graph: ``[view →] (add)mm(x, t(W)) [→ view]``."""
+    aliases = _aliases(model)
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default):
+            continue
+        x, wt = (node.args[0], node.args[1]) if node.target is aten.mm.default else (node.args[1], node.args[2])
+        if not (isinstance(wt, fx.Node) and wt.target is aten.t.default and wt.args[0].op == "get_attr"):
+            continue
+        weight = wt.args[0]
+        module = _owner(model, _param_names(gm, weight, originals, aliases), nn.Linear)
+        if module is None:
+            continue
+        bias = node.args[0] if node.target is aten.addmm.default and node.args[0].op == "get_attr" else None
+        if isinstance(x, fx.Node) and x.target in _VIEWS:
+            x = x.args[0]
+        out = node
+        users = list(node.users)
+        if len(users) == 1 and users[0].target in _VIEWS:
+            out = users[0]
+        found.append(Linear(module, weight, bias, x, node, out))
+    return found
+
+
+def find_embeddings(gm: fx.GraphModule, model: nn.Module, originals: dict) -> dict[str, fx.Node]:
+    """``nn.Embedding`` module name → its ``aten.embedding`` node."""
+    aliases = _aliases(model)
+    found = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is aten.embedding.default and node.args[0].op == "get_attr":
+            module = _owner(model, _param_names(gm, node.args[0], originals, aliases), nn.Embedding)
+            if module is not None:
+                found[module] = node
+    return found
+
+
+def _ancestors_until(start: fx.Node, stops: set[fx.Node]) -> set[fx.Node]:
+    """Nodes ``start`` depends on, not walking past ``stops`` (which are included)."""
+    seen: set[fx.Node] = set()
+    todo = [start]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in stops:
+            continue
+        todo.extend(n.all_input_nodes)
+    return seen
+
+
+def _descendants(starts: list[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    todo = list(starts)
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        todo.extend(n.users)
+    return seen
+
+
+def _parent(names: list[str]) -> str:
+    """The innermost module that holds all of ``names``."""
+    common: list[str] = []
+    for level in zip(*(n.split(".")[:-1] for n in names)):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+# --------------------------------------------------------------------------------------------
+# Planning
+# --------------------------------------------------------------------------------------------
+
+
+def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: int, vocab: str | bool = "auto") -> ShardPlan:
+    """Plan tensor parallelism for ``model`` over ``world_size`` ranks (no process group needed).
+
+    ``vocab``: ``"auto"`` splits embeddings / the LM head over the vocabulary where the parameter
+    bytes saved per rank exceed the activation bytes the split adds per rank (its collective's
+    share, and for a head the local logits beside the gathered ones); ``True`` always, ``False``
+    never, or a list of the embedding / head module names to split.
+    """
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"fxmem.shard.plan: world_size must be a positive int, got {world_size!r}")
+    if isinstance(vocab, (list, tuple, set, frozenset)):
+        vocab = frozenset(vocab)
+    elif vocab not in ("auto", True, False):
+        raise ValueError(f"fxmem.shard.plan: vocab={vocab!r}; accepted: 'auto' | True | False | a list of module names")
+    from torch.distributed.tensor import Replicate, Shard
+
+    register_cpu_sdpa_rules()
+    calls = _CallRecorder(model)
+    try:
+        captured = capture_inference(model, args, kwargs, decompositions={})
+    finally:
+        calls.remove()
+    gm = captured.gm
+    linears = find_linears(gm, model, captured.originals)
+    by_out = {lin.out: lin for lin in linears}
+    by_module: dict[str, list[Linear]] = {}
+    for lin in linears:
+        by_module.setdefault(lin.module, []).append(lin)
+    fallbacks: list[tuple[str, str]] = []
+
+    # 1. candidate pairs: the linears that feed a linear's input through non-linear code.
+    stops = set(by_out)
+    candidates: list[tuple[list[Linear], Linear]] = []
+    taken: set[str] = set()
+    for r in linears:
+        if r.module in taken or len(by_module[r.module]) > 1:
+            continue
+        feeding = [by_out[n] for n in _ancestors_until(r.x, stops) if n in by_out]
+        feeding = [f for f in feeding if f.module != r.module]
+        if not feeding or r.x in by_out:
+            continue  # a linear right after a linear (nothing in between) or nothing to pair with
+        if any(f.module in taken or len(by_module[f.module]) > 1 for f in feeding):
+            continue
+        inputs = {f.x for f in feeding}
+        if len(inputs) != 1:
+            fallbacks.append((", ".join(sorted(f.module for f in feeding)) + " → " + r.module,
+                              "the column-parallel candidates read different inputs"))
+            continue
+        candidates.append((sorted(feeding, key=lambda f: f.module), r))
+        taken.update(f.module for f in feeding)
+        taken.add(r.module)
+
+    # 2. keep a pair only if DTensor's rules need no collective inside it.
+    def divisible(lin: Linear, dim: int) -> bool:
+        return lin.weight.meta["val"].shape[dim] % world_size == 0
+
+    pairs: list[tuple[list[Linear], Linear]] = []
+    for feeding, r in candidates:
+        if not divisible(r, 1):
+            fallbacks.append((r.module, f"input features {r.weight.meta['val'].shape[1]} not divisible by {world_size}"))
+            continue
+        members = [f for f in feeding if divisible(f, 0)]
+        for f in feeding:
+            if f not in members:
+                fallbacks.append((f.module, f"output features {f.weight.meta['val'].shape[0]} not divisible by {world_size}"))
+        if members:
+            seeds = _seeds([(members, r)], Shard, Replicate)
+            prop = propagate_placements(gm, seeds, world_size, force={r.out.name: Replicate()})
+            region = _descendants([m.out for m in members]) & _ancestors_until(r.x, set())
+            names = {n.name for n in region} | {r.mm.name}
+            # the all-reduce of R's own output (forced, as RowwiseParallel does) is the one expected
+            inside = [x for x in prop.redistributions if x.node in names and not (x.node == r.out.name and x.arg == "output")]
+            if not inside:
+                pairs.append((members, r))
+                continue
+            blamed = _blame(inside, members, gm)
+            if blamed:
+                # e.g. grouped-query k/v with fewer kv heads than ranks. Megatron would replicate
+                # k/v and split q, but the backward of the kv-head repeat then reshapes a
+                # heads-sharded gradient that DTensor cannot split; the whole pair stays replicated.
+                reason = (f"{', '.join(m.module for m in blamed)}: output cannot stay sharded on {world_size} ranks "
+                          f"(DTensor needs {inside[0].kind} at {inside[0].node}: fewer heads than ranks)")
+            else:
+                reason = f"DTensor needs {inside[0].kind} at {inside[0].node} ({inside[0].src} → {inside[0].dst})"
+            fallbacks.append((", ".join(m.module for m in members) + " → " + r.module, reason))
+
+    # 3. vocabulary-parallel embeddings / LM head where it pays.
+    embeddings = find_embeddings(gm, model, captured.originals)
+    paired = {m.module for g, r in pairs for m in g} | {r.module for _, r in pairs}
+    vocab_choice: dict[str, str] = {}
+    mms = {lin.mm for lin in linears}
+    # an LM head: a linear with no linear after it (its output goes to the outputs or the loss)
+    heads = [lin for lin in linears if lin.module not in paired and len(by_module[lin.module]) == 1
+             and not (mms - {lin.mm}) & _descendants([lin.out]) and divisible(lin, 0)]
+    # (module, kind, weight node, cost per rank): the activation bytes a split adds per rank —
+    # the bytes its collective moves per rank, plus, for a head, the local logits [.., V/N] that
+    # live beside the gathered ones
+    vocab_candidates: list[tuple[str, str, fx.Node, int]] = []
+    for name, node in embeddings.items():
+        if node.args[0].meta["val"].shape[0] % world_size == 0:
+            vocab_candidates.append((name, "embedding", node.args[0], node_bytes(node) // world_size))
+    for lin in heads:
+        vocab_candidates.append((lin.module, "head", lin.weight, 2 * node_bytes(lin.out) // world_size))
+    # tied weights (one tensor read by an embedding and a head) are split together or not at all
+    def tensor_key(w: fx.Node) -> int:
+        t = captured.originals.get(w.meta.get("fxmem_fqn"))
+        return id(t) if t is not None else id(w)
+
+    reads: dict[int, list[fx.Node]] = {}
+    for w in gm.graph.find_nodes(op="get_attr"):
+        reads.setdefault(tensor_key(w), []).append(w)
+    by_weight: dict[int, list[tuple[str, str, int]]] = {}
+    weight_nodes: dict[int, fx.Node] = {}
+    for name, kind, w, extra in vocab_candidates:
+        by_weight.setdefault(tensor_key(w), []).append((name, kind, extra))
+        weight_nodes[tensor_key(w)] = w
+    for target, users in by_weight.items():
+        w = weight_nodes[target]
+        saved = node_bytes(w) - node_bytes(w) // world_size
+        extra = sum(e for _, _, e in users)
+        chosen = vocab is True or (isinstance(vocab, frozenset) and any(n in vocab for n, _, _ in users))
+        if chosen or (vocab == "auto" and saved > extra and world_size > 1):
+            for name, kind, _ in users:
+                vocab_choice[name] = kind
+        else:
+            fallbacks.append((", ".join(n for n, _, _ in users),
+                              f"vocabulary split does not pay: saves {saved} B/rank, needs {extra} B/rank of activations"))
+
+    # 4. propagate the whole plan once, annotate every node.
+    seeds = _seeds(pairs, Shard, Replicate)
+    force = {r.out.name: Replicate() for _, r in pairs}
+    for name, kind in vocab_choice.items():
+        if kind == "embedding":
+            for w in reads[tensor_key(embeddings[name].args[0])]:
+                seeds[w.name] = Shard(0)
+            force[embeddings[name].name] = Replicate()
+        else:
+            lin = by_module[name][0]
+            for w in reads[tensor_key(lin.weight)]:
+                seeds[w.name] = Shard(0)
+            force[lin.out.name] = Replicate()
+    prop = propagate_placements(gm, seeds, world_size, force=force)
+    return _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_module, fallbacks, prop, calls)
+
+
+class _CallRecorder:
+    """Records, while the model is traced, which tensors each module was called with.
+
+    Used to find where a column-parallel group's parent module receives the group's shared input
+    (a positional index or a keyword), so it can be made a DTensor once for the whole group.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.calls: dict[str, list[tuple[tuple, dict]]] = {}
+        self.handles = []
+        for name, module in model.named_modules():
+            self.handles.append(module.register_forward_pre_hook(self._hook(name), with_kwargs=True))
+
+    def _hook(self, name: str):
+        def hook(module, args, kwargs):
+            self.calls.setdefault(name, []).append((tuple(id(a) for a in args), {k: id(v) for k, v in kwargs.items()}))
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def shared_input(self, parent: str, members: list[str]) -> tuple[str, Any] | None:
+        # the tracer may run the model more than once (AOTAutograd does, to collect metadata):
+        # a module must be called as often as its parent, and the last run decides
+        parent_calls = self.calls.get(parent, [])
+        member_calls = [self.calls.get(m, []) for m in members]
+        if (len(members) < 2 or not parent_calls or any(len(c) != len(parent_calls) or not c[-1][0] for c in member_calls)
+                or len({len(c) for c in self.calls.values() if c}) != 1):
+            return None
+        ids = {c[-1][0][0] for c in member_calls}
+        if len(ids) != 1:
+            return None
+        (x,) = ids
+        args, kwargs = parent_calls[-1]
+        if x in args:
+            return ("arg", args.index(x))
+        for k, v in kwargs.items():
+            if v == x:
+                return ("kwarg", k)
+        return None
+
+
+def _between(members: list[Linear], r: Linear) -> set[fx.Node]:
+    """The code strictly between the column-parallel outputs and the row-parallel input."""
+    region = _descendants([m.out for m in members]) & _ancestors_until(r.x, set())
+    return region - {m.out for m in members}
+
+
+def _seeds(pairs, Shard, Replicate) -> dict[str, Any]:
+    seeds: dict[str, Any] = {}
+    for members, r in pairs:
+        for m in members:
+            seeds[m.weight.name] = Shard(0)
+            if m.bias is not None:
+                seeds[m.bias.name] = Shard(0)
+        seeds[r.weight.name] = Shard(1)
+    return seeds
+
+
+def _blame(inside, members: list[Linear], gm: fx.GraphModule) -> list[Linear]:
+    """The members whose outputs reach the first needed collective while others do not."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    first = by_name[inside[0].node]
+    arg = by_name.get(inside[0].arg, first)
+    reaching = [m for m in members if arg in _descendants([m.out])]
+    return reaching if len(reaching) < len(members) else []
+
+
+def _needs_grad(x: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``x`` depends on a trainable parameter (so its gradient is computed)."""
+    from fxmem.analysis.sizes import fetch_attr
+
+    for n in _ancestors_until(x, set()):
+        if n.op == "get_attr":
+            value = fetch_attr(gm, n.target)
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                return True
+    return False
+
+
+def _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_module, fallbacks, prop, calls) -> ShardPlan:
+    rows: list[Row] = []
+    groups: list[Group] = []
+    sharded_params: dict[int, int] = {}  # id(tensor) -> shard dim
+
+    def param_rows(module_name: str):
+        module = model.get_submodule(module_name)
+        return [(n, p) for n, p in module.named_parameters(recurse=False)]
+
+    def add_row(module_name, style, role, dims: dict[str, int | None], fwd, bwd, note=""):
+        total = per_rank = 0
+        parts = []
+        for n, p in param_rows(module_name):
+            b = tensor_bytes(p)
+            total += b
+            d = dims.get(n)
+            if d is None:
+                per_rank += b
+                parts.append(f"{n} Replicate()")
+            else:
+                per_rank += b // world_size
+                sharded_params[id(p)] = d
+                parts.append(f"{n} Shard({d})")
+        rows.append(Row(module_name, style, role, ", ".join(parts), total, per_rank, fwd, bwd, note))
+
+    fwd_total: Counter = Counter()
+    bwd_total: Counter = Counter()
+    for members, r in pairs:
+        names = [m.module for m in members]
+        region = _between(members, r)
+        global_views = any(n.target in _SHAPE_OPS for n in region if n.op == "call_function") or \
+            any(n.target not in _ELEMENTWISE_OK and n.op == "call_function" for n in region)
+        role = "attention" if global_views else "mlp"
+        # each column-parallel layer turns its replicated input's gradient from Partial to
+        # Replicate in backward (the f operator of Megatron): one all-reduce, when that input
+        # needs a gradient at all (it does inside a network; a model input does not)
+        bwd = ["all_reduce"] if _needs_grad(members[0].x, gm) else []
+        parent = _parent(names + [r.module])
+        shared = calls.shared_input(parent, names)
+        if shared is not None:
+            # the group's input enters as one DTensor: its gradient is all-reduced once
+            rows.append(Row(parent, "prepare_input", f"{role} input", f"{shared[0]} {shared[1]} Replicate()", 0, 0,
+                            [], list(bwd), "one DTensor input for the whole column-parallel group"))
+            bwd_total.update(bwd)
+            bwd = []
+        for name in names:
+            add_row(name, "colwise", f"{role} in", {"weight": 0, "bias": 0}, [], list(bwd))
+            bwd_total.update(bwd)
+        add_row(r.module, "rowwise", f"{role} out", {"weight": 1, "bias": None}, ["all_reduce"], [])
+        fwd_total["all_reduce"] += 1
+        groups.append(Group(names, r.module, parent, global_views, shared))
+    for name, kind in vocab_choice.items():
+        if kind == "embedding":
+            add_row(name, "vocab_embedding", "embedding", {"weight": 0}, ["all_reduce"], [])
+            fwd_total["all_reduce"] += 1
+        else:
+            bwd = ["all_reduce"] if _needs_grad(by_module[name][0].x, gm) else []
+            add_row(name, "vocab_head", "output head", {"weight": 0, "bias": 0}, ["all_gather"], bwd)
+            fwd_total["all_gather"] += 1
+            bwd_total.update(bwd)
+    done = {r.module for r in rows}
+    for name, module in model.named_modules():
+        if name in done or not list(module.parameters(recurse=False)):
+            continue
+        add_row(name, "replicate", "-", {}, [], [])
+    # tied parameters: count once, placement of the sharded alias
+    aliases = [names for names in _aliases(model).values() if len(names) > 1]
+    unique = {id(p): p for p in model.parameters()}
+    total = sum(tensor_bytes(p) for p in unique.values())
+    per_rank = sum(tensor_bytes(p) // world_size if pid in sharded_params else tensor_bytes(p) for pid, p in unique.items())
+    for row in rows:
+        if row.style == "replicate":
+            module = model.get_submodule(row.module)
+            row.per_rank_bytes = sum(tensor_bytes(p) // world_size if id(p) in sharded_params else tensor_bytes(p)
+                                     for p in module.parameters(recurse=False))
+            if row.per_rank_bytes != row.param_bytes:
+                row.note = "tied to a sharded parameter"
+                row.placement = ", ".join(f"{n} Shard({sharded_params[id(p)]})" if id(p) in sharded_params else f"{n} Replicate()"
+                                          for n, p in module.named_parameters(recurse=False))
+    return ShardPlan(
+        world_size=world_size, rows=rows, groups=groups, vocab=dict(vocab_choice), fallbacks=fallbacks, tied=aliases,
+        placements={n: str(p) for n, p in prop.placements.items()}, graph=gm, param_bytes=total,
+        per_rank_param_bytes=per_rank, forward_collectives=dict(fwd_total), backward_collectives=dict(bwd_total),
+        propagated_collectives=dict(prop.collectives()),
+    )
+
+
+# Pointwise ops a column-parallel output can pass through as a plain local tensor (no shapes).
+_ELEMENTWISE_OK = {
+    aten.gelu.default, aten.relu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default,
+    aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.add.Scalar,
+    aten.pow.Tensor_Scalar, aten.clone.default, aten.native_dropout.default, operator.getitem,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Carrying a plan out
+# --------------------------------------------------------------------------------------------
+
+
+def apply(model: nn.Module, plan: ShardPlan, device_mesh) -> nn.Module:
+    """Parallelize ``model`` in place by ``plan`` with ``parallelize_module``; returns the model.
+
+    Attention code reshapes with the model's own head counts (``view(B, T, self.n_head, -1)``).
+    Rather than patching such attributes, the column-parallel layers of a group whose code
+    reshapes keep DTensor outputs (``use_local_output=False``): the views, transposes, matmuls,
+    softmax and SDPA between them run on DTensors with *global* shapes, DTensor's rules keep the
+    heads dimension sharded, and the row-parallel layer takes the DTensor back. Plain tensors that
+    meet those DTensors (a causal-mask buffer, rotary tables) are treated as replicated:
+    ``apply`` switches on DTensor's implicit replication for the process
+    (``torch.distributed.tensor.experimental.implicit_replication``, as a process-wide setting so
+    that it also holds in backward and under ``torch.compile``).
+    """
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    if device_mesh.size() != plan.world_size:
+        raise ShardPlanError(f"fxmem.shard.apply: the plan is for world_size={plan.world_size}, "
+                             f"the device mesh has {device_mesh.size()} ranks; plan again for this mesh")
+    missing = [name for name in plan.parallelize_plan() if _get(model, name) is None]
+    if missing:
+        raise ShardPlanError(f"fxmem.shard.apply: modules {missing} of the plan are not in this model")
+    register_cpu_sdpa_rules()
+    parallelize_module(model, device_mesh, plan.parallelize_plan())
+    # parallelize_module gives each module its own new parameter; tie them again, to the sharded one
+    for names in plan.tied:
+        params = [_get(model, n) for n in names]
+        keep = next((p for p in params if isinstance(p, DTensor)), params[0])
+        for n in names:
+            module_name, _, leaf = n.rpartition(".")
+            setattr(model.get_submodule(module_name) if module_name else model, leaf, keep)
+    if plan.needs_dtensor_regions:
+        DTensor._op_dispatcher._allow_implicit_replication = True
+    return model
+
+
+def _get(model: nn.Module, name: str):
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        module_name, _, leaf = name.rpartition(".")
+        try:
+            return getattr(model.get_submodule(module_name) if module_name else model, leaf)
+        except AttributeError:
+            return None
