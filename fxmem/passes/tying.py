@@ -17,7 +17,8 @@ Exact mode (default) ties
 * ``get_attr`` nodes whose tensors are already one (the same tensor, or the same storage, offset,
   shape and strides) — they read one attribute afterwards, so later passes see one weight (int8
   quantizes it once, precision casts it once);
-* tensors with equal dtype, shape and device and bitwise-equal values: a content hash first
+* tensors of two or more dimensions (matrices, embeddings) with equal dtype, shape and device and
+  bitwise-equal values: a content hash first
   (BLAKE2b of the bytes on CPU, ``torch.hash_tensor`` elsewhere), then a bitwise comparison of the
   integer views (so ``-0.0`` and ``0.0``, or two NaN payloads, are never merged). The tensor read
   first in the graph is kept; the others' ``get_attr`` nodes are repointed at its attribute.
@@ -119,6 +120,11 @@ def _exact(gm: fx.GraphModule, ties: list[dict]) -> None:
                 _repoint(node, keep)
             continue
         first_by_identity[ident] = (node, value)
+        if value.dim() < 2:
+            # 1-D tensors (biases, norm scales) are not tied by value: a freshly initialized model
+            # has many bitwise-equal ones (zeros, ones), the bytes are negligible, and a tie would
+            # couple unrelated layers for the passes after this one (pruning groups, training)
+            continue
         bucket = candidates.setdefault(content_hash(value), [])
         match = next(((k, v) for k, v in bucket if bitwise_equal(v, value)), None)
         if match is None:
