@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fxmem
+from fxmem.analysis.sizes import fetch_attr
 from fxmem.analysis.dependencies import analyze
 from fxmem.backend import DECOMPOSITIONS
 from fxmem.capture import capture_inference
@@ -163,7 +164,13 @@ def test_tied_embedding_stays_one_parameter():
     x = example_batch(model.cfg, 1, 8)
     pruned = fxmem.optimize(model, x, prune={"ratio": 0.5})
     gm = pruned.graph_module
-    assert gm.wte.weight is gm.lm_head.weight
+    # the embedding and the LM head read one (pruned) tensor: through one attribute after
+    # tie_weights, or two attributes holding the same tensor
+    reads = {node.meta.get("fxmem_fqn", node.target): fetch_attr(gm, node.target)
+             for node in gm.graph.nodes if node.op == "get_attr"}
+    tied = [t for name, t in reads.items() if name in ("wte.weight", "lm_head.weight")]
+    assert tied and all(t is tied[0] for t in tied)
+    assert tied[0].shape[0] == model.cfg.vocab_size
 
 
 def test_backend_prunes_inference_graph():
