@@ -102,6 +102,14 @@ class Region:
         return node in self.kinds
 
 
+def _reduction_kind(node: fx.Node, rule: Rule, full: tuple[int, ...]) -> str:
+    """A row reduction's output: several ("multi"), one per element (softmax: "full") or one per
+    row (sum/mean/amax: "row")."""
+    if rule.outputs:
+        return "multi"
+    return "full" if static_shape(node.meta["val"]) == full else "row"
+
+
 def _kind_in(node: fx.Node, rule: Rule, region: Region) -> str | None:
     """How ``node`` would sit in ``region``: "full", "row", "multi", or None if it cannot."""
     if _space(node, rule) is None:
@@ -112,7 +120,7 @@ def _kind_in(node: fx.Node, rule: Rule, region: Region) -> str | None:
         first = node.all_input_nodes[0]
         if first in region and region.kinds[first] != "full":
             return None
-        return "multi" if rule.outputs else "row"
+        return _reduction_kind(node, rule, region.full)
     shape = static_shape(node.meta["val"])
     if shape == region.full:
         return "full"
@@ -162,7 +170,7 @@ def find_regions(gm: fx.GraphModule) -> list[Region]:
                 if chosen is None and _space(node, rule) is not None:
                     chosen = Region(_space(node, rule))  # a new region over this node's space
                     regions.append(chosen)
-                    kind = "multi" if rule.outputs else ("row" if rule.reduction else "full")
+                    kind = _reduction_kind(node, rule, chosen.full) if rule.reduction else "full"
         if chosen is not None and kind is not None:
             chosen.add(node, kind)
             region_of[node] = chosen

@@ -296,3 +296,16 @@ def test_hf_models_inference(name):
         report = fxmem.explain(model, kwargs=kwargs, lower=True, strict=True)
         assert report.kernels
         torch.testing.assert_close(report.module(**kwargs)[0], model(**kwargs)[0], atol=ATOL, rtol=RTOL)
+
+
+def test_softmax_layer_norm_relu_is_one_region():
+    def f(x, w, b):
+        return torch.relu(F.layer_norm(torch.softmax(x * 2.0, -1), (8,), w, b))
+
+    gm = torch.fx.experimental.proxy_tensor.make_fx(f)(torch.randn(2, 8), torch.randn(8), torch.randn(8))
+    regions = lower_mod.find_regions(gm)
+    assert len(regions) == 1
+    assert [n.name for n in regions[0].nodes] == ["mul", "_softmax", "native_layer_norm", "getitem", "getitem_1",
+                                                   "getitem_2", "relu"]
+    gm = torch.fx.experimental.proxy_tensor.make_fx(lambda x: torch.softmax(torch.softmax(x, -1), -1) + 1)(torch.randn(2, 8))
+    assert len(lower_mod.find_regions(gm)) == 1  # a softmax's output is one value per element
