@@ -386,4 +386,9 @@ def rule_for(node: fx.Node) -> Rule | None:
     return rule
 
 
-__all__ = ["RULES", "Rule", "Translator", "rule_for", "bind", "static_shape"]
+def can_lower(node: fx.Node) -> bool:
+    """True when a generated kernel can compute ``node`` (design.md §4's ``can_lower``)."""
+    return rule_for(node) is not None
+
+
+__all__ = ["RULES", "Rule", "Translator", "can_lower", "rule_for", "bind", "static_shape"]

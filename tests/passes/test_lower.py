@@ -309,3 +309,29 @@ def test_softmax_layer_norm_relu_is_one_region():
                                                    "getitem_2", "relu"]
     gm = torch.fx.experimental.proxy_tensor.make_fx(lambda x: torch.softmax(torch.softmax(x, -1), -1) + 1)(torch.randn(2, 8))
     assert len(lower_mod.find_regions(gm)) == 1  # a softmax's output is one value per element
+
+
+def test_auto_lowers_cuda_graphs():
+    # a graph traced with fake CUDA tensors: "auto" lowers it (nothing is launched here)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(4, 8, device="cuda")
+        gm = torch.fx.experimental.proxy_tensor.make_fx(lambda t: torch.relu(t * 2.0) + 1.0, tracing_mode="fake")(x)
+    assert lower_mod.can_run(gm, LowerConfig()) == (True, "CUDA")
+    result = lower_mod.lower(gm, LowerConfig())
+    (kernel,) = result.stats["kernels"]
+    calls = [n for n in result.gm.graph.nodes if str(n.target).startswith("fxmem_gen.")]
+    assert result.changed and len(calls) == 1
+    assert calls[0].meta["val"][0].device.type == "cuda"
+    assert "# form: pointwise" in kernel.source
+
+
+def test_can_lower():
+    from fxmem.passes.lower_rules import can_lower
+
+    gm = torch.fx.experimental.proxy_tensor.make_fx(lambda x: torch.mm(torch.softmax(x, 0), x).sum(-1, keepdim=True))(
+        torch.randn(4, 4))
+    verdict = {n.name: can_lower(n) for n in gm.graph.nodes if n.op == "call_function"}
+    # softmax over dim 0 is not a row reduction; mm never fuses; a last-dim keepdim sum does
+    assert verdict == {"_softmax": False, "mm": False, "sum_1": True}
