@@ -9,6 +9,7 @@ computes in the kernel). :func:`rule_for` answers whether a node can be fused at
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,9 +34,16 @@ def static_shape(t: torch.Tensor) -> tuple[int, ...] | None:
     return tuple(int(s) for s in t.shape)
 
 
+_MAX_NUMEL = 2**31 - 1  # kernels index with 32-bit offsets (row * N + cols)
+
+
 def _tensor_ok(t: Any) -> bool:
-    """A value the kernels handle: a static-shaped float (fp32/fp16/bf16) or bool tensor."""
-    return isinstance(t, torch.Tensor) and (t.dtype in _FLOATS or t.dtype == torch.bool) and static_shape(t) is not None
+    """A value the kernels handle: a static-shaped float (fp32/fp16/bf16) or bool tensor that
+    32-bit offsets can address."""
+    if not isinstance(t, torch.Tensor) or not (t.dtype in _FLOATS or t.dtype == torch.bool):
+        return False
+    shape = static_shape(t)
+    return shape is not None and math.prod(shape) <= _MAX_NUMEL
 
 
 def bind(node: fx.Node) -> dict[str, Any]:
