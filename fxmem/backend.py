@@ -118,7 +118,9 @@ class FxmemBackend:
             def build() -> None:
                 gm_copy = fx.GraphModule(template, _copy_graph(template.graph))
                 frozen_now = {name: (fqn, t) for name, (fqn, t) in frozen.items()}
-                state["gm"] = backend._run_inference_pipeline(gm_copy, frozen_now, [flat_args[i] for i in user_idx])
+                # Dynamo's example inputs are real tensors (AOT's flat_args are fake): passes that
+                # calibrate on the example inputs (the precision overflow guard) need real values
+                state["gm"] = backend._run_inference_pipeline(gm_copy, frozen_now, [example_inputs[i] for i in user_idx])
                 state["watch"] = WeightWatch.after({fqn: t for fqn, t in frozen_now.values()}, state["gm"])
 
             build()
