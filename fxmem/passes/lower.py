@@ -384,11 +384,6 @@ def can_run(gm: fx.GraphModule, config: LowerConfig) -> tuple[bool, str]:
 
 def lower(gm: fx.GraphModule, config: LowerConfig) -> PassResult:
     """Lower the regions that save the most bytes to generated Triton kernels."""
-    for node in gm.graph.nodes:
-        if _is_meta_assert(node):
-            # export leaves these checks without meta["val"]; the op returns None: say so (the
-            # pipeline requires a value on every call_function node after a pass)
-            node.meta.setdefault("val", None)
     ok, why = can_run(gm, config)
     if not ok:
         if config.mode == "on":
