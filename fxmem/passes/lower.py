@@ -250,6 +250,8 @@ def _translate(plan: Plan) -> tuple[Program, list[fx.Node]]:
             continue
         rule = RULES[node.target]
         value = rule.build(t, bind(node))
+        for a in node.all_input_nodes:  # inputs a rule ignores (a layer-norm backward's bias) are
+            t.val(a)  # still passed, so that the kernel and its CPU path take the same arguments
         if rule.outputs:
             value = {i: v for i, v in zip(rule.outputs, value)}
         else:
@@ -281,6 +283,22 @@ def _fake_outputs(program: Program, inputs: list[fx.Node]) -> list[torch.Tensor]
         return [torch.empty(o.shape, dtype=o.dtype, device=device) for o in program.outputs]
 
 
+def _region_module(plan: Plan, inputs: list[fx.Node]) -> fx.GraphModule:
+    """The region's own ATen nodes as a module ``(*inputs) -> [outputs]`` (the kernel's CPU path).
+
+    ``inputs`` are the kernel's inputs as the graph is now (an earlier rewrite may have replaced
+    a producer by another kernel's output)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, a in enumerate(inputs):
+        env[a] = graph.placeholder(f"in{i}")
+        env[a].meta = dict(a.meta)
+    for n in plan.region.nodes:
+        env[n] = graph.node_copy(n, lambda x: env[x])
+    graph.output([env[o] for o in plan.outputs])
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
 def _short_name(region: Region) -> str:
     names: list[str] = []
     for n in region.nodes:
@@ -298,7 +316,7 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, config: LowerConfig) -> tuple[Kerne
     replaced = [n.name for n in plan.region.nodes]
     kernel = codegen.build_kernel(program, _short_name(plan.region), persistent_max=config.persistent_max,
                                   comment="fused " + " ".join(replaced))
-    op = codegen.register_kernel(kernel)
+    op = codegen.register_kernel(kernel, fallback=_region_module(plan, inputs))
     graph = gm.graph
     last = plan.region.nodes[-1]
     with graph.inserting_after(last):

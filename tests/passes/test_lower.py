@@ -335,3 +335,33 @@ def test_can_lower():
     verdict = {n.name: can_lower(n) for n in gm.graph.nodes if n.op == "call_function"}
     # softmax over dim 0 is not a row reduction; mm never fuses; a last-dim keepdim sum does
     assert verdict == {"_softmax": False, "mm": False, "sum_1": True}
+
+
+@needs_interpreter
+def test_kernels_fall_back_to_aten_on_cpu_without_the_interpreter(monkeypatch):
+    model = Fn(CASES["softmax_layer_norm_relu"], 12)
+    x = torch.randn(2, 3, 12)
+    report = _explain(model, x)
+    assert report.kernels
+    monkeypatch.setattr(codegen, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(codegen.GeneratedKernel, "launch", lambda self, inputs: pytest.fail("kernel launched"))
+    torch.testing.assert_close(report.module(x), model(x), atol=ATOL, rtol=RTOL)
+
+
+@needs_interpreter
+def test_layer_norm_backward_with_frozen_affine():
+    # weight and bias do not require grad: LN backward computes the input gradient only, yet
+    # still receives them (the bias is unused by the rule but stays a kernel argument)
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.norm = nn.LayerNorm(8)
+            self.norm.requires_grad_(False)
+
+        def forward(self, x):
+            return torch.relu(self.norm(self.fc(x) * 2.0)) * 3.0
+
+    recorder = _train(Net(), (torch.randn(2, 3, 8),))
+    bw = [n for k in recorder.kernels if k.graph.startswith("backward") for n in k.nodes_replaced]
+    assert any(n.startswith("native_layer_norm_backward") for n in bw), bw
