@@ -43,6 +43,7 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -433,10 +434,15 @@ def build_kernel(program: Program, base_name: str, *, persistent_max: int = PERS
     return GeneratedKernel(name, source, program, form, block_size(program, persistent_max, loop_block))
 
 
-def register_kernel(kernel: GeneratedKernel) -> Any:
+def register_kernel(kernel: GeneratedKernel, fallback: Callable[..., list[torch.Tensor]] | None = None) -> Any:
     """Register ``kernel`` as a ``torch.library.custom_op`` ``fxmem_gen::<name>`` (with a fake
     implementation from the static output shapes) and return its ``OpOverload``. One op per
-    source and shape set."""
+    source and shape set.
+
+    ``fallback`` is the CPU path: called with the input tensors when they are on a CPU and
+    Triton's interpreter is off (the ops the kernel replaced, run by ATen); the same source means
+    the same computation, so the first registration's fallback serves every region sharing it.
+    """
     shapes = ";".join(f"{o.shape}:{o.dtype}" for o in kernel.program.outputs)
     key = source_hash(kernel.source + shapes + str(kernel.program.full_shape) + str(kernel.block))
     if key in _OPS:
@@ -446,6 +452,8 @@ def register_kernel(kernel: GeneratedKernel) -> Any:
     outputs = [(o.shape, o.dtype) for o in kernel.program.outputs]
 
     def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if fallback is not None and inputs and inputs[0].device.type == "cpu" and not interpreter_enabled():
+            return [t.contiguous() for t in fallback(*inputs)]
         return kernel.launch(list(inputs))
 
     op = torch.library.custom_op(qualname, run, mutates_args=())

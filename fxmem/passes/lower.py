@@ -102,6 +102,14 @@ class Region:
         return node in self.kinds
 
 
+def _reduction_kind(node: fx.Node, rule: Rule, full: tuple[int, ...]) -> str:
+    """A row reduction's output: several ("multi"), one per element (softmax: "full") or one per
+    row (sum/mean/amax: "row")."""
+    if rule.outputs:
+        return "multi"
+    return "full" if static_shape(node.meta["val"]) == full else "row"
+
+
 def _kind_in(node: fx.Node, rule: Rule, region: Region) -> str | None:
     """How ``node`` would sit in ``region``: "full", "row", "multi", or None if it cannot."""
     if _space(node, rule) is None:
@@ -112,7 +120,7 @@ def _kind_in(node: fx.Node, rule: Rule, region: Region) -> str | None:
         first = node.all_input_nodes[0]
         if first in region and region.kinds[first] != "full":
             return None
-        return "multi" if rule.outputs else "row"
+        return _reduction_kind(node, rule, region.full)
     shape = static_shape(node.meta["val"])
     if shape == region.full:
         return "full"
@@ -162,7 +170,7 @@ def find_regions(gm: fx.GraphModule) -> list[Region]:
                 if chosen is None and _space(node, rule) is not None:
                     chosen = Region(_space(node, rule))  # a new region over this node's space
                     regions.append(chosen)
-                    kind = "multi" if rule.outputs else ("row" if rule.reduction else "full")
+                    kind = _reduction_kind(node, rule, chosen.full) if rule.reduction else "full"
         if chosen is not None and kind is not None:
             chosen.add(node, kind)
             region_of[node] = chosen
@@ -242,6 +250,8 @@ def _translate(plan: Plan) -> tuple[Program, list[fx.Node]]:
             continue
         rule = RULES[node.target]
         value = rule.build(t, bind(node))
+        for a in node.all_input_nodes:  # inputs a rule ignores (a layer-norm backward's bias) are
+            t.val(a)  # still passed, so that the kernel and its CPU path take the same arguments
         if rule.outputs:
             value = {i: v for i, v in zip(rule.outputs, value)}
         else:
@@ -273,6 +283,22 @@ def _fake_outputs(program: Program, inputs: list[fx.Node]) -> list[torch.Tensor]
         return [torch.empty(o.shape, dtype=o.dtype, device=device) for o in program.outputs]
 
 
+def _region_module(plan: Plan, inputs: list[fx.Node]) -> fx.GraphModule:
+    """The region's own ATen nodes as a module ``(*inputs) -> [outputs]`` (the kernel's CPU path).
+
+    ``inputs`` are the kernel's inputs as the graph is now (an earlier rewrite may have replaced
+    a producer by another kernel's output)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, a in enumerate(inputs):
+        env[a] = graph.placeholder(f"in{i}")
+        env[a].meta = dict(a.meta)
+    for n in plan.region.nodes:
+        env[n] = graph.node_copy(n, lambda x: env[x])
+    graph.output([env[o] for o in plan.outputs])
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
 def _short_name(region: Region) -> str:
     names: list[str] = []
     for n in region.nodes:
@@ -290,7 +316,7 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, config: LowerConfig) -> tuple[Kerne
     replaced = [n.name for n in plan.region.nodes]
     kernel = codegen.build_kernel(program, _short_name(plan.region), persistent_max=config.persistent_max,
                                   comment="fused " + " ".join(replaced))
-    op = codegen.register_kernel(kernel)
+    op = codegen.register_kernel(kernel, fallback=_region_module(plan, inputs))
     graph = gm.graph
     last = plan.region.nodes[-1]
     with graph.inserting_after(last):
@@ -376,11 +402,6 @@ def can_run(gm: fx.GraphModule, config: LowerConfig) -> tuple[bool, str]:
 
 def lower(gm: fx.GraphModule, config: LowerConfig) -> PassResult:
     """Lower the regions that save the most bytes to generated Triton kernels."""
-    for node in gm.graph.nodes:
-        if _is_meta_assert(node):
-            # export leaves these checks without meta["val"]; the op returns None: say so (the
-            # pipeline requires a value on every call_function node after a pass)
-            node.meta.setdefault("val", None)
     ok, why = can_run(gm, config)
     if not ok:
         if config.mode == "on":

@@ -9,6 +9,7 @@ computes in the kernel). :func:`rule_for` answers whether a node can be fused at
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,9 +34,16 @@ def static_shape(t: torch.Tensor) -> tuple[int, ...] | None:
     return tuple(int(s) for s in t.shape)
 
 
+_MAX_NUMEL = 2**31 - 1  # kernels index with 32-bit offsets (row * N + cols)
+
+
 def _tensor_ok(t: Any) -> bool:
-    """A value the kernels handle: a static-shaped float (fp32/fp16/bf16) or bool tensor."""
-    return isinstance(t, torch.Tensor) and (t.dtype in _FLOATS or t.dtype == torch.bool) and static_shape(t) is not None
+    """A value the kernels handle: a static-shaped float (fp32/fp16/bf16) or bool tensor that
+    32-bit offsets can address."""
+    if not isinstance(t, torch.Tensor) or not (t.dtype in _FLOATS or t.dtype == torch.bool):
+        return False
+    shape = static_shape(t)
+    return shape is not None and math.prod(shape) <= _MAX_NUMEL
 
 
 def bind(node: fx.Node) -> dict[str, Any]:
@@ -386,4 +394,9 @@ def rule_for(node: fx.Node) -> Rule | None:
     return rule
 
 
-__all__ = ["RULES", "Rule", "Translator", "rule_for", "bind", "static_shape"]
+def can_lower(node: fx.Node) -> bool:
+    """True when a generated kernel can compute ``node`` (design.md §4's ``can_lower``)."""
+    return rule_for(node) is not None
+
+
+__all__ = ["RULES", "Rule", "Translator", "can_lower", "rule_for", "bind", "static_shape"]

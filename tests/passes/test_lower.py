@@ -296,3 +296,72 @@ def test_hf_models_inference(name):
         report = fxmem.explain(model, kwargs=kwargs, lower=True, strict=True)
         assert report.kernels
         torch.testing.assert_close(report.module(**kwargs)[0], model(**kwargs)[0], atol=ATOL, rtol=RTOL)
+
+
+def test_softmax_layer_norm_relu_is_one_region():
+    def f(x, w, b):
+        return torch.relu(F.layer_norm(torch.softmax(x * 2.0, -1), (8,), w, b))
+
+    gm = torch.fx.experimental.proxy_tensor.make_fx(f)(torch.randn(2, 8), torch.randn(8), torch.randn(8))
+    regions = lower_mod.find_regions(gm)
+    assert len(regions) == 1
+    assert [n.name for n in regions[0].nodes] == ["mul", "_softmax", "native_layer_norm", "getitem", "getitem_1",
+                                                   "getitem_2", "relu"]
+    gm = torch.fx.experimental.proxy_tensor.make_fx(lambda x: torch.softmax(torch.softmax(x, -1), -1) + 1)(torch.randn(2, 8))
+    assert len(lower_mod.find_regions(gm)) == 1  # a softmax's output is one value per element
+
+
+def test_auto_lowers_cuda_graphs():
+    # a graph traced with fake CUDA tensors: "auto" lowers it (nothing is launched here)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(4, 8, device="cuda")
+        gm = torch.fx.experimental.proxy_tensor.make_fx(lambda t: torch.relu(t * 2.0) + 1.0, tracing_mode="fake")(x)
+    assert lower_mod.can_run(gm, LowerConfig()) == (True, "CUDA")
+    result = lower_mod.lower(gm, LowerConfig())
+    (kernel,) = result.stats["kernels"]
+    calls = [n for n in result.gm.graph.nodes if str(n.target).startswith("fxmem_gen.")]
+    assert result.changed and len(calls) == 1
+    assert calls[0].meta["val"][0].device.type == "cuda"
+    assert "# form: pointwise" in kernel.source
+
+
+def test_can_lower():
+    from fxmem.passes.lower_rules import can_lower
+
+    gm = torch.fx.experimental.proxy_tensor.make_fx(lambda x: torch.mm(torch.softmax(x, 0), x).sum(-1, keepdim=True))(
+        torch.randn(4, 4))
+    verdict = {n.name: can_lower(n) for n in gm.graph.nodes if n.op == "call_function"}
+    # softmax over dim 0 is not a row reduction; mm never fuses; a last-dim keepdim sum does
+    assert verdict == {"_softmax": False, "mm": False, "sum_1": True}
+
+
+@needs_interpreter
+def test_kernels_fall_back_to_aten_on_cpu_without_the_interpreter(monkeypatch):
+    model = Fn(CASES["softmax_layer_norm_relu"], 12)
+    x = torch.randn(2, 3, 12)
+    report = _explain(model, x)
+    assert report.kernels
+    monkeypatch.setattr(codegen, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(codegen.GeneratedKernel, "launch", lambda self, inputs: pytest.fail("kernel launched"))
+    torch.testing.assert_close(report.module(x), model(x), atol=ATOL, rtol=RTOL)
+
+
+@needs_interpreter
+def test_layer_norm_backward_with_frozen_affine():
+    # weight and bias do not require grad: LN backward computes the input gradient only, yet
+    # still receives them (the bias is unused by the rule but stays a kernel argument)
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.norm = nn.LayerNorm(8)
+            self.norm.requires_grad_(False)
+
+        def forward(self, x):
+            return torch.relu(self.norm(self.fc(x) * 2.0)) * 3.0
+
+    recorder = _train(Net(), (torch.randn(2, 3, 8),))
+    bw = [n for k in recorder.kernels if k.graph.startswith("backward") for n in k.nodes_replaced]
+    assert any(n.startswith("native_layer_norm_backward") for n in bw), bw
