@@ -422,3 +422,20 @@ def test_hand_built_aten_graph_with_permute_and_dead_transpose():
     assert not hasattr(result.gm, "w")  # the fp32 weight is not held by the new module
     xin = torch.randn(5, 64)
     assert rel_err(result.gm(xin), xin @ root.w.t()) < REL_TOL
+
+
+@pytest.mark.slow
+def test_hf_gpt2_sdpa_through_the_backend():
+    # torch.compile handles the mask logic that a whole-graph capture cannot (graph breaks)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=128, n_positions=32, bos_token_id=0, eos_token_id=0,
+                     attn_implementation="sdpa")
+    model = GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 128, (1, 8))
+    backend = fxmem.backend(int8="weight_only", strict=True)
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        assert rel_err(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits) < REL_TOL
+    rows = [r for rec in backend.recorder.records if rec.name == "int8" for r in rec.stats.get("layers", [])]
+    assert any(r["layer"] == "transformer.wte" and r["uses"] == 2 for r in rows)  # tied: one buffer
