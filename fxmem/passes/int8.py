@@ -36,9 +36,10 @@ op's output has the same shape, dtype and layout).
 
 Numerical promise: weight-only, each weight element moves by at most half its scale
 (``amax/254`` of its channel or group); the per-layer weight SQNR is reported in
-``stats["layers"]`` (≈ 40 dB for Gaussian weights per channel). Dynamic mode adds per-token
-activation rounding of the same size. Outputs are not bit-exact; the tests hold them to a
-relative error of a few percent of the output's scale on the sample models. The fp32 weights a
+``stats["layers"]`` (per channel: ≈ 45 dB for Gaussian weights, ≈ 48 dB for ``nn.Linear``'s
+uniform init). Dynamic mode adds per-token activation rounding of the same size. Outputs are not
+bit-exact; the tests hold them to a relative L2 error below 3 % on the sample models and HF
+models from small configs (below 5 % on random programs). The fp32 weights a
 graph no longer reads are watched by :class:`fxmem.freeze.WeightWatch` (changed in place →
 the backend quantizes again, an optimized module raises).
 """
@@ -73,7 +74,6 @@ class _Use:
     node: fx.Node            # mm / addmm / linear / embedding
     kind: str                # "linear" | "embedding"
     orientation: str         # "NK": weight rows are output channels; "KN": mm(x, W) with W [K, N]
-    transpose: fx.Node | None = None
 
     def operands(self) -> tuple:
         """``(x, bias)`` read now: an earlier rewrite may have replaced the node producing ``x``."""
@@ -121,16 +121,16 @@ def _default_scalars(node: fx.Node) -> bool:
     return node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1
 
 
-def _linear_use(user: fx.Node, w: fx.Node, orientation: str, transpose: fx.Node | None) -> _Use | None:
+def _linear_use(user: fx.Node, w: fx.Node, orientation: str) -> _Use | None:
     """``user`` reads ``w`` (the weight or its transpose) as the weight of a linear, or None."""
     if user.op != "call_function":
         return None
     t = user.target
     if t is aten.mm.default and len(user.args) == 2 and user.args[1] is w and user.args[0] is not w:
-        return _Use(user, "linear", orientation, transpose=transpose)
+        return _Use(user, "linear", orientation)
     if (t is aten.addmm.default and len(user.args) == 3 and user.args[2] is w and w not in user.args[:2]
             and _default_scalars(user)):
-        return _Use(user, "linear", orientation, transpose=transpose)
+        return _Use(user, "linear", orientation)
     return None
 
 
@@ -143,12 +143,12 @@ def _classify(attr: fx.Node, user: fx.Node) -> list[_Use] | str:
     if _is_transpose_2d(user):
         uses = []
         for u in user.users:
-            use = _linear_use(u, user, "NK", user)
+            use = _linear_use(u, user, "NK")
             if use is None:
                 return f"its transpose is read by {u.target}"
             uses.append(use)
         return uses
-    use = _linear_use(user, attr, "KN", None)
+    use = _linear_use(user, attr, "KN")
     if use is not None:
         return [use]
     return f"it is read by {user.target if user.op == 'call_function' else user.op}"
@@ -293,9 +293,10 @@ def quantize_int8(gm: fx.GraphModule, config: Int8Config) -> PassResult:
         for use in weight.uses:
             new = _rewrite_use(gm, use, qnode, snode, config.mode, weight.tensor.dtype)
             replaced.append(new.name)
-        for node in {u.transpose for u in weight.uses if u.transpose is not None}:
-            gm.graph.erase_node(node)
         for attr in weight.attrs:
+            for user in list(attr.users):  # transposes the rewritten linears read (or dead ones)
+                if _is_transpose_2d(user) and not user.users:
+                    gm.graph.erase_node(user)
             gm.graph.erase_node(attr)
         before = tensor_bytes(weight.tensor)
         after = tensor_bytes(qweight) + tensor_bytes(scales)

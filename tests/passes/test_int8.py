@@ -403,3 +403,40 @@ def test_hf_gpt2_conv1d_and_tied_head():
 def test_hf_llama_and_bert(build):
     pytest.importorskip("transformers")
     _hf_check(build, expect_tied=False)
+
+
+def test_hand_built_aten_graph_with_permute_and_dead_transpose():
+    # the pass on its own, on a graph written by hand: permute(W, [1, 0]) as the transpose, a dead
+    # aten.t(W) beside it (removed with the fp32 weight), and no meta["val"] needed to rewrite
+    root = nn.Module()
+    root.register_buffer("w", torch.randn(48, 64))
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    w = graph.get_attr("w")
+    graph.call_function(torch.ops.aten.t.default, (w,))
+    wt = graph.call_function(torch.ops.aten.permute.default, (w, [1, 0]))
+    graph.output(graph.call_function(torch.ops.aten.mm.default, (x, wt)))
+    gm = torch.fx.GraphModule(root, graph)
+    gm.meta["fxmem_stage"] = "inference"
+    result = quantize_int8(gm, Int8Config(min_numel=0))
+    assert result.changed and targets(result.gm) == [INT8_LINEAR]
+    assert not hasattr(result.gm, "w")  # the fp32 weight is not held by the new module
+    xin = torch.randn(5, 64)
+    assert rel_err(result.gm(xin), xin @ root.w.t()) < REL_TOL
+
+
+@pytest.mark.slow
+def test_hf_gpt2_sdpa_through_the_backend():
+    # torch.compile handles the mask logic that a whole-graph capture cannot (graph breaks)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=128, n_positions=32, bos_token_id=0, eos_token_id=0,
+                     attn_implementation="sdpa")
+    model = GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 128, (1, 8))
+    backend = fxmem.backend(int8="weight_only", strict=True)
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        assert rel_err(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits) < REL_TOL
+    rows = [r for rec in backend.recorder.records if rec.name == "int8" for r in rec.stats.get("layers", [])]
+    assert any(r["layer"] == "transformer.wte" and r["uses"] == 2 for r in rows)  # tied: one buffer
