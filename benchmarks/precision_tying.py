@@ -9,7 +9,8 @@ run measures, side by side:
   output error against fp32 (max |out - ref| / max |ref| on the logits / last hidden state);
 * training on GPT2: gradient error of fxmem bf16 (fp32 master weights) and of CPU autocast bf16
   against fp32 gradients;
-* the overflow guard on a T5-like feed-forward whose ``wo`` output exceeds fp16's range;
+* the overflow guard on a T5-like feed-forward and on an HF T5 encoder whose ``wo`` outputs
+  exceed fp16's range (weights scaled up; the transformers#5651 case);
 * tie_weights on GPT2 with an untied copy of ``lm_head`` (``tie_word_embeddings=False``, weight
   copied from ``wte``): bytes before and after, and whether the output is bitwise identical;
 * the parameter-byte ratio the two weight policies give at the models' real sizes, computed from
@@ -172,6 +173,48 @@ def overflow_row():
     return row
 
 
+def t5_overflow_row():
+    """HF T5 encoder whose ``wo`` projections overflow fp16 (transformers#5651), pass-level.
+
+    The pipeline's graph check rejects this graph before any pass (export's
+    ``_assert_tensor_metadata`` nodes carry no ``meta["val"]``), so the pass is called directly.
+    """
+    import transformers as tf
+
+    from fxmem.capture import capture_inference
+    from fxmem.config import PrecisionConfig
+    from fxmem.passes.precision import cast_precision
+    from fxmem.pipeline import EXAMPLE_INPUTS_KEY, shallow_copy
+
+    torch.manual_seed(0)
+    cfg = tf.T5Config(vocab_size=1024, d_model=64, d_kv=16, d_ff=256, num_layers=2, num_heads=4)
+    model = tf.T5EncoderModel(cfg).eval()
+    with torch.no_grad():
+        for block in model.encoder.block:
+            block.layer[1].DenseReluDense.wo.weight.mul_(30000.0)
+    ids = torch.randint(0, 1024, (2, 32))
+    with torch.no_grad():
+        ref = model(ids).last_hidden_state
+    c = capture_inference(model, (ids,), {}, {})
+    c.gm.meta[EXAMPLE_INPUTS_KEY] = c.example_tensors
+    row = {"model": "T5EncoderModel (wo x 30000)", "hf_keep_in_fp32_modules": sorted(model._keep_in_fp32_modules)}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        auto = model(ids).last_hidden_state.float()
+    row["autocast_cpu_fp16"] = {"finite": bool(torch.isfinite(auto).all()),
+                                "rel_err": rel_err(auto, ref) if torch.isfinite(auto).all() else float("nan")}
+    for guard in (True, False):
+        res = cast_precision(shallow_copy(c.gm), PrecisionConfig(dtype=torch.float16, overflow_guard=guard))
+        with torch.no_grad():
+            out = res.gm(ids)[0]
+        finite = bool(torch.isfinite(out).all())
+        row["guard_on" if guard else "guard_off"] = {
+            "finite": finite, "rel_err": rel_err(out, ref) if finite else float("nan"),
+            "param_ratio": res.stats["param_bytes_after"] / res.stats["param_bytes_before"],
+            "ops_kept": [{k: r[k] for k in ("node", "op", "absmax")} for r in res.stats["overflow_kept"]],
+            "weights_kept_fp32": [w["weight"] for w in res.stats["weights_kept_fp32"]]}
+    return row
+
+
 def tying_row():
     import transformers as tf
 
@@ -262,6 +305,7 @@ def main():
         "inference": inference_rows(args.models),
         "training": training_row(),
         "overflow_guard": overflow_row(),
+        "overflow_guard_t5": t5_overflow_row(),
         "tying": tying_row(),
         "full_size_projection": projection_rows(),
     }
@@ -270,7 +314,7 @@ def main():
     with open(os.path.join(RESULTS, "precision_tying.json"), "w") as f:
         json.dump(result, f, indent=2)
     plot(result, os.path.join(RESULTS, "precision_tying.png"))
-    print(json.dumps({k: result[k] for k in ("training", "overflow_guard", "tying", "full_size_projection")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("training", "overflow_guard", "overflow_guard_t5", "tying", "full_size_projection")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -531,6 +531,7 @@ def _cast_precision(gm: fx.GraphModule, config: PrecisionConfig) -> PassResult:
         "ops_low": rw.counts["low"],
         "ops_fp32": rw.counts["fp32"],
         "casts_inserted": rw.counts["casts"],
+        "ops_run_as_before": rw.counts["follow_restored"],
         "param_bytes_before": bytes_before,
         "param_bytes_after": parameter_bytes(gm),
         "weights_low": len(rw.weights_low),

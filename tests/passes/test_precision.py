@@ -265,7 +265,7 @@ def test_hf_models_inference(name):
 
 # -- random graphs ------------------------------------------------------------------------------
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(random_programs(max_ops=8))
 def test_random_graphs_within_tolerance(program):
     module, x = program
