@@ -48,6 +48,32 @@ def _options_from(ns: argparse.Namespace) -> tuple[dict, dict]:
     return inference, training
 
 
+# Each pass adds its row to the demo: (label, options) for inference and for training.
+INFERENCE_VARIANTS = (
+    ("fxmem (defaults: tie_weights, lower=auto)", {}),
+    ("fxmem precision=bf16", {"precision": "bf16"}),
+    ("fxmem int8=weight_only", {"int8": "weight_only"}),
+    ("fxmem int8=dynamic", {"int8": "dynamic"}),
+    ("fxmem int8 + bf16", {"int8": "weight_only", "precision": "bf16"}),
+    ("fxmem prune 30% MLP", {"prune": {"ratio": 0.3, "targets": ["mlp"]}}),
+)
+TRAINING_VARIANTS = (
+    ("fxmem remat=True (free recompute only)", {}),
+    ("fxmem remat budget=0.5", {"remat": {"budget": 0.5}}),
+    ("fxmem precision=bf16", {"precision": "bf16"}),
+)
+
+
+def _pytorch_min_cut(model: torch.nn.Module):
+    """torch.compile with AOTAutograd and PyTorch's min-cut partitioner (Inductor's), no codegen."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    backend = aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward), bw_compiler=lambda g, _: make_boxed_func(g.forward),
+                           partition_fn=min_cut_rematerialization_partition)
+    return torch.compile(model, backend=backend)
+
+
 def demo(ns: argparse.Namespace) -> int:
     """Compile the built-in GPT for inference and for a few training steps; print the tables."""
     inference_opts, training_opts = _options_from(ns)
@@ -58,49 +84,54 @@ def demo(ns: argparse.Namespace) -> int:
     targets = example_batch(cfg, batch=ns.batch, seed=1)
     print(f"fxmem demo: built-in GPT, {cfg.n_layer} layers, d_model {cfg.d_model}, "
           f"{sum(p.numel() for p in base.parameters()) / 1e6:.2f} M parameters, batch {ns.batch} × {ns.seq} tokens")
-    stages = ["inference: fxmem.explain", "inference: timing", "training: eager",
-              "training: torch.compile aot_eager (PyTorch default partitioner)", "training: torch.compile fxmem"]
-    bar = tqdm(total=len(stages), desc="compiling", unit="stage", file=sys.stderr, disable=ns.quiet)
-
-    def step(label: str) -> None:
-        bar.set_description(label)
-
-    # -- inference ---------------------------------------------------------------------------
-    step(stages[0])
-    model = copy.deepcopy(base).eval()
-    report = explain(model, idx, mode="inference", **inference_opts)
-    bar.update()
-    step(stages[1])
-    with torch.no_grad():
-        ref = model(idx)
-        got = report.module(idx)
-    _, eager_t = time_inference(model, (idx,))
-    _, fx_t = time_inference(report.module, (idx,))
-    bar.update()
-    inference_rows = [
-        ["eager", _mib(module_parameter_bytes(model)), "0", "1.00"],
-        ["fxmem", _mib(parameter_bytes(report.module.graph_module)), f"{(got.float() - ref.float()).abs().max():.2e}",
-         f"{fx_t / eager_t:.2f}"],
-    ]
-
-    # -- training ----------------------------------------------------------------------------
-    contenders = [
+    inference_variants = [("fxmem (your options)", inference_opts)] if inference_opts else list(INFERENCE_VARIANTS)
+    training_contenders = [
         ("eager", lambda m: m),
         ("aot_eager (PyTorch default partitioner)", lambda m: torch.compile(m, backend="aot_eager")),
-        ("fxmem", lambda m: torch.compile(m, backend="fxmem", options=training_opts or None)),
+        ("PyTorch min-cut partitioner", _pytorch_min_cut),
+    ] + [
+        (label, lambda m, o=opts: torch.compile(m, backend="fxmem", options=o or None))
+        for label, opts in ([("fxmem (your options)", training_opts)] if training_opts else TRAINING_VARIANTS)
     ]
+    bar = tqdm(total=len(inference_variants) + len(training_contenders) + 1, desc="compiling", unit="step",
+               file=sys.stderr, disable=ns.quiet)
+
+    # -- inference ---------------------------------------------------------------------------
+    model = copy.deepcopy(base).eval()
+    with torch.no_grad():
+        ref = model(idx)
+    _, eager_t = time_inference(model, (idx,))
+    inference_rows = [["eager fp32", _mib(module_parameter_bytes(model)), "0", "1.00"]]
+    first_report = None
+    for label, opts in inference_variants:
+        bar.set_description(f"inference: {label}")
+        report = explain(model, idx, mode="inference", **opts)
+        first_report = first_report or report
+        with torch.no_grad():
+            got = report.module(idx)
+        _, fx_t = time_inference(report.module, (idx,))
+        rel = (got.float() - ref.float()).abs().max() / ref.float().abs().max()
+        inference_rows.append([label, _mib(parameter_bytes(report.module.graph_module)), f"{rel:.2e}", f"{fx_t / eager_t:.2f}"])
+        bar.update()
+
+    # -- training ----------------------------------------------------------------------------
+    bar.set_description("training: fxmem.explain")
+    train_report = explain(copy.deepcopy(base).train(), idx, targets, mode="training", **training_opts)
+    bar.update()
     results = []
-    for (name, make), label in zip(contenders, stages[2:]):
-        step(label)
+    for name, make in training_contenders:
+        bar.set_description(f"training: {name}")
         torch._dynamo.reset()
         results.append(measure_training(name, copy.deepcopy(base).train(), make, (idx, targets), steps=ns.steps))
         bar.update()
     bar.close()
 
     print()
-    print(report)
-    print("\ninference (fp32 eager vs fxmem.optimize):")
-    print(_table(["", "params MiB", "max |Δ logits|", "latency × eager"], inference_rows))
+    print(first_report)
+    print()
+    print(train_report)
+    print("\ninference (fxmem.optimize vs fp32 eager; error = max |Δ logits| / max |logits|):")
+    print(_table(["", "params MiB", "rel. error", "latency × eager"], inference_rows))
     print(f"\ntraining ({ns.steps} steps, SGD; saved activations measured with saved_tensors_hooks):")
     eager = results[0]
     print(_table(

@@ -14,7 +14,12 @@ def test_demo_prints_the_report_and_the_side_by_side_tables(capsys):
     out = capsys.readouterr().out
     assert "fxmem report (inference" in out
     assert "aot_eager (PyTorch default partitioner)" in out and "saved MiB" in out and "step × eager" in out
-    assert "max |Δ logits|" in out
+    assert "rel. error" in out
+    # every pass adds its row
+    for row in ("fxmem precision=bf16", "fxmem int8=weight_only", "fxmem prune 30% MLP", "PyTorch min-cut partitioner",
+                "fxmem remat budget=0.5"):
+        assert row in out
+    assert "fxmem report (training" in out and "partition:" in out
 
 
 def test_explain_builtin_and_a_module_class(capsys, tmp_path):
