@@ -190,8 +190,11 @@ def plot(results: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.8), squeeze=False)
-    for ax, res in zip(axes[0], results):
+    attentions = sorted({r["attention"] for r in results})
+    layers = sorted({r["layers"] for r in results})
+    fig, axes = plt.subplots(len(attentions), len(layers), figsize=(4.4 * len(layers), 3.6 * len(attentions)), squeeze=False)
+    for res in results:
+        ax = axes[attentions.index(res["attention"])][layers.index(res["layers"])]
         for kind, style in (("torch", "o-"), ("fxmem", "s-")):
             pts = sorted((p for p in res["points"] if p["partitioner"] == kind), key=lambda p: p["recompute_flops"])
             ax.plot([p["recompute_flops"] / 1e9 for p in pts], [p["saved_bytes"] / 1e6 for p in pts], style,

@@ -82,6 +82,6 @@ def min_cut(net: FlowNetwork) -> Cut:
     source_side = np.ones(net.n, dtype=bool)
     source_side[reach_sink] = False
     value = float(result.flow_value) * scale
-    if result.flow_value >= _INF_CAP:
+    if result.flow_value >= _INF_CAP or result.flow_value < 0:  # an infinite path (int32 may wrap)
         value = INF
     return Cut(source_side, value, scale)

@@ -414,7 +414,10 @@ def _build(joint: fx.GraphModule, prob: _Problem, saved: list[fx.Node], num_fwd_
     saved = sorted(saved, key=order.__getitem__)
     sym = [n for n in saved if P.is_sym_node(n) and not P._is_assert_only_symbool(n)]
     values = [n for n in saved if not P.is_sym_node(n) and _is_tensor(n)]
-    fw, bw = P._extract_fwd_bwd_modules(joint, values, saved_sym_nodes=sym, num_fwd_outputs=num_fwd_outputs,
+    # opaque objects (a DTensor's mesh and placements after subclass desugaring) pass through
+    opaque = [n for n in saved if P.is_opaque_node(n)]
+    fw, bw = P._extract_fwd_bwd_modules(joint, values, saved_sym_nodes=sym, saved_opaque_nodes=opaque,
+                                        num_fwd_outputs=num_fwd_outputs,
                                         static_lifetime_input_nodes=prob.info.static_lifetime_input_nodes)
     fw.graph.eliminate_dead_code(is_impure_node=P.is_not_collective)
     bw.graph.eliminate_dead_code(is_impure_node=P.is_not_collective)
