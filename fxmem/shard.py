@@ -396,17 +396,22 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
     for name, kind, w, extra in vocab_candidates:
         by_weight.setdefault(tensor_key(w), []).append((name, kind, extra))
         weight_nodes[tensor_key(w)] = w
-    for target, users in by_weight.items():
-        w = weight_nodes[target]
+    candidate_ops = {embeddings[n] for n, k, _, _ in vocab_candidates if k == "embedding"} | \
+        {lin.mm.args[-1] for lin in heads}  # the embedding ops and the heads' aten.t
+    for key, users in by_weight.items():
+        w = weight_nodes[key]
+        names = ", ".join(n for n, _, _ in users)
+        if any(u not in candidate_ops for r in reads[key] for u in r.users):
+            fallbacks.append((names, "the weight is also read by other code (a tie to a layer that is not split)"))
+            continue
         saved = node_bytes(w) - node_bytes(w) // world_size
         extra = sum(e for _, _, e in users)
         chosen = vocab is True or (isinstance(vocab, frozenset) and any(n in vocab for n, _, _ in users))
         if chosen or (vocab == "auto" and saved > extra and world_size > 1):
             for name, kind, _ in users:
                 vocab_choice[name] = kind
-        else:
-            fallbacks.append((", ".join(n for n, _, _ in users),
-                              f"vocabulary split does not pay: saves {saved} B/rank, needs {extra} B/rank of activations"))
+        elif vocab == "auto":
+            fallbacks.append((names, f"vocabulary split does not pay: saves {saved} B/rank, needs {extra} B/rank of activations"))
 
     # 4. propagate the whole plan once, annotate every node.
     seeds = _seeds(pairs, Shard, Replicate)

@@ -258,9 +258,16 @@ def _compiled(model, plan, mesh, args, reference) -> dict:
     from fxmem.pipeline import Recorder
 
     recorder = Recorder()
+    torch._dynamo.reset()  # a fresh compile, so that this backend (not a cached graph) runs
     again = torch.compile(fxmem.shard.apply(copy.deepcopy(model), plan, mesh), backend=FxmemBackend(parse_options({}), recorder))
     _logits(again(*args)).float().pow(2).mean().backward()
-    shard_stats = {r.graph: r.stats.get("collectives", {}) for r in recorder.records if r.name == "shard"}
+    shard_stats: dict[str, dict[str, int]] = {}
+    for r in recorder.records:
+        if r.name == "shard":
+            per_stage = shard_stats.setdefault(r.stage, {})
+            for kind, n in r.stats.get("collectives", {}).items():
+                per_stage[kind] = per_stage.get(kind, 0) + n
+    shard_stats["graphs"] = sorted({r.graph for r in recorder.records if r.name == "shard"})
     return {"inference_error": float((inf - reference["out"]).abs().max()), "explain": shard_stats,
             "train_out_error": train["max_out_error"], "train_grad_error": train["max_grad_error"],
             "forward": train["forward"], "backward": train["backward"]}
