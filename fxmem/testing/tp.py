@@ -51,7 +51,8 @@ def build(case: str) -> tuple[nn.Module, tuple]:
         from fxmem.models.gpt import GPT, GPTConfig, example_batch
 
         attention = "sdpa" if "sdpa" in case else "manual"
-        cfg = GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=4, n_kv_head=2, d_model=32, attention=attention)
+        kv = None if "mha" in case else 2  # gpt_mha: 4 kv heads (multi-head), else grouped-query
+        cfg = GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=4, n_kv_head=kv, d_model=32, attention=attention)
         return GPT(cfg), (example_batch(cfg, 2, 8),)
     if case == "llama":
         import transformers
@@ -189,7 +190,15 @@ def run_tp_transform(case: str, model: nn.Module, args: tuple, reference: dict, 
         return {"ok": err < 1e-4, "forward": _kinds(fwd), "bytes_per_rank": held, "max_out_error": err,
                 "failure": None if err < 1e-4 else f"wrong outputs (max error {err:.3g})"}
     except Exception as exc:  # noqa: BLE001 - the point is to record how it fails
-        return {"ok": False, "failure": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+        return {"ok": False, "failure": _describe_failure(exc)}
+
+
+def _describe_failure(exc: BaseException) -> str:
+    """The exception's type, first line, and the innermost frame that raised it."""
+    first = (str(exc).splitlines() or [""])[0][:200]
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} {frames[-1].name})" if frames else ""
+    return f"{type(exc).__name__}: {first}{where}"
 
 
 def run_case(case: str, rank: int, world_size: int, *, hand: bool = True, tp_transform: bool = False,
@@ -228,7 +237,7 @@ def run_case(case: str, rank: int, world_size: int, *, hand: bool = True, tp_tra
                 parallelize_module(hand_model, mesh, styles)
                 result["hand"] = measure(hand_model, args, reference)
             except Exception as exc:  # noqa: BLE001 - recorded, compared in the report
-                result["hand"] = {"failure": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+                result["hand"] = {"failure": _describe_failure(exc)}
     if tp_transform:
         result["tp_transform"] = run_tp_transform(case, copy.deepcopy(model), args, reference, rank, world_size)
     if compile_check:
