@@ -152,3 +152,12 @@ def test_hf_llama_and_compiled_with_fxmem_backend():
         # the "shard" pass saw the functional collectives in the compiled graphs
         assert compiled["explain"]["forward"] == {"all_reduce": 2}
         assert compiled["explain"]["backward"] == {"all_reduce": 2}
+
+
+def test_apply_refuses_a_mesh_of_another_size():
+    from fxmem.passes.shard import planning_mesh
+
+    model, x = _gpt()
+    plan = fxmem.shard.plan(model, x, world_size=2)
+    with pytest.raises(fxmem.shard.ShardPlanError, match="world_size=2"):
+        fxmem.shard.apply(model, plan, planning_mesh(4))
