@@ -168,8 +168,6 @@ def hand_plan(case: str, model: nn.Module, world_size: int) -> dict | None:
 
 def tp_transform_strategies(case: str, model: nn.Module) -> dict:
     """The same hand plan in ``tensor_parallel_transformation``'s form (style classes)."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
     styles = hand_plan(case, copy.deepcopy(model), 1) or {}
     return {k: type(v) for k, v in styles.items() if not k.endswith(("wte", "embed_tokens", "lm_head"))}
 
