@@ -1,7 +1,8 @@
 """Tensor parallelism planned from the graph, carried out by ``torch.distributed``.
 
 ``plan(model, *example_inputs, world_size=N)`` traces the model to the frozen ATen graph fxmem
-works on (:func:`fxmem.capture.capture_inference`), finds its linear layers (``aten.t`` of a
+works on (:func:`fxmem.capture.capture_inference`; through ``torch.export`` first for models that
+branch on tensor values, like transformers' mask code), finds its linear layers (``aten.t`` of a
 weight feeding ``mm``/``addmm``) and embeddings, and pairs them the way Megatron-LM does — without
 being told module names:
 
