@@ -20,7 +20,7 @@ import time
 
 from fxmem.testing import tp
 
-CASES = {2: ["mlp", "mlp3d", "gpt_manual", "gpt_sdpa", "llama"], 4: ["mlp", "mlp3d", "gpt_sdpa", "llama"]}
+CASES = {2: ["mlp", "mlp3d", "gpt_manual", "gpt_sdpa", "llama"], 4: ["mlp", "mlp3d", "gpt_mha_sdpa", "gpt_sdpa", "llama"]}
 
 
 def _job(rank, world, cases):
@@ -29,6 +29,11 @@ def _job(rank, world, cases):
         start = time.perf_counter()
         r = tp.run_case(case, rank, world, tp_transform=True)
         r["seconds"] = time.perf_counter() - start
+        if not case.startswith("mlp") and tp.hand_plan(case, tp.build(case)[0], world) is not None:
+            # the same embedding / head split as the hand plan: bytes per rank compare like for like
+            same = tp.run_case(case, rank, world, hand=False, vocab="hand")
+            r["fxmem_vocab_as_hand"] = same["fxmem"]
+            r["plan_vocab_as_hand"] = same["plan"]
         out[case] = r
     return out
 
@@ -44,6 +49,7 @@ def _row(r):
     return {
         "case": r["case"], "world_size": r["world_size"], "single_process_bytes": r["single_bytes"],
         "fxmem": pick(r["fxmem"]), "fxmem_plan": {k: r["plan"][k] for k in ("forward", "backward", "bytes_per_rank", "fallbacks")},
+        "fxmem_vocab_as_hand": pick(r.get("fxmem_vocab_as_hand")),
         "hand": pick(r.get("hand")), "tp_transform": r.get("tp_transform"), "seconds": r["seconds"],
     }
 
@@ -56,15 +62,16 @@ def _plot(rows, path):
     labels = [f"{r['case']}\nN={r['world_size']}" for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 4.5))
     x = range(len(rows))
-    w = 0.27
-    for i, (key, name) in enumerate((("fxmem", "fxmem.shard"), ("hand", "hand plan"), ("tp_transform", "tp_transformation"))):
+    w = 0.2
+    for i, (key, name) in enumerate((("fxmem", "fxmem.shard (vocab auto)"), ("fxmem_vocab_as_hand", "fxmem.shard (vocab as hand)"),
+                                     ("hand", "hand plan"), ("tp_transform", "tp_transformation"))):
         vals, fails = [], []
         for r in rows:
             d = r.get(key)
             ok = d is not None and not d.get("failure") and d.get("bytes_per_rank")
             vals.append(d["bytes_per_rank"] / r["single_process_bytes"] if ok else 0)
             fails.append(not ok)
-        bars = ax1.bar([j + (i - 1) * w for j in x], vals, w, label=name)
+        bars = ax1.bar([j + (i - 1.5) * w for j in x], vals, w, label=name)
         for b, failed in zip(bars, fails):
             if failed:
                 ax1.text(b.get_x() + b.get_width() / 2, 0.02, "x", ha="center", color=b.get_facecolor())
@@ -73,7 +80,7 @@ def _plot(rows, path):
             d = r.get(key)
             ok = d is not None and not d.get("failure") and d.get("forward") is not None
             comm.append(sum(d["forward"].values()) + sum((d.get("backward") or {}).values()) if ok else 0)
-        ax2.bar([j + (i - 1) * w for j in x], comm, w, label=name)
+        ax2.bar([j + (i - 1.5) * w for j in x], comm, w, label=name)
     ax1.set_xticks(list(x), labels, fontsize=7)
     ax1.set_ylabel("parameter bytes per rank / single process")
     ax1.set_title("per-rank parameter bytes (x: failed / not applicable)")
@@ -100,7 +107,9 @@ def main() -> None:
     _plot(rows, os.path.join(opts.out, "shard.png"))
     for r in rows:
         mine, hand, tpt = r["fxmem"], r["hand"], r["tp_transform"]
-        print(f"{r['case']:11s} N={r['world_size']} bytes/rank fxmem {mine['bytes_per_rank']} "
+        same = r["fxmem_vocab_as_hand"]
+        print(f"{r['case']:12s} N={r['world_size']} bytes/rank fxmem {mine['bytes_per_rank']} "
+              f"(as-hand vocab {same and same['bytes_per_rank']}) "
               f"(single {r['single_process_bytes']}), hand {hand and hand.get('bytes_per_rank')}; "
               f"fwd {mine['forward']} bwd {mine['backward']} | hand fwd {hand and hand.get('forward')} "
               f"bwd {hand and hand.get('backward')} | tp_transform {tpt.get('forward') if tpt.get('ok') else tpt.get('failure')}")

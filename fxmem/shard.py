@@ -1,7 +1,8 @@
 """Tensor parallelism planned from the graph, carried out by ``torch.distributed``.
 
 ``plan(model, *example_inputs, world_size=N)`` traces the model to the frozen ATen graph fxmem
-works on (:func:`fxmem.capture.capture_inference`), finds its linear layers (``aten.t`` of a
+works on (:func:`fxmem.capture.capture_inference`; through ``torch.export`` first for models that
+branch on tensor values, like transformers' mask code), finds its linear layers (``aten.t`` of a
 weight feeding ``mm``/``addmm``) and embeddings, and pairs them the way Megatron-LM does — without
 being told module names:
 
@@ -226,6 +227,25 @@ def find_linears(gm: fx.GraphModule, model: nn.Module, originals: dict) -> list[
     return found
 
 
+def _not_linear(gm: fx.GraphModule, model: nn.Module, linears: list[Linear]) -> list[tuple[str, str]]:
+    """Modules whose weights feed a matmul but that ``parallelize_module`` cannot split."""
+    seen = {lin.weight for lin in linears}
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (aten.mm.default, aten.addmm.default):
+            for w in node.all_input_nodes:
+                src = w.args[0] if w.target is aten.t.default and w.args else w
+                fqn = src.meta.get("fxmem_fqn") if isinstance(src, fx.Node) and src.op == "get_attr" else None
+                if fqn is None or src in seen or not fqn.endswith(".weight"):
+                    continue
+                module_name = fqn.rpartition(".")[0]
+                module = model.get_submodule(module_name)
+                if not isinstance(module, nn.Linear):
+                    out[module_name] = (f"{type(module).__name__} is not nn.Linear: ColwiseParallel / "
+                                        "RowwiseParallel split only nn.Linear and nn.Embedding")
+    return list(out.items())
+
+
 def find_embeddings(gm: fx.GraphModule, model: nn.Module, originals: dict) -> dict[str, fx.Node]:
     """``nn.Embedding`` module name → its ``aten.embedding`` node."""
     aliases = _aliases(model)
@@ -299,16 +319,16 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
     register_cpu_sdpa_rules()
     calls = _CallRecorder(model)
     try:
-        captured = capture_inference(model, args, kwargs, decompositions={})
+        captured = _capture(model, args, kwargs, on_retry=calls.calls.clear)
     finally:
         calls.remove()
     gm = captured.gm
     linears = find_linears(gm, model, captured.originals)
+    fallbacks: list[tuple[str, str]] = _not_linear(gm, model, linears)
     by_out = {lin.out: lin for lin in linears}
     by_module: dict[str, list[Linear]] = {}
     for lin in linears:
         by_module.setdefault(lin.module, []).append(lin)
-    fallbacks: list[tuple[str, str]] = []
 
     # 1. candidate pairs: the linears that feed a linear's input through non-linear code.
     stops = set(by_out)
@@ -396,17 +416,22 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
     for name, kind, w, extra in vocab_candidates:
         by_weight.setdefault(tensor_key(w), []).append((name, kind, extra))
         weight_nodes[tensor_key(w)] = w
-    for target, users in by_weight.items():
-        w = weight_nodes[target]
+    candidate_ops = {embeddings[n] for n, k, _, _ in vocab_candidates if k == "embedding"} | \
+        {lin.mm.args[-1] for lin in heads}  # the embedding ops and the heads' aten.t
+    for key, users in by_weight.items():
+        w = weight_nodes[key]
+        names = ", ".join(n for n, _, _ in users)
+        if any(u not in candidate_ops for r in reads[key] for u in r.users):
+            fallbacks.append((names, "the weight is also read by other code (a tie to a layer that is not split)"))
+            continue
         saved = node_bytes(w) - node_bytes(w) // world_size
         extra = sum(e for _, _, e in users)
         chosen = vocab is True or (isinstance(vocab, frozenset) and any(n in vocab for n, _, _ in users))
         if chosen or (vocab == "auto" and saved > extra and world_size > 1):
             for name, kind, _ in users:
                 vocab_choice[name] = kind
-        else:
-            fallbacks.append((", ".join(n for n, _, _ in users),
-                              f"vocabulary split does not pay: saves {saved} B/rank, needs {extra} B/rank of activations"))
+        elif vocab == "auto":
+            fallbacks.append((names, f"vocabulary split does not pay: saves {saved} B/rank, needs {extra} B/rank of activations"))
 
     # 4. propagate the whole plan once, annotate every node.
     seeds = _seeds(pairs, Shard, Replicate)
@@ -472,6 +497,26 @@ def _between(members: list[Linear], r: Linear) -> set[fx.Node]:
     """The code strictly between the column-parallel outputs and the row-parallel input."""
     region = _descendants([m.out for m in members]) & _ancestors_until(r.x, set())
     return region - {m.out for m in members}
+
+
+def _capture(model: nn.Module, args: tuple, kwargs: dict | None, on_retry=lambda: None):
+    """fxmem's inference capture; through ``torch.export`` first when the model branches on data.
+
+    ``capture_inference`` traces with ``make_fx``, which stops at Python branches on tensor values
+    (transformers' mask helpers check whether a mask is all ones, or whether position ids are
+    packed). ``torch.export`` (non-strict) resolves those branches the way ``torch.compile`` does;
+    its module, which holds the model's own parameter tensors under the same names, is then
+    traced to the same ATen IR.
+    """
+    try:
+        return capture_inference(model, args, kwargs, decompositions={})
+    except Exception as first:  # noqa: BLE001 - retried through torch.export below
+        on_retry()  # module calls recorded by the failed trace are partial; export's are whole
+        try:
+            exported = torch.export.export(model, tuple(args), kwargs=dict(kwargs or {}), strict=False).module()
+        except Exception:  # noqa: BLE001 - report the first failure, the one about the model
+            raise first from None
+        return capture_inference(exported, args, kwargs, decompositions={})
 
 
 def _seeds(pairs, Shard, Replicate) -> dict[str, Any]:

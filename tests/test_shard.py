@@ -139,9 +139,9 @@ def test_four_ranks_gqa_fallback():
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_hf_llama_and_compiled_with_fxmem_backend():
-    results = tp.spawn(_cases, 2, ["mlp", "gpt_manual", "llama", "gpt_sdpa"],
+    results = tp.spawn(_cases, 2, ["mlp", "gpt_manual", "llama", "llama_sdpa", "gpt_sdpa"],
                        {"gpt_sdpa": {"compile_check": True, "hand": False}, "gpt_manual": {"tp_transform": True},
-                        "llama": {"vocab": "hand"}})
+                        "llama": {"vocab": "hand"}, "llama_sdpa": {"hand": False}})
     for rank_result in results:
         for r in rank_result.values():
             _check(r, 2)
@@ -152,3 +152,31 @@ def test_hf_llama_and_compiled_with_fxmem_backend():
         # the "shard" pass saw the functional collectives in the compiled graphs
         assert compiled["explain"]["forward"] == {"all_reduce": 2}
         assert compiled["explain"]["backward"] == {"all_reduce": 2}
+
+
+def test_apply_refuses_a_mesh_of_another_size():
+    from fxmem.passes.shard import planning_mesh
+
+    model, x = _gpt()
+    plan = fxmem.shard.plan(model, x, world_size=2)
+    with pytest.raises(fxmem.shard.ShardPlanError, match="world_size=2"):
+        fxmem.shard.apply(model, plan, planning_mesh(4))
+
+
+def test_hf_models_are_planned_through_torch_export_when_make_fx_cannot_trace():
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=16, attn_implementation="eager")
+    idx = torch.randint(0, 64, (2, 8))
+    plan = fxmem.shard.plan(transformers.BertModel(cfg).eval(), idx, world_size=2)
+    groups = {g.rowwise: g for g in plan.groups}
+    assert groups["encoder.layer.0.attention.output.dense"].colwise == [
+        "encoder.layer.0.attention.self.key", "encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.value"]
+    assert groups["encoder.layer.0.attention.output.dense"].shared_input == ("arg", 0)
+    assert groups["encoder.layer.0.output.dense"].colwise == ["encoder.layer.0.intermediate.dense"]
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16,
+                                                               bos_token_id=0, eos_token_id=0, use_cache=False))
+    plan = fxmem.shard.plan(gpt2, idx, world_size=2)
+    assert plan.groups == []  # GPT-2's Conv1D: said so, not mis-split
+    assert any("Conv1D is not nn.Linear" in why for _, why in plan.fallbacks)

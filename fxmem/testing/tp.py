@@ -51,18 +51,20 @@ def build(case: str) -> tuple[nn.Module, tuple]:
         from fxmem.models.gpt import GPT, GPTConfig, example_batch
 
         attention = "sdpa" if "sdpa" in case else "manual"
-        cfg = GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=4, n_kv_head=2, d_model=32, attention=attention)
+        kv = None if "mha" in case else 2  # gpt_mha: 4 kv heads (multi-head), else grouped-query
+        cfg = GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=4, n_kv_head=kv, d_model=32, attention=attention)
         return GPT(cfg), (example_batch(cfg, 2, 8),)
-    if case == "llama":
+    if case in ("llama", "llama_sdpa"):
         import transformers
 
         cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
-                                       use_cache=False, attn_implementation="eager")
+                                       use_cache=False, attn_implementation="sdpa" if case == "llama_sdpa" else "eager")
         model = transformers.LlamaForCausalLM(cfg)
         idx = torch.randint(0, 64, (2, 8))
-        # an explicit attention mask: without one, transformers looks for packed sequences in
-        # the position ids, a data-dependent branch no graph capture can trace
+        if case == "llama_sdpa":
+            return model, (idx,)  # planned through torch.export (transformers' mask code branches on data)
+        # eager attention with an explicit mask traces with make_fx directly
         return model, (idx, torch.ones_like(idx))
     raise ValueError(f"unknown case {case!r}")
 
@@ -167,8 +169,6 @@ def hand_plan(case: str, model: nn.Module, world_size: int) -> dict | None:
 
 def tp_transform_strategies(case: str, model: nn.Module) -> dict:
     """The same hand plan in ``tensor_parallel_transformation``'s form (style classes)."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
     styles = hand_plan(case, copy.deepcopy(model), 1) or {}
     return {k: type(v) for k, v in styles.items() if not k.endswith(("wte", "embed_tokens", "lm_head"))}
 
@@ -189,7 +189,15 @@ def run_tp_transform(case: str, model: nn.Module, args: tuple, reference: dict, 
         return {"ok": err < 1e-4, "forward": _kinds(fwd), "bytes_per_rank": held, "max_out_error": err,
                 "failure": None if err < 1e-4 else f"wrong outputs (max error {err:.3g})"}
     except Exception as exc:  # noqa: BLE001 - the point is to record how it fails
-        return {"ok": False, "failure": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+        return {"ok": False, "failure": _describe_failure(exc)}
+
+
+def _describe_failure(exc: BaseException) -> str:
+    """The exception's type, first line, and the innermost frame that raised it."""
+    first = (str(exc).splitlines() or [""])[0][:200]
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} {frames[-1].name})" if frames else ""
+    return f"{type(exc).__name__}: {first}{where}"
 
 
 def run_case(case: str, rank: int, world_size: int, *, hand: bool = True, tp_transform: bool = False,
@@ -228,7 +236,7 @@ def run_case(case: str, rank: int, world_size: int, *, hand: bool = True, tp_tra
                 parallelize_module(hand_model, mesh, styles)
                 result["hand"] = measure(hand_model, args, reference)
             except Exception as exc:  # noqa: BLE001 - recorded, compared in the report
-                result["hand"] = {"failure": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+                result["hand"] = {"failure": _describe_failure(exc)}
     if tp_transform:
         result["tp_transform"] = run_tp_transform(case, copy.deepcopy(model), args, reference, rank, world_size)
     if compile_check:
@@ -258,9 +266,16 @@ def _compiled(model, plan, mesh, args, reference) -> dict:
     from fxmem.pipeline import Recorder
 
     recorder = Recorder()
+    torch._dynamo.reset()  # a fresh compile, so that this backend (not a cached graph) runs
     again = torch.compile(fxmem.shard.apply(copy.deepcopy(model), plan, mesh), backend=FxmemBackend(parse_options({}), recorder))
     _logits(again(*args)).float().pow(2).mean().backward()
-    shard_stats = {r.graph: r.stats.get("collectives", {}) for r in recorder.records if r.name == "shard"}
+    shard_stats: dict[str, dict[str, int]] = {}
+    for r in recorder.records:
+        if r.name == "shard":
+            per_stage = shard_stats.setdefault(r.stage, {})
+            for kind, n in r.stats.get("collectives", {}).items():
+                per_stage[kind] = per_stage.get(kind, 0) + n
+    shard_stats["graphs"] = sorted({r.graph for r in recorder.records if r.name == "shard"})
     return {"inference_error": float((inf - reference["out"]).abs().max()), "explain": shard_stats,
             "train_out_error": train["max_out_error"], "train_grad_error": train["max_grad_error"],
             "forward": train["forward"], "backward": train["backward"]}
