@@ -125,9 +125,12 @@ def parameter_bytes(gm: fx.GraphModule) -> int:
 
 
 def module_parameter_bytes(module: torch.nn.Module) -> int:
-    """Bytes of the distinct parameter and buffer storages of an eager module."""
+    """Bytes of the distinct parameter and buffer storages of an eager module (per rank for
+    DTensor parameters: the local shard)."""
     seen: dict[int, int] = {}
     for t in list(module.parameters()) + list(module.buffers()):
+        if hasattr(t, "to_local"):  # a DTensor: this rank's shard is what it holds
+            t = t.to_local()
         storage = t.untyped_storage()
         seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())

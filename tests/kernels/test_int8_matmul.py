@@ -18,9 +18,12 @@ from fxmem.kernels import int8_matmul as k8
 triton = pytest.importorskip("triton")
 
 
-def test_imported_without_the_interpreter():
-    # the point of the module docstring: this process imported triton before any test set it
-    assert "TRITON_INTERPRET" not in os.environ or not k8.interpreting()
+def test_interpreting_follows_the_environment(monkeypatch):
+    # read at call time, not at import: this module imported triton before any test set it
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not k8.interpreting()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert k8.interpreting()
 
 
 @pytest.fixture

@@ -239,7 +239,9 @@ def test_training_backward_ops_equal_eager():
             return self.norm(b * 2.0) + b
 
     model = Net()
-    recorder = _train(model, (torch.randn(2, 3, 12),))
+    # remat=False pins default_partition's backward, which holds every backward op listed below;
+    # fxmem's remat recomputes the softmax in backward and the region there is formed differently
+    recorder = _train(model, (torch.randn(2, 3, 12),), remat=False)
     ops = {n.split("_", 1)[0] for k in recorder.kernels if k.graph.startswith("backward") for n in k.nodes_replaced}
     assert recorder.kernels and ops
     bw_nodes = {n for k in recorder.kernels if k.graph.startswith("backward") for n in k.nodes_replaced}
