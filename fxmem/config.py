@@ -205,6 +205,7 @@ class TieConfig:
 
 PRUNE_TARGETS = ("mlp", "heads", "channels")
 PRUNE_IMPORTANCE = ("l2", "l1", "taylor", "activation")
+PRUNE_GQA = ("groups", "queries")
 
 
 @dataclass(frozen=True)
@@ -214,21 +215,23 @@ class PruneConfig:
     ratio: float = 0.3
     targets: tuple[str, ...] = PRUNE_TARGETS
     importance: str = "l2"
+    gqa: str = "groups"  # grouped-query heads: remove whole kv "groups", or "queries" within each group
 
     @classmethod
     def parse(cls, value: Any) -> PruneConfig | None:
         if value is None or isinstance(value, PruneConfig):
             return value
         if isinstance(value, Mapping):
-            _check_keys("prune", value, ("ratio", "targets", "importance"))
+            _check_keys("prune", value, ("ratio", "targets", "importance", "gqa"))
             ratio = _fraction("prune.ratio", value.get("ratio", 0.3))
             if ratio >= 1.0:
                 raise _fail("prune.ratio", ratio, "a float in [0, 1)")
             targets = _str_tuple("prune.targets", value.get("targets", PRUNE_TARGETS))
             for t in targets:
                 _choice("prune.targets", t, PRUNE_TARGETS)
-            return cls(ratio=ratio, targets=targets, importance=_choice("prune.importance", value.get("importance", "l2"), PRUNE_IMPORTANCE))
-        raise _fail("prune", value, "None | {'ratio': float in [0, 1), 'targets': [...], 'importance': 'l2'|'l1'|'taylor'|'activation'}")
+            return cls(ratio=ratio, targets=targets, importance=_choice("prune.importance", value.get("importance", "l2"), PRUNE_IMPORTANCE),
+                       gqa=_choice("prune.gqa", value.get("gqa", "groups"), PRUNE_GQA))
+        raise _fail("prune", value, "None | {'ratio': float in [0, 1), 'targets': [...], 'importance': 'l2'|'l1'|'taylor'|'activation', 'gqa': 'groups'|'queries'}")
 
 
 @dataclass(frozen=True)

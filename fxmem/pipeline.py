@@ -110,7 +110,10 @@ class PassSpec:
 
 def _passes() -> tuple[PassSpec, ...]:
     """The passes in pipeline order (design.md §2). A new pass adds one line here."""
+    from fxmem.passes.prune import prune
+
     specs: list[PassSpec] = []
+    specs.append(PassSpec("prune", ("inference",), prune, "prune"))
     return tuple(specs)
 
 
