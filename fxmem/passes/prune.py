@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxmem.analysis.cost import graph_cost
@@ -57,6 +57,20 @@ aten = torch.ops.aten
 
 _SIZE_ARG1 = {aten.view, aten._unsafe_view, aten.reshape, aten.expand}
 _SIZE_ARG0 = {aten.zeros, aten.ones, aten.full, aten.empty}
+_ASSERT_META = getattr(aten, "_assert_tensor_metadata", None)
+
+
+def _changed(node, predicted) -> bool:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return isinstance(val, torch.Tensor) and list(val.shape) != predicted.get(node)
+
+
+def _restate_asserts(gm: fx.GraphModule, asserts: list[fx.Node]) -> None:
+    """``_assert_tensor_metadata`` checks again the (new) size and stride of its input."""
+    for node in asserts:
+        val = node.args[0].meta["val"]
+        node.kwargs = {**node.kwargs, "size": list(val.shape), "stride": list(val.stride())}
+        del node.meta["fxmem_prune_restate"]
 
 
 @dataclass
@@ -274,6 +288,12 @@ def _rewrite(gm: fx.GraphModule, dg: DependencyGraph, kept: dict[int, torch.Tens
             node.args = (node.args[0], _resize_arg(node.args[1], val.shape, new), *node.args[2:])
         elif packet in _SIZE_ARG0 and list(val.shape) != new:
             node.args = (_resize_arg(node.args[0], val.shape, new), *node.args[1:])
+        elif packet is _ASSERT_META and _changed(node.args[0], predicted) and (
+                any(a is not None for a in node.args[1:3]) or node.kwargs.get("size") is not None):
+            # it asserts the old size: re-stated after fake propagation (see _restate_asserts)
+            node.kwargs = {**node.kwargs, "size": None, "stride": None}
+            node.args = node.args[:1] + node.args[3:4]
+            node.meta["fxmem_prune_restate"] = True
         elif packet in (aten.split, aten.split_with_sizes) and isinstance(new, tuple):
             dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % val[0].dim()
             if packet is aten.split:
@@ -310,6 +330,9 @@ def refresh_vals(gm: fx.GraphModule) -> None:
                                       device=n.meta["val"].device) if isinstance(n.meta.get("val"), torch.Tensor) else n.meta.get("val")
                   for n in gm.graph.nodes if n.op == "placeholder"]
     _Propagate(gm, mode).propagate_dont_convert_inputs(*inputs)
+    for n in gm.graph.nodes:  # ops that return nothing (_assert_tensor_metadata): val None
+        if n.op == "call_function":
+            n.meta.setdefault("val", None)
 
 
 def _check(gm: fx.GraphModule, predicted: dict[fx.Node, object]) -> None:
@@ -352,6 +375,12 @@ def _param_count(gm: fx.GraphModule) -> int:
 
 def prune(gm: fx.GraphModule, config: PruneConfig) -> PassResult:
     """Remove the least important ``config.ratio`` of every selected group (see module doc)."""
+    # the backend runs passes inside Dynamo's fake mode; weights are scored and sliced for real
+    with unset_fake_temporarily():
+        return _prune(gm, config)
+
+
+def _prune(gm: fx.GraphModule, config: PruneConfig) -> PassResult:
     if gm.meta.get(STAGE_KEY, "inference") != "inference":
         raise UnsupportedGraph("prune", "pruning runs on inference graphs (frozen weights) only")
     if not _static(gm):
@@ -364,8 +393,10 @@ def prune(gm: fx.GraphModule, config: PruneConfig) -> PassResult:
     before_cost, before_bytes, before_params = graph_cost(gm), parameter_bytes(gm), _param_count(gm)
     kept = {d.group.space: d.kept for d in decisions}
     predicted = _rewrite(gm, dg, kept)
-    gm.recompile()
+    asserts = [n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("fxmem_prune_restate")]
     refresh_vals(gm)
+    _restate_asserts(gm, asserts)
+    gm.recompile()
     _check(gm, predicted)
     after_cost, after_bytes, after_params = graph_cost(gm), parameter_bytes(gm), _param_count(gm)
     rows = []
