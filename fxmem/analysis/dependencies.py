@@ -609,18 +609,21 @@ class DependencyGraph:
         """
         if any(_val(m.node) is not None and _val(m.node).dim() >= 3 for m in ms):
             return "channels", ""
-        split = [m for m in ms if len(m.factors) > 1]
-        if not split:
-            return "mlp", ""
-        if any(m.position == len(m.factors) - 1 for m in split):
-            return None, ""
 
         def free(f: int) -> bool:
             return not self.spaces.is_blocked(f) and self.spaces.size[f] > 1
 
-        if any(m.position > 0 and any(free(f) for f in m.factors[:m.position]) for m in split):
+        outer = []
+        for m in ms:
+            if m.position < len(m.factors) - 1:
+                outer.append(m)
+            elif any(free(f) for f in m.factors[:-1]):
+                return None, ""  # the innermost of several head factors: head_dim
+        if not outer:  # a whole dimension (up to blocked chunk indices of a split or cat)
+            return "mlp", ""
+        if any(any(free(f) for f in m.factors[:m.position]) for m in outer):
             return "heads", "query"
-        if any(free(f) for m in split for f in m.factors[m.position + 1:-1]):
+        if any(free(f) for m in outer for f in m.factors[m.position + 1:-1]):
             return "heads", "group"
         return "heads", "head"
 

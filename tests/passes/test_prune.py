@@ -1,0 +1,231 @@
+"""The prune pass: groups removed everywhere, shapes fixed, exact on all-zero groups, trainable."""
+
+import io
+import warnings
+
+import pytest
+import torch
+
+import fxmem
+from fxmem.analysis.dependencies import analyze
+from fxmem.backend import DECOMPOSITIONS
+from fxmem.capture import capture_inference
+from fxmem.config import OptionError, PruneConfig
+from fxmem.models.gpt import example_batch, tiny_gpt
+from fxmem.passes.prune import prune
+from fxmem.pipeline import STAGE_KEY, UnsupportedGraph
+from fxmem.testing.samples import sample
+
+
+def _prune_record(report):
+    return next(r for r in report.records if r.name == "prune")
+
+
+def _zero_groups(model, args, kwargs=None, *, fraction=0.5, kinds=("mlp", "heads", "channels"), level=("group", "head", "")):
+    """Zero the first ``fraction`` of the indices of every group, in the eager model's weights."""
+    gm = capture_inference(model, args, kwargs, DECOMPOSITIONS).gm
+    dg = analyze(gm)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    zeroed = 0
+    with torch.no_grad():
+        for g in dg.groups():
+            if g.kind not in kinds or g.level not in level:
+                continue
+            k = g.size - max(1, int(g.size * (1 - fraction)))
+            for m in g.mentions:
+                p = params.get(m.node.meta["fxmem_fqn"])
+                if p is None:  # a buffer (running statistics): not a weight
+                    continue
+                view = p.movedim(m.dim, 0).unflatten(0, m.sizes).movedim(m.position, 0)
+                view[:k] = 0
+            zeroed += k
+    return zeroed
+
+
+CASES = {
+    "mlp": ("mlp", {}),
+    "gpt_block_manual": ("gpt_block_manual", {}),
+    "gpt_block_sdpa": ("gpt_block_sdpa", {}),
+    "gpt_gqa_groups": ("gpt_gqa", {"gqa": "groups"}),
+    "gpt_gqa_queries": ("gpt_gqa", {"gqa": "queries"}),
+    "conv_norm": ("conv_norm", {}),
+    "dropout_mlp": ("dropout_mlp", {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_all_zero_groups_are_removed_exactly(case):
+    name, extra = CASES[case]
+    s = sample(name)
+    s.model.eval()
+    level = ("query", "head", "") if extra.get("gqa") == "queries" else ("group", "head", "")
+    assert _zero_groups(s.model, s.args, level=level) > 0
+    with torch.no_grad():
+        expected = s.model(*s.args)
+    report = fxmem.explain(s.model, *s.args, prune={"ratio": 0.5, **extra}, strict=True)
+    rec = _prune_record(report)
+    assert rec.status == "changed"
+    assert rec.stats["params_after"] < rec.stats["params_before"]
+    assert rec.stats["flops_saved"] > 0 and rec.stats["param_bytes_saved"] > 0
+    # every removed index was a zeroed one: importance 0
+    assert all(row["importance"] == 0.0 for row in rec.stats["groups"])
+    with torch.no_grad():
+        got = report.module(*s.args)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_explain_lists_every_group_with_layer_dimension_count_importance():
+    s = sample("gpt_block_manual")
+    s.model.eval()
+    report = fxmem.explain(s.model, *s.args, prune={"ratio": 0.25})
+    rows = _prune_record(report).stats["groups"]
+    assert [(r["layer"], r["kind"], r["dimension"], r["count"]) for r in rows] == [
+        ("attn", "heads", "4→3", 1), ("mlp", "mlp", "256→192", 64)]
+    assert all(r["importance"] <= r["importance_kept_min"] for r in rows)
+    assert "groups_pruned=2" in str(report)
+
+
+def test_targets_select_what_is_pruned():
+    s = sample("gpt_block_manual")
+    s.model.eval()
+    rows = _prune_record(fxmem.explain(s.model, *s.args, prune={"ratio": 0.5, "targets": ["heads"]})).stats["groups"]
+    assert [r["kind"] for r in rows] == ["heads"]
+    rec = _prune_record(fxmem.explain(s.model, *s.args, prune={"ratio": 0.5, "targets": "channels"}))
+    assert rec.status == "unchanged"
+
+
+def test_gqa_modes_prune_kv_groups_or_queries_within_them():
+    s = sample("gpt_gqa")
+    s.model.eval()
+    x = s.args
+    for mode, removes_kv in (("groups", True), ("queries", False)):
+        m = fxmem.optimize(s.model, *x, prune={"ratio": 0.5, "targets": ["heads"], "gqa": mode})
+        gm = m.graph_module
+        k = gm.blocks._0.attn.k_proj.weight
+        q = gm.blocks._0.attn.q_proj.weight
+        assert q.shape == (32, 64)                      # 4 query heads of 16 → 2
+        assert k.shape == ((16, 64) if removes_kv else (32, 64))
+        assert m(*x).shape == s.model(*x).shape
+
+
+@pytest.mark.parametrize("importance", ["l1", "l2", "activation", "taylor"])
+def test_importance_criteria_rank_zeroed_channels_last(importance):
+    s = sample("mlp")
+    s.model.eval()
+    _zero_groups(s.model, s.args, fraction=0.25)
+    with torch.no_grad():
+        expected = s.model(*s.args)
+    m = fxmem.optimize(s.model, *s.args, prune={"ratio": 0.25, "importance": importance}, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(m(*s.args), expected, atol=1e-5, rtol=1e-5)
+
+
+def _trains(module, x):
+    params = dict(module.named_parameters())
+    assert params and all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in params.values())
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    out = module(x)
+    loss = out.float().pow(2).mean()
+    loss.backward()
+    assert all(p.grad is not None for p in params.values()), [n for n, p in params.items() if p.grad is None]
+    opt.step()
+    with torch.no_grad():
+        assert module(x).float().pow(2).mean() < loss
+
+
+def test_optimized_gpt_trains_saves_loads_and_compiles():
+    model = tiny_gpt(n_layer=2, d_model=64, n_head=4, n_kv_head=2, block_size=16, vocab_size=64).eval()
+    x = example_batch(model.cfg, 2, 16)
+    pruned = fxmem.optimize(model, x, prune={"ratio": 0.3})
+    gm = pruned.graph_module
+    assert gm.blocks._0.mlp.up_proj.weight.shape == (179, 64)        # 256 → int(256 * 0.7)
+    assert gm.blocks._0.mlp.down_proj.weight.shape == (64, 179)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    assert pruned(x).shape == model(x).shape
+    # the model's own weights are untouched
+    assert model.blocks[0].mlp.up_proj.weight.shape == (256, 64)
+
+    buf = io.BytesIO()
+    torch.save(pruned.state_dict(), buf)
+    again = fxmem.optimize(model, x, prune={"ratio": 0.3})
+    buf.seek(0)
+    again.load_state_dict(torch.load(buf))
+    torch.testing.assert_close(again(x), pruned(x))
+
+    compiled = torch.compile(pruned, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), pruned(x))
+    _trains(pruned, x)
+
+
+def test_tied_embedding_stays_one_parameter():
+    model = tiny_gpt(n_layer=1, d_model=32, n_head=2, block_size=8, vocab_size=32).eval()
+    x = example_batch(model.cfg, 1, 8)
+    pruned = fxmem.optimize(model, x, prune={"ratio": 0.5})
+    gm = pruned.graph_module
+    assert gm.wte.weight is gm.lm_head.weight
+
+
+def test_backend_prunes_inference_graph():
+    s = sample("gpt_block_manual")
+    s.model.eval()
+    expected = fxmem.optimize(s.model, *s.args, prune={"ratio": 0.5})
+    compiled = torch.compile(s.model, backend="fxmem", options={"prune": {"ratio": 0.5}})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*s.args), expected(*s.args))
+
+
+def test_training_graph_refused_and_unsupported_inputs_skip():
+    s = sample("mlp")
+    gm = capture_inference(s.model.eval(), s.args, None, DECOMPOSITIONS).gm
+    gm.meta[STAGE_KEY] = "joint"
+    with pytest.raises(UnsupportedGraph):
+        prune(gm, PruneConfig(ratio=0.5))
+    with pytest.raises(OptionError, match="prune.gqa"):
+        fxmem.optimize(s.model, *s.args, prune={"gqa": "kv"})
+    with pytest.raises(OptionError, match="prune"):
+        fxmem.optimize(s.model, *s.args, prune={"ratio": 0.5, "heads": 2})
+
+
+def test_ratio_zero_and_no_groups_leave_graph_unchanged():
+    s = sample("tied_embeddings")
+    s.model.eval()
+    assert _prune_record(fxmem.explain(s.model, *s.args, prune={"ratio": 0.5})).status == "unchanged"
+    m = sample("mlp").model.eval()
+    assert _prune_record(fxmem.explain(m, torch.randn(2, 32), prune={"ratio": 0.0})).status == "unchanged"
+
+
+def _hf_models():
+    transformers = pytest.importorskip("transformers")
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=16, attn_implementation="eager", use_cache=False))
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16, attn_implementation="eager", use_cache=False))
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=16, attn_implementation="sdpa"))
+    return {"llama_gqa": (llama, True), "gpt2": (gpt2, True), "bert": (bert, False)}
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "gpt2", "bert"])
+def test_hf_models_exact_on_zeroed_groups_no_manual_fixes(name):
+    model, with_mask = _hf_models()[name]
+    model.eval()
+    ids = torch.randint(0, 64, (2, 8))
+    # HF causal LMs trace only with an explicit mask; BERT's SDPA path only without one
+    kwargs = {"attention_mask": torch.ones_like(ids)} if with_mask else {}
+    _zero_groups(model, (ids,), kwargs)
+    with torch.no_grad():
+        expected = model(ids, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = fxmem.explain(model, ids, kwargs=kwargs, prune={"ratio": 0.5}, strict=True)
+    rec = _prune_record(report)
+    kinds = {r["kind"].split()[0] for r in rec.stats["groups"]}
+    assert kinds == {"mlp", "heads"}
+    with torch.no_grad():
+        got = report.module(ids, **kwargs)
+    key = "logits" if "logits" in expected else "last_hidden_state"
+    assert got[key].shape == expected[key].shape
+    torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-4)
