@@ -6,6 +6,7 @@
 
 from fxmem.backend import backend
 from fxmem.config import FxmemConfig, OptionError, parse_options
+from fxmem.distill import distill
 from fxmem.freeze import StaleWeightsError
 from fxmem.pipeline import PassFailure, PassResult
 from fxmem.report import Report, explain, optimize
@@ -14,7 +15,7 @@ from fxmem.verify import VerificationError
 __version__ = "0.1.0"
 
 __all__ = [
-    "backend", "explain", "optimize", "Report",
+    "backend", "explain", "optimize", "Report", "distill",
     "FxmemConfig", "parse_options", "OptionError", "PassFailure", "PassResult",
     "StaleWeightsError", "VerificationError", "__version__",
 ]
