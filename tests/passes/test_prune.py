@@ -229,3 +229,41 @@ def test_hf_models_exact_on_zeroed_groups_no_manual_fixes(name):
     key = "logits" if "logits" in expected else "last_hidden_state"
     assert got[key].shape == expected[key].shape
     torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-4)
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+from fxmem.testing.strategies import random_programs  # noqa: E402
+
+
+class _Sandwich(torch.nn.Module):
+    """A random program between two linears: its input and output widths become prunable too."""
+
+    def __init__(self, program, width_in, width_out):
+        super().__init__()
+        self.inp = torch.nn.Linear(6, width_in)
+        self.program = program
+        self.out = torch.nn.Linear(width_out, 5)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.program(self.inp(x))))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(random_programs(max_ops=8))
+def test_random_programs_zeroed_groups_pruned_exactly(program):
+    """Whatever groups the analysis finds in a random program, removing all-zero ones is exact."""
+    inner, x0 = program
+    with torch.no_grad():
+        width_out = inner(x0).shape[-1]
+    module = _Sandwich(inner, x0.shape[-1], width_out).eval()
+    x = torch.randn(x0.shape[0], 6)
+    zeroed = _zero_groups(module, (x,))  # 0 when norms/softmax/reductions block every width
+    with torch.no_grad():
+        expected = module(x)
+        pruned = fxmem.optimize(module, x, prune={"ratio": 0.5}, strict=True)
+        got = pruned(x)
+    assert got.shape == expected.shape
+    smaller = sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in module.parameters())
+    assert smaller == (zeroed > 0)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
