@@ -175,6 +175,16 @@ def test_backend_prunes_inference_graph():
         torch.testing.assert_close(compiled(*s.args), expected(*s.args))
 
 
+def test_dynamic_shapes_skip_with_a_warning_and_keep_numbers():
+    s = sample("mlp")
+    s.model.eval()
+    compiled = torch.compile(s.model, backend="fxmem", dynamic=True, options={"prune": {"ratio": 0.5}})
+    with pytest.warns(UserWarning, match="symbolic shapes"), torch.no_grad():
+        got = compiled(*s.args)
+    with torch.no_grad():
+        torch.testing.assert_close(got, s.model(*s.args))
+
+
 def test_training_graph_refused_and_unsupported_inputs_skip():
     s = sample("mlp")
     gm = capture_inference(s.model.eval(), s.args, None, DECOMPOSITIONS).gm
