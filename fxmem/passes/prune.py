@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxmem.analysis.cost import graph_cost
@@ -138,6 +138,8 @@ def _example_inputs(gm: fx.GraphModule) -> tuple:
     inputs = gm.meta.get(EXAMPLE_INPUTS_KEY)
     if inputs is None:
         raise UnsupportedGraph("importance", "activation/taylor importance needs gm.meta['fxmem_example_inputs']")
+    if any(isinstance(x, FakeTensor) for x in inputs):
+        raise UnsupportedGraph("importance", "activation/taylor importance needs real example inputs; these are fake")
     return tuple(inputs)
 
 

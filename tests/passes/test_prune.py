@@ -166,11 +166,14 @@ def test_tied_embedding_stays_one_parameter():
     assert gm.wte.weight is gm.lm_head.weight
 
 
-def test_backend_prunes_inference_graph():
+@pytest.mark.parametrize("importance", ["l2", "taylor"])
+def test_backend_prunes_inference_graph(importance):
     s = sample("gpt_block_manual")
     s.model.eval()
-    expected = fxmem.optimize(s.model, *s.args, prune={"ratio": 0.5})
-    compiled = torch.compile(s.model, backend="fxmem", options={"prune": {"ratio": 0.5}})
+    options = {"ratio": 0.5, "importance": importance}
+    expected = fxmem.optimize(s.model, *s.args, prune=options)
+    # taylor calibrates on the backend's real example inputs, and chooses what optimize chooses
+    compiled = torch.compile(s.model, backend="fxmem", options={"prune": options, "strict": True})
     with torch.no_grad():
         torch.testing.assert_close(compiled(*s.args), expected(*s.args))
 
