@@ -208,26 +208,27 @@ def test_ratio_zero_and_no_groups_leave_graph_unchanged():
     assert _prune_record(fxmem.explain(m, torch.randn(2, 32), prune={"ratio": 0.0})).status == "unchanged"
 
 
-def _hf_models():
+def _hf_model(name):
     transformers = pytest.importorskip("transformers")
-    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=16, attn_implementation="eager", use_cache=False))
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16, attn_implementation="eager", use_cache=False))
-    bert = transformers.BertModel(transformers.BertConfig(
+    kind, attn = name.split("-")
+    if kind == "llama_gqa":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=16, attn_implementation=attn, use_cache=False))
+    if kind == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16, attn_implementation=attn, use_cache=False))
+    return transformers.BertModel(transformers.BertConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=16, attn_implementation="sdpa"))
-    return {"llama_gqa": (llama, True), "gpt2": (gpt2, True), "bert": (bert, False)}
+        max_position_embeddings=16, attn_implementation=attn))
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "gpt2", "bert"])
+@pytest.mark.parametrize("name", ["llama_gqa-eager", "llama_gqa-sdpa", "gpt2-eager", "gpt2-sdpa", "bert-sdpa"])
 def test_hf_models_exact_on_zeroed_groups_no_manual_fixes(name):
-    model, with_mask = _hf_models()[name]
-    model.eval()
+    model = _hf_model(name).eval()
     ids = torch.randint(0, 64, (2, 8))
-    # HF causal LMs trace only with an explicit mask; BERT's SDPA path only without one
-    kwargs = {"attention_mask": torch.ones_like(ids)} if with_mask else {}
+    # eager variants with an explicit mask, sdpa variants without: both paths are exercised
+    kwargs = {"attention_mask": torch.ones_like(ids)} if name.endswith("eager") else {}
     _zero_groups(model, (ids,), kwargs)
     with torch.no_grad():
         expected = model(ids, **kwargs)
