@@ -85,6 +85,24 @@ def _cycle(batches: Iterable | Callable[[], Any]):
     yield from batches
 
 
+def _own_parameters(student: torch.nn.Module, teacher: torch.nn.Module) -> int:
+    """Give ``student`` its own copy of every parameter it shares with ``teacher``.
+
+    ``fxmem.optimize`` freezes the model's tensors by identity, so a pruned student still holds
+    the teacher's unpruned parameters (embeddings, norms, ...). Training them in place would
+    change the teacher while it teaches. Ties inside the student are kept (one copy per tensor).
+    """
+    shared = {id(p) for p in teacher.parameters()}
+    copies: dict[int, torch.nn.Parameter] = {}
+    for module in student.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and id(p) in shared:
+                if id(p) not in copies:
+                    copies[id(p)] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                module._parameters[name] = copies[id(p)]
+    return len(copies)
+
+
 def distill(
     student: torch.nn.Module,
     teacher: torch.nn.Module,
@@ -102,6 +120,7 @@ def distill(
 
     ``batches``: a list (cycled), an iterator, or a callable returning one batch per call. Each
     batch is ``x`` or ``(x, labels)``. Returns the per-step losses; ``student`` is trained in place.
+    Parameters the student shares with the teacher are copied first: the teacher never changes.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"fxmem.distill: alpha={alpha!r}; accepted: a float in [0, 1]")
@@ -109,10 +128,11 @@ def distill(
         raise ValueError(f"fxmem.distill: temperature={temperature!r}; accepted: a float > 0")
     if steps < 0:
         raise ValueError(f"fxmem.distill: steps={steps!r}; accepted: an int >= 0")
+    _own_parameters(student, teacher)
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise ValueError("fxmem.distill: the student has no parameters that require grad")
-    optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True)
     was_training = teacher.training
     teacher.eval()
     result = DistillResult()

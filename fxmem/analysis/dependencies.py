@@ -212,6 +212,10 @@ _REDUCE = {aten.sum, aten.mean, aten.amax, aten.amin, aten.var, aten.std, aten.p
            aten.linalg_vector_norm}
 _SOFTMAX = {aten._softmax, aten._log_softmax, aten.softmax, aten.log_softmax}
 _CREATE = {aten.zeros, aten.ones, aten.full, aten.empty}
+# per-channel spatial ops: batch and channel dimensions pass, spatial ones are new
+_POOL = {getattr(aten, n) for n in ("avg_pool2d", "max_pool2d_with_indices", "_adaptive_avg_pool2d",
+                                     "adaptive_max_pool2d", "avg_pool1d", "max_pool2d", "upsample_nearest2d",
+                                     "upsample_bilinear2d", "_adaptive_avg_pool3d", "avg_pool3d") if hasattr(aten, n)}
 _SDPA = {getattr(aten, n) for n in ("_scaled_dot_product_flash_attention_for_cpu",
                                      "_scaled_dot_product_attention_math",
                                      "_scaled_dot_product_efficient_attention",
@@ -409,6 +413,11 @@ class DependencyGraph:
             return self._cat(node)
         if packet in _CREATE:
             return self._out_fresh(node, None)
+        if packet in _POOL:
+            x = self._of(args[0])
+            outs = val if isinstance(val, (list, tuple)) else (val,)
+            dims = tuple([list(f) for f in x[:2]] + self._fresh(o.shape[2:], "pooled spatial dim") for o in outs)
+            return dims if isinstance(val, (list, tuple)) else dims[0]
         if packet is getattr(aten, "_assert_tensor_metadata", None):
             return None  # a check of its input's metadata: the pruning pass rewrites its sizes
         return self._opaque(node, f"{target} is not known to keep channels apart")

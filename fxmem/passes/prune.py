@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxmem.analysis.cost import graph_cost
@@ -75,6 +75,8 @@ def _restate_asserts(gm: fx.GraphModule, asserts: list[fx.Node]) -> None:
 
 @dataclass
 class Decision:
+    """What the pass does to one group: keep ``kept`` of its indices, ranked by ``scores``."""
+
     group: Group
     scores: torch.Tensor      # importance per index
     kept: torch.Tensor        # sorted kept indices
@@ -95,9 +97,16 @@ def _selected(group: Group, config: PruneConfig) -> bool:
 
 
 def _weight_mentions(gm: fx.GraphModule, group: Group):
-    """The mentions that are trainable weights (parameters); all floating tensors if none are."""
-    ms = [m for m in group.mentions if isinstance(fetch_attr(gm, m.node.target), torch.nn.Parameter)]
-    return ms or [m for m in group.mentions if fetch_attr(gm, m.node.target).is_floating_point()]
+    """The mentions that are trainable weights (parameters); all floating tensors if none are.
+    A tensor read by several ``get_attr`` nodes (tied or reused weights) counts once."""
+    unique, seen = [], set()
+    for m in group.mentions:
+        key = (id(fetch_attr(gm, m.node.target)), m.dim, m.position)
+        if key not in seen:
+            seen.add(key)
+            unique.append(m)
+    ms = [m for m in unique if isinstance(fetch_attr(gm, m.node.target), torch.nn.Parameter)]
+    return ms or [m for m in unique if fetch_attr(gm, m.node.target).is_floating_point()]
 
 
 def _per_index(t: torch.Tensor, mention, size: int) -> torch.Tensor:
@@ -138,6 +147,8 @@ def _example_inputs(gm: fx.GraphModule) -> tuple:
     inputs = gm.meta.get(EXAMPLE_INPUTS_KEY)
     if inputs is None:
         raise UnsupportedGraph("importance", "activation/taylor importance needs gm.meta['fxmem_example_inputs']")
+    if any(isinstance(x, FakeTensor) for x in inputs):
+        raise UnsupportedGraph("importance", "activation/taylor importance needs real example inputs; these are fake")
     return tuple(inputs)
 
 

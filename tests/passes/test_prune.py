@@ -173,13 +173,26 @@ def test_tied_embedding_stays_one_parameter():
     assert tied[0].shape[0] == model.cfg.vocab_size
 
 
-def test_backend_prunes_inference_graph():
+@pytest.mark.parametrize("importance", ["l2", "taylor"])
+def test_backend_prunes_inference_graph(importance):
     s = sample("gpt_block_manual")
     s.model.eval()
-    expected = fxmem.optimize(s.model, *s.args, prune={"ratio": 0.5})
-    compiled = torch.compile(s.model, backend="fxmem", options={"prune": {"ratio": 0.5}})
+    options = {"ratio": 0.5, "importance": importance}
+    expected = fxmem.optimize(s.model, *s.args, prune=options)
+    # taylor calibrates on the backend's real example inputs, and chooses what optimize chooses
+    compiled = torch.compile(s.model, backend="fxmem", options={"prune": options, "strict": True})
     with torch.no_grad():
         torch.testing.assert_close(compiled(*s.args), expected(*s.args))
+
+
+def test_dynamic_shapes_skip_with_a_warning_and_keep_numbers():
+    s = sample("mlp")
+    s.model.eval()
+    compiled = torch.compile(s.model, backend="fxmem", dynamic=True, options={"prune": {"ratio": 0.5}})
+    with pytest.warns(UserWarning, match="symbolic shapes"), torch.no_grad():
+        got = compiled(*s.args)
+    with torch.no_grad():
+        torch.testing.assert_close(got, s.model(*s.args))
 
 
 def test_training_graph_refused_and_unsupported_inputs_skip():
@@ -202,26 +215,27 @@ def test_ratio_zero_and_no_groups_leave_graph_unchanged():
     assert _prune_record(fxmem.explain(m, torch.randn(2, 32), prune={"ratio": 0.0})).status == "unchanged"
 
 
-def _hf_models():
+def _hf_model(name):
     transformers = pytest.importorskip("transformers")
-    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=16, attn_implementation="eager", use_cache=False))
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16, attn_implementation="eager", use_cache=False))
-    bert = transformers.BertModel(transformers.BertConfig(
+    kind, attn = name.split("-")
+    if kind == "llama_gqa":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=16, attn_implementation=attn, use_cache=False))
+    if kind == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16, attn_implementation=attn, use_cache=False))
+    return transformers.BertModel(transformers.BertConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=16, attn_implementation="sdpa"))
-    return {"llama_gqa": (llama, True), "gpt2": (gpt2, True), "bert": (bert, False)}
+        max_position_embeddings=16, attn_implementation=attn))
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "gpt2", "bert"])
+@pytest.mark.parametrize("name", ["llama_gqa-eager", "llama_gqa-sdpa", "gpt2-eager", "gpt2-sdpa", "bert-sdpa"])
 def test_hf_models_exact_on_zeroed_groups_no_manual_fixes(name):
-    model, with_mask = _hf_models()[name]
-    model.eval()
+    model = _hf_model(name).eval()
     ids = torch.randint(0, 64, (2, 8))
-    # HF causal LMs trace only with an explicit mask; BERT's SDPA path only without one
-    kwargs = {"attention_mask": torch.ones_like(ids)} if with_mask else {}
+    # eager variants with an explicit mask, sdpa variants without: both paths are exercised
+    kwargs = {"attention_mask": torch.ones_like(ids)} if name.endswith("eager") else {}
     _zero_groups(model, (ids,), kwargs)
     with torch.no_grad():
         expected = model(ids, **kwargs)
@@ -236,3 +250,41 @@ def test_hf_models_exact_on_zeroed_groups_no_manual_fixes(name):
     key = "logits" if "logits" in expected else "last_hidden_state"
     assert got[key].shape == expected[key].shape
     torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-4)
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+from fxmem.testing.strategies import random_programs  # noqa: E402
+
+
+class _Sandwich(torch.nn.Module):
+    """A random program between two linears: its input and output widths become prunable too."""
+
+    def __init__(self, program, width_in, width_out):
+        super().__init__()
+        self.inp = torch.nn.Linear(6, width_in)
+        self.program = program
+        self.out = torch.nn.Linear(width_out, 5)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.program(self.inp(x))))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(random_programs(max_ops=8))
+def test_random_programs_zeroed_groups_pruned_exactly(program):
+    """Whatever groups the analysis finds in a random program, removing all-zero ones is exact."""
+    inner, x0 = program
+    with torch.no_grad():
+        width_out = inner(x0).shape[-1]
+    module = _Sandwich(inner, x0.shape[-1], width_out).eval()
+    x = torch.randn(x0.shape[0], 6)
+    zeroed = _zero_groups(module, (x,))  # 0 when norms/softmax/reductions block every width
+    with torch.no_grad():
+        expected = module(x)
+        pruned = fxmem.optimize(module, x, prune={"ratio": 0.5}, strict=True)
+        got = pruned(x)
+    assert got.shape == expected.shape
+    smaller = sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in module.parameters())
+    assert smaller == (zeroed > 0)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
