@@ -28,7 +28,9 @@ import torch.fx as fx
 from fxmem.analysis.sizes import fetch_attr
 
 
-def _assign_attr(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
+def set_attr(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
+    """Set the tensor attribute at a dotted ``target`` (creating submodules on the way): an
+    ``nn.Parameter`` is registered as a parameter (it trains), anything else as a buffer."""
     *path, leaf = target.split(".")
     module = gm
     for part in path:
@@ -65,7 +67,7 @@ def freeze_parameters(gm: fx.GraphModule, frozen: dict[str, tuple[str, torch.Ten
     for name, (fqn, tensor) in frozen.items():
         ph = placeholders[name]
         target = _safe_target(fqn, taken)
-        _assign_attr(gm, target, tensor)
+        set_attr(gm, target, tensor)
         with gm.graph.inserting_before(first):
             attr = gm.graph.get_attr(target)
         attr.meta.update(ph.meta)
@@ -75,6 +77,18 @@ def freeze_parameters(gm: fx.GraphModule, frozen: dict[str, tuple[str, torch.Ten
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def drop_unused_attrs(gm: fx.GraphModule, before: set[str]) -> None:
+    """Delete the attributes among ``before`` that no ``get_attr`` reads any more, so the module
+    no longer holds the tensors a pass replaced."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for target in sorted(before - used):
+        *path, leaf = target.split(".")
+        module = gm
+        for part in path:
+            module = getattr(module, part)
+        delattr(module, leaf)
 
 
 def frozen_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:

@@ -73,6 +73,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake
 
 from fxmem.analysis.sizes import fetch_attr, is_alias_op, parameter_bytes
 from fxmem.config import PrecisionConfig
+from fxmem.freeze import drop_unused_attrs, set_attr
 from fxmem.pipeline import EXAMPLE_INPUTS_KEY, STAGE_KEY, PassResult, UnsupportedGraph
 
 aten = torch.ops.aten
@@ -312,7 +313,7 @@ class _Rewriter:
                     target, i = f"{node.target}_{suffix}{i}", i + 1
                 taken.add(target)
                 low = value.detach().to(self.low)
-                _set_attr(self.gm, target, low)
+                set_attr(self.gm, target, low)
                 made[key] = (target, low)
                 self.weights_low.append(fqn)
             target, low = made[key]
@@ -471,27 +472,6 @@ class _Rewriter:
                 self._restore_all(node)
 
 
-def _set_attr(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
-    *path, leaf = target.split(".")
-    module = gm
-    for part in path:
-        if not hasattr(module, part):
-            module.add_module(part, torch.nn.Module())
-        module = getattr(module, part)
-    module.register_buffer(leaf, value)
-
-
-def _drop_unused_attrs(gm: fx.GraphModule, before: set[str]) -> None:
-    """Delete attributes no get_attr reads any more (so the module does not hold them)."""
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for target in before - used:
-        *path, leaf = target.split(".")
-        module = gm
-        for part in path:
-            module = getattr(module, part)
-        delattr(module, leaf)
-
-
 def _max_abs_error(ref, out) -> float:
     leaves_r = [t for t in torch.utils._pytree.tree_leaves(ref) if isinstance(t, torch.Tensor) and t.is_floating_point()]
     leaves_o = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
@@ -523,7 +503,7 @@ def _cast_precision(gm: fx.GraphModule, config: PrecisionConfig) -> PassResult:
     gm.graph.lint()
     gm.recompile()
     if inference:
-        _drop_unused_attrs(gm, attrs_before)
+        drop_unused_attrs(gm, attrs_before)
 
     stats: dict = {
         "dtype": str(config.dtype).removeprefix("torch."),

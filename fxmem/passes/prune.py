@@ -51,6 +51,7 @@ from fxmem.analysis.cost import graph_cost
 from fxmem.analysis.dependencies import DependencyGraph, Group, analyze, dim_index
 from fxmem.analysis.sizes import fetch_attr, parameter_bytes
 from fxmem.config import PruneConfig
+from fxmem.freeze import set_attr
 from fxmem.pipeline import EXAMPLE_INPUTS_KEY, STAGE_KEY, PassResult, UnsupportedGraph
 
 aten = torch.ops.aten
@@ -288,7 +289,7 @@ def _rewrite(gm: fx.GraphModule, dg: DependencyGraph, kept: dict[int, torch.Tens
                 if isinstance(value, torch.nn.Parameter):
                     new = torch.nn.Parameter(new, requires_grad=value.requires_grad)
                 replaced[id(value)] = new
-            _set_attr(gm, node.target, replaced[id(value)])
+            set_attr(gm, node.target, replaced[id(value)])
             continue
         if node.op != "call_function":
             continue
@@ -312,17 +313,6 @@ def _rewrite(gm: fx.GraphModule, dg: DependencyGraph, kept: dict[int, torch.Tens
             else:
                 node.args = (node.args[0], [s[dim] for s in new], *node.args[2:])
     return predicted
-
-
-def _set_attr(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
-    *path, leaf = target.split(".")
-    module = gm
-    for part in path:
-        module = getattr(module, part)
-    if isinstance(value, torch.nn.Parameter):
-        module.register_parameter(leaf, value)
-    else:
-        module.register_buffer(leaf, value)
 
 
 class _Propagate(FakeTensorProp):

@@ -47,6 +47,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from fxmem.analysis.sizes import fetch_attr, parameter_bytes, tensor_bytes
 from fxmem.config import TieConfig
+from fxmem.freeze import drop_unused_attrs
 from fxmem.pipeline import EXAMPLE_INPUTS_KEY, PassResult
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -96,16 +97,6 @@ def _fqn(node: fx.Node) -> str:
 def _repoint(node: fx.Node, keep: fx.Node) -> None:
     node.target = keep.target
     node.meta["fxmem_tied_to"] = _fqn(keep)
-
-
-def _drop_unused(gm: fx.GraphModule, before: set[str]) -> None:
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for target in sorted(before - used):
-        *path, leaf = target.split(".")
-        module = gm
-        for part in path:
-            module = getattr(module, part)
-        delattr(module, leaf)
 
 
 def _exact(gm: fx.GraphModule, ties: list[dict]) -> None:
@@ -213,7 +204,7 @@ def _tie_weights(gm: fx.GraphModule, config: TieConfig) -> PassResult:
     if changed:
         gm.graph.lint()
         gm.recompile()
-        _drop_unused(gm, attrs_before)
+        drop_unused_attrs(gm, attrs_before)
     bytes_after = parameter_bytes(gm)
     stats: dict = {"mode": config.mode, "ties": ties, "tied": len(ties), "bytes_saved": bytes_before - bytes_after,
                    "param_bytes_before": bytes_before, "param_bytes_after": bytes_after}

@@ -3,21 +3,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from fxmem.analysis import graph_cost, is_compute_bound, node_bytes_moved, node_flops
-from fxmem.capture import capture_inference
+from fxmem.testing.graphs import inference_graph
 
 aten = torch.ops.aten
-
-
-def _graph(fn, *args, module=None):
-    class Wrap(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.module = module  # registered, so its parameters are frozen like a model's
-
-        def forward(self, *a):
-            return fn(*a)
-
-    return capture_inference(Wrap(), args, None, {}).gm
 
 
 def _nodes(gm, target):
@@ -25,7 +13,7 @@ def _nodes(gm, target):
 
 
 def test_matmul_flops_are_2mnk():
-    gm = _graph(lambda a, b: a @ b, torch.randn(8, 16), torch.randn(16, 4))
+    gm = inference_graph(lambda a, b: a @ b, torch.randn(8, 16), torch.randn(16, 4))
     (mm,) = _nodes(gm, aten.mm.default)
     assert node_flops(mm) == 2 * 8 * 16 * 4
     assert is_compute_bound(mm)
@@ -33,13 +21,13 @@ def test_matmul_flops_are_2mnk():
 
 def test_addmm_bmm_and_convolution():
     lin = torch.nn.Linear(16, 4)
-    gm = _graph(lambda x: lin(x), torch.randn(8, 16), module=lin)
+    gm = inference_graph(lambda x: lin(x), torch.randn(8, 16), module=lin)
     (addmm,) = _nodes(gm, aten.addmm.default)
     assert node_flops(addmm) == 2 * 8 * 16 * 4
-    gm = _graph(lambda a, b: torch.bmm(a, b), torch.randn(3, 8, 16), torch.randn(3, 16, 4))
+    gm = inference_graph(lambda a, b: torch.bmm(a, b), torch.randn(3, 8, 16), torch.randn(3, 16, 4))
     assert node_flops(_nodes(gm, aten.bmm.default)[0]) == 3 * 2 * 8 * 16 * 4
     conv = torch.nn.Conv2d(3, 8, 3)
-    gm = _graph(lambda x: conv(x), torch.randn(1, 3, 10, 10), module=conv)
+    gm = inference_graph(lambda x: conv(x), torch.randn(1, 3, 10, 10), module=conv)
     (c,) = _nodes(gm, aten.convolution.default)
     assert node_flops(c) == 2 * (8 * 8 * 8) * (3 * 3 * 3)
 
@@ -49,7 +37,7 @@ def test_cpu_flash_attention_is_priced_where_flop_counter_says_zero():
     with FlopCounterMode(display=False) as counter:
         F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert counter.get_total_flops() == 0  # the blind spot fxmem's cost model covers
-    gm = _graph(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v)
+    gm = inference_graph(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v)
     (sdpa,) = _nodes(gm, aten._scaled_dot_product_flash_attention_for_cpu.default)
     # two matmuls (QK^T and PV) of B·H·T·T·D multiply-adds each
     assert node_flops(sdpa) == 2 * (2 * 2 * 4 * 16 * 16 * 8)
@@ -57,7 +45,7 @@ def test_cpu_flash_attention_is_priced_where_flop_counter_says_zero():
 
 
 def test_pointwise_ops_cost_bytes_not_flops():
-    gm = _graph(lambda x: torch.relu(x) * 2, torch.randn(32, 32))
+    gm = inference_graph(lambda x: torch.relu(x) * 2, torch.randn(32, 32))
     (relu,) = _nodes(gm, aten.relu.default)
     assert node_flops(relu) == 0 and not is_compute_bound(relu)
     assert node_bytes_moved(relu) == 2 * 32 * 32 * 4
