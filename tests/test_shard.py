@@ -180,3 +180,32 @@ def test_hf_models_are_planned_through_torch_export_when_make_fx_cannot_trace():
     plan = fxmem.shard.plan(gpt2, idx, world_size=2)
     assert plan.groups == []  # GPT-2's Conv1D: said so, not mis-split
     assert any("Conv1D is not nn.Linear" in why for _, why in plan.fallbacks)
+
+
+_EXPLAIN_SHARDED = """
+import torch, torch.distributed as dist, fxmem
+from torch.distributed.device_mesh import init_device_mesh
+from fxmem.models.gpt import GPT, GPTConfig, example_batch
+dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+cfg = GPTConfig(n_layer=1, d_model=32, n_head=4, block_size=8, vocab_size=64)
+torch.manual_seed(0)
+model, x = GPT(cfg), example_batch(cfg, 2)
+sharded = fxmem.shard.apply(model, fxmem.shard.plan(model, x, world_size=1), init_device_mesh("cpu", (1,)))
+report = fxmem.explain(sharded, x)
+assert report.mode == "training" and report.eager_param_bytes > 0
+assert {r.stage for r in report.records if r.name == "shard"} == {"forward", "backward"}
+print("ok")
+"""
+
+
+def test_explain_runs_on_a_parallelized_model():
+    """explain() on a model whose parameters are DTensors (one rank, in a fresh process so that
+    apply's process-wide implicit replication does not reach the other tests)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _EXPLAIN_SHARDED], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": root})
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
