@@ -11,14 +11,13 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import ast  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from fxmem.kernels import codegen  # noqa: E402
 from fxmem.kernels.codegen import Program  # noqa: E402
+from fxmem.testing.interpreter import rerun_under_interpreter  # noqa: E402
 
 INTERPRETER = codegen.interpreter_enabled()
 needs_interpreter = pytest.mark.skipif(not INTERPRETER, reason="Triton was imported without TRITON_INTERPRET=1 "
@@ -27,14 +26,7 @@ P = Program.pw
 
 
 def test_in_interpreter_subprocess():
-    if INTERPRETER or os.environ.get("FXMEM_TEST_SUBPROCESS"):
-        pytest.skip("the interpreter is on in this process: the kernel tests run here")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "FXMEM_TEST_SUBPROCESS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout
+    rerun_under_interpreter(__file__, interpreter_on=INTERPRETER, timeout=300)
 
 
 def _softmax_program(shape) -> Program:
