@@ -1,8 +1,21 @@
 """Side-by-side measurements shared by the demo, ``fxmem bench`` and ``benchmarks/``.
 
 Everything is measured in one process, one run, the same inputs: compile time (first call),
-step time (median of the following calls), saved-activation bytes from outside
-(``saved_tensors_hooks``) and parameter bytes. Timings on a CPU are reported as ratios to eager.
+step time (median of the following calls), **peak memory measured from outside**
+(:func:`peak_memory`), saved-activation bytes from outside (``saved_tensors_hooks``) and
+parameter bytes. Timings on a CPU are reported as ratios to eager.
+
+Peak memory is the figure fxmem answers to. It is measured, never estimated:
+
+* CPU: every allocation and free the CPU allocator makes while ``fn`` runs, as recorded by
+  ``torch.profiler`` with ``profile_memory=True`` (Inductor's buffers and eager ops alike); the
+  peak is the highest running sum of those events.
+* CUDA: ``torch.cuda.reset_peak_memory_stats`` before, ``torch.cuda.max_memory_allocated``
+  after (the caching allocator's allocated bytes, not its reserved pool).
+
+Either way the figure is the peak *above* what was allocated when ``fn`` started: for a
+training step that starts with ``grad=None``, it counts activations, temporaries and the
+gradients the step creates, not the parameters that already existed.
 """
 
 from __future__ import annotations
@@ -14,9 +27,76 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from fxmem.analysis.saved import measure_saved_bytes
 from fxmem.analysis.sizes import module_parameter_bytes
+
+
+MEMORY_EVENT = "[memory]"
+
+
+@dataclass(frozen=True)
+class PeakMemory:
+    """The measured peak of one call: bytes above the memory in use when it started."""
+
+    peak_bytes: int
+    device: str
+    method: str
+
+    @property
+    def mib(self) -> float:
+        return self.peak_bytes / 2**20
+
+    def __str__(self) -> str:
+        return f"{self.mib:.1f} MiB peak on {self.device} ({self.method})"
+
+
+def peak_memory(fn: Callable[[], Any], *, device: str | torch.device | None = None) -> tuple[PeakMemory, Any]:
+    """Run ``fn()`` once and measure its peak memory from outside; returns ``(peak, fn's result)``.
+
+    ``device`` is ``"cpu"`` or a CUDA device; by default CUDA when one is available, else the
+    CPU. What ``fn`` returns is kept alive by the caller, so it counts in the peak (as it would
+    in the caller's program), not after it.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        return _cuda_peak(fn, dev)
+    if dev.type != "cpu":
+        raise ValueError(f"peak_memory measures 'cpu' or 'cuda' devices; got {str(dev)!r}")
+    return _cpu_peak(fn)
+
+
+def _cuda_peak(fn: Callable[[], Any], dev: torch.device) -> tuple[PeakMemory, Any]:
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    start = torch.cuda.memory_allocated(dev)
+    result = fn()
+    torch.cuda.synchronize(dev)
+    peak = torch.cuda.max_memory_allocated(dev) - start
+    return PeakMemory(peak, f"cuda:{torch.cuda.get_device_name(dev)}", "torch.cuda.max_memory_allocated"), result
+
+
+def _cpu_peak(fn: Callable[[], Any]) -> tuple[PeakMemory, Any]:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    # The raw allocator events: FunctionEvent lists fold allocations into the ops that made them.
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == MEMORY_EVENT and e.device_type() == torch.autograd.DeviceType.CPU]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return PeakMemory(peak, "cpu", "torch.profiler allocator events"), result
+
+
+def training_step_peak(step: Callable[[], Any], *, device: str | torch.device | None = None, warmup: int = 1) -> PeakMemory:
+    """The peak of one call of ``step`` after ``warmup`` calls (compilation stays out of it)."""
+    for _ in range(warmup):
+        step()
+    peak, _ = peak_memory(step, device=device)
+    return peak
 
 
 @dataclass

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Every GPU check in one run (< 8 minutes on one H100/H200), JSON into $OUT (default
+# benchmarks/results/gpu/). Without CUDA every part skips cleanly and the script exits 0.
+#
+#   bash benchmarks/gpu/run_all.sh                 # on the lent GPU machine: OUT is set by the tool
+#   OUT=/tmp/gpu bash benchmarks/gpu/run_all.sh    # anywhere else
+#
+# Parts (each under its own time limit, so one slow part cannot eat the others' time):
+#   train_peak   peak memory (max_memory_allocated) and step time of a training step: eager,
+#                torch.compile at activation budgets 1.0/0.5/0.0, fxmem default/0.5/0.0
+#   kernels_gpu  fxmem's generated Triton kernels vs eager and Inductor; int8 matmul vs bf16 cuBLAS
+#   int4         the int4 dequantize-matmul at decode shapes vs bf16 cuBLAS (when the script exists)
+#   chunked_loss the chunked cross-entropy vs torch.compile (when the script exists)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+
+if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  echo '{"skipped": "CUDA is not available"}' > "$OUT/skipped.json"
+  echo "run_all.sh: no CUDA device; every GPU check skipped"
+  exit 0
+fi
+
+# backend="fxmem" is found through the package's entry point: install the checkout, offline
+# (the tool returns at most 8 files from $OUT: one log for all parts, one JSON (+PNG) per part)
+LOG=$OUT/run_all.log
+"$PY" -m pip install -q --no-deps --no-index --no-build-isolation -e . > /tmp/fxmem-pip.log 2>&1 \
+  || { echo "pip install of fxmem failed:"; tail -5 /tmp/fxmem-pip.log; } | tee -a "$LOG"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } | tee -a "$LOG"
+
+part() {  # part NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  echo "== $name (limit ${limit}s)" | tee -a "$LOG"
+  timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | grep -v '^USDT' | tee -a "$LOG" | tail -40
+  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$LOG"
+}
+
+# PARTS picks parts (default: all); TRAIN_PEAK_ARGS adds arguments (e.g. --cases hf_llama)
+PARTS=${PARTS:-train_peak kernels_gpu int4 chunked_loss}
+want() { [[ " $PARTS " == *" $1 "* ]]; }
+want train_peak && part train_peak "${TRAIN_PEAK_LIMIT:-240}" "$PY" benchmarks/train_peak.py --device cuda --steps 20 \
+  ${TRAIN_PEAK_ARGS:-} --out "$OUT/train_peak.json"
+want kernels_gpu && part kernels_gpu 60 "$PY" benchmarks/gpu/kernels_gpu.py --out "$OUT/kernels_gpu.json"
+want int4 && [ -f benchmarks/kernels_int4.py ] && part int4 45 "$PY" benchmarks/kernels_int4.py --out "$OUT/int4.json"
+want chunked_loss && [ -f benchmarks/chunked_loss.py ] && part chunked_loss 75 "$PY" benchmarks/chunked_loss.py --device cuda \
+  --out "$OUT/chunked_loss.json"
+ls -la "$OUT"
+exit 0
