@@ -19,7 +19,8 @@ and the relative error of all gradients together against eager's.
     PYTHONPATH=. python benchmarks/train_peak.py --quick           # small shapes, a few minutes
     PYTHONPATH=. python benchmarks/train_peak.py --device cuda --out $OUT/train_peak.json
 
-Writes JSON after every row (a run cut short keeps what it measured) and a PNG beside it.
+Each case runs in its own process. Writes JSON after every case (a run cut short keeps what it
+measured) and a PNG beside it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -243,6 +245,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=[v[0] for v in VARIANTS], help="labels from VARIANTS")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 3 on the CPU, 20 on CUDA)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--case-json", default=None, help=argparse.SUPPRESS)  # internal: one case, in a child
     opts = parser.parse_args()
     device = torch.device(opts.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -251,17 +254,39 @@ def main() -> None:
     steps = opts.steps or (20 if device.type == "cuda" else 3)
     out = opts.out or os.path.join(RESULTS, f"train_peak{'_quick' if opts.quick else ''}.json")
     variants = [v for v in VARIANTS if v[0] in opts.variants]
-    cold_caches()
+    if opts.case_json:  # one case, in this (child) process
+        cold_caches()
+        print(f"{opts.cases[0]}:", flush=True)
+        case = run_case(opts.cases[0], opts.quick, device, variants, steps)
+        case["env_TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET")
+        with open(opts.case_json, "w") as f:
+            json.dump(case, f)
+        return
     results: dict[str, Any] = {"question": __doc__.split("\n")[0], "device": device_name(device), "torch": torch.__version__,
                                "quick": opts.quick, "steps": steps, "cases": []}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     for name in opts.cases:
-        print(f"{name}:", flush=True)
-        results["cases"].append(run_case(name, opts.quick, device, variants, steps))
+        results["cases"].append(run_case_in_child(name, opts, steps))
         with open(out, "w") as f:
             json.dump(results, f, indent=2)
     plot(results, out)
     print(f"wrote {out}")
+
+
+def run_case_in_child(name: str, opts: argparse.Namespace, steps: int) -> dict:
+    """Each case in a fresh process: compile caches, Dynamo state and anything a backend leaves in
+    the process (environment variables, registries) cannot leak from one case into the next."""
+    with tempfile.TemporaryDirectory() as tmp:
+        case_json = os.path.join(tmp, "case.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--device", opts.device, "--cases", name,
+               "--steps", str(steps), "--case-json", case_json, "--variants", *opts.variants]
+        if opts.quick:
+            cmd.append("--quick")
+        proc = subprocess.run(cmd, check=False)
+        if proc.returncode == 0 and os.path.exists(case_json):
+            with open(case_json) as f:
+                return json.load(f)
+        return {"case": name, "rows": [], "error": f"the case's process exited with {proc.returncode}"}
 
 
 if __name__ == "__main__":

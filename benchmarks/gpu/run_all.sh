@@ -6,6 +6,7 @@
 #   OUT=/tmp/gpu bash benchmarks/gpu/run_all.sh    # anywhere else
 #
 # Parts (each under its own time limit, so one slow part cannot eat the others' time):
+#   tests        the whole pytest suite on the machine's torch (2.11 there), `gpu` tests included
 #   train_peak   peak memory (max_memory_allocated) and step time of a training step: eager,
 #                torch.compile at activation budgets 1.0/0.5/0.0, fxmem default/0.5/0.0
 #   kernels_gpu  fxmem's generated Triton kernels vs eager and Inductor; int8 matmul vs bf16 cuBLAS
@@ -41,8 +42,11 @@ part() {  # part NAME SECONDS COMMAND...
 }
 
 # PARTS picks parts (default: all); TRAIN_PEAK_ARGS adds arguments (e.g. --cases hf_llama)
-PARTS=${PARTS:-train_peak kernels_gpu int4 chunked_loss}
+PARTS=${PARTS:-tests train_peak kernels_gpu int4 chunked_loss}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
+# the test suite on this machine's torch (2.11 on the lent machines; CI has 2.13), GPU tests included
+want tests && part tests "${TESTS_LIMIT:-120}" "$PY" -m pytest -q -n 12 -p no:cacheprovider -rfE \
+  --junitxml="$OUT/tests.xml" ${TESTS_ARGS:-}
 want train_peak && part train_peak "${TRAIN_PEAK_LIMIT:-240}" "$PY" benchmarks/train_peak.py --device cuda --steps 20 \
   ${TRAIN_PEAK_ARGS:-} --out "$OUT/train_peak.json"
 want kernels_gpu && part kernels_gpu 60 "$PY" benchmarks/gpu/kernels_gpu.py --out "$OUT/kernels_gpu.json"

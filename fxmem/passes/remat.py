@@ -409,16 +409,28 @@ def _search(prob: _Problem, target: float) -> tuple[_Choice, int]:
 # --------------------------------------------------------------------------------------------
 
 
+# torch 2.11's partitioner (the GPU machines) has neither helper; 2.13 added both, with saved
+# opaque nodes. Without them no node is opaque or an assert-only symbool, as 2.11 itself assumes.
+def _is_opaque_node(node: fx.Node) -> bool:
+    check = getattr(P, "is_opaque_node", None)
+    return bool(check is not None and check(node))
+
+
+def _is_assert_only_symbool(node: fx.Node) -> bool:
+    check = getattr(P, "_is_assert_only_symbool", None)
+    return bool(check is not None and check(node))
+
+
 def _build(joint: fx.GraphModule, prob: _Problem, saved: list[fx.Node], num_fwd_outputs: int):
     order = {n: i for i, n in enumerate(joint.graph.nodes)}
     saved = sorted(saved, key=order.__getitem__)
-    sym = [n for n in saved if P.is_sym_node(n) and not P._is_assert_only_symbool(n)]
+    sym = [n for n in saved if P.is_sym_node(n) and not _is_assert_only_symbool(n)]
     values = [n for n in saved if not P.is_sym_node(n) and _is_tensor(n)]
     # opaque objects (a DTensor's mesh and placements after subclass desugaring) pass through
-    opaque = [n for n in saved if P.is_opaque_node(n)]
-    fw, bw = P._extract_fwd_bwd_modules(joint, values, saved_sym_nodes=sym, saved_opaque_nodes=opaque,
-                                        num_fwd_outputs=num_fwd_outputs,
-                                        static_lifetime_input_nodes=prob.info.static_lifetime_input_nodes)
+    opaque = [n for n in saved if _is_opaque_node(n)]
+    extra = {"saved_opaque_nodes": opaque} if opaque else {}
+    fw, bw = P._extract_fwd_bwd_modules(joint, values, saved_sym_nodes=sym, num_fwd_outputs=num_fwd_outputs,
+                                        static_lifetime_input_nodes=prob.info.static_lifetime_input_nodes, **extra)
     fw.graph.eliminate_dead_code(is_impure_node=P.is_not_collective)
     bw.graph.eliminate_dead_code(is_impure_node=P.is_not_collective)
     fw.recompile()
