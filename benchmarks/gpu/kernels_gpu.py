@@ -1,7 +1,7 @@
 """Question (CUDA only): how fast are fxmem's Triton kernels against eager, Inductor and cuBLAS?
 
 * ``lower``: the generated kernels for the unfused softmax / layer-norm / GELU chains of
-  ``benchmarks/kernels.py`` at a GPU-sized shape, against the same chain in eager PyTorch
+  ``benchmarks/lower_kernels.py`` at a GPU-sized shape, against the same chain in eager PyTorch
   (unfused) and under ``torch.compile`` (Inductor's fused Triton). Targets from docs/passes/lower.md:
   ≥ 3× the unfused eager chain, ≥ 0.9× Inductor. Max abs error against eager is recorded.
 * ``int8``: the weight-only int8 Triton matmul at decode shapes against bf16 cuBLAS
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-# Real kernels, never Triton's interpreter: benchmarks/kernels.py (imported below for its chains)
+# Real kernels, never Triton's interpreter: benchmarks/lower_kernels.py (imported below for its chains)
 # defaults TRITON_INTERPRET to 1 for CPU runs.
 os.environ["TRITON_INTERPRET"] = "0"
 
@@ -38,7 +38,7 @@ def bench_lower(shape: tuple[int, ...]) -> list[dict]:
     from triton.testing import do_bench
 
     import fxmem
-    from kernels import Chain, gelu_chain, softmax_layer_norm_relu, unfused_layer_norm, unfused_softmax
+    from lower_kernels import Chain, gelu_chain, softmax_layer_norm_relu, unfused_layer_norm, unfused_softmax
 
     rows = []
     d = shape[-1]

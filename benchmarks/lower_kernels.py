@@ -17,8 +17,8 @@ Kernel speed is NOT measured: the interpreter runs kernels in NumPy, and no GPU 
 targets (fused softmax / layer_norm ≥ 3× the unfused eager chain and ≥ 0.9× Inductor) stay
 unmeasured here.
 
-    PYTHONPATH=. python benchmarks/kernels.py            # --quick (default) suite, a few minutes
-    PYTHONPATH=. python benchmarks/kernels.py --no-inductor --no-hf
+    PYTHONPATH=. python benchmarks/lower_kernels.py            # --quick (default) suite, a few minutes
+    PYTHONPATH=. python benchmarks/lower_kernels.py --no-inductor --no-hf
 
 Writes ``benchmarks/results/kernels.json`` and ``benchmarks/results/kernels.png``.
 """
