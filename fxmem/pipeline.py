@@ -28,27 +28,18 @@ import torch.fx as fx
 from fxmem.analysis.liveness import estimate_peak
 from fxmem.analysis.sizes import parameter_bytes
 from fxmem.config import FxmemConfig
-
-STAGE_KEY = "fxmem_stage"
-EXAMPLE_INPUTS_KEY = "fxmem_example_inputs"
-STAGES = ("inference", "joint", "forward", "backward")
-
-
-@dataclass
-class PassResult:
-    """What a pass returns: the graph module, whether it changed, and its statistics."""
-
-    gm: fx.GraphModule
-    changed: bool
-    stats: dict[str, Any] = field(default_factory=dict)
-
-
-class UnsupportedGraph(Exception):
-    """Raised by a pass that cannot handle a graph; names the op. The pipeline skips the pass."""
-
-    def __init__(self, op: object, reason: str):
-        self.op = op
-        super().__init__(f"unsupported op {op}: {reason}")
+from fxmem.passes import int8, lower, precision, prune, shard, tying
+from fxmem.passes.base import (  # noqa: F401  (re-exported: the contract's old home)
+    EXAMPLE_INPUTS_KEY,
+    STAGE_KEY,
+    STAGES,
+    KernelRecord,
+    PassContext,
+    PassResult,
+    UnsupportedGraph,
+    returns_nothing,
+    shallow_copy,
+)
 
 
 class PassFailure(RuntimeError):
@@ -74,21 +65,6 @@ class PassRecord:
     code: str = ""
 
 
-@dataclass
-class KernelRecord:
-    """A generated or hand-written kernel a pass put in the graph (shown in ``report.kernels``).
-
-    A pass that emits kernels lists them in ``PassResult.stats["kernels"]``; the pipeline moves
-    them into the report and leaves a count in the statistics.
-    """
-
-    name: str
-    nodes_replaced: list[str]
-    bytes_saved: int
-    source: str
-    graph: str = ""
-
-
 @dataclass(frozen=True)
 class PassSpec:
     """A pass in the pipeline: its name (= option key), the stages it runs in, its function."""
@@ -108,19 +84,20 @@ class PassSpec:
         return value
 
 
-def _passes() -> tuple[PassSpec, ...]:
-    """The passes in pipeline order (design.md §2). A new pass adds one line here."""
-    # imported here: the pass modules import this one (PassResult, UnsupportedGraph)
-    from fxmem.passes import int8, lower, precision, prune, shard, tying
+PASSES: tuple[PassSpec, ...] = (
+    PassSpec("tie_weights", ("inference",), tying.tie_weights, "tie_weights"),
+    PassSpec("prune", ("inference",), prune.prune, "prune"),
+    PassSpec("int8", ("inference",), int8.quantize_int8, "int8"),
+    PassSpec("precision", ("inference", "joint"), precision.cast_precision, "precision"),
+    PassSpec("shard", ("inference", "forward", "backward"), shard.annotate, None),
+    PassSpec("lower", ("inference", "forward", "backward"), lower.lower, "lower"),
+)
+"""The passes in pipeline order (design.md §2). A new pass adds one line here."""
 
-    return (
-        PassSpec("tie_weights", ("inference",), tying.tie_weights, "tie_weights"),
-        PassSpec("prune", ("inference",), prune.prune, "prune"),
-        PassSpec("int8", ("inference",), int8.quantize_int8, "int8"),
-        PassSpec("precision", ("inference", "joint"), precision.cast_precision, "precision"),
-        PassSpec("shard", ("inference", "forward", "backward"), shard.annotate, None),
-        PassSpec("lower", ("inference", "forward", "backward"), lower.lower, "lower"),
-    )
+
+def _passes() -> tuple[PassSpec, ...]:
+    """The table :func:`run_pipeline` runs when it is given none (tests replace this function)."""
+    return PASSES
 
 
 def count_nodes(gm: fx.GraphModule) -> int:
@@ -136,32 +113,16 @@ def _output_signature(gm: fx.GraphModule) -> list[tuple]:
     return sig
 
 
-def _returns_nothing(node: fx.Node) -> bool:
-    """Ops run for their checks alone (``aten._assert_tensor_metadata``) produce no value."""
-    schema = getattr(node.target, "_schema", None)
-    return schema is not None and len(schema.returns) == 0
-
-
 def check_graph(gm: fx.GraphModule, *, expected_outputs: list[tuple] | None = None) -> None:
     """Lint a graph and check the invariants every pass must keep. Raises ``AssertionError``."""
     gm.graph.lint()
     for node in gm.graph.nodes:
-        if node.op == "call_function" and "val" not in node.meta and not _returns_nothing(node):
+        if node.op == "call_function" and "val" not in node.meta and not returns_nothing(node):
             raise AssertionError(f"node {node.name} ({node.target}) has no meta['val']")
     if expected_outputs is not None:
         got = _output_signature(gm)
         if got != expected_outputs:
             raise AssertionError(f"graph outputs changed: {expected_outputs} -> {got}")
-
-
-def shallow_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule over a copy of the graph that shares the attribute tensors (no copies)."""
-    graph = fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
-    new = fx.GraphModule(gm, graph)
-    new.meta = dict(gm.meta)
-    return new
 
 
 def _failing_op(exc: BaseException) -> str:

@@ -59,7 +59,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from fxmem.analysis.sizes import fetch_attr, tensor_bytes
 from fxmem.config import Int8Config
 from fxmem.kernels import int8_matmul
-from fxmem.pipeline import STAGE_KEY, KernelRecord, PassResult, shallow_copy
+from fxmem.passes.base import STAGE_KEY, KernelRecord, PassResult, shallow_copy
 
 aten = torch.ops.aten
 

@@ -60,7 +60,7 @@ import torch.fx as fx
 from fxmem.analysis.cost import node_bytes_moved
 from fxmem.analysis.sizes import node_bytes, tensor_bytes
 from fxmem.config import LowerConfig
-from fxmem.pipeline import KernelRecord, PassResult, UnsupportedGraph
+from fxmem.passes.base import KernelRecord, PassResult, UnsupportedGraph
 from fxmem.kernels import codegen
 from fxmem.kernels.codegen import Program
 from fxmem.passes.lower_rules import RULES, Rule, Translator, bind, rule_for, static_shape

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from fxmem.kernels.codegen import Expr, Program
-from fxmem.pipeline import UnsupportedGraph
+from fxmem.passes.base import UnsupportedGraph
 
 aten = torch.ops.aten
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)

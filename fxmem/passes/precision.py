@@ -74,7 +74,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake
 from fxmem.analysis.sizes import fetch_attr, is_alias_op, parameter_bytes
 from fxmem.config import PrecisionConfig
 from fxmem.freeze import drop_unused_attrs, set_attr
-from fxmem.pipeline import EXAMPLE_INPUTS_KEY, STAGE_KEY, PassResult, UnsupportedGraph
+from fxmem.passes.base import EXAMPLE_INPUTS_KEY, STAGE_KEY, PassResult, UnsupportedGraph
 
 aten = torch.ops.aten
 

@@ -52,7 +52,7 @@ from fxmem.analysis.dependencies import DependencyGraph, Group, analyze, dim_ind
 from fxmem.analysis.sizes import fetch_attr, parameter_bytes
 from fxmem.config import PruneConfig
 from fxmem.freeze import set_attr
-from fxmem.pipeline import EXAMPLE_INPUTS_KEY, STAGE_KEY, PassResult, UnsupportedGraph
+from fxmem.passes.base import EXAMPLE_INPUTS_KEY, STAGE_KEY, PassResult, UnsupportedGraph
 
 aten = torch.ops.aten
 

@@ -56,7 +56,7 @@ from fxmem.analysis.saved import describe_saved, saved_activation_bytes
 from fxmem.analysis.sizes import PARAM_META_KEY, is_alias_op, node_bytes, unique_storage_bytes
 from fxmem.config import RematConfig
 from fxmem.passes._flow import INF, SINK, SOURCE, FlowNetwork, min_cut
-from fxmem.pipeline import UnsupportedGraph
+from fxmem.passes.base import UnsupportedGraph
 
 BYTE_COST = 1.0
 """Recompute cost of one byte moved by a memory-bound op, in FLOPs. Matmuls dominate at 1; the

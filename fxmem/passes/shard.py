@@ -40,7 +40,7 @@ import torch
 import torch.fx as fx
 
 from fxmem.analysis.sizes import node_bytes, parameter_bytes
-from fxmem.pipeline import PassResult
+from fxmem.passes.base import PassResult
 
 PLACEMENT_KEY = "fxmem_placement"      # str, e.g. "Shard(1)", "Replicate()", "Partial(sum)"
 COLLECTIVE_KEY = "fxmem_collective"    # dict: kind, bytes, group_size (on collective nodes)

@@ -48,7 +48,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from fxmem.analysis.sizes import fetch_attr, parameter_bytes, tensor_bytes
 from fxmem.config import TieConfig
 from fxmem.freeze import drop_unused_attrs
-from fxmem.pipeline import EXAMPLE_INPUTS_KEY, PassResult
+from fxmem.passes.base import EXAMPLE_INPUTS_KEY, PassResult
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
