@@ -184,7 +184,7 @@ def t5_overflow_row():
     from fxmem.capture import capture_inference
     from fxmem.config import PrecisionConfig
     from fxmem.passes.precision import cast_precision
-    from fxmem.pipeline import EXAMPLE_INPUTS_KEY, shallow_copy
+    from fxmem.passes.base import PassContext, shallow_copy
 
     torch.manual_seed(0)
     cfg = tf.T5Config(vocab_size=1024, d_model=64, d_kv=16, d_ff=256, num_layers=2, num_heads=4)
@@ -196,14 +196,14 @@ def t5_overflow_row():
     with torch.no_grad():
         ref = model(ids).last_hidden_state
     c = capture_inference(model, (ids,), {}, {})
-    c.gm.meta[EXAMPLE_INPUTS_KEY] = c.example_tensors
     row = {"model": "T5EncoderModel (wo x 30000)", "hf_keep_in_fp32_modules": sorted(model._keep_in_fp32_modules)}
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
         auto = model(ids).last_hidden_state.float()
     row["autocast_cpu_fp16"] = {"finite": bool(torch.isfinite(auto).all()),
                                 "rel_err": rel_err(auto, ref) if torch.isfinite(auto).all() else float("nan")}
     for guard in (True, False):
-        res = cast_precision(shallow_copy(c.gm), PrecisionConfig(dtype=torch.float16, overflow_guard=guard))
+        res = cast_precision(shallow_copy(c.gm), PrecisionConfig(dtype=torch.float16, overflow_guard=guard),
+                             PassContext(stage="inference", example_inputs=c.example_tensors))
         with torch.no_grad():
             out = res.gm(ids)[0]
         finite = bool(torch.isfinite(out).all())

@@ -22,16 +22,13 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._functorch import partitioners
 from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
-from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from fxmem.analysis.saved import saved_activation_bytes
 from fxmem.analysis.sizes import PARAM_META_KEY
 from fxmem.config import FxmemConfig, OptionError, parse_options
 from fxmem.freeze import WeightWatch, freeze_parameters
-from fxmem.passes import remat
-from fxmem.pipeline import EXAMPLE_INPUTS_KEY, STAGE_KEY, Recorder, count_nodes, make_record, run_pipeline
+from fxmem.passes.base import copy_graph
+from fxmem.pipeline import Recorder, run_partition, run_pipeline
 from fxmem.verify import verify_outputs
 
 # ATen ops that AOTAutograd keeps whole (softmax, native_layer_norm, gelu, SDPA) stay whole:
@@ -117,7 +114,7 @@ class FxmemBackend:
             state: dict[str, Any] = {}
 
             def build() -> None:
-                gm_copy = fx.GraphModule(template, _copy_graph(template.graph))
+                gm_copy = fx.GraphModule(template, copy_graph(template.graph))
                 frozen_now = {name: (fqn, t) for name, (fqn, t) in frozen.items()}
                 # Dynamo's example inputs are real tensors (AOT's flat_args are fake): passes that
                 # calibrate on the example inputs (the precision overflow guard) need real values
@@ -144,11 +141,9 @@ class FxmemBackend:
     def _run_inference_pipeline(self, aten_gm: fx.GraphModule, frozen: dict, user_args: Sequence[Any]) -> fx.GraphModule:
         if frozen:
             freeze_parameters(aten_gm, frozen)
-        aten_gm.meta[EXAMPLE_INPUTS_KEY] = tuple(user_args)
-        # AOTAutograd compiles under its fake mode; weight passes compute real tensors
-        # (quantized weights, casts), so they run with the fake mode switched off.
-        with unset_fake_temporarily():
-            return run_pipeline(aten_gm, "inference", self.config, self.recorder)
+        # AOTAutograd compiles under its fake mode; the runner leaves it for the passes that
+        # compute real tensors (the pass table's real_tensors column)
+        return run_pipeline(aten_gm, "inference", self.config, self.recorder, example_inputs=user_args)
 
     # -- training --------------------------------------------------------------------------
     def _compile_training(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
@@ -156,30 +151,16 @@ class FxmemBackend:
         state: dict[str, Any] = {}
 
         def partition_fn(joint_gm, joint_inputs, *, num_fwd_outputs, static_lifetime_input_indices=None, **kwargs):
-            static = set(static_lifetime_input_indices or ())
-            primals = [n for n in joint_gm.graph.nodes if n.op == "placeholder" and n.name.startswith("primals")]
-            for i, node in enumerate(primals):
-                if i in static:
-                    node.meta[PARAM_META_KEY] = True
-            joint_gm = run_pipeline(joint_gm, "joint", backend.config, backend.recorder)
-            fw, bw, info = partition(joint_gm, joint_inputs, backend.config, num_fwd_outputs=num_fwd_outputs,
-                                     static_lifetime_input_indices=static_lifetime_input_indices)
-            state["num_fwd_outputs"] = num_fwd_outputs
-            state["static"] = static
-            backend.recorder.partitions.append(info)
-            return fw, bw
+            state["static"] = set(static_lifetime_input_indices or ())
+            return partition(joint_gm, joint_inputs, backend.config, backend.recorder, num_fwd_outputs=num_fwd_outputs,
+                             static_lifetime_input_indices=static_lifetime_input_indices)
 
         def fw_compiler(fw_gm: fx.GraphModule, args: Sequence[Any]):
             static = state.get("static", set())
             for i, node in enumerate(n for n in fw_gm.graph.nodes if n.op == "placeholder"):
                 if i in static:
                     node.meta[PARAM_META_KEY] = True
-            saved = saved_activation_bytes(fw_gm, state.get("num_fwd_outputs", 0))
-            if backend.recorder.partitions:
-                backend.recorder.partitions[-1]["saved_bytes"] = saved
-            name = backend.recorder.new_graph_name("forward")
-            backend.recorder.records.append(make_record("partition", name, _with_stage(fw_gm, "forward"), status="changed",
-                                                        time_s=0.0, nodes_before=count_nodes(fw_gm), saved_bytes=saved))
+            name = backend.recorder.forward_graph_name()
             return make_boxed_func(run_pipeline(fw_gm, "forward", backend.config, backend.recorder, graph_name=name))
 
         def bw_compiler(bw_gm: fx.GraphModule, args: Sequence[Any]):
@@ -189,29 +170,25 @@ class FxmemBackend:
                                      partition_fn=partition_fn, decompositions=DECOMPOSITIONS)
 
 
-def _with_stage(gm: fx.GraphModule, stage: str) -> fx.GraphModule:
-    gm.meta[STAGE_KEY] = stage
-    return gm
+def partition(joint_gm: fx.GraphModule, joint_inputs, config: FxmemConfig, recorder: Recorder | None = None, *,
+              num_fwd_outputs: int, static_lifetime_input_indices=None) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """fxmem's partition function (AOTAutograd's ``partition_fn`` contract): ``(forward, backward)``.
 
-
-def _copy_graph(graph: fx.Graph) -> fx.Graph:
-    new = fx.Graph()
-    out = new.graph_copy(graph, {})
-    new.output(out)
-    return new
-
-
-def partition(joint_gm: fx.GraphModule, joint_inputs, config: FxmemConfig, *, num_fwd_outputs: int,
-              static_lifetime_input_indices=None) -> tuple[fx.GraphModule, fx.GraphModule, dict]:
-    """Split a joint graph into forward and backward graphs by the ``remat`` option.
-
-    Returns ``(forward, backward, info)``; ``info`` describes the partition for the report.
+    Marks the static-lifetime primals (parameters) with ``meta["fxmem_param"]``, runs the
+    ``joint`` passes, then splits the graph by the ``remat`` option through the runner
+    (:func:`fxmem.pipeline.run_partition`: a failing remat falls back to PyTorch's
+    ``default_partition`` with a warning, or raises under ``strict``). The partition's
+    description goes to ``recorder.partitions``, its report row to ``recorder.records``.
     """
-    kwargs = dict(num_fwd_outputs=num_fwd_outputs, static_lifetime_input_indices=static_lifetime_input_indices)
-    if not config.remat.enabled:
-        fw, bw = partitioners.default_partition(joint_gm, joint_inputs, **kwargs)
-        return fw, bw, {"partitioner": "default_partition (remat=False)"}
-    return remat.partition_with_info(joint_gm, joint_inputs, config.remat, **kwargs)
+    recorder = recorder if recorder is not None else Recorder()
+    static = set(static_lifetime_input_indices or ())
+    primals = [n for n in joint_gm.graph.nodes if n.op == "placeholder" and n.name.startswith("primals")]
+    for i, node in enumerate(primals):
+        if i in static:
+            node.meta[PARAM_META_KEY] = True
+    joint_gm = run_pipeline(joint_gm, "joint", config, recorder)
+    return run_partition(joint_gm, joint_inputs, config, recorder, num_fwd_outputs=num_fwd_outputs,
+                         static_lifetime_input_indices=static_lifetime_input_indices)
 
 
 def backend(**options: Any) -> FxmemBackend:

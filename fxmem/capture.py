@@ -24,6 +24,7 @@ import torch.utils._pytree as pytree
 from torch._functorch.aot_autograd import aot_export_module
 
 from fxmem.freeze import WeightWatch, freeze_parameters
+from fxmem.passes.base import normalize_void_ops
 
 
 class CaptureError(RuntimeError):
@@ -115,6 +116,7 @@ def capture_inference(model: torch.nn.Module, args: Sequence[Any], kwargs: dict 
     for ph_name, fqn in {**sig.inputs_to_parameters, **sig.inputs_to_buffers}.items():
         frozen[ph_name] = (fqn.removeprefix("model."), owned[fqn])
     freeze_parameters(gm, frozen)
+    normalize_void_ops(gm)  # graph quirks normalized once, here: ops that return nothing get val None
     originals = {fqn: t for fqn, t in frozen.values()}
     return Captured(gm, originals, in_spec, flat.out_spec, flat.out_constants, leaves, positions, tensors)
 

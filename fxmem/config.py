@@ -284,6 +284,15 @@ class LowerConfig:
 
 
 @dataclass(frozen=True)
+class ShardConfig:
+    """The ``shard`` pass (placement and collective annotations on per-rank graphs): no options.
+
+    The pass is metadata only and always on; it has its own (empty) config so that every pass
+    takes its own config, never the whole :class:`FxmemConfig`.
+    """
+
+
+@dataclass(frozen=True)
 class VerifyConfig:
     """``verify``: run eager once beside the compiled graph and raise on mismatch."""
 

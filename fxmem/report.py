@@ -29,7 +29,7 @@ from fxmem.backend import DECOMPOSITIONS, FxmemBackend
 from fxmem.capture import OptimizedModule, capture_inference
 from fxmem.config import FxmemConfig, OptionError, parse_options
 from fxmem.freeze import WeightWatch
-from fxmem.pipeline import EXAMPLE_INPUTS_KEY, PassRecord, Recorder, run_pipeline
+from fxmem.pipeline import PassRecord, Recorder, run_pipeline
 
 MODES = ("inference", "training")
 
@@ -186,8 +186,7 @@ def explain(model: torch.nn.Module, *args: Any, kwargs: dict | None = None, mode
     start = time.perf_counter()
     if mode == "inference":
         captured = capture_inference(model, args, kwargs, DECOMPOSITIONS)
-        captured.gm.meta[EXAMPLE_INPUTS_KEY] = captured.example_tensors
-        gm = run_pipeline(captured.gm, "inference", config, recorder)
+        gm = run_pipeline(captured.gm, "inference", config, recorder, example_inputs=captured.example_tensors)
         module: torch.nn.Module = OptimizedModule(gm, captured, WeightWatch.after(captured.originals, gm))
     else:
         module = _explain_training(model, args, kwargs or {}, config, recorder)

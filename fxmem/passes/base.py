@@ -21,6 +21,7 @@ This module imports only torch: the pipeline imports the passes, the passes impo
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,10 +31,6 @@ import torch.fx as fx
 STAGES = ("inference", "joint", "forward", "backward")
 """``inference``: parameters frozen as ``get_attr``; ``joint``: AOTAutograd's forward+backward
 graph before partitioning; ``forward`` / ``backward``: the two halves after it."""
-
-# Graph meta keys the runner still sets (being replaced by PassContext; see docs/architecture.md).
-STAGE_KEY = "fxmem_stage"
-EXAMPLE_INPUTS_KEY = "fxmem_example_inputs"
 
 # Node meta keys that cross module boundaries (written by one module, read by another).
 FQN_KEY = "fxmem_fqn"
@@ -122,9 +119,16 @@ class KernelRecord:
 
 
 def copy_graph(graph: fx.Graph) -> fx.Graph:
-    """A node-for-node copy of ``graph`` (new nodes, the same targets and ``meta``)."""
-    new = fx.Graph()
-    new.output(new.graph_copy(graph, {}))
+    """A node-for-node copy of ``graph``: new nodes with the same targets and (shallow-copied)
+    ``meta``, the output node's ``meta`` too (AOTAutograd's joint graphs describe their outputs
+    there, ``meta["desc"]``, and the partitioners read it), and the graph's pytree codegen."""
+    new = fx.Graph(tracer_cls=graph._tracer_cls)
+    copied = new.graph_copy(graph, {}, return_output_node=True)
+    new._codegen = graph._codegen  # shared, not deep-copied: passes never mutate it (set_codegen replaces it)
+    if copied is not None:
+        value, old_output = copied
+        out = new.output(value, type_expr=getattr(old_output, "type", None))
+        out.meta = copy.copy(old_output.meta)
     return new
 
 

@@ -30,7 +30,7 @@ scale; a weight whose K is not a multiple of it falls back to per-channel, noted
 ``skip``: fnmatch patterns on module paths (``fxmem_fqn`` or the ``get_attr`` target, without
 ``.weight``); ``min_numel``: smaller weights stay.
 
-Preconditions: an inference graph (``gm.meta["fxmem_stage"] == "inference"``, parameters frozen
+Preconditions: an inference graph (``ctx.stage == "inference"``, parameters frozen
 as ``get_attr``); every replaced node carries ``meta["val"]`` (the new node takes it over: the
 op's output has the same shape, dtype and layout).
 
@@ -54,12 +54,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
-from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from fxmem.analysis.sizes import fetch_attr, tensor_bytes
-from fxmem.config import Int8Config
+from fxmem.config import Int8Config, OptionError
 from fxmem.kernels import int8_matmul
-from fxmem.passes.base import STAGE_KEY, KernelRecord, PassResult, shallow_copy
+from fxmem.passes.base import KernelRecord, PassContext, PassResult, UnsupportedGraph, shallow_copy
 
 aten = torch.ops.aten
 
@@ -248,25 +247,17 @@ def _kernel_record(config: Int8Config, replaced: list[str], saved: int) -> Kerne
                         source=inspect.getsource(int8_matmul.dynamic_linear_aten))
 
 
-def _mark_void_nodes(gm: fx.GraphModule) -> None:
-    # ops that return nothing (aten._assert_tensor_metadata in HF graphs) carry no meta["val"];
-    # the pipeline's check wants the key on every call_function, and None is their value
-    for node in gm.graph.nodes:
-        schema = getattr(node.target, "_schema", None)
-        if node.op == "call_function" and "val" not in node.meta and schema is not None and not schema.returns:
-            node.meta["val"] = None
+def quantize_int8(gm: fx.GraphModule, config: Int8Config, ctx: PassContext = PassContext()) -> PassResult:
+    """Rewrite linears with frozen weights to ``fxmem::int8_linear`` (see the module docstring).
 
-
-def quantize_int8(gm: fx.GraphModule, config: Int8Config) -> PassResult:
-    """Rewrite linears with frozen weights to ``fxmem::int8_linear`` (see the module docstring)."""
-    stage = gm.meta.get(STAGE_KEY, "inference")
-    if stage != "inference":
-        raise ValueError(
-            f"fxmem int8: runs on inference graphs only (frozen weights), got a {stage!r} graph; "
-            "int8 changes weights, so call the model under torch.no_grad() / model.eval()"
-        )
+    Quantizes real weights: the pipeline runs it outside AOTAutograd's fake mode (``real_tensors``
+    in :data:`fxmem.pipeline.PASSES`)."""
+    if not ctx.inference:
+        raise UnsupportedGraph("int8", (
+            f"runs on inference graphs only (frozen weights), got a {ctx.stage!r} graph; "
+            "int8 changes weights, so call the model under torch.no_grad() / model.eval()"))
     if config.mode == "dynamic" and config.granularity != "per_channel":
-        raise ValueError("fxmem int8: mode='dynamic' needs granularity='per_channel' (torch._int_mm sums whole rows)")
+        raise OptionError("fxmem int8: mode='dynamic' needs granularity='per_channel' (torch._int_mm sums whole rows)")
     fake_mode = detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)])
     layers, skipped, replaced = [], [], []
     total_before = total_after = 0
@@ -281,11 +272,10 @@ def quantize_int8(gm: fx.GraphModule, config: Int8Config) -> PassResult:
         orientation = weight.uses[0].orientation
         k = weight.tensor.shape[1] if orientation == "NK" else weight.tensor.shape[0]
         group_size, granularity = _granularity(k, config)
-        with unset_fake_temporarily():  # the backend runs passes inside AOTAutograd's fake mode; these are real weights
-            w_nk = weight.tensor if orientation == "NK" else weight.tensor.t()
-            qweight, scales = int8_matmul.quantize_weight(w_nk, group_size)
-            deq = int8_matmul.dequantize_weight(qweight, scales)
-            sqnr = int8_matmul.sqnr_db(w_nk, deq)
+        w_nk = weight.tensor if orientation == "NK" else weight.tensor.t()
+        qweight, scales = int8_matmul.quantize_weight(w_nk, group_size)
+        deq = int8_matmul.dequantize_weight(qweight, scales)
+        sqnr = int8_matmul.sqnr_db(w_nk, deq)
         fqn = weight.attrs[0].meta.get("fxmem_fqn", weight.attrs[0].target)
         first = weight.attrs[0]
         qnode = _add_constant(gm, f"{first.target}_int8", qweight, first, fake_mode, fqn, "qweight")
@@ -309,7 +299,6 @@ def quantize_int8(gm: fx.GraphModule, config: Int8Config) -> PassResult:
         })
     if not layers:
         return PassResult(gm, False, {"layers": [], "skipped": skipped, "mode": config.mode})
-    _mark_void_nodes(gm)
     gm.graph.lint()
     out = shallow_copy(gm)  # a new module holding only the attributes the graph reads: no stale fp32 copies
     saved = total_before - total_after

@@ -60,7 +60,7 @@ import torch.fx as fx
 from fxmem.analysis.cost import node_bytes_moved
 from fxmem.analysis.sizes import node_bytes, tensor_bytes
 from fxmem.config import LowerConfig
-from fxmem.passes.base import KernelRecord, PassResult, UnsupportedGraph
+from fxmem.passes.base import KernelRecord, PassContext, PassResult, UnsupportedGraph
 from fxmem.kernels import codegen
 from fxmem.kernels.codegen import Program
 from fxmem.passes.lower_rules import RULES, Rule, Translator, bind, rule_for, static_shape
@@ -400,7 +400,7 @@ def can_run(gm: fx.GraphModule, config: LowerConfig) -> tuple[bool, str]:
                    "TRITON_INTERPRET=1; set it in the environment before importing torch._dynamo or fxmem")
 
 
-def lower(gm: fx.GraphModule, config: LowerConfig) -> PassResult:
+def lower(gm: fx.GraphModule, config: LowerConfig, ctx: PassContext = PassContext()) -> PassResult:
     """Lower the regions that save the most bytes to generated Triton kernels."""
     ok, why = can_run(gm, config)
     if not ok:

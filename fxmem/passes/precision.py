@@ -39,7 +39,7 @@ So activations carry the dtypes autocast would give them; the difference is the 
   they are a fraction of a percent of a real model's bytes and the most sensitive to rounding.
   Weights read by several nodes (tied) get one low copy.
 * Overflow guard (inference, ``overflow_guard=True``): the original graph runs once on
-  ``gm.meta["fxmem_example_inputs"]`` (a ``torch.fx.Interpreter``); any value whose finite
+  the example inputs (``PassContext.example_inputs``; a ``torch.fx.Interpreter``); any value whose finite
   ``|x|max`` exceeds half the low dtype's largest number (fp16: 65504 / 2) keeps the op that
   produces it in fp32, and so does every ``LOW`` op that reads it — the T5 ``wo`` case
   (transformers#5651) found automatically instead of a hand-written ``_keep_in_fp32_modules``.
@@ -69,12 +69,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from fxmem.analysis.sizes import fetch_attr, is_alias_op, parameter_bytes
 from fxmem.config import PrecisionConfig
 from fxmem.freeze import drop_unused_attrs, set_attr
-from fxmem.passes.base import EXAMPLE_INPUTS_KEY, STAGE_KEY, PassResult, UnsupportedGraph
+from fxmem.passes.base import PassContext, PassResult, UnsupportedGraph
 
 aten = torch.ops.aten
 
@@ -214,14 +214,13 @@ class _Plan:
     rows: list[dict] = field(default_factory=list)                    # forced nodes that would have run low
 
 
-def _overflow_plan(gm: fx.GraphModule, config: PrecisionConfig, plan: _Plan) -> dict[fx.Node, object] | None:
+def _overflow_plan(gm: fx.GraphModule, config: PrecisionConfig, plan: _Plan, example: tuple | None) -> dict[fx.Node, object] | None:
     """Run the original graph on the example inputs; force fp32 where values exceed the range."""
-    example = gm.meta.get(EXAMPLE_INPUTS_KEY)
     if not config.overflow_guard:
         plan.guard = "off (overflow_guard=False)"
         return None
     if example is None:
-        plan.guard = "not run: the graph has no example inputs (gm.meta['fxmem_example_inputs'])"
+        plan.guard = "not run: the graph has no example inputs (PassContext.example_inputs)"
         return None
     if not _real(example):
         plan.guard = "not run: the example inputs are fake tensors (no values to measure ranges on)"
@@ -479,20 +478,19 @@ def _max_abs_error(ref, out) -> float:
     return max(errs) if errs else 0.0
 
 
-def cast_precision(gm: fx.GraphModule, config: PrecisionConfig) -> PassResult:
-    """Rewrite ``gm`` to compute in ``config.dtype`` (see the module docstring)."""
-    # the backend calls passes while AOTAutograd's fake mode is active; weights are real tensors
-    with unset_fake_temporarily():
-        return _cast_precision(gm, config)
+def cast_precision(gm: fx.GraphModule, config: PrecisionConfig, ctx: PassContext = PassContext()) -> PassResult:
+    """Rewrite ``gm`` to compute in ``config.dtype`` (see the module docstring).
 
-
-def _cast_precision(gm: fx.GraphModule, config: PrecisionConfig) -> PassResult:
-    stage = gm.meta.get(STAGE_KEY, "inference")
-    inference = stage == "inference"
+    Casts real weights and runs the graph on ``ctx.example_inputs``: the pipeline runs it outside
+    AOTAutograd's fake mode (``real_tensors`` in :data:`fxmem.pipeline.PASSES`)."""
+    ctx.require_stage("precision", "inference", "joint")
+    stage = ctx.stage
+    inference = ctx.inference
+    example = ctx.example_inputs
     bytes_before = parameter_bytes(gm)
     attrs_before = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     plan = _Plan()
-    reference = _overflow_plan(gm, config, plan) if inference else None
+    reference = _overflow_plan(gm, config, plan, example) if inference else None
     if not inference:
         plan.guard = f"not run on the {stage} graph: it has no example inputs; parameters stay fp32 (master weights)"
     rw = _Rewriter(gm, config, plan, inference)
@@ -523,7 +521,7 @@ def _cast_precision(gm: fx.GraphModule, config: PrecisionConfig) -> PassResult:
     if reference is not None:
         try:
             with torch.no_grad():
-                out = gm(*gm.meta[EXAMPLE_INPUTS_KEY])
+                out = gm(*example)
         except Exception as exc:  # noqa: BLE001 - a kernel missing for the low dtype on this device
             raise UnsupportedGraph("low-precision graph", f"fails on the example inputs: {exc}") from exc
         stats["max_abs_error"] = _max_abs_error(reference["outputs"], out)

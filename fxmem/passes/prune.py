@@ -22,13 +22,13 @@ propagation and checked against the prediction; any disagreement leaves the grap
 Per group, ``ratio`` of the indices are removed (``keep = int(n * (1 - ratio))``, at least one),
 chosen by ``importance``: ``"l2"``/``"l1"`` — the magnitude of the whole group (every weight slice
 of the index), ``"activation"`` — the L2 norm of the channel's activation on the example inputs
-(``gm.meta["fxmem_example_inputs"]``), ``"taylor"`` — ``Σ |w · ∂L/∂w|`` over the group with
+(``PassContext.example_inputs``), ``"taylor"`` — ``Σ |w · ∂L/∂w|`` over the group with
 ``L = mean(output²)`` on the example inputs (no labels are known to a graph pass). Targets:
 ``"mlp"`` (neurons of a matrix dimension), ``"heads"`` (whole heads; with grouped-query
 attention, whole kv groups when ``gqa="groups"``, or the same query heads in every kv group when
 ``gqa="queries"``), ``"channels"`` (conv output channels).
 
-Preconditions: an inference graph (``gm.meta["fxmem_stage"] == "inference"``), parameters frozen
+Preconditions: an inference graph (``ctx.stage == "inference"``), parameters frozen
 as ``get_attr``, every node with ``meta["val"]``, static shapes.
 
 Numerical promise: lossy. Output shapes never change. A group whose weights are all zero is
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxmem.analysis.cost import graph_cost
@@ -52,7 +52,7 @@ from fxmem.analysis.dependencies import DependencyGraph, Group, analyze, dim_ind
 from fxmem.analysis.sizes import fetch_attr, parameter_bytes
 from fxmem.config import PruneConfig
 from fxmem.freeze import set_attr
-from fxmem.passes.base import EXAMPLE_INPUTS_KEY, STAGE_KEY, PassResult, UnsupportedGraph
+from fxmem.passes.base import PassContext, PassResult, UnsupportedGraph, normalize_void_ops
 
 aten = torch.ops.aten
 
@@ -144,10 +144,9 @@ class _Calibrate(fx.Interpreter):
         return out
 
 
-def _example_inputs(gm: fx.GraphModule) -> tuple:
-    inputs = gm.meta.get(EXAMPLE_INPUTS_KEY)
+def _example_inputs(inputs: tuple | None) -> tuple:
     if inputs is None:
-        raise UnsupportedGraph("importance", "activation/taylor importance needs gm.meta['fxmem_example_inputs']")
+        raise UnsupportedGraph("importance", "activation/taylor importance needs example inputs (PassContext.example_inputs)")
     if any(isinstance(x, FakeTensor) for x in inputs):
         raise UnsupportedGraph("importance", "activation/taylor importance needs real example inputs; these are fake")
     return tuple(inputs)
@@ -173,12 +172,12 @@ def _activation_node(dg: DependencyGraph, group: Group) -> tuple[fx.Node, int] |
     return candidates[-1] if candidates else None
 
 
-def _activation(dg: DependencyGraph, groups: list[Group]) -> dict[int, torch.Tensor]:
+def _activation(dg: DependencyGraph, groups: list[Group], inputs: tuple | None) -> dict[int, torch.Tensor]:
     where = {g.space: _activation_node(dg, g) for g in groups}
     watch = {w[0] for w in where.values() if w is not None}
     interp = _Calibrate(dg.gm, {}, watch)
     with torch.no_grad():
-        interp.run(*_example_inputs(dg.gm))
+        interp.run(*_example_inputs(inputs))
     scores = {}
     for g in groups:
         if where[g.space] is None:
@@ -192,14 +191,14 @@ def _activation(dg: DependencyGraph, groups: list[Group]) -> dict[int, torch.Ten
     return scores
 
 
-def _taylor(dg: DependencyGraph, groups: list[Group]) -> dict[int, torch.Tensor]:
+def _taylor(dg: DependencyGraph, groups: list[Group], inputs: tuple | None) -> dict[int, torch.Tensor]:
     gm = dg.gm
     targets = {m.node.target for g in groups for m in _weight_mentions(gm, g)}
     # detached leaf copies: gradients land on them, never on the model's own parameters
     subs = {t: fetch_attr(gm, t).detach().clone().requires_grad_(True) for t in targets}
     interp = _Calibrate(gm, subs, set())
     with torch.enable_grad():
-        out = interp.run(*_example_inputs(gm))
+        out = interp.run(*_example_inputs(inputs))
         leaves = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor) and o.is_floating_point() and o.requires_grad]
         if not leaves:
             raise UnsupportedGraph("importance", "taylor importance: no output depends on the weights")
@@ -216,22 +215,23 @@ def _taylor(dg: DependencyGraph, groups: list[Group]) -> dict[int, torch.Tensor]
     return scores
 
 
-def importance(dg: DependencyGraph, groups: list[Group], kind: str) -> dict[int, torch.Tensor]:
-    """Importance of every index of every group (higher: keep)."""
+def importance(dg: DependencyGraph, groups: list[Group], kind: str, example_inputs: tuple | None = None) -> dict[int, torch.Tensor]:
+    """Importance of every index of every group (higher: keep); ``activation`` and ``taylor``
+    run the graph on ``example_inputs``."""
     if kind in ("l2", "l1"):
         p = 2 if kind == "l2" else 1
         return {g.space: _magnitude(dg.gm, g, p) for g in groups}
     if kind == "activation":
-        return _activation(dg, groups)
-    return _taylor(dg, groups)
+        return _activation(dg, groups, example_inputs)
+    return _taylor(dg, groups, example_inputs)
 
 
-def decide(dg: DependencyGraph, config: PruneConfig) -> list[Decision]:
+def decide(dg: DependencyGraph, config: PruneConfig, example_inputs: tuple | None = None) -> list[Decision]:
     """Which indices of which groups to keep under ``config``."""
     groups = [g for g in dg.groups() if _selected(g, config)]
     if not groups:
         return []
-    scores = importance(dg, groups, config.importance)
+    scores = importance(dg, groups, config.importance, example_inputs)
     decisions = []
     for g in groups:
         if g.space not in scores:
@@ -331,9 +331,7 @@ def refresh_vals(gm: fx.GraphModule) -> None:
                                       device=n.meta["val"].device) if isinstance(n.meta.get("val"), torch.Tensor) else n.meta.get("val")
                   for n in gm.graph.nodes if n.op == "placeholder"]
     _Propagate(gm, mode).propagate_dont_convert_inputs(*inputs)
-    for n in gm.graph.nodes:  # ops that return nothing (_assert_tensor_metadata): val None
-        if n.op == "call_function":
-            n.meta.setdefault("val", None)
+    normalize_void_ops(gm)  # propagation gives ops that return nothing no value: None, as at capture
 
 
 def _check(gm: fx.GraphModule, predicted: dict[fx.Node, object]) -> None:
@@ -374,20 +372,16 @@ def _param_count(gm: fx.GraphModule) -> int:
     return sum(seen.values())
 
 
-def prune(gm: fx.GraphModule, config: PruneConfig) -> PassResult:
-    """Remove the least important ``config.ratio`` of every selected group (see module doc)."""
-    # the backend runs passes inside Dynamo's fake mode; weights are scored and sliced for real
-    with unset_fake_temporarily():
-        return _prune(gm, config)
+def prune(gm: fx.GraphModule, config: PruneConfig, ctx: PassContext = PassContext()) -> PassResult:
+    """Remove the least important ``config.ratio`` of every selected group (see module doc).
 
-
-def _prune(gm: fx.GraphModule, config: PruneConfig) -> PassResult:
-    if gm.meta.get(STAGE_KEY, "inference") != "inference":
-        raise UnsupportedGraph("prune", "pruning runs on inference graphs (frozen weights) only")
+    Weights are scored and sliced for real: the pipeline runs it outside AOTAutograd's fake mode
+    (``real_tensors`` in :data:`fxmem.pipeline.PASSES`)."""
+    ctx.require_stage("prune", "inference")  # frozen weights only
     if not _static(gm):
         raise UnsupportedGraph("prune", "the graph has symbolic shapes; pruning needs static shapes")
     dg = analyze(gm)
-    decisions = decide(dg, config)
+    decisions = decide(dg, config, ctx.example_inputs)
     stats: dict = {"groups_found": len(dg.groups()), "groups_pruned": 0}
     if not decisions:
         return PassResult(gm, False, stats)

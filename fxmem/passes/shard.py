@@ -40,7 +40,8 @@ import torch
 import torch.fx as fx
 
 from fxmem.analysis.sizes import node_bytes, parameter_bytes
-from fxmem.passes.base import PassResult
+from fxmem.config import ShardConfig
+from fxmem.passes.base import PassContext, PassResult
 
 PLACEMENT_KEY = "fxmem_placement"      # str, e.g. "Shard(1)", "Replicate()", "Partial(sum)"
 COLLECTIVE_KEY = "fxmem_collective"    # dict: kind, bytes, group_size (on collective nodes)
@@ -326,7 +327,7 @@ def _group_size(node: fx.Node) -> int | None:
     return None
 
 
-def annotate(gm: fx.GraphModule, config: Any = None) -> PassResult:
+def annotate(gm: fx.GraphModule, config: ShardConfig = ShardConfig(), ctx: PassContext = PassContext()) -> PassResult:
     """The ``"shard"`` pass: mark placements and collectives in a per-rank graph (metadata only)."""
     collectives = [(n, kind) for n in gm.graph.nodes if (kind := _collective(n)) is not None]
     if not collectives:

@@ -43,12 +43,11 @@ import hashlib
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from fxmem.analysis.sizes import fetch_attr, parameter_bytes, tensor_bytes
 from fxmem.config import TieConfig
 from fxmem.freeze import drop_unused_attrs
-from fxmem.passes.base import EXAMPLE_INPUTS_KEY, PassResult
+from fxmem.passes.base import PassContext, PassResult, copy_graph
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -182,20 +181,18 @@ def _output_error(before: fx.GraphModule, after: fx.GraphModule, example) -> flo
     return max(errs) if errs else 0.0
 
 
-def tie_weights(gm: fx.GraphModule, config: TieConfig) -> PassResult:
-    """Make identical (or, in similar mode, near-identical) weights read one attribute."""
-    # the backend calls passes while AOTAutograd's fake mode is active; weights are real tensors
-    with unset_fake_temporarily():
-        return _tie_weights(gm, config)
+def tie_weights(gm: fx.GraphModule, config: TieConfig, ctx: PassContext = PassContext()) -> PassResult:
+    """Make identical (or, in similar mode, near-identical) weights read one attribute.
 
-
-def _tie_weights(gm: fx.GraphModule, config: TieConfig) -> PassResult:
+    Reads and compares real weights: the pipeline runs it outside AOTAutograd's fake mode
+    (``real_tensors`` in :data:`fxmem.pipeline.PASSES`). ``ctx.example_inputs``, when given,
+    measure similar mode's output error."""
     bytes_before = parameter_bytes(gm)
     attrs_before = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     reference = None
-    example = gm.meta.get(EXAMPLE_INPUTS_KEY)
+    example = ctx.real_example_inputs()
     if config.mode == "similar" and example is not None:
-        reference = fx.GraphModule(gm, _copy(gm.graph))
+        reference = fx.GraphModule(gm, copy_graph(gm.graph))
     ties: list[dict] = []
     _exact(gm, ties)
     if config.mode == "similar":
@@ -213,14 +210,8 @@ def _tie_weights(gm: fx.GraphModule, config: TieConfig) -> PassResult:
         if reference is not None:
             stats["max_abs_error"] = _output_error(reference, gm, example)
         else:
-            stats["max_abs_error"] = "not measured: the graph has no example inputs"
+            stats["max_abs_error"] = "not measured: no example inputs (PassContext.example_inputs)"
     return PassResult(gm, changed, stats)
-
-
-def _copy(graph: fx.Graph) -> fx.Graph:
-    new = fx.Graph()
-    new.output(new.graph_copy(graph, {}))
-    return new
 
 
 __all__ = ["tie_weights", "content_hash", "bitwise_equal", "TieConfig"]

@@ -149,7 +149,6 @@ def _hostile_graph():
     for node in gm.graph.nodes:
         if node.op == "call_function":
             node.name = hostile + node.name  # names come from the graph; treat them as hostile
-    gm.meta["fxmem_stage"] = "inference"
     return gm, hostile
 
 

@@ -20,7 +20,8 @@ from fxmem.backend import FxmemBackend
 from fxmem.capture import capture_inference
 from fxmem.config import OptionError, PrecisionConfig, parse_options
 from fxmem.passes.precision import FP32_OPS, LOW_OPS, cast_precision, op_class
-from fxmem.pipeline import EXAMPLE_INPUTS_KEY, Recorder, _output_signature, check_graph, shallow_copy
+from fxmem.passes.base import PassContext
+from fxmem.pipeline import Recorder, _output_signature, check_graph, shallow_copy
 from fxmem.testing import SAMPLES, sample
 from fxmem.testing.strategies import random_programs
 
@@ -29,9 +30,12 @@ aten = torch.ops.aten
 
 
 def _captured(model, args):
-    c = capture_inference(model, args, {}, {})
-    c.gm.meta[EXAMPLE_INPUTS_KEY] = c.example_tensors
-    return c
+    return capture_inference(model, args, {}, {})
+
+
+def _ctx(c):
+    """What the runner hands a pass on explain's inference graph: the example inputs."""
+    return PassContext(stage="inference", example_inputs=c.example_tensors)
 
 
 def _flat(out):
@@ -69,7 +73,7 @@ def test_samples_inference(name, dtype):
     model = s.model.eval()
     c = _captured(model, s.args)
     expected = _output_signature(c.gm)
-    result = cast_precision(shallow_copy(c.gm), PrecisionConfig(dtype=dtype))
+    result = cast_precision(shallow_copy(c.gm), PrecisionConfig(dtype=dtype), _ctx(c))
     check_graph(result.gm, expected_outputs=expected)  # output dtypes unchanged, every node has meta["val"]
     st = result.stats
     assert result.changed and st["ops_low"] > 0
@@ -93,7 +97,7 @@ def test_samples_inference(name, dtype):
 def test_tied_weight_gets_one_low_copy():
     s = sample("tied_embeddings")
     c = _captured(s.model.eval(), s.args)
-    before = cast_precision(shallow_copy(c.gm), PrecisionConfig())
+    before = cast_precision(shallow_copy(c.gm), PrecisionConfig(), _ctx(c))
     targets = {n.target for n in before.gm.graph.nodes if n.op == "get_attr" and n.meta["val"].dim() == 2}
     assert len(targets) == 1  # emb.weight and head.weight were one tensor: one bf16 copy
     assert before.stats["param_bytes_after"] < 0.55 * before.stats["param_bytes_before"]
@@ -113,7 +117,7 @@ def test_explain_reports_precision_and_saves_bytes():
 def test_keep_fp32_option():
     s = sample("mlp")
     c = _captured(s.model.eval(), s.args)
-    res = cast_precision(shallow_copy(c.gm), parse_options(precision={"dtype": "bf16", "keep_fp32": ["aten.gelu"]}).precision)
+    res = cast_precision(shallow_copy(c.gm), parse_options(precision={"dtype": "bf16", "keep_fp32": ["aten.gelu"]}).precision, _ctx(c))
     gelus = [n for n in res.gm.graph.nodes if n.target == aten.gelu.default]
     assert gelus and all(n.meta["val"].dtype == torch.float32 for n in gelus)
     assert any(k["why"] == "keep_fp32 option" for k in res.stats["kept_fp32"])
@@ -151,10 +155,10 @@ def test_overflow_guard_keeps_the_overflowing_op_in_fp32():
     with torch.no_grad():
         ref = model(x)
         assert float(model.wo(torch.relu(model.wi(x))).abs().max()) > 65504
-    unguarded = cast_precision(shallow_copy(c.gm), PrecisionConfig(dtype=torch.float16, overflow_guard=False))
+    unguarded = cast_precision(shallow_copy(c.gm), PrecisionConfig(dtype=torch.float16, overflow_guard=False), _ctx(c))
     with torch.no_grad():
         assert not torch.isfinite(unguarded.gm(x)[0]).all()  # fp16 overflows without the guard
-    guarded = cast_precision(shallow_copy(c.gm), PrecisionConfig(dtype=torch.float16))
+    guarded = cast_precision(shallow_copy(c.gm), PrecisionConfig(dtype=torch.float16), _ctx(c))
     with torch.no_grad():
         out = guarded.gm(x)[0]
     assert torch.isfinite(out).all()
@@ -172,15 +176,14 @@ def test_overflow_guard_says_when_it_cannot_run():
     s = sample("mlp")
     c = _captured(s.model.eval(), s.args)
     gm = shallow_copy(c.gm)
-    del gm.meta[EXAMPLE_INPUTS_KEY]
-    res = cast_precision(gm, PrecisionConfig(dtype=torch.float16))
+    res = cast_precision(gm, PrecisionConfig(dtype=torch.float16), PassContext(stage="inference"))  # no example inputs
     assert res.stats["overflow_guard"].startswith("not run") and "max_abs_error" not in res.stats
 
 
 def test_weights_autocast_mode_keeps_gather_only_tables_fp32():
     s = sample("gpt_gqa")
     c = _captured(s.model.eval(), s.args)
-    res = cast_precision(shallow_copy(c.gm), parse_options(precision={"dtype": "bf16", "weights": "autocast"}).precision)
+    res = cast_precision(shallow_copy(c.gm), parse_options(precision={"dtype": "bf16", "weights": "autocast"}).precision, _ctx(c))
     dtypes = {n.meta.get("fxmem_fqn"): n.meta["val"].dtype for n in res.gm.graph.nodes if n.op == "get_attr"}
     assert dtypes["wpe.weight"] == torch.float32          # only gathered: autocast never rounds it
     assert dtypes["blocks.0.mlp.up_proj.weight"] == torch.bfloat16
@@ -273,7 +276,7 @@ def test_random_graphs_within_tolerance(program):
     c = _captured(module, (x,))
     expected = _output_signature(c.gm)
     for dtype in (torch.bfloat16, torch.float16):
-        res = cast_precision(shallow_copy(c.gm), PrecisionConfig(dtype=dtype))
+        res = cast_precision(shallow_copy(c.gm), PrecisionConfig(dtype=dtype), _ctx(c))
         check_graph(res.gm, expected_outputs=expected)
         with torch.no_grad():
             ref = module(x)
@@ -322,8 +325,8 @@ def test_overflow_guard_finds_t5_wo_like_keep_in_fp32_modules():
     with torch.no_grad():
         ref = model(ids).last_hidden_state
     c = _captured(model, (ids,))
-    off = cast_precision(shallow_copy(c.gm), PrecisionConfig(dtype=torch.float16, overflow_guard=False))
-    on = cast_precision(shallow_copy(c.gm), PrecisionConfig(dtype=torch.float16))
+    off = cast_precision(shallow_copy(c.gm), PrecisionConfig(dtype=torch.float16, overflow_guard=False), _ctx(c))
+    on = cast_precision(shallow_copy(c.gm), PrecisionConfig(dtype=torch.float16), _ctx(c))
     with torch.no_grad():
         assert not torch.isfinite(off.gm(ids)[0]).all()
         out = on.gm(ids)[0]

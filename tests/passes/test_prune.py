@@ -14,7 +14,7 @@ from fxmem.capture import capture_inference
 from fxmem.config import OptionError, PruneConfig
 from fxmem.models.gpt import example_batch, tiny_gpt
 from fxmem.passes.prune import prune
-from fxmem.pipeline import STAGE_KEY, UnsupportedGraph
+from fxmem.passes.base import PassContext, UnsupportedGraph
 from fxmem.testing.samples import sample
 
 
@@ -198,9 +198,8 @@ def test_dynamic_shapes_skip_with_a_warning_and_keep_numbers():
 def test_training_graph_refused_and_unsupported_inputs_skip():
     s = sample("mlp")
     gm = capture_inference(s.model.eval(), s.args, None, DECOMPOSITIONS).gm
-    gm.meta[STAGE_KEY] = "joint"
-    with pytest.raises(UnsupportedGraph):
-        prune(gm, PruneConfig(ratio=0.5))
+    with pytest.raises(UnsupportedGraph, match="inference graphs only"):
+        prune(gm, PruneConfig(ratio=0.5), PassContext(stage="joint"))
     with pytest.raises(OptionError, match="prune.gqa"):
         fxmem.optimize(s.model, *s.args, prune={"gqa": "kv"})
     with pytest.raises(OptionError, match="prune"):

@@ -15,15 +15,19 @@ from fxmem.capture import capture_inference
 from fxmem.config import OptionError, PrecisionConfig, TieConfig, parse_options
 from fxmem.passes.precision import cast_precision
 from fxmem.passes.tying import bitwise_equal, content_hash, tie_weights
-from fxmem.pipeline import EXAMPLE_INPUTS_KEY, Recorder, _output_signature, check_graph, shallow_copy
+from fxmem.passes.base import PassContext
+from fxmem.pipeline import Recorder, _output_signature, check_graph, shallow_copy
 from fxmem.testing import SAMPLES, sample
 from fxmem.testing.strategies import random_programs
 
 
 def _captured(model, args):
-    c = capture_inference(model, args, {}, {})
-    c.gm.meta[EXAMPLE_INPUTS_KEY] = c.example_tensors
-    return c
+    return capture_inference(model, args, {}, {})
+
+
+def _ctx(c):
+    """What the runner hands a pass on explain's inference graph: the example inputs."""
+    return PassContext(stage="inference", example_inputs=c.example_tensors)
 
 
 def _targets(gm, fqn):
@@ -51,7 +55,7 @@ def test_samples_exact_ties_are_bitwise_identical(name):
     model = s.model.eval()
     c = _captured(model, s.args)
     expected = _output_signature(c.gm)
-    res = tie_weights(shallow_copy(c.gm), TieConfig())
+    res = tie_weights(shallow_copy(c.gm), TieConfig(), _ctx(c))
     check_graph(res.gm, expected_outputs=expected)
     with torch.no_grad():
         ref = c.gm(*c.example_tensors)
@@ -66,7 +70,7 @@ def test_samples_exact_ties_are_bitwise_identical(name):
 def test_shared_storage_stays_one():
     s = sample("tied_embeddings")
     c = _captured(s.model.eval(), s.args)
-    res = tie_weights(shallow_copy(c.gm), TieConfig())
+    res = tie_weights(shallow_copy(c.gm), TieConfig(), _ctx(c))
     targets = {n.target for n in res.gm.graph.nodes if n.op == "get_attr" and n.meta["val"].dim() == 2}
     assert len(targets) == 1
     assert res.stats["param_bytes_after"] == res.stats["param_bytes_before"] - res.stats["bytes_saved"]
@@ -76,7 +80,7 @@ def test_equal_values_become_one_storage():
     torch.manual_seed(0)
     model, x = UntiedCopy().eval(), torch.randn(4, 16)
     c = _captured(model, (x,))
-    res = tie_weights(shallow_copy(c.gm), TieConfig())
+    res = tie_weights(shallow_copy(c.gm), TieConfig(), _ctx(c))
     hows = {(t["kept"], t["tied"]): t["how"] for t in res.stats["ties"]}
     assert hows[("a.weight", "b.weight")] == "bitwise-equal values"
     # equal 1-D tensors (biases, norm scales) are not tied by value: see the pass docstring
@@ -102,8 +106,8 @@ def test_ties_survive_the_precision_pass():
     torch.manual_seed(0)
     model, x = UntiedCopy().eval(), torch.randn(4, 16)
     c = _captured(model, (x,))
-    tied = tie_weights(shallow_copy(c.gm), TieConfig()).gm
-    low = cast_precision(shallow_copy(tied), PrecisionConfig()).gm
+    tied = tie_weights(shallow_copy(c.gm), TieConfig(), _ctx(c)).gm
+    low = cast_precision(shallow_copy(tied), PrecisionConfig(), _ctx(c)).gm
     assert _targets(low, "a.weight") == _targets(low, "b.weight") and len(_targets(low, "a.weight")) == 1
     # and through the pipeline (tie_weights runs first): one bf16 buffer for both
     report = fxmem.explain(model, x, precision="bf16", strict=True)
@@ -119,15 +123,15 @@ def test_similar_mode_shares_near_identical_layers_and_reports_error():
     with torch.no_grad():
         model.b.weight.add_(1e-4 * torch.randn_like(model.b.weight))
     c = _captured(model, (x,))
-    exact = tie_weights(shallow_copy(c.gm), TieConfig())
+    exact = tie_weights(shallow_copy(c.gm), TieConfig(), _ctx(c))
     assert all(t["tied"] != "b.weight" for t in exact.stats["ties"])  # not bitwise equal
-    sim = tie_weights(shallow_copy(c.gm), TieConfig(mode="similar", rtol=1e-2))
+    sim = tie_weights(shallow_copy(c.gm), TieConfig(mode="similar", rtol=1e-2), _ctx(c))
     tied = {t["tied"]: t for t in sim.stats["ties"]}
     assert "b.weight" in tied and tied["b.weight"]["how"].startswith("similar")
     with torch.no_grad():
         err = float((sim.gm(x)[0] - model(x)).abs().max())
     assert sim.stats["max_abs_error"] == pytest.approx(err, rel=1e-6, abs=1e-12) and 0 < err < 1e-2
-    strict = tie_weights(shallow_copy(c.gm), TieConfig(mode="similar", rtol=1e-8))
+    strict = tie_weights(shallow_copy(c.gm), TieConfig(mode="similar", rtol=1e-8), _ctx(c))
     assert all(t["tied"] != "b.weight" for t in strict.stats["ties"])
 
 
@@ -181,7 +185,7 @@ def test_random_graphs_bitwise_identical(program):
     module, x = program
     module.eval()
     c = _captured(module, (x,))
-    res = tie_weights(shallow_copy(c.gm), TieConfig())
+    res = tie_weights(shallow_copy(c.gm), TieConfig(), _ctx(c))
     check_graph(res.gm, expected_outputs=_output_signature(c.gm))
     with torch.no_grad():
         assert torch.equal(res.gm(x)[0], module(x))
