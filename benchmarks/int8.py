@@ -193,8 +193,8 @@ def bench_model(name, model, make_inputs, extra_kwargs, seq, repeat, tao) -> dic
         modules[vname] = report.module
         row["variants"][vname] = {
             "param_bytes": rec.param_bytes, "param_ratio": rec.param_bytes / row["eager_param_bytes"],
-            "int8_weight_bytes_before": stats["bytes_before"], "int8_weight_bytes_after": stats["bytes_after"],
-            "int8_weight_ratio": stats["bytes_after"] / stats["bytes_before"],
+            "int8_weight_bytes_before": stats["weight_bytes_before"], "int8_weight_bytes_after": stats["weight_bytes_after"],
+            "int8_weight_ratio": stats["weight_bytes_after"] / stats["weight_bytes_before"],
             "layers_rewritten": stats["layers_rewritten"], "skipped": stats["skipped"],
             "min_layer_sqnr_db": min(r["sqnr_db"] for r in stats["layers"]),
             "tied_rows": [r for r in stats["layers"] if r["uses"] > 1],

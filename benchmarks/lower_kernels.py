@@ -112,7 +112,7 @@ def fxmem_inference(model, x) -> dict:
         "kernel_names": [k.name for k in report.kernels],
         "forms": [r["form"] for r in rec.stats.get("regions", [])],
         "nodes_replaced": [k.nodes_replaced for k in report.kernels],
-        "traffic_bytes_saved": rec.stats.get("bytes_saved", 0),
+        "traffic_bytes_saved": rec.stats.get("traffic_bytes_saved", 0),
         "intermediate_bytes_eliminated": rec.stats.get("intermediate_bytes", 0),
         "max_abs_err": _max_err(out, ref),
         "compile_s": round(compile_s, 2),
@@ -195,7 +195,7 @@ def gpt_block_training(quick: bool) -> tuple[dict, nn.Module, torch.Tensor]:
     for rec in backend.recorder.records:
         if rec.name == "lower":
             stage = rec.graph.split("#")[0]
-            per_graph[stage] = {"kernels": rec.stats.get("lowered", 0), "traffic_bytes_saved": rec.stats.get("bytes_saved", 0),
+            per_graph[stage] = {"kernels": rec.stats.get("lowered", 0), "traffic_bytes_saved": rec.stats.get("traffic_bytes_saved", 0),
                                 "intermediate_bytes_eliminated": rec.stats.get("intermediate_bytes", 0),
                                 "regions": rec.stats.get("regions", [])}
     grad_err = max(_max_err(grads[n], ref_grads[n]) for n in ref_grads)

@@ -176,8 +176,8 @@ def overflow_row():
 def t5_overflow_row():
     """HF T5 encoder whose ``wo`` projections overflow fp16 (transformers#5651), pass-level.
 
-    The pipeline's graph check rejects this graph before any pass (export's
-    ``_assert_tensor_metadata`` nodes carry no ``meta["val"]``), so the pass is called directly.
+    The pass is called directly (with the example inputs in its ``PassContext``), once with the
+    overflow guard and once without.
     """
     import transformers as tf
 
@@ -232,7 +232,7 @@ def tying_row():
     lm = [t for t in tie.stats["ties"] if t["tied"] == "lm_head.weight"]
     full = tf.GPT2Config()
     return {"model": "gpt2 (untied lm_head copy)", "param_bytes_before": tie.stats["param_bytes_before"],
-            "param_bytes_after": tie.stats["param_bytes_after"], "bytes_saved": tie.stats["bytes_saved"],
+            "param_bytes_after": tie.stats["param_bytes_after"], "bytes_saved": tie.stats["param_bytes_saved"],
             "lm_head_tie": lm, "all_ties": len(tie.stats["ties"]), "bitwise_identical": bool(torch.equal(out, ref)),
             "full_size_lm_head_bytes": full.vocab_size * full.n_embd * 4}
 

@@ -11,7 +11,7 @@ from fxmem.freeze import StaleWeightsError
 from fxmem.pipeline import PassFailure, PassResult
 from fxmem.report import Report, explain, optimize
 from fxmem.verify import VerificationError
-from fxmem import shard  # noqa: E402  (fxmem.shard.plan / apply, design.md §5)
+from fxmem import shard  # noqa: E402  (fxmem.shard.plan / apply, docs/shard.md)
 
 __version__ = "0.1.0"
 

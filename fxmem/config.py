@@ -1,6 +1,6 @@
 """Options → frozen configs.
 
-Every option key of design.md §1 has one frozen dataclass here and one parser. The same keys are
+Every option key (docs/usage.md, "Options") has one frozen dataclass here and one parser. The same keys are
 accepted by ``torch.compile(..., options=...)``, ``fxmem.backend(**options)``, ``fxmem.explain``
 and ``fxmem.optimize``. Parsing happens before any work: an unknown key or a bad value raises
 :class:`OptionError` (a ``ValueError``) that names the key and lists what is accepted.

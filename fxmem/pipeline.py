@@ -112,7 +112,9 @@ PASSES: tuple[PassSpec, ...] = (
     PassSpec("shard", ("inference", "forward", "backward"), shard.annotate, None, fixed=ShardConfig()),
     PassSpec("lower", ("inference", "forward", "backward"), lower.lower, "lower"),
 )
-"""The graph passes in pipeline order (design.md §2). A new pass adds one line here."""
+"""The graph passes in pipeline order (docs/architecture.md, "The pipeline"): weight passes first
+(tie, then prune before int8 quantizes what is left, then precision), then the metadata and
+kernel passes. A new pass adds one line here."""
 
 REMAT = PassSpec("remat", ("joint",), remat.partition_with_info, "remat")
 """The partition of a joint graph into forward and backward (:func:`run_partition`): run after the

@@ -17,16 +17,13 @@ import torch.fx as fx
 from torch.utils import flop_counter
 
 from fxmem.analysis.sizes import node_bytes, tensor_bytes
+from fxmem.passes.base import val as _val  # one helper for every module
 
 aten = torch.ops.aten
 
 
 def _shape(x):
     return tuple(int(s) if not isinstance(s, torch.SymInt) else s.node.hint for s in x.shape)
-
-
-def _val(x):
-    return x.meta.get("val") if isinstance(x, fx.Node) else x
 
 
 def _sdpa_cpu_forward_flops(node: fx.Node) -> int:

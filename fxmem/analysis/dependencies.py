@@ -40,6 +40,7 @@ import torch.fx as fx
 from networkx.utils import UnionFind
 
 from fxmem.analysis.sizes import fetch_attr
+from fxmem.passes.base import val as _val  # one helper for every module
 
 aten = torch.ops.aten
 
@@ -190,10 +191,6 @@ class Group:
     @property
     def weights(self) -> list[str]:
         return sorted({m.node.meta.get("fxmem_fqn", str(m.node.target)) for m in self.mentions})
-
-
-def _val(x):
-    return x.meta.get("val") if isinstance(x, fx.Node) else None
 
 
 def _is_tensor_node(x) -> bool:

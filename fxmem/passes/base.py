@@ -143,15 +143,15 @@ def shallow_copy(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
-def val(node: Any) -> Any:
-    """``node.meta["val"]`` (a FakeTensor, a tuple of them, a SymInt...), or None: for an argument
-    that is not a node, or a node without one."""
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
+def val(x: Any) -> Any:
+    """The value an argument stands for at trace time: a node's ``meta["val"]`` (a FakeTensor, a
+    tuple of them, a SymInt; None when it has none), or the argument itself (a constant)."""
+    return x.meta.get("val") if isinstance(x, fx.Node) else x
 
 
-def tensor_val(node: Any) -> torch.Tensor | None:
-    """``val(node)`` when it is one tensor, else None."""
-    v = val(node)
+def tensor_val(x: Any) -> torch.Tensor | None:
+    """``val(x)`` when it is one tensor, else None."""
+    v = val(x)
     return v if isinstance(v, torch.Tensor) else None
 
 

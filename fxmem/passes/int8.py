@@ -304,7 +304,7 @@ def quantize_int8(gm: fx.GraphModule, config: Int8Config, ctx: PassContext = Pas
     saved = total_before - total_after
     stats = {
         "mode": config.mode, "layers_rewritten": len(layers), "nodes_rewritten": len(replaced),
-        "bytes_before": total_before, "bytes_after": total_after, "bytes_saved": saved,
+        "weight_bytes_before": total_before, "weight_bytes_after": total_after, "param_bytes_saved": saved,
         "layers": layers, "skipped": skipped, "kernels": [_kernel_record(config, replaced, saved)],
     }
     return PassResult(out, True, stats)

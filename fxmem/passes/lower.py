@@ -419,7 +419,7 @@ def lower(gm: fx.GraphModule, config: LowerConfig, ctx: PassContext = PassContex
     for plan in plans:
         record, form = _rewrite(gm, plan, config)
         kernels.append(record)
-        rows.append({"kernel": record.name, "nodes": record.nodes_replaced, "bytes_saved": plan.bytes_saved,
+        rows.append({"kernel": record.name, "nodes": record.nodes_replaced, "traffic_bytes_saved": plan.bytes_saved,
                      "bytes_unfused": plan.bytes_unfused, "bytes_fused": plan.bytes_fused,
                      "intermediate_bytes": plan.intermediate_bytes, "form": form})
     if kernels:
@@ -429,7 +429,7 @@ def lower(gm: fx.GraphModule, config: LowerConfig, ctx: PassContext = PassContex
     stats = {
         "lowered": len(kernels),
         "reason": why,
-        "bytes_saved": sum(r["bytes_saved"] for r in rows),
+        "traffic_bytes_saved": sum(r["traffic_bytes_saved"] for r in rows),
         "intermediate_bytes": sum(r["intermediate_bytes"] for r in rows),
         "regions": rows,
         "kernels": kernels,

@@ -19,13 +19,10 @@ import torch.fx as fx
 
 from fxmem.kernels.codegen import Expr, Program
 from fxmem.passes.base import UnsupportedGraph
+from fxmem.passes.base import val as _val
 
 aten = torch.ops.aten
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _val(x: Any) -> Any:
-    return x.meta.get("val") if isinstance(x, fx.Node) else x
 
 
 def static_shape(t: torch.Tensor) -> tuple[int, ...] | None:
@@ -395,7 +392,7 @@ def rule_for(node: fx.Node) -> Rule | None:
 
 
 def can_lower(node: fx.Node) -> bool:
-    """True when a generated kernel can compute ``node`` (design.md §4's ``can_lower``)."""
+    """True when a generated kernel can compute ``node`` (the kernel contract's ``can_lower``: docs/passes/lower.md)."""
     return rule_for(node) is not None
 
 

@@ -75,6 +75,7 @@ from fxmem.analysis.sizes import fetch_attr, is_alias_op, parameter_bytes
 from fxmem.config import PrecisionConfig
 from fxmem.freeze import drop_unused_attrs, set_attr
 from fxmem.passes.base import PassContext, PassResult, UnsupportedGraph
+from fxmem.passes.base import val as _val
 
 aten = torch.ops.aten
 
@@ -167,10 +168,6 @@ def _normalize_keep(names: tuple[str, ...]) -> frozenset[str]:
         n = n.split("::")[-1].removeprefix("torch.ops.").removeprefix("aten.").split(".")[0]
         out |= {n, n.lstrip("_")}
     return frozenset(out)
-
-
-def _val(node) -> object:
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
 def _dtype(node) -> torch.dtype | None:

@@ -106,7 +106,7 @@ def _exact(gm: fx.GraphModule, ties: list[dict]) -> None:
         if ident in first_by_identity:
             keep, _ = first_by_identity[ident]
             if node.target != keep.target:
-                ties.append({"kept": _fqn(keep), "tied": _fqn(node), "how": "same storage", "bytes_saved": 0})
+                ties.append({"kept": _fqn(keep), "tied": _fqn(node), "how": "same storage", "param_bytes_saved": 0})
                 _repoint(node, keep)
             continue
         first_by_identity[ident] = (node, value)
@@ -121,7 +121,7 @@ def _exact(gm: fx.GraphModule, ties: list[dict]) -> None:
             bucket.append((node, value))
             continue
         keep, kept_value = match
-        ties.append({"kept": _fqn(keep), "tied": _fqn(node), "how": "bitwise-equal values", "bytes_saved": tensor_bytes(value)})
+        ties.append({"kept": _fqn(keep), "tied": _fqn(node), "how": "bitwise-equal values", "param_bytes_saved": tensor_bytes(value)})
         _repoint(node, keep)
         first_by_identity[ident] = (keep, kept_value)
 
@@ -169,7 +169,7 @@ def _similar(gm: fx.GraphModule, rtol: float, ties: list[dict]) -> None:
                 for n in nodes_by_target.get(node.target, []):
                     _repoint(n, keep_node)
                 ties.append({"kept": _fqn(keep_node), "tied": _fqn(node), "how": f"similar (relative difference {rel:.3g})",
-                             "bytes_saved": tensor_bytes(value)})
+                             "param_bytes_saved": tensor_bytes(value)})
 
 
 def _output_error(before: fx.GraphModule, after: fx.GraphModule, example) -> float:
@@ -203,7 +203,7 @@ def tie_weights(gm: fx.GraphModule, config: TieConfig, ctx: PassContext = PassCo
         gm.recompile()
         drop_unused_attrs(gm, attrs_before)
     bytes_after = parameter_bytes(gm)
-    stats: dict = {"mode": config.mode, "ties": ties, "tied": len(ties), "bytes_saved": bytes_before - bytes_after,
+    stats: dict = {"mode": config.mode, "ties": ties, "tied": len(ties), "param_bytes_saved": bytes_before - bytes_after,
                    "param_bytes_before": bytes_before, "param_bytes_after": bytes_after}
     if config.mode == "similar":
         stats["rtol"] = config.rtol

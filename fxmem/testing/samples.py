@@ -1,4 +1,4 @@
-"""The sample models every pass runs over (design.md §6).
+"""The sample models every pass runs over (docs/usage.md, "Test your own passes and models").
 
 ``SAMPLES`` maps a name to a factory ``() -> Sample``; each builds its model and example inputs
 from a fixed seed, small enough for a 2-core CPU.

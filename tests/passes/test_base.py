@@ -105,3 +105,12 @@ def test_void_ops_get_a_none_value_once():
     gm = normalize_void_ops(fx.GraphModule(torch.nn.Module(), graph))
     assert "val" in check.meta and check.meta["val"] is None
     assert gm.graph is graph
+
+
+def test_no_pass_reads_hidden_inputs_from_the_graph_modules_meta():
+    """Stage and example inputs come in the PassContext; ``gm.meta`` carries nothing to a pass."""
+    import re
+
+    modules = sorted(PASSES_DIR.glob("*.py"))
+    readers = {p.name for p in modules if p.name != "base.py" and re.search(r"\bgm\.meta\b", p.read_text(encoding="utf-8"))}
+    assert not readers, readers

@@ -67,7 +67,7 @@ def test_sample_models_within_tolerance_and_smaller(name, mode):
     assert INT8_LINEAR in targets(report.module.graph_module)
     # the pass before int8 (tie_weights: the causal-mask buffers of the blocks are equal) is the baseline
     before = report.records[report.records.index(rec) - 1].param_bytes
-    assert rec.param_bytes == before - rec.stats["bytes_saved"]
+    assert rec.param_bytes == before - rec.stats["param_bytes_saved"]
     for row in rec.stats["layers"]:
         n, k = row["shape"]
         assert row["bytes_after"] == n * k + 4 * n < row["bytes_before"]
@@ -228,7 +228,7 @@ def test_explain_lists_layers_and_the_kernel():
     assert len(kernels) == 1
     k = kernels[0]
     assert k.source.startswith("def int8_weight_only_matmul_kernel(") and "tl.dot" in k.source
-    assert k.bytes_saved == rec.stats["bytes_saved"] > 0 and len(k.nodes_replaced) == 3
+    assert k.bytes_saved == rec.stats["param_bytes_saved"] > 0 and len(k.nodes_replaced) == 3
     assert "int8" in str(report)
 
 

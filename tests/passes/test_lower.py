@@ -111,7 +111,7 @@ def test_report_lists_kernels_ranked_with_bytes():
     assert k.nodes_replaced and k.source.startswith("#") and "@triton.jit" in k.source
     assert k.name in str(report)
     (row,) = [r for r in report.records if r.name == "lower"]
-    assert row.stats["lowered"] == 2 and row.stats["bytes_saved"] == sum(saved)
+    assert row.stats["lowered"] == 2 and row.stats["traffic_bytes_saved"] == sum(saved)
     assert row.stats["intermediate_bytes"] > 0
     # max_kernels keeps the best one, min_bytes drops what saves less
     assert [k.name for k in _explain(model, x, y, lower={"max_kernels": 1}).kernels] == [k.name]

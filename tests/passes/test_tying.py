@@ -62,7 +62,7 @@ def test_samples_exact_ties_are_bitwise_identical(name):
         out = res.gm(*c.example_tensors)
     assert all(torch.equal(o, r) for o, r in zip(out, ref))
     assert res.stats["param_bytes_after"] <= res.stats["param_bytes_before"]
-    assert res.stats["bytes_saved"] == sum(t["bytes_saved"] for t in res.stats["ties"])
+    assert res.stats["param_bytes_saved"] == sum(t["param_bytes_saved"] for t in res.stats["ties"])
     for tie in res.stats["ties"]:  # every tie is reported and both names read one attribute
         assert _targets(res.gm, tie["kept"]) == _targets(res.gm, tie["tied"])
 
@@ -73,7 +73,7 @@ def test_shared_storage_stays_one():
     res = tie_weights(shallow_copy(c.gm), TieConfig(), _ctx(c))
     targets = {n.target for n in res.gm.graph.nodes if n.op == "get_attr" and n.meta["val"].dim() == 2}
     assert len(targets) == 1
-    assert res.stats["param_bytes_after"] == res.stats["param_bytes_before"] - res.stats["bytes_saved"]
+    assert res.stats["param_bytes_after"] == res.stats["param_bytes_before"] - res.stats["param_bytes_saved"]
 
 
 def test_equal_values_become_one_storage():
@@ -85,7 +85,7 @@ def test_equal_values_become_one_storage():
     assert hows[("a.weight", "b.weight")] == "bitwise-equal values"
     # equal 1-D tensors (biases, norm scales) are not tied by value: see the pass docstring
     assert ("a.bias", "b.bias") not in hows
-    assert res.stats["bytes_saved"] == 16 * 16 * 4
+    assert res.stats["param_bytes_saved"] == 16 * 16 * 4
     assert res.stats["param_bytes_after"] == res.stats["param_bytes_before"] - 16 * 16 * 4
     with torch.no_grad():
         assert torch.equal(res.gm(x)[0], model(x))
@@ -114,7 +114,7 @@ def test_ties_survive_the_precision_pass():
     gm = report.module.graph_module
     assert _targets(gm, "a.weight") == _targets(gm, "b.weight")
     tie_rec = next(r for r in report.records if r.name == "tie_weights")
-    assert tie_rec.stats["bytes_saved"] == 16 * 16 * 4
+    assert tie_rec.stats["param_bytes_saved"] == 16 * 16 * 4
 
 
 def test_similar_mode_shares_near_identical_layers_and_reports_error():
@@ -176,7 +176,7 @@ def test_hf_gpt2_untied_lm_head_copy():
     assert torch.equal(out, ref)
     tie = next(r for r in rec.records if r.name == "tie_weights")
     lm = [t for t in tie.stats["ties"] if t["tied"] == "lm_head.weight"]
-    assert lm and lm[0]["kept"] == "transformer.wte.weight" and lm[0]["bytes_saved"] == 128 * 32 * 4
+    assert lm and lm[0]["kept"] == "transformer.wte.weight" and lm[0]["param_bytes_saved"] == 128 * 32 * 4
 
 
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
