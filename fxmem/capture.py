@@ -9,6 +9,9 @@ and keyword arguments, nested outputs) through ``torch.utils._pytree``.
 The graph is specialized to the example inputs' shapes and to their non-tensor values; a call
 with other shapes or values raises :class:`SignatureError` instead of computing on a graph traced
 for something else. (``torch.compile(backend="fxmem")`` handles dynamic shapes.)
+
+An HF KV cache in the outputs is dropped (:func:`drop_caches`; docs/architecture.md says why),
+and a cache among the inputs is a :class:`CaptureError`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,37 @@ class SignatureError(TypeError):
     """An optimized module was called with inputs unlike the ones it was traced for."""
 
 
+def is_hf_cache(x: Any) -> bool:
+    """True for a Hugging Face KV cache (``DynamicCache``, ``EncoderDecoderCache``, ...).
+
+    Recognized by class, without importing transformers: a class (or base) defined in
+    ``transformers.*`` whose name ends in ``Cache``."""
+    return any(c.__module__.startswith("transformers.") and c.__name__.endswith("Cache") for c in type(x).__mro__)
+
+
+def _path(key_path) -> str:
+    return "output" + pytree.keystr(key_path)
+
+
+def drop_caches(out: Any) -> tuple[Any, list[str]]:
+    """``out`` with every HF KV cache in it replaced by ``None``, and the paths of those caches.
+
+    Why drop rather than return the cache: the module fxmem builds is specialized to the example
+    inputs' shapes and takes no cache input, so it cannot continue generation from one; keeping
+    every layer's keys and values as graph outputs would only hold memory. The cache is found
+    with ``is_leaf`` rather than through a pytree registration, so the outcome is the same
+    whether or not someone registered ``DynamicCache`` with pytree (transformers'
+    ``register_dynamic_cache_export_support`` does, process-wide)."""
+    try:
+        with_paths, _ = pytree.tree_flatten_with_path(out, is_leaf=is_hf_cache)
+        paths = [_path(kp) for kp, leaf in with_paths if is_hf_cache(leaf)]
+    except (ValueError, NotImplementedError):  # a container registered without key paths
+        paths = [f"output leaf {i}" for i, leaf in enumerate(pytree.tree_leaves(out, is_leaf=is_hf_cache)) if is_hf_cache(leaf)]
+    if not paths:
+        return out, []
+    return pytree.tree_map(lambda x: None if is_hf_cache(x) else x, out, is_leaf=is_hf_cache), paths
+
+
 class _FlatCall(torch.nn.Module):
     """Calls ``model`` from a flat list of tensor leaves and returns a flat tuple of outputs."""
 
@@ -51,7 +85,7 @@ class _FlatCall(torch.nn.Module):
         for pos, t in zip(self._positions, tensors):
             leaves[pos] = t
         args, kwargs = pytree.tree_unflatten(leaves, self._in_spec)
-        out = self.model(*args, **kwargs)
+        out, self.dropped_caches = drop_caches(self.model(*args, **kwargs))
         flat, self.out_spec = pytree.tree_flatten(out)
         self.out_constants = {}
         for i, leaf in enumerate(flat):
@@ -60,7 +94,7 @@ class _FlatCall(torch.nn.Module):
             if leaf is not None and not isinstance(leaf, (bool, int, float, str)):
                 raise CaptureError(
                     f"fxmem.explain/optimize: output leaf {i} is a {type(leaf).__name__}, which torch.utils._pytree "
-                    "cannot look into; return tensors (for HF models pass use_cache=False so no cache object is returned)"
+                    "cannot look into; return tensors, tuples, lists, dicts or registered pytree containers"
                 )
             self.out_constants[i] = leaf
         return tuple(t for t in flat if isinstance(t, torch.Tensor))
@@ -76,6 +110,7 @@ class Captured:
     leaves: list                         # the flattened (args, kwargs); tensors replaced at call
     tensor_positions: list[int]
     example_tensors: tuple
+    dropped_caches: list[str]            # where the model returned an HF KV cache, now None (see drop_caches)
 
 
 def _owned(model: torch.nn.Module, prefix: str = "model.") -> dict[str, torch.Tensor]:
@@ -101,6 +136,13 @@ def _tracing_flag():
 def capture_inference(model: torch.nn.Module, args: Sequence[Any], kwargs: dict | None, decompositions: dict) -> Captured:
     """Trace ``model(*args, **kwargs)`` to a frozen ATen inference graph."""
     leaves, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs or {})))
+    caches = [type(leaf).__name__ for leaf in leaves if is_hf_cache(leaf)]
+    if caches:
+        raise CaptureError(
+            f"fxmem.explain/optimize: a KV cache ({', '.join(caches)}) was passed as an input; the optimized module is "
+            "specialized to the example inputs' shapes and cannot take one. Call it without past_key_values (a prefill), "
+            "or use torch.compile(backend='fxmem') for decoding steps"
+        )
     positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
     tensors = tuple(leaves[i] for i in positions)
     flat = _FlatCall(model, leaves, positions, in_spec)
@@ -118,7 +160,8 @@ def capture_inference(model: torch.nn.Module, args: Sequence[Any], kwargs: dict 
     freeze_parameters(gm, frozen)
     normalize_void_ops(gm)  # graph quirks normalized once, here: ops that return nothing get val None
     originals = {fqn: t for fqn, t in frozen.values()}
-    return Captured(gm, originals, in_spec, flat.out_spec, flat.out_constants, leaves, positions, tensors)
+    return Captured(gm, originals, in_spec, flat.out_spec, flat.out_constants, leaves, positions, tensors,
+                    flat.dropped_caches)
 
 
 def _describe(x: Any) -> Any:
@@ -130,7 +173,8 @@ class OptimizedModule(torch.nn.Module):
 
     ``self.graph_module`` holds the ATen graph and its (possibly transformed) weights, so
     ``state_dict()`` / ``load_state_dict()`` save and load them; the module can be called,
-    exported and compiled like any module.
+    exported and compiled like any module. ``dropped_caches`` lists the outputs where the model
+    returned an HF KV cache, which this module returns as ``None`` (:func:`drop_caches`).
     """
 
     def __init__(self, gm: fx.GraphModule, captured: Captured, watch: WeightWatch):
@@ -143,6 +187,7 @@ class OptimizedModule(torch.nn.Module):
         self._expected = [_describe(x) for x in captured.leaves]
         self._positions = captured.tensor_positions
         self._watch = watch
+        self.dropped_caches = list(captured.dropped_caches)
 
     @property
     def code(self) -> str:

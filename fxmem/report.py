@@ -18,6 +18,7 @@ import html
 import shutil
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,7 @@ class Report:
     eager_param_bytes: int = 0
     total_time_s: float = 0.0
     final_graphs: dict[str, fx.Graph] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)   # what fxmem did to the model's call or outputs
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per pass run (the table's rows)."""
@@ -74,7 +76,8 @@ class Report:
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         lines = [head, fmt.format(*cols), fmt.format(*("-" * w for w in widths))]
         lines += [fmt.format(*row) for row in body]
-        notes = [f"  {r.name} [{r.graph}]: {r.message}" for r in self.records if r.message]
+        notes = [f"  {n}" for n in self.notes]
+        notes += [f"  {r.name} [{r.graph}]: {r.message}" for r in self.records if r.message]
         stats = [f"  {r.name} [{r.graph}]: {_short(r.stats)}" for r in self.records if r.stats]
         if stats:
             lines += ["", "pass statistics:"] + stats
@@ -101,6 +104,8 @@ class Report:
                      _mib(r.param_bytes), _mib(r.saved_bytes), _mib(r.peak_bytes), _short(r.stats) + (" " + r.message if r.message else ""))
             parts.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
         parts.append("</table>")
+        for note in self.notes:
+            parts.append(f"<p>{html.escape(note)}</p>")
         for p in self.partitions:
             parts.append(f"<h2>partition</h2><pre>{html.escape(_short(p))}</pre>")
         for k in self.kernels:
@@ -183,9 +188,13 @@ def explain(model: torch.nn.Module, *args: Any, kwargs: dict | None = None, mode
             "but the model is in training mode. Call model.eval() first, or pass mode='inference'."
         )
     recorder = Recorder()
+    notes: list[str] = []
     start = time.perf_counter()
     if mode == "inference":
         captured = capture_inference(model, args, kwargs, DECOMPOSITIONS)
+        if captured.dropped_caches:
+            notes.append(_cache_note(captured.dropped_caches))
+            warnings.warn(f"fxmem: {notes[-1]}", UserWarning, stacklevel=2)
         gm = run_pipeline(captured.gm, "inference", config, recorder, example_inputs=captured.example_tensors)
         module: torch.nn.Module = OptimizedModule(gm, captured, WeightWatch.after(captured.originals, gm))
     else:
@@ -193,7 +202,14 @@ def explain(model: torch.nn.Module, *args: Any, kwargs: dict | None = None, mode
     return Report(mode=mode, config=config, records=recorder.records, graphs=_graphs_from(recorder), module=module,
                   partitions=recorder.partitions, kernels=recorder.kernels,
                   eager_param_bytes=module_parameter_bytes(model), total_time_s=time.perf_counter() - start,
-                  final_graphs=recorder.final_graphs)
+                  final_graphs=recorder.final_graphs, notes=notes)
+
+
+def _cache_note(paths: list[str]) -> str:
+    return (f"the model returned a KV cache ({', '.join(paths)}); the optimized module returns None there. It is "
+            "specialized to the example inputs' shapes and takes no cache, so it cannot continue generation from one, "
+            "and keeping every layer's keys and values would only hold memory. The other outputs (logits) are "
+            "unchanged. Pass use_cache=False to not compute the cache at all.")
 
 
 def _explain_training(model, args, kwargs, config, recorder) -> torch.nn.Module:

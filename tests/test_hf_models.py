@@ -65,11 +65,73 @@ def test_training_compiles_with_fxmem_and_matches_eager(name):
     assert_equivalent(Eager(), compiled_fn, (ids,), atol=1e-5, rtol=1e-4)
 
 
-def test_a_cache_object_output_is_a_clear_error():
-    model, ids = _build("gpt2")
-    model.eval()
-    with pytest.raises(Exception, match="use_cache=False"):
-        fxmem.explain(model, kwargs={"input_ids": ids, "use_cache": True})
+def mistral():
+    cfg = transformers.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=128, max_position_embeddings=32, sliding_window=8)
+    return transformers.MistralForCausalLM(cfg), cfg.vocab_size
+
+
+def qwen2():
+    cfg = transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=32)
+    return transformers.Qwen2ForCausalLM(cfg), cfg.vocab_size
+
+
+CAUSAL_LMS = {"gpt2": gpt2, "llama_gqa": llama_gqa, "mistral": mistral, "qwen2": qwen2}
+
+
+def _causal_lm(name):
+    torch.manual_seed(0)
+    model, vocab = CAUSAL_LMS[name]()
+    return model.eval(), torch.randint(0, vocab, (2, 16))
+
+
+@pytest.mark.parametrize("name", sorted(CAUSAL_LMS))
+def test_causal_lm_called_as_hf_documents_it(name):
+    """``fxmem.optimize(model, ids)`` with the model's default ``use_cache=True``: the KV cache
+    is dropped (returned as None, said in a warning, the report and ``dropped_caches``), the
+    logits equal eager's."""
+    model, ids = _causal_lm(name)
+    with torch.no_grad():
+        ref = model(ids)
+    assert ref.past_key_values is not None  # the model does return a cache: the case under test
+    with pytest.warns(UserWarning, match="KV cache"):
+        report = fxmem.explain(model, ids)
+    assert any("KV cache" in n and "None" in n for n in report.notes) and "KV cache" in str(report)
+    module = report.module
+    assert module.dropped_caches and all(p.startswith("output[") for p in module.dropped_caches)
+    with torch.no_grad():
+        out = module(ids)
+    assert out.past_key_values is None
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-4)
+    # optimize with a lossy option: still no crash, still told
+    with pytest.warns(UserWarning, match="KV cache"):
+        small = fxmem.optimize(model, ids, int8="weight_only")
+    with torch.no_grad():
+        got = small(ids).logits
+    assert (got - ref.logits).norm() / ref.logits.norm() < 0.05
+
+
+def test_shard_plan_on_a_causal_lm_called_as_hf_documents_it():
+    model, ids = _causal_lm("llama_gqa")
+    plan = fxmem.shard.plan(model, ids, world_size=2)
+    assert "model.layers.0.self_attn.q_proj" in plan.parallelize_plan()
+    # the same plan as with the cache switched off: the cache outputs change nothing in it
+    assert plan.table() == fxmem.shard.plan(model, ids, kwargs={"use_cache": False}, world_size=2).table()
+
+
+def test_a_cache_input_is_a_clear_error():
+    model, ids = _causal_lm("gpt2")
+    with torch.no_grad():
+        cache = model(ids).past_key_values
+    with pytest.raises(Exception, match="KV cache .*DynamicCache.* input"):
+        fxmem.explain(model, ids[:, :1], kwargs={"past_key_values": cache})
+
+
+def test_use_cache_false_still_needs_no_note():
+    model, ids = _causal_lm("gpt2")
+    report = fxmem.explain(model, kwargs={"input_ids": ids, "use_cache": False})
+    assert report.notes == [] and report.module.dropped_caches == []
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
