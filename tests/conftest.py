@@ -13,18 +13,12 @@ import torch  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    """Each test starts with an empty Dynamo cache and a fixed seed, and leaves the environment
-    as it found it (``lower=True`` on a CPU switches Triton's interpreter on for the process,
-    which would make ``lower="auto"`` lower every later graph in this worker)."""
+    """Each test starts with an empty Dynamo cache and a fixed seed. (fxmem itself never writes
+    the environment — tests/test_no_side_effects.py checks — so there is nothing else to restore.)"""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    interpret = os.environ.get("TRITON_INTERPRET")
     yield
     torch._dynamo.reset()
-    if interpret is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = interpret
 
 
 def pytest_collection_modifyitems(config, items):

@@ -26,11 +26,14 @@ natively on a GPU and under ``TRITON_INTERPRET=1`` on a CPU. Every identifier in
 (``in0``, ``v3``, ...); the only text taken from the graph — the kernel's name and a comment
 listing the nodes it replaces — goes through :func:`sanitize`.
 
-:func:`register_kernel` turns a generated kernel into a ``torch.library.custom_op``
-(``fxmem_gen::<name>``) with a fake implementation, so a graph holding it stays traceable by
-FakeTensor, Dynamo and ``torch.export``. Compiled kernels are cached by the hash of their source;
-ops by the hash of their source and their static shapes. Triton is imported only when a kernel is
-compiled, never when this module is imported.
+Generated kernels run through one ``torch.library`` custom op, ``fxmem::fused_kernel(inputs,
+kernel)``, defined here at import with a fake implementation, so a graph holding kernels stays
+traceable by FakeTensor, Dynamo and ``torch.export``. :func:`bind_kernel` binds a kernel to its
+static shapes and CPU path under a key (the hash of its source and shapes); the graph that calls
+it holds the :class:`BoundKernel` (``node.meta["fxmem_kernel"]``), and the op finds it by key in a
+weak table — so nothing outlives the graphs that use it, and a pass that fails registers nothing
+that stays. Each kernel compiles its source once and keeps the function. Triton is imported only
+when a kernel is compiled, never when this module is imported.
 """
 
 from __future__ import annotations
@@ -41,13 +44,15 @@ import keyword
 import math
 import os
 import re
-import sys
 import tempfile
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from fxmem.kernels import interpreter
 
 # Inductor's rule: a reduction whose row has at most this many elements runs persistent.
 PERSISTENT_MAX = 1024
@@ -329,23 +334,12 @@ def source_hash(text: str) -> str:
 
 
 def interpreter_enabled() -> bool:
-    """True when Triton runs kernels on CPU tensors: ``TRITON_INTERPRET=1`` was set before
-    Triton was imported (its standard library is then built from interpreted functions)."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
-        return False
-    if "triton" not in sys.modules:
-        return True
-    import triton.language as tl
-
-    return type(getattr(tl, "sum", None)).__name__ == "InterpretedFunction"
+    """True when Triton runs generated kernels on CPU tensors (:func:`fxmem.kernels.interpreter.enabled`)."""
+    return interpreter.enabled()
 
 
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
-
-
-_KERNELS: dict[str, Any] = {}  # source hash → compiled @triton.jit function (a process-wide cache)
-_OPS: dict[str, Any] = {}  # source hash + static shapes → registered custom op
 
 
 def _cache_dir() -> str:
@@ -356,10 +350,10 @@ def _cache_dir() -> str:
 
 def compile_source(source: str, name: str) -> Any:
     """Load generated source as a module (Triton's ``jit`` reads the source from a file) and
-    return its ``@triton.jit`` function, once per distinct source."""
+    return its ``@triton.jit`` function. The file is named by the source's hash, so processes
+    share it; the loaded module is not put in ``sys.modules`` (each :class:`GeneratedKernel`
+    keeps the function it compiled)."""
     key = source_hash(source)
-    if key in _KERNELS:
-        return _KERNELS[key]
     path = os.path.join(_cache_dir(), f"k_{key}.py")
     if not os.path.exists(path):
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -370,9 +364,7 @@ def compile_source(source: str, name: str) -> Any:
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(module)
-    kernel = getattr(module, sanitize(name, max_len=80))
-    _KERNELS[key] = kernel
-    return kernel
+    return getattr(module, sanitize(name, max_len=80))
 
 
 @dataclass
@@ -384,6 +376,13 @@ class GeneratedKernel:
     program: Program
     form: str
     block: int
+    _compiled: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def compiled(self) -> Any:
+        """The ``@triton.jit`` function, compiled on first launch and kept by this kernel."""
+        if self._compiled is None:
+            self._compiled = compile_source(self.source, self.name)
+        return self._compiled
 
     def launch(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         program = self.program
@@ -398,7 +397,7 @@ class GeneratedKernel:
         strides: list[int] = []
         for t in inputs:
             strides += list(t.expand(full).stride()) if full else [0]
-        kernel = compile_source(self.source, self.name)
+        kernel = self.compiled()
         grid = (m, triton_cdiv(n, self.block)) if self.form == "pointwise" else (m,)
         if device.type == "cpu":
             # the interpreter computes masked-off lanes too (e.g. log(0)); NumPy would warn
@@ -434,42 +433,89 @@ def build_kernel(program: Program, base_name: str, *, persistent_max: int = PERS
     return GeneratedKernel(name, source, program, form, block_size(program, persistent_max, loop_block))
 
 
-def register_kernel(kernel: GeneratedKernel, fallback: Callable[..., list[torch.Tensor]] | None = None) -> Any:
-    """Register ``kernel`` as a ``torch.library.custom_op`` ``fxmem_gen::<name>`` (with a fake
-    implementation from the static output shapes) and return its ``OpOverload``. One op per
-    source and shape set.
+# --------------------------------------------------------------------------------------------
+# The op: one, defined here at import; the kernels it runs are held by the graphs that call it
+# --------------------------------------------------------------------------------------------
+
+# kernel key → the BoundKernel a graph holds. Weak: an entry lives exactly as long as some graph
+# (a node's meta) or caller holds the kernel, so a pass that fails, or a graph that is dropped,
+# leaves nothing behind here once it is collected.
+_LIVE: weakref.WeakValueDictionary[str, BoundKernel] = weakref.WeakValueDictionary()
+META_KEY = "fxmem_kernel"  # node.meta key under which a graph holds the kernel its node calls
+
+
+@dataclass(eq=False)
+class BoundKernel:
+    """A generated kernel bound to its static shapes and its CPU path; call it with a list of
+    input tensors (it goes through ``torch.ops.fxmem.fused_kernel``, so it is traceable)."""
+
+    key: str
+    kernel: GeneratedKernel
+    outputs: list[tuple[tuple[int, ...], torch.dtype]]
+    fallback: Callable[..., list[torch.Tensor]] | None = None
+
+    def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.fallback is not None and inputs and inputs[0].device.type == "cpu" and not interpreter_enabled():
+            return [t.contiguous() for t in self.fallback(*inputs)]
+        return self.kernel.launch(list(inputs))
+
+    def __call__(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return torch.ops.fxmem.fused_kernel(list(inputs), self.key)
+
+    def __deepcopy__(self, memo):  # immutable once bound: a deep-copied graph shares it (and its key)
+        return self
+
+
+def _live(key: str) -> BoundKernel:
+    bound = _LIVE.get(key)
+    if bound is None:
+        raise RuntimeError(
+            f"fxmem::fused_kernel: kernel {key!r} is not held by any graph any more (the graph that fxmem's lower "
+            "pass built it for was freed); keep the optimized module or compiled model alive while calling it"
+        )
+    return bound
+
+
+@torch.library.custom_op("fxmem::fused_kernel", mutates_args=())
+def fused_kernel(inputs: list[torch.Tensor], kernel: str) -> list[torch.Tensor]:
+    """Run the generated kernel ``kernel`` (a key of a live :class:`BoundKernel`) on ``inputs``."""
+    return _live(kernel).run(inputs)
+
+
+@fused_kernel.register_fake
+def _fused_kernel_fake(inputs: list[torch.Tensor], kernel: str) -> list[torch.Tensor]:
+    device = inputs[0].device if inputs else torch.device("cpu")
+    return [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in _live(kernel).outputs]
+
+
+def bind_kernel(kernel: GeneratedKernel, fallback: Callable[..., list[torch.Tensor]] | None = None) -> BoundKernel:
+    """Bind ``kernel`` to its static shapes (and its CPU path) for ``torch.ops.fxmem.fused_kernel``.
+
+    The caller must hold the result for as long as anything calls it: the lower pass stores it in
+    the calling node's ``meta[META_KEY]``. The same source and shapes give the same key; while a
+    kernel with that key is alive it is returned (the same source means the same computation, so
+    its fallback serves every region sharing it).
 
     ``fallback`` is the CPU path: called with the input tensors when they are on a CPU and
-    Triton's interpreter is off (the ops the kernel replaced, run by ATen); the same source means
-    the same computation, so the first registration's fallback serves every region sharing it.
+    Triton's interpreter is off (the ops the kernel replaced, run by ATen).
     """
     shapes = ";".join(f"{o.shape}:{o.dtype}" for o in kernel.program.outputs)
-    key = source_hash(kernel.source + shapes + str(kernel.program.full_shape) + str(kernel.block))
-    if key in _OPS:
-        return _OPS[key][1]
-    opname = f"{kernel.name}_{key[:6]}"
-    qualname = f"fxmem_gen::{opname}"
-    outputs = [(o.shape, o.dtype) for o in kernel.program.outputs]
+    key = f"{kernel.name}_" + source_hash(kernel.source + shapes + str(kernel.program.full_shape) + str(kernel.block))[:12]
+    bound = _LIVE.get(key)
+    if bound is None:
+        bound = BoundKernel(key, kernel, [(o.shape, o.dtype) for o in kernel.program.outputs], fallback)
+        _LIVE[key] = bound
+    return bound
 
-    def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        if fallback is not None and inputs and inputs[0].device.type == "cpu" and not interpreter_enabled():
-            return [t.contiguous() for t in fallback(*inputs)]
-        return kernel.launch(list(inputs))
 
-    op = torch.library.custom_op(qualname, run, mutates_args=())
-
-    def fake(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        device = inputs[0].device if inputs else torch.device("cpu")
-        return [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in outputs]
-
-    op.register_fake(fake)
-    overload = getattr(torch.ops.fxmem_gen, opname).default
-    _OPS[key] = (op, overload)  # the CustomOpDef stays referenced with its overload
-    return overload
+def live_kernels() -> list[str]:
+    """Keys of the kernels some graph holds now (for tests and debugging)."""
+    return list(_LIVE.keys())
 
 
 __all__ = [
-    "Expr", "Program", "Output", "GeneratedKernel", "generate_source", "build_kernel", "register_kernel",
+    "Expr", "Program", "Output", "GeneratedKernel", "BoundKernel", "generate_source", "build_kernel", "bind_kernel",
+    "fused_kernel", "live_kernels", "META_KEY",
     "compile_source", "sanitize", "float_literal", "interpreter_enabled", "triton_available", "source_hash",
     "PERSISTENT_MAX", "LOOP_BLOCK",
 ]

@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 
 import torch
+
+from fxmem.kernels import interpreter
 
 try:  # Triton is optional: without it the ops run their ATen paths everywhere.
     import triton
@@ -152,8 +153,9 @@ def kernel_source() -> str:
 
 
 def interpreting() -> bool:
-    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    """True when a kernel decorated now runs in Triton's CPU interpreter (``TRITON_INTERPRET``,
+    read by :func:`fxmem.kernels.interpreter.requested`)."""
+    return interpreter.requested()
 
 
 @functools.lru_cache(maxsize=2)

@@ -10,7 +10,7 @@ Before (a hand-written softmax: four intermediates of ``[B, T, T]`` written and 
 
 After (one kernel reads ``x`` once and writes ``div``; nothing else is materialized)::
 
-    fxk = fxmem_gen.fxk_amax_sub_exp_<hash>([x])
+    fxk = fxmem.fused_kernel([x], "fxk_amax_sub_exp_<hash>")
     div = fxk[0]
 
 What is fused. A *region* is a connected set of nodes over one iteration space ``rows × N``
@@ -38,8 +38,12 @@ static. Nodes with symbolic shapes, integer or fp64 values are left alone.
 When it runs (``lower``): ``"auto"`` lowers graphs whose tensors are on CUDA when Triton is
 installed, and CPU graphs only when Triton runs in its interpreter (``TRITON_INTERPRET=1`` set
 before Triton was imported); otherwise it returns the graph untouched without importing Triton.
-``True`` forces lowering on CPU (the interpreter; the pass is skipped with a warning if Triton was
-already imported without it).
+``True`` forces lowering; on a CPU without the interpreter the pass is skipped with a warning
+(``strict`` raises) — fxmem never sets ``TRITON_INTERPRET`` itself (no process-wide side effects).
+
+Kernels are called through ``torch.ops.fxmem.fused_kernel(inputs, key)`` (one op, defined by
+:mod:`fxmem.kernels.codegen` at import); the node holds its :class:`~fxmem.kernels.codegen.BoundKernel`
+in ``meta["fxmem_kernel"]``, so a graph this pass built, or dropped, leaves nothing registered.
 
 Numerical promise: kernels compute in fp32 and round to the output dtype; fp16/bf16 values are
 rounded to their dtype after every fused op, as eager does. Results match eager to float rounding
@@ -49,8 +53,6 @@ rounded to their dtype after every fused op, as eager does. Results match eager 
 from __future__ import annotations
 
 import operator
-import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,7 +63,7 @@ from fxmem.analysis.cost import node_bytes_moved
 from fxmem.analysis.sizes import node_bytes, tensor_bytes
 from fxmem.config import LowerConfig
 from fxmem.passes.base import KernelRecord, PassContext, PassResult, UnsupportedGraph
-from fxmem.kernels import codegen
+from fxmem.kernels import codegen, interpreter
 from fxmem.kernels.codegen import Program
 from fxmem.passes.lower_rules import RULES, Rule, Translator, bind, rule_for, static_shape
 
@@ -316,11 +318,12 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, config: LowerConfig) -> tuple[Kerne
     replaced = [n.name for n in plan.region.nodes]
     kernel = codegen.build_kernel(program, _short_name(plan.region), persistent_max=config.persistent_max,
                                   comment="fused " + " ".join(replaced))
-    op = codegen.register_kernel(kernel, fallback=_region_module(plan, inputs))
+    bound = codegen.bind_kernel(kernel, fallback=_region_module(plan, inputs))
     graph = gm.graph
     last = plan.region.nodes[-1]
     with graph.inserting_after(last):
-        call = graph.call_function(op, (list(inputs),))
+        call = graph.call_function(torch.ops.fxmem.fused_kernel.default, (list(inputs), bound.key))
+    call.meta[codegen.META_KEY] = bound  # the graph holds its kernel: it lives as long as the graph
     call.meta["val"] = _fake_outputs(program, inputs)
     new_values: dict[fx.Node, fx.Node] = {}
     anchor = call
@@ -389,15 +392,13 @@ def can_run(gm: fx.GraphModule, config: LowerConfig) -> tuple[bool, str]:
     if codegen.interpreter_enabled():
         return True, "TRITON_INTERPRET=1"
     if config.mode == "auto":
+        if interpreter.requested():
+            return False, "auto: CPU graph and Triton was imported before TRITON_INTERPRET was set (its interpreter is off)"
         return False, "auto: CPU graph and TRITON_INTERPRET is not set (Triton runs natively on CUDA only)"
-    # forced on a CPU: the interpreter must be switched on before Triton is first imported.
-    if not codegen.triton_available():
-        return False, "Triton is not installed"
-    if "triton" not in sys.modules and not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
-        return True, "TRITON_INTERPRET=1 (set by lower=True)"
-    return False, ("lower=True on a CPU graph needs Triton's interpreter, but Triton was imported without "
-                   "TRITON_INTERPRET=1; set it in the environment before importing torch._dynamo or fxmem")
+    # forced on a CPU: fxmem does not switch the interpreter on (that would be process-wide
+    # state, and Triton reads it at import); the user sets it before starting Python.
+    return False, ("lower=True on a CPU graph needs Triton's interpreter: set TRITON_INTERPRET=1 in the "
+                   "environment before Python starts (fxmem never sets it), or run on CUDA")
 
 
 def lower(gm: fx.GraphModule, config: LowerConfig, ctx: PassContext = PassContext()) -> PassResult:

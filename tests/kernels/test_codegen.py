@@ -161,12 +161,12 @@ def test_low_precision_output_is_rounded():
 
 
 @needs_interpreter
-def test_registered_op_is_traceable_and_cached():
+def test_bound_kernel_is_traceable_and_shared_while_alive():
     prog = _softmax_program((3, 10))
     kernel = codegen.build_kernel(prog, "softmax")
-    op = codegen.register_kernel(kernel)
-    assert op is codegen.register_kernel(codegen.build_kernel(_softmax_program((3, 10)), "softmax"))
-    assert str(op).startswith("fxmem_gen.")
+    op = codegen.bind_kernel(kernel)
+    assert op is codegen.bind_kernel(codegen.build_kernel(_softmax_program((3, 10)), "softmax"))
+    assert op.key in codegen.live_kernels()
     x = torch.randn(3, 10)
     (out,) = op([x])
     torch.testing.assert_close(out, torch.softmax(x, -1), atol=1e-6, rtol=1e-5)
