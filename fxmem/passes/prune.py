@@ -330,7 +330,11 @@ def refresh_vals(gm: fx.GraphModule) -> None:
         inputs = [torch.empty_strided(n.meta["val"].shape, n.meta["val"].stride(), dtype=n.meta["val"].dtype,
                                       device=n.meta["val"].device) if isinstance(n.meta.get("val"), torch.Tensor) else n.meta.get("val")
                   for n in gm.graph.nodes if n.op == "placeholder"]
-    _Propagate(gm, mode).propagate_dont_convert_inputs(*inputs)
+    # no_grad: an inference graph, and a parameter that requires grad may reach an op that is not
+    # differentiable in that argument (T5's relative position bias is SDPA's attn_mask); with
+    # grad mode on, fake propagation would raise where the real graph runs fine.
+    with torch.no_grad():
+        _Propagate(gm, mode).propagate_dont_convert_inputs(*inputs)
     normalize_void_ops(gm)  # propagation gives ops that return nothing no value: None, as at capture
 
 

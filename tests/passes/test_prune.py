@@ -287,3 +287,28 @@ def test_random_programs_zeroed_groups_pruned_exactly(program):
     smaller = sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in module.parameters())
     assert smaller == (zeroed > 0)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_t5_relative_position_bias_as_the_sdpa_mask_prunes_exactly():
+    """T5's relative position bias is a parameter (requires grad) that reaches SDPA as its mask;
+    re-propagating shapes after the rewrite must not ask autograd about it (issue 16)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
+        dropout_rate=0.0, use_cache=False)).eval()
+    ids, dec = torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 6))
+    kwargs = {"decoder_input_ids": dec}
+    assert model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.requires_grad
+    _zero_groups(model, (ids,), kwargs)
+    with torch.no_grad():
+        expected = model(ids, **kwargs).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = fxmem.explain(model, ids, kwargs=kwargs, prune={"ratio": 0.5}, strict=True)
+    rec = _prune_record(report)
+    assert rec.status == "changed" and {r["kind"].split()[0] for r in rec.stats["groups"]} == {"mlp", "heads"}
+    assert rec.stats["params_after"] < rec.stats["params_before"]
+    with torch.no_grad():
+        torch.testing.assert_close(report.module(ids, **kwargs).logits, expected, atol=1e-5, rtol=1e-4)
