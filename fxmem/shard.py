@@ -36,7 +36,8 @@ import torch.nn as nn
 
 from fxmem.analysis.sizes import node_bytes, tensor_bytes
 from fxmem.capture import capture_inference
-from fxmem.passes.shard import propagate_placements, register_cpu_sdpa_rules
+from fxmem import dtensor_rules
+from fxmem.analysis.placement import propagate_placements
 
 aten = torch.ops.aten
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
@@ -316,7 +317,7 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
         raise ValueError(f"fxmem.shard.plan: vocab={vocab!r}; accepted: 'auto' | True | False | a list of module names")
     from torch.distributed.tensor import Replicate, Shard
 
-    register_cpu_sdpa_rules()
+    dtensor_rules.register()
     calls = _CallRecorder(model)
     try:
         captured = _capture(model, args, kwargs, on_retry=calls.calls.clear)
@@ -447,6 +448,7 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
                 seeds[w.name] = Shard(0)
             force[lin.out.name] = Replicate()
     prop = propagate_placements(gm, seeds, world_size, force=force)
+    prop.annotate(gm)  # the plan's graph shows the final placements (plan.graph)
     return _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_module, fallbacks, prop, calls)
 
 
@@ -673,7 +675,7 @@ def apply(model: nn.Module, plan: ShardPlan, device_mesh) -> nn.Module:
     missing = [name for name in plan.parallelize_plan() if _get(model, name) is None]
     if missing:
         raise ShardPlanError(f"fxmem.shard.apply: modules {missing} of the plan are not in this model")
-    register_cpu_sdpa_rules()
+    dtensor_rules.register()
     parallelize_module(model, device_mesh, plan.parallelize_plan())
     # parallelize_module gives each module its own new parameter; tie them again, to the sharded one
     for names in plan.tied:

@@ -155,7 +155,7 @@ def test_hf_llama_and_compiled_with_fxmem_backend():
 
 
 def test_apply_refuses_a_mesh_of_another_size():
-    from fxmem.passes.shard import planning_mesh
+    from fxmem.analysis.placement import planning_mesh
 
     model, x = _gpt()
     plan = fxmem.shard.plan(model, x, world_size=2)

@@ -4,7 +4,8 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import fxmem
-from fxmem.passes.shard import COLLECTIVE_KEY, PLACEMENT_KEY, annotate, collective_kind, propagate_placements
+from fxmem.analysis.placement import PLACEMENT_KEY
+from fxmem.passes.shard import COLLECTIVE_KEY, annotate
 from fxmem.pipeline import _passes
 
 
@@ -48,19 +49,3 @@ def test_explain_runs_the_pass_on_plain_models():
     report = fxmem.explain(model, torch.randn(2, 8))
     rows = [r for r in report.records if r.name == "shard"]
     assert rows and all(r.status == "unchanged" and r.stats == {} for r in rows)
-
-
-def test_propagation_uses_dtensor_rules_for_a_megatron_mlp():
-    from torch.distributed.tensor import Replicate, Shard
-
-    def mlp(x, w1, w2):
-        return torch.nn.functional.gelu(x @ w1.t()) @ w2.t()
-
-    gm = make_fx(mlp, tracing_mode="fake")(torch.randn(4, 8), torch.randn(16, 8), torch.randn(8, 16))
-    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    prop = propagate_placements(gm, {names[1]: Shard(0), names[2]: Shard(1)}, 2)
-    assert prop.collectives() == {"all_reduce": 1}          # the row-parallel output, at the graph output
-    gelu = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.gelu.default)
-    assert gelu.meta[PLACEMENT_KEY] == "S(1)" or gelu.meta[PLACEMENT_KEY] == str(Shard(1))
-    assert collective_kind(Shard(0), Replicate()) == "all_gather"
-    assert collective_kind(Replicate(), Shard(0)) is None
