@@ -359,3 +359,27 @@ def int8_embedding(qweight: torch.Tensor, scales: torch.Tensor, indices: torch.T
 @int8_embedding.register_fake
 def _int8_embedding_fake(qweight, scales, indices, dtype):
     return qweight.new_empty((*indices.shape, qweight.shape[1]), dtype=dtype)
+
+
+@torch.library.custom_op("fxmem::int8_grouped_mm", mutates_args=())
+def int8_grouped_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Mixture-of-experts grouped matmul with int8 expert weights, weight-only.
+
+    ``x`` ``[S, K]`` holds the tokens sorted by expert; ``offs`` ``[E]`` the cumulative end row of
+    each expert's tokens (as ``torch._grouped_mm`` / transformers' ``grouped_mm_fallback`` take
+    it); ``qweight`` int8 ``[E, N, K]`` and ``scales`` fp32 ``[E, N]`` (per expert and output
+    channel). Row block ``i`` is ``x[start:end] @ (qweight[i] * scales[i, :, None]).T``; rows past
+    ``offs[-1]`` are zero, as in both reference ops. Computed in ``x``'s dtype."""
+    out = x.new_zeros((x.shape[0], qweight.shape[1]))
+    start = 0
+    for i, end in enumerate(offs.tolist()):  # one host sync, as the reference fallback does
+        if end > start:
+            out[start:end] = torch.mm(x[start:end], qweight[i].t().to(x.dtype)) * scales[i].to(x.dtype)
+        start = end
+    return out
+
+
+@int8_grouped_mm.register_fake
+def _int8_grouped_mm_fake(x, qweight, scales, offs):
+    torch._check(x.shape[-1] == qweight.shape[2], lambda: "int8_grouped_mm: x and qweight disagree on K")
+    return x.new_empty((x.shape[0], qweight.shape[1]))

@@ -23,6 +23,13 @@ reads the same tied weight becomes ``fxmem.int8_embedding`` on that buffer (per-
 is something else (a conv, a ``bmm``, a weight used as an activation, both orientations), since
 int8 beside the fp32 copy would add memory; such weights are listed in ``stats["skipped"]``.
 
+Mixture-of-experts weights (HF Mixtral's ``experts.gate_up_proj`` / ``down_proj``)::
+
+    w = self.experts.down_proj                          # fp32 [E, N, K]
+    t = aten.transpose(w, -2, -1)
+    y = transformers.grouped_mm_fallback(x, t, offs)    # or aten._grouped_mm(x, t, offs)
+  → y = fxmem.int8_grouped_mm(x, down_proj_int8, down_proj_scales, offs)   # int8 [E, N, K], fp32 [E, N]
+
 Options (:class:`fxmem.config.Int8Config`): ``mode`` ``"weight_only"`` (int8 weights, float
 compute) or ``"dynamic"`` (per-token int8 activations too, int32 accumulation); ``granularity``
 ``"per_channel"`` (one scale per output row) or ``"per_group"`` (``group_size`` input columns per
@@ -37,7 +44,8 @@ op's output has the same shape, dtype and layout).
 Numerical promise: weight-only, each weight element moves by at most half its scale
 (``amax/254`` of its channel or group); the per-layer weight SQNR is reported in
 ``stats["layers"]`` (per channel: ≈ 45 dB for Gaussian weights, ≈ 48 dB for ``nn.Linear``'s
-uniform init). Dynamic mode adds per-token activation rounding of the same size. Outputs are not
+uniform init). Expert weights (3-D, read by a grouped matmul) are quantized the same way, per
+expert and output channel, weight-only. Dynamic mode adds per-token activation rounding of the same size. Outputs are not
 bit-exact; the tests hold them to a relative L2 error below 3 % on the sample models and HF
 models from small configs (below 5 % on random programs). The fp32 weights a
 graph no longer reads are watched by :class:`fxmem.freeze.WeightWatch` (changed in place →
@@ -247,6 +255,121 @@ def _kernel_record(config: Int8Config, replaced: list[str], saved: int) -> Kerne
                         source=inspect.getsource(int8_matmul.dynamic_linear_aten))
 
 
+# --------------------------------------------------------------------------------------------
+# Mixture-of-experts weights: 3-D [E, N, K] parameters read by a grouped matmul
+# --------------------------------------------------------------------------------------------
+
+
+def _grouped_mm_weight(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """``(x, weight, offs)`` when ``node`` is a 2-D × 3-D grouped matmul by expert offsets:
+    transformers' ``grouped_mm_fallback(x, w, offs)`` (CPU, non-bf16) or
+    ``aten._grouped_mm(x, w, offs)`` without bias or out_dtype; ``w`` is ``[E, K, N]``."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    t = node.target
+    if t.namespace == "transformers" and t._opname == "grouped_mm_fallback" and len(node.args) == 3 and not node.kwargs:
+        x, w, offs = node.args
+    elif t.namespace == "aten" and t._opname == "_grouped_mm":
+        args = list(node.args) + [None] * (5 - len(node.args))
+        x, w, offs, bias, out_dtype = args[:5]
+        offs = node.kwargs.get("offs", offs)
+        if node.kwargs.get("bias", bias) is not None or node.kwargs.get("out_dtype", out_dtype) is not None:
+            return None
+    else:
+        return None
+    if not all(isinstance(a, fx.Node) for a in (x, w, offs)):
+        return None
+    xv = x.meta.get("val")
+    if not isinstance(xv, torch.Tensor) or xv.dim() != 2:
+        return None
+    return x, w, offs
+
+
+def _is_last_two_transpose(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is aten.transpose.int
+            and sorted(d % 3 for d in node.args[1:3]) == [1, 2])
+
+
+def _collect_experts(gm: fx.GraphModule) -> list[tuple[fx.Node, torch.Tensor, str, list[fx.Node] | str]]:
+    """Frozen 3-D floating weights read by grouped matmuls: ``(attr, tensor, orientation, uses or
+    reason)``; orientation ``"ENK"`` when the graph transposes ``[E, N, K]`` to ``[E, K, N]``
+    first (HF's ``MixtralExperts``), ``"EKN"`` when it is read as is."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = fetch_attr(gm, node.target)
+        if not isinstance(value, torch.Tensor) or value.dim() != 3 or not value.is_floating_point():
+            continue
+        uses: list[fx.Node] = []
+        problem = None
+        orientations = set()
+        for user in node.users:
+            readers = list(user.users) if _is_last_two_transpose(user) else [user]
+            orientations.add("ENK" if _is_last_two_transpose(user) else "EKN")
+            via = user if _is_last_two_transpose(user) else node
+            for r in readers:
+                g = _grouped_mm_weight(r)
+                if g is None or g[1] is not via:
+                    problem = problem or f"it is read by {r.target if r.op == 'call_function' else r.op}"
+                else:
+                    uses.append(r)
+        if not uses and problem is None:
+            continue
+        if len(orientations) > 1:
+            problem = problem or "read both as W and as W.T"
+        found.append((node, value, orientations.pop() if orientations else "EKN", problem or uses))
+    return found
+
+
+def _quantize_experts(gm: fx.GraphModule, config: Int8Config, fake_mode, skipped: list, layers: list,
+                      replaced: list) -> tuple[int, int]:
+    """Rewrite grouped matmuls over frozen expert weights to ``fxmem::int8_grouped_mm``
+    (weight-only, per expert and output channel, whatever ``mode``: the tokens of one expert
+    are few, and there is no int8 grouped kernel to feed dynamic activations to)."""
+    before_total = after_total = 0
+    for attr, value, orientation, uses in _collect_experts(gm):
+        fqn = attr.meta.get("fxmem_fqn", attr.target)
+        path = fqn.removesuffix(".weight")
+        if isinstance(uses, str):
+            skipped.append({"layer": fqn, "reason": f"kept fp32: {uses}"})
+            continue
+        pattern = next((p for p in config.skip if fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(attr.target, p)), None)
+        if pattern is not None:
+            skipped.append({"layer": fqn, "reason": f"skipped by pattern {pattern!r}"})
+            continue
+        if value.numel() < config.min_numel:
+            skipped.append({"layer": fqn, "reason": f"smaller than min_numel={config.min_numel}"})
+            continue
+        with unset_fake_temporarily():
+            w_enk = value if orientation == "ENK" else value.transpose(1, 2)
+            e, n, k = w_enk.shape
+            qweight, scales = int8_matmul.quantize_weight(w_enk.reshape(e * n, k))
+            sqnr = int8_matmul.sqnr_db(w_enk.reshape(e * n, k), int8_matmul.dequantize_weight(qweight, scales))
+            qweight, scales = qweight.reshape(e, n, k).contiguous(), scales.reshape(e, n).contiguous()
+        qnode = _add_constant(gm, f"{attr.target}_int8", qweight, attr, fake_mode, fqn, "qweight")
+        snode = _add_constant(gm, f"{attr.target}_scales", scales, attr, fake_mode, fqn, "scales")
+        for use in uses:
+            x, _, offs = _grouped_mm_weight(use)
+            with gm.graph.inserting_before(use):
+                new = gm.graph.call_function(torch.ops.fxmem.int8_grouped_mm.default, (x, qnode, snode, offs))
+            new.meta.update(use.meta)
+            use.replace_all_uses_with(new)
+            gm.graph.erase_node(use)
+            replaced.append(new.name)
+        for user in list(attr.users):
+            if _is_last_two_transpose(user) and not user.users:
+                gm.graph.erase_node(user)
+        gm.graph.erase_node(attr)
+        b, a = tensor_bytes(value), tensor_bytes(qweight) + tensor_bytes(scales)
+        before_total += b
+        after_total += a
+        layers.append({"layer": path, "names": [fqn], "shape": [e, n, k], "granularity": "per_expert_channel",
+                       "uses": len(uses), "bytes_before": b, "bytes_after": a, "sqnr_db": round(sqnr, 2),
+                       "kind": "experts (weight_only)"})
+    return before_total, after_total
+
+
 def quantize_int8(gm: fx.GraphModule, config: Int8Config, ctx: PassContext = PassContext()) -> PassResult:
     """Rewrite linears with frozen weights to ``fxmem::int8_linear`` (see the module docstring).
 
@@ -297,6 +420,9 @@ def quantize_int8(gm: fx.GraphModule, config: Int8Config, ctx: PassContext = Pas
             "uses": len(weight.uses), "bytes_before": before, "bytes_after": after,
             "sqnr_db": round(sqnr, 2),
         })
+    expert_before, expert_after = _quantize_experts(gm, config, fake_mode, skipped, layers, replaced)
+    total_before += expert_before
+    total_after += expert_after
     if not layers:
         return PassResult(gm, False, {"layers": [], "skipped": skipped, "mode": config.mode})
     gm.graph.lint()

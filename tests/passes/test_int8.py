@@ -12,6 +12,7 @@ import fxmem
 from fxmem.analysis import parameter_bytes
 from fxmem.config import Int8Config, OptionError, parse_options
 from fxmem.freeze import StaleWeightsError
+from fxmem.kernels import int8_matmul as k8
 from fxmem.kernels import int8_matmul
 from fxmem.passes.base import PassContext, UnsupportedGraph
 from fxmem.passes.int8 import quantize_int8
@@ -439,3 +440,77 @@ def test_hf_gpt2_sdpa_through_the_backend():
         assert rel_err(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits) < REL_TOL
     rows = [r for rec in backend.recorder.records if rec.name == "int8" for r in rec.stats.get("layers", [])]
     assert any(r["layer"] == "transformer.wte" and r["uses"] == 2 for r in rows)  # tied: one buffer
+
+
+# --- mixture-of-experts weights (3-D, read by a grouped matmul) -----------------------------
+
+
+def test_int8_grouped_mm_op_matches_the_dequantized_reference():
+    torch.manual_seed(0)
+    e, n, k = 3, 8, 16
+    w = torch.randn(e, n, k)
+    q, s = k8.quantize_weight(w.reshape(e * n, k))
+    q, s = q.reshape(e, n, k), s.reshape(e, n)
+    deq = k8.dequantize_weight(q.reshape(e * n, k), s.reshape(e * n)).reshape(e, n, k)
+    x = torch.randn(10, k)
+    offs = torch.tensor([3, 3, 8], dtype=torch.int32)  # expert 1 gets no token; rows 8, 9 none
+    out = torch.ops.fxmem.int8_grouped_mm(x, q, s, offs)
+    ref = torch.zeros(10, n)
+    ref[:3], ref[3:8] = x[:3] @ deq[0].T, x[3:8] @ deq[2].T
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = torch.ops.fxmem.int8_grouped_mm(mode.from_tensor(x), mode.from_tensor(q), mode.from_tensor(s),
+                                               mode.from_tensor(offs))
+    assert fake.shape == (10, n)
+
+
+class _GroupedExperts(torch.nn.Module):
+    """Experts stored [E, N, K] and read through ``aten._grouped_mm`` on their transpose (bf16:
+    what its meta function accepts; HF uses it for bf16 experts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4, 32, 64) / 8)
+
+    def forward(self, x, offs):
+        return torch._grouped_mm(x, self.w.transpose(-2, -1), offs)
+
+
+def test_aten_grouped_mm_experts_are_quantized():
+    torch.manual_seed(0)
+    model = _GroupedExperts().to(torch.bfloat16).eval()
+    x, offs = torch.randn(24, 64, dtype=torch.bfloat16), torch.tensor([5, 5, 16, 24], dtype=torch.int32)
+    with torch.no_grad():
+        ref = model(x, offs)
+    report = fxmem.explain(model, x, offs, int8="weight_only", strict=True)
+    rec = next(r for r in report.records if r.name == "int8")
+    (layer,) = rec.stats["layers"]
+    assert layer["kind"].startswith("experts") and layer["shape"] == [4, 32, 64] and layer["sqnr_db"] > 40
+    gm = report.module.graph_module
+    assert any(n.target is torch.ops.fxmem.int8_grouped_mm.default for n in gm.graph.nodes)
+    assert not any(v.is_floating_point() and v.dim() == 3 for v in gm.state_dict().values())
+    with torch.no_grad():
+        assert rel_err(report.module(x, offs), ref) < REL_TOL
+
+
+def test_mixtral_experts_are_quantized():
+    """HF Mixtral (transformers' ``grouped_mm_fallback`` on the CPU): the experts, where an MoE's
+    bytes are, are int8 — the state drops to ~0.35× of fp32 (was 0.81× with the experts skipped)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=16, use_cache=False)
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        ref = model(ids).logits
+    report = fxmem.explain(model, ids, int8="weight_only", strict=True)
+    rec = next(r for r in report.records if r.name == "int8")
+    experts = {layer["layer"] for layer in rec.stats["layers"] if layer.get("kind", "").startswith("experts")}
+    assert experts == {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"}
+    assert report.records[-1].param_bytes < 0.4 * report.records[0].param_bytes
+    with torch.no_grad():
+        assert rel_err(report.module(ids).logits, ref) < REL_TOL
