@@ -213,7 +213,7 @@ class TieConfig:
         raise _fail("tie_weights", value, "True | False | {'mode': 'exact' | 'similar', 'rtol': float}")
 
 
-PRUNE_TARGETS = ("mlp", "heads", "channels")
+PRUNE_TARGETS = ("mlp", "heads", "channels", "experts")
 PRUNE_IMPORTANCE = ("l2", "l1", "taylor", "activation")
 PRUNE_GQA = ("groups", "queries")
 

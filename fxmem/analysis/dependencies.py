@@ -39,6 +39,7 @@ import torch
 import torch.fx as fx
 from networkx.utils import UnionFind
 
+from fxmem.analysis.grouped import grouped_mm_operands, is_last_two_transpose
 from fxmem.analysis.sizes import fetch_attr
 from fxmem.passes.base import val as _val  # one helper for every module
 
@@ -170,7 +171,7 @@ class Group:
 
     space: int
     size: int
-    kind: str                      # "mlp" | "heads" | "channels"
+    kind: str                      # "mlp" | "heads" | "channels" | "experts"
     level: str                     # heads: "group" (outermost factor) | "query" (inner factor)
     mentions: list[Mention] = field(default_factory=list)
 
@@ -229,6 +230,7 @@ class DependencyGraph:
         self.dims: dict[fx.Node, object] = {}   # node → Dims, or a tuple of Dims (multi-output)
         self._tensor_attr: dict[int, fx.Node] = {}
         self._contracted: list[Factors] = []     # dimensions summed over by mm/bmm/conv/attention
+        self._experts: set[fx.Node] = set()      # get_attr nodes of expert weights (grouped matmuls)
         for node in gm.graph.nodes:
             self.dims[node] = self._visit(node)
 
@@ -415,6 +417,9 @@ class DependencyGraph:
             outs = val if isinstance(val, (list, tuple)) else (val,)
             dims = tuple([list(f) for f in x[:2]] + self._fresh(o.shape[2:], "pooled spatial dim") for o in outs)
             return dims if isinstance(val, (list, tuple)) else dims[0]
+        grouped = grouped_mm_operands(node)
+        if grouped is not None:
+            return self._grouped_mm(node, *grouped)
         if packet is getattr(aten, "_assert_tensor_metadata", None):
             return None  # a check of its input's metadata: the pruning pass rewrites its sizes
         return self._opaque(node, f"{target} is not known to keep channels apart")
@@ -436,6 +441,22 @@ class DependencyGraph:
         for x, y in zip(a[:-2], b[:-2]):
             self.spaces.unify(x, y)
         return [list(f) for f in a[:-1]] + [b[-1]]
+
+    def _grouped_mm(self, node: fx.Node, x: fx.Node, w: fx.Node, offs: fx.Node) -> Dims:
+        """``x [S, K]`` × ``w [E, K, N]`` by expert offsets: K is contracted, N is the output's.
+        The experts dimension is routed (``offs``, the router's top-k): blocked. A group that
+        reaches a weight this way is an ``experts`` group — the same channel index removed from
+        every expert (their weights are one dense tensor)."""
+        a, b = self._of(x), self._of(w)
+        self.spaces.block(b[0], "experts dimension (routed)")
+        self.spaces.block([s for f in self._of(offs) for s in f], "expert offsets")
+        self._contracted.append(a[-1])
+        if not self.spaces.unify(a[-1], b[-2]):
+            return self._opaque(node, "grouped matmul contraction misaligned")
+        src = w.args[0] if is_last_two_transpose(w) else w
+        if src.op == "get_attr":
+            self._experts.add(src)
+        return [list(a[0]), b[-1]]
 
     def _expand(self, node: fx.Node) -> Dims:
         x = node.args[0]
@@ -607,12 +628,15 @@ class DependencyGraph:
     def _classify(self, leaf: int, ms: list[Mention]) -> tuple[str | None, str]:
         """What a group is.
 
-        ``channels``: a dimension of a convolution kernel. ``mlp``: a whole dimension of a matrix.
+        ``experts``: a channel of mixture-of-experts weights (a grouped matmul's ``[E, K, N]``),
+        the same index in every expert. ``channels``: a dimension of a convolution kernel. ``mlp``: a whole dimension of a matrix.
         ``heads``: a non-innermost factor of a weight dimension viewed into heads; its level is
         ``"query"`` if an outer head factor precedes it (GQA: query heads within a kv group),
         ``"group"`` if an inner head factor follows it (GQA: whole kv groups), else ``"head"``
         (plain multi-head attention). The innermost factor (head_dim) is never a target.
         """
+        if any(m.node in self._experts for m in ms):
+            return "experts", ""
         if any(_val(m.node) is not None and _val(m.node).dim() >= 3 for m in ms):
             return "channels", ""
 

@@ -63,6 +63,7 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
+from fxmem.analysis.grouped import grouped_mm_operands, is_last_two_transpose
 from fxmem.analysis.sizes import fetch_attr, tensor_bytes
 from fxmem.config import Int8Config, OptionError
 from fxmem.kernels import int8_matmul
@@ -260,36 +261,6 @@ def _kernel_record(config: Int8Config, replaced: list[str], saved: int) -> Kerne
 # --------------------------------------------------------------------------------------------
 
 
-def _grouped_mm_weight(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
-    """``(x, weight, offs)`` when ``node`` is a 2-D × 3-D grouped matmul by expert offsets:
-    transformers' ``grouped_mm_fallback(x, w, offs)`` (CPU, non-bf16) or
-    ``aten._grouped_mm(x, w, offs)`` without bias or out_dtype; ``w`` is ``[E, K, N]``."""
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-        return None
-    t = node.target
-    if t.namespace == "transformers" and t._opname == "grouped_mm_fallback" and len(node.args) == 3 and not node.kwargs:
-        x, w, offs = node.args
-    elif t.namespace == "aten" and t._opname == "_grouped_mm":
-        args = list(node.args) + [None] * (5 - len(node.args))
-        x, w, offs, bias, out_dtype = args[:5]
-        offs = node.kwargs.get("offs", offs)
-        if node.kwargs.get("bias", bias) is not None or node.kwargs.get("out_dtype", out_dtype) is not None:
-            return None
-    else:
-        return None
-    if not all(isinstance(a, fx.Node) for a in (x, w, offs)):
-        return None
-    xv = x.meta.get("val")
-    if not isinstance(xv, torch.Tensor) or xv.dim() != 2:
-        return None
-    return x, w, offs
-
-
-def _is_last_two_transpose(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target is aten.transpose.int
-            and sorted(d % 3 for d in node.args[1:3]) == [1, 2])
-
-
 def _collect_experts(gm: fx.GraphModule) -> list[tuple[fx.Node, torch.Tensor, str, list[fx.Node] | str]]:
     """Frozen 3-D floating weights read by grouped matmuls: ``(attr, tensor, orientation, uses or
     reason)``; orientation ``"ENK"`` when the graph transposes ``[E, N, K]`` to ``[E, K, N]``
@@ -305,11 +276,11 @@ def _collect_experts(gm: fx.GraphModule) -> list[tuple[fx.Node, torch.Tensor, st
         problem = None
         orientations = set()
         for user in node.users:
-            readers = list(user.users) if _is_last_two_transpose(user) else [user]
-            orientations.add("ENK" if _is_last_two_transpose(user) else "EKN")
-            via = user if _is_last_two_transpose(user) else node
+            readers = list(user.users) if is_last_two_transpose(user) else [user]
+            orientations.add("ENK" if is_last_two_transpose(user) else "EKN")
+            via = user if is_last_two_transpose(user) else node
             for r in readers:
-                g = _grouped_mm_weight(r)
+                g = grouped_mm_operands(r)
                 if g is None or g[1] is not via:
                     problem = problem or f"it is read by {r.target if r.op == 'call_function' else r.op}"
                 else:
@@ -350,7 +321,7 @@ def _quantize_experts(gm: fx.GraphModule, config: Int8Config, fake_mode, skipped
         qnode = _add_constant(gm, f"{attr.target}_int8", qweight, attr, fake_mode, fqn, "qweight")
         snode = _add_constant(gm, f"{attr.target}_scales", scales, attr, fake_mode, fqn, "scales")
         for use in uses:
-            x, _, offs = _grouped_mm_weight(use)
+            x, _, offs = grouped_mm_operands(use)
             with gm.graph.inserting_before(use):
                 new = gm.graph.call_function(torch.ops.fxmem.int8_grouped_mm.default, (x, qnode, snode, offs))
             new.meta.update(use.meta)
@@ -358,7 +329,7 @@ def _quantize_experts(gm: fx.GraphModule, config: Int8Config, fake_mode, skipped
             gm.graph.erase_node(use)
             replaced.append(new.name)
         for user in list(attr.users):
-            if _is_last_two_transpose(user) and not user.users:
+            if is_last_two_transpose(user) and not user.users:
                 gm.graph.erase_node(user)
         gm.graph.erase_node(attr)
         b, a = tensor_bytes(value), tensor_bytes(qweight) + tensor_bytes(scales)

@@ -312,3 +312,40 @@ def test_t5_relative_position_bias_as_the_sdpa_mask_prunes_exactly():
     assert rec.stats["params_after"] < rec.stats["params_before"]
     with torch.no_grad():
         torch.testing.assert_close(report.module(ids, **kwargs).logits, expected, atol=1e-5, rtol=1e-4)
+
+
+def _mixtral():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=16, use_cache=False)
+    return transformers.MixtralForCausalLM(cfg).eval(), torch.randint(0, 64, (2, 8))
+
+
+def test_mixtral_expert_channels_are_a_group():
+    """The 3-D expert weights run through a grouped matmul: the intermediate channel (the same
+    index in every expert, in gate, up and down) is one ``experts`` group; the experts dimension
+    itself is routed and never pruned."""
+    model, ids = _mixtral()
+    dg = analyze(capture_inference(model, (ids,), None, DECOMPOSITIONS).gm)
+    experts = [g for g in dg.groups() if g.kind == "experts"]
+    assert len(experts) == 1 and experts[0].size == 64
+    assert experts[0].weights == ["model.layers.0.mlp.experts.down_proj", "model.layers.0.mlp.experts.gate_up_proj"]
+
+
+def test_mixtral_experts_prune_exactly_on_zeroed_groups():
+    model, ids = _mixtral()
+    zeroed = _zero_groups(model, (ids,), kinds=("experts",))
+    assert zeroed == 32
+    with torch.no_grad():
+        expected = model(ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = fxmem.explain(model, ids, prune={"ratio": 0.5, "targets": ["experts"]}, strict=True)
+    rec = _prune_record(report)
+    assert rec.status == "changed" and [r["kind"].split()[0] for r in rec.stats["groups"]] == ["experts"]
+    experts = sorted(tuple(t.shape) for t in report.module.graph_module.state_dict().values() if t.dim() == 3)
+    assert experts == [(4, 32, 32), (4, 64, 32)]  # down [E, H, I/2]; gate_up [E, 2 × I/2, H]
+    with torch.no_grad():
+        torch.testing.assert_close(report.module(ids).logits, expected, atol=1e-5, rtol=1e-4)
