@@ -312,12 +312,12 @@ def _quantize_experts(gm: fx.GraphModule, config: Int8Config, fake_mode, skipped
         if value.numel() < config.min_numel:
             skipped.append({"layer": fqn, "reason": f"smaller than min_numel={config.min_numel}"})
             continue
-        with unset_fake_temporarily():
-            w_enk = value if orientation == "ENK" else value.transpose(1, 2)
-            e, n, k = w_enk.shape
-            qweight, scales = int8_matmul.quantize_weight(w_enk.reshape(e * n, k))
-            sqnr = int8_matmul.sqnr_db(w_enk.reshape(e * n, k), int8_matmul.dequantize_weight(qweight, scales))
-            qweight, scales = qweight.reshape(e, n, k).contiguous(), scales.reshape(e, n).contiguous()
+        # real weights: the pipeline runs this pass outside fake mode (real_tensors)
+        w_enk = value if orientation == "ENK" else value.transpose(1, 2)
+        e, n, k = w_enk.shape
+        qweight, scales = int8_matmul.quantize_weight(w_enk.reshape(e * n, k))
+        sqnr = int8_matmul.sqnr_db(w_enk.reshape(e * n, k), int8_matmul.dequantize_weight(qweight, scales))
+        qweight, scales = qweight.reshape(e, n, k).contiguous(), scales.reshape(e, n).contiguous()
         qnode = _add_constant(gm, f"{attr.target}_int8", qweight, attr, fake_mode, fqn, "qweight")
         snode = _add_constant(gm, f"{attr.target}_scales", scales, attr, fake_mode, fqn, "scales")
         for use in uses:
