@@ -163,7 +163,7 @@ def gqa_training() -> dict:
     _loss(model(*args)).backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    backend = FxmemBackend(parse_options({"lower": True, "strict": True}))
+    backend = FxmemBackend(parse_options({"lower": True, "codegen": "eager", "strict": True}))
     _loss(torch.compile(model, backend=backend)(*args)).backward()
     errs = {n: _max_err(p.grad, ref[n]) for n, p in model.named_parameters()}
     worst = max(errs, key=errs.get)
@@ -183,7 +183,7 @@ def gpt_block_training(quick: bool) -> tuple[dict, nn.Module, torch.Tensor]:
     _loss(ref_out).backward()
     ref_grads = {n: p.grad.clone() for n, p in block.named_parameters()}
     block.zero_grad()
-    backend = FxmemBackend(parse_options({"lower": True, "strict": True}))
+    backend = FxmemBackend(parse_options({"lower": True, "codegen": "eager", "strict": True}))
     compiled = torch.compile(block, backend=backend)
     start = time.perf_counter()
     out = compiled(x)
@@ -233,7 +233,7 @@ def hf_models() -> list[dict]:
             ids = torch.randint(0, 64, (1, 8))
             kwargs = {"input_ids": ids} if name == "BertModel" else {"input_ids": ids, "use_cache": False}
             # the torch.compile front end (tests/passes/test_lower.py covers fxmem.explain)
-            backend = FxmemBackend(parse_options({"lower": True, "strict": True}))
+            backend = FxmemBackend(parse_options({"lower": True, "codegen": "eager", "strict": True}))
             with torch.no_grad():
                 ref = model(**kwargs)[0]
                 got = torch.compile(model, backend=backend)(**kwargs)[0]

@@ -16,16 +16,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+from torch._functorch.aot_autograd import aot_module_simplified
 
+from fxmem.analysis.timeline import step_timeline
+from fxmem.codegen import inductor_inference, inductor_training, releasing_call
 from fxmem.analysis.sizes import PARAM_META_KEY
-from fxmem.config import FxmemConfig, OptionError, parse_options
+from fxmem.config import FxmemConfig, LowerConfig, OptionError, parse_options
 from fxmem.freeze import WeightWatch, freeze_parameters
 from fxmem.passes.base import copy_graph
 from fxmem.pipeline import Recorder, run_partition, run_pipeline
@@ -77,6 +80,15 @@ class FxmemBackend:
     """A ``torch.compile`` backend bound to one parsed config (and, for explain, a recorder)."""
 
     def __init__(self, config: FxmemConfig, recorder: Recorder | None = None):
+        if config.codegen == "inductor":
+            if config.lower.mode == "on":
+                raise OptionError(
+                    "fxmem option 'lower' asks for fxmem's own Triton kernels, which run on codegen='eager'; "
+                    "with codegen='inductor' (the default) Inductor generates the kernels. Pass codegen='eager' "
+                    "with lower, or drop lower.")
+            # Inductor generates the kernels; remat estimates peaks of its fused code
+            config = dataclasses.replace(config, lower=LowerConfig(mode="off"),
+                                         remat=dataclasses.replace(config.remat, fused=True))
         self.config = config
         self.recorder = recorder if recorder is not None else Recorder()
 
@@ -107,7 +119,7 @@ class FxmemBackend:
             if len(placeholders) != len(example_inputs):
                 # tensor subclasses (DTensor) were desugared: inputs no longer map one-to-one;
                 # run the passes without freezing (weight passes then find no frozen weights).
-                return make_boxed_func(backend._run_inference_pipeline(aten_gm, {}, flat_args))
+                return backend._codegen_inference(backend._run_inference_pipeline(aten_gm, {}, flat_args), flat_args)
             frozen = {placeholders[i].name: (fqn, example_inputs[i]) for i, fqn in params.items()}
             user_idx = [i for i in range(len(placeholders)) if i not in params]
             template = aten_gm
@@ -119,17 +131,23 @@ class FxmemBackend:
                 # Dynamo's example inputs are real tensors (AOT's flat_args are fake): passes that
                 # calibrate on the example inputs (the precision overflow guard) need real values
                 state["gm"] = backend._run_inference_pipeline(gm_copy, frozen_now, [example_inputs[i] for i in user_idx])
-                state["watch"] = WeightWatch.after({fqn: t for fqn, t in frozen_now.values()}, state["gm"])
+                sources = {fqn: t for fqn, t in frozen_now.values()}
+                # Inductor's code keeps its own copies of the constants: every weight is watched
+                inductor = backend.config.codegen == "inductor"
+                state["watch"] = WeightWatch.every(sources) if inductor else WeightWatch.after(sources, state["gm"])
+                state["call"] = backend._codegen_inference(state["gm"], state.get("args") or [flat_args[i] for i in user_idx])
 
             build()
 
             def run(args: list) -> Any:
-                if state["watch"].changed():
-                    with torch.no_grad():
-                        build()  # a source weight changed in place: derive the frozen weights again
                 user_args = [args[i] for i in user_idx]
                 args.clear()
-                return state["gm"](*user_args)
+                if state["watch"].changed():
+                    state["args"] = user_args  # the code is generated again, for these inputs
+                    with torch.no_grad():
+                        build()  # a source weight changed in place: derive the frozen weights again
+                    state.pop("args")
+                return state["call"](user_args)
 
             run._boxed_call = True  # type: ignore[attr-defined]
             return run
@@ -137,6 +155,12 @@ class FxmemBackend:
         with torch.no_grad():
             return aot_module_simplified(gm, example_inputs, fw_compiler=inference_compiler,
                                          decompositions=DECOMPOSITIONS, keep_inference_input_mutations=True)
+
+    def _codegen_inference(self, gm: fx.GraphModule, example_args: Sequence[Any]) -> Callable:
+        """A boxed callable running the passes' final inference graph (option ``codegen``)."""
+        if self.config.codegen == "inductor":
+            return inductor_inference(gm, example_args)
+        return releasing_call(gm)
 
     def _run_inference_pipeline(self, aten_gm: fx.GraphModule, frozen: dict, user_args: Sequence[Any]) -> fx.GraphModule:
         if frozen:
@@ -148,23 +172,41 @@ class FxmemBackend:
     # -- training --------------------------------------------------------------------------
     def _compile_training(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         backend = self
+        inductor = self.config.codegen == "inductor"
         state: dict[str, Any] = {}
+
+        def mark_static(graph_module: fx.GraphModule) -> None:
+            static = state.get("static", set())
+            for i, node in enumerate(n for n in graph_module.graph.nodes if n.op == "placeholder"):
+                if i in static:
+                    node.meta[PARAM_META_KEY] = True
+
+        def finish_forward(fw_gm: fx.GraphModule) -> fx.GraphModule:
+            mark_static(fw_gm)
+            name = backend.recorder.forward_graph_name()
+            return run_pipeline(fw_gm, "forward", backend.config, backend.recorder, graph_name=name)
+
+        def finish_backward(bw_gm: fx.GraphModule) -> fx.GraphModule:
+            return run_pipeline(bw_gm, "backward", backend.config, backend.recorder)
 
         def partition_fn(joint_gm, joint_inputs, *, num_fwd_outputs, static_lifetime_input_indices=None, **kwargs):
             state["static"] = set(static_lifetime_input_indices or ())
-            return partition(joint_gm, joint_inputs, backend.config, backend.recorder, num_fwd_outputs=num_fwd_outputs,
-                             static_lifetime_input_indices=static_lifetime_input_indices)
+            fw, bw = partition(joint_gm, joint_inputs, backend.config, backend.recorder, num_fwd_outputs=num_fwd_outputs,
+                               static_lifetime_input_indices=static_lifetime_input_indices)
+            mark_static(fw)
+            backend.recorder.timelines.append(step_timeline(fw, bw, num_fwd_outputs, fused=inductor))
+            if inductor:  # Inductor compiles what this returns: fxmem's forward/backward passes run here
+                fw, bw = finish_forward(fw), finish_backward(bw)
+            return fw, bw
+
+        if inductor:
+            return inductor_training(gm, example_inputs, partition_fn)
 
         def fw_compiler(fw_gm: fx.GraphModule, args: Sequence[Any]):
-            static = state.get("static", set())
-            for i, node in enumerate(n for n in fw_gm.graph.nodes if n.op == "placeholder"):
-                if i in static:
-                    node.meta[PARAM_META_KEY] = True
-            name = backend.recorder.forward_graph_name()
-            return make_boxed_func(run_pipeline(fw_gm, "forward", backend.config, backend.recorder, graph_name=name))
+            return releasing_call(finish_forward(fw_gm))
 
         def bw_compiler(bw_gm: fx.GraphModule, args: Sequence[Any]):
-            return make_boxed_func(run_pipeline(bw_gm, "backward", backend.config, backend.recorder))
+            return releasing_call(finish_backward(bw_gm))
 
         return aot_module_simplified(gm, example_inputs, fw_compiler=fw_compiler, bw_compiler=bw_compiler,
                                      partition_fn=partition_fn, decompositions=DECOMPOSITIONS)

@@ -78,6 +78,9 @@ class RematConfig:
 
     enabled: bool = True
     budget: float | None = None
+    fused: bool = False
+    """Set by the backend, not an option: estimate step peaks as Inductor's fused code has them
+    (``codegen="inductor"``) rather than op by op."""
 
     @classmethod
     def parse(cls, value: Any) -> RematConfig:
@@ -335,6 +338,7 @@ class FxmemConfig:
     prune: PruneConfig | None = None
     lower: LowerConfig = field(default_factory=LowerConfig)
     verify: VerifyConfig | None = None
+    codegen: str = "inductor"
     strict: bool = False
 
     def lossy_options(self) -> list[str]:
@@ -359,7 +363,13 @@ _PARSERS = {
     "verify": VerifyConfig.parse,
 }
 
-OPTION_KEYS = tuple(_PARSERS) + ("strict",)
+CODEGENS = ("inductor", "eager")
+"""``codegen``: who generates the code for fxmem's graphs. ``"inductor"``: fxmem's passes and
+partition run inside Inductor (fusion, buffer reuse, re-inplacing, peak-memory reordering);
+``"eager"``: the ATen graphs run op by op (each input released after its last use), with fxmem's
+own Triton lowering (``lower``) of hotspots."""
+
+OPTION_KEYS = tuple(_PARSERS) + ("codegen", "strict")
 
 
 def parse_options(options: Mapping[str, Any] | FxmemConfig | None = None, **more: Any) -> FxmemConfig:
@@ -382,6 +392,8 @@ def parse_options(options: Mapping[str, Any] | FxmemConfig | None = None, **more
             if not isinstance(value, bool):
                 raise _fail("strict", value, "True | False")
             values[key] = value
+        elif key == "codegen":
+            values[key] = _choice("codegen", value, CODEGENS)
         else:
             values[key] = _PARSERS[key](value)
     return FxmemConfig(**values)

@@ -123,6 +123,12 @@ class WeightWatch:
         sources = [(name, t, t._version) for name, t in originals.items() if id(t) not in still_read]
         return cls(sources)
 
+    @classmethod
+    def every(cls, originals: dict[str, torch.Tensor]) -> WeightWatch:
+        """Watch every source: code generated from the graph (Inductor's) holds its constants
+        apart from the model's tensors, so even a weight the graph read directly goes stale."""
+        return cls([(name, t, t._version) for name, t in originals.items()])
+
     def changed(self) -> list[str]:
         return [name for name, t, version in self.sources if t._version != version]
 

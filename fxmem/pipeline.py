@@ -165,6 +165,7 @@ class Recorder:
     graphs: dict[str, str] = field(default_factory=dict)
     final_graphs: dict[str, fx.Graph] = field(default_factory=dict)  # for drawing
     partitions: list[dict[str, Any]] = field(default_factory=list)
+    timelines: list[Any] = field(default_factory=list)  # analysis.timeline.StepTimeline, one per partition
     kernels: list[Any] = field(default_factory=list)
     _counter: dict[str, int] = field(default_factory=dict)
     _forward_names: list[str] = field(default_factory=list)

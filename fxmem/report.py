@@ -25,7 +25,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from fxmem import peakview
 from fxmem.analysis.sizes import module_parameter_bytes
+from fxmem.analysis.timeline import StepTimeline
 from fxmem.backend import DECOMPOSITIONS, FxmemBackend
 from fxmem.capture import OptimizedModule, capture_inference
 from fxmem.config import FxmemConfig, OptionError, parse_options
@@ -54,6 +56,12 @@ class Report:
     total_time_s: float = 0.0
     final_graphs: dict[str, fx.Graph] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)   # what fxmem did to the model's call or outputs
+    timelines: list[StepTimeline] = field(default_factory=list)
+
+    @property
+    def timeline(self) -> StepTimeline | None:
+        """The live bytes over the (first) training step's forward and backward; None for inference."""
+        return self.timelines[0] if self.timelines else None
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per pass run (the table's rows)."""
@@ -85,6 +93,8 @@ class Report:
             lines += ["", "notes:"] + notes
         for p in self.partitions:
             lines += ["", f"partition: {_short(p)}"]
+        for t in self.timelines:
+            lines += ["", peakview.text(t)]
         for k in self.kernels:
             lines += ["", f"kernel: {getattr(k, 'name', k)}"]
         return "\n".join(lines)
@@ -108,6 +118,8 @@ class Report:
             parts.append(f"<p>{html.escape(note)}</p>")
         for p in self.partitions:
             parts.append(f"<h2>partition</h2><pre>{html.escape(_short(p))}</pre>")
+        for t in self.timelines:
+            parts.append(peakview.html_section(t))
         for k in self.kernels:
             parts.append(f"<h2>kernel {html.escape(str(getattr(k, 'name', k)))}</h2><pre>{html.escape(str(getattr(k, 'source', '')))}</pre>")
         for name, graph in self.final_graphs.items():
@@ -202,7 +214,7 @@ def explain(model: torch.nn.Module, *args: Any, kwargs: dict | None = None, mode
     return Report(mode=mode, config=config, records=recorder.records, graphs=_graphs_from(recorder), module=module,
                   partitions=recorder.partitions, kernels=recorder.kernels,
                   eager_param_bytes=module_parameter_bytes(model), total_time_s=time.perf_counter() - start,
-                  final_graphs=recorder.final_graphs, notes=notes)
+                  final_graphs=recorder.final_graphs, notes=notes, timelines=recorder.timelines)
 
 
 def _cache_note(paths: list[str]) -> str:

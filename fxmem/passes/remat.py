@@ -25,6 +25,17 @@ counted with its real FLOPs), plus one FLOP-equivalent per byte moved for everyt
   falls). If no split meets it, the split with the fewest saved bytes is taken and reported.
 * ``remat=False``: ``default_partition`` (save everything the backward reads).
 
+Peak guard. Saved bytes are a proxy: what a user meets is the *peak* of the step. Saving fewer
+bytes can raise it — at budget 0.0 the backward recomputes the whole forward at once, and the
+recomputed activations are all alive together (pytorch/pytorch#197838 has the same fault). So
+after the cut is chosen, the step's peak is estimated for it and for the cuts of higher budgets
+(the λ ladder :data:`PEAK_LADDER`, the free-recompute cut and the no-recompute cut, each saving
+more bytes) with :func:`fxmem.analysis.timeline.step_timeline`; if one of those peaks lower, it
+is taken instead (``stats["peak_guard"]`` says so, and ``budget_met`` turns False). The rule
+makes a lower budget never raise the estimated peak above a higher budget's among these cuts.
+Recomputation sits just before its first use in the backward
+(``reordering_to_mimic_autograd_engine``), and the compiled backward frees it after its last.
+
 Guarantees (each tested): saved bytes never exceed eager's (checked, falling back to
 ``default_partition`` otherwise); parameters are never saved as copies — a view, cast or copy
 computed from parameters alone is always recomputed from the parameter, which is saved
@@ -54,6 +65,7 @@ from torch._functorch.compile_utils import raise_getitems
 from fxmem.analysis.cost import is_compute_bound, node_bytes_moved, node_flops
 from fxmem.analysis.saved import describe_saved, saved_activation_bytes
 from fxmem.analysis.sizes import PARAM_META_KEY, is_alias_op, node_bytes, unique_storage_bytes
+from fxmem.analysis.timeline import step_timeline
 from fxmem.config import RematConfig
 from fxmem.passes._flow import INF, SINK, SOURCE, FlowNetwork, min_cut
 from fxmem.passes.base import UnsupportedGraph
@@ -67,6 +79,13 @@ LAMBDA_RANGE = (1e-10, 1e4)
 graph whose tensors are between 1 byte and 1 TB."""
 
 LAMBDA_STEPS = 18
+
+PEAK_LADDER = tuple(10.0 ** (k / 8) for k in range(-48, 17))
+"""λ values whose cuts the peak guard compares a budget's cut with (see :func:`_peak_guard`)."""
+
+PEAK_TOLERANCE = 0.01
+"""A cut that saves more bytes replaces the budget's cut only if its estimated step peak is lower
+by more than this fraction: equal peaks keep the budget's choice."""
 
 POLISH_SECONDS = 10.0
 """Time limit of the exact ILP that follows the λ search under a budget (0 disables it)."""
@@ -439,6 +458,51 @@ def _build(joint: fx.GraphModule, prob: _Problem, saved: list[fx.Node], num_fwd_
     return raise_getitems(fw), raise_getitems(bw)
 
 
+def _step_peak(prob: _Problem, choice: _Choice, num_fwd_outputs: int, fused: bool = False) -> int:
+    """Estimated peak of a training step (forward then backward) under ``choice``'s split."""
+    from torch.fx._lazy_graph_module import _use_lazy_graph_module
+
+    with _use_lazy_graph_module(True):  # the graphs are read, never run: skip generating their code
+        fw, bw = _build(prob.joint, prob, choice.saved, num_fwd_outputs)
+    _mark_params(fw, prob)
+    return step_timeline(fw, bw, num_fwd_outputs, fused=fused).peak_bytes
+
+
+def _peak_guard(prob: _Problem, choice: _Choice, num_fwd_outputs: int, *, ladder: bool = True,
+                fused: bool = False) -> tuple[_Choice, dict[str, Any]]:
+    """Replace ``choice`` by a cut that saves more bytes if that cut's estimated step peak is lower.
+
+    Candidates: the cuts of the λ ladder, the free-recompute cut and the no-recompute cut, kept
+    when they save more bytes than ``choice`` (the cuts a higher budget would pick from); one
+    cut per distinct saved set. The lowest peak wins, then the lowest recompute cost. Without
+    ``ladder`` (``budget=None``: free recomputation only) only the no-recompute cut is compared.
+    Each comparison builds the two graphs (about as long as one partition), the solves are cheap.
+    """
+    peak = _step_peak(prob, choice, num_fwd_outputs, fused)
+    candidates: dict[frozenset, _Choice] = {}
+    solves = 0
+    trials = ([(lam, True) for lam in PEAK_LADDER] if ladder else []) + [(None, False), (INF, True)]
+    for lam, allow in trials:
+        cut = _solve(prob, lam, allow_compute=allow)
+        solves += 1
+        key = frozenset(n.name for n in cut.saved)
+        if cut.saved_bytes > choice.saved_bytes and key not in candidates:
+            candidates[key] = cut
+    best, best_peak = choice, peak
+    for cut in sorted(candidates.values(), key=lambda c: c.cost):
+        cut_peak = _step_peak(prob, cut, num_fwd_outputs, fused)
+        if cut_peak < best_peak * (1 - PEAK_TOLERANCE) or (best is not choice and cut_peak == best_peak and cut.cost < best.cost):
+            best, best_peak = cut, cut_peak
+    facts = {"solves": solves, "budget_cut_peak_bytes": peak, "budget_cut_saved_bytes": choice.saved_bytes}
+    if best is choice:
+        return choice, {**facts, "peak_bytes": peak, "taken": False,
+                        "message": f"kept: no cut saving more bytes peaks lower than {peak / 2**20:.2f} MiB ({len(candidates)} compared)"}
+    message = (f"the budget's cut would peak at {peak / 2**20:.2f} MiB; a cut saving "
+               f"{best.saved_bytes / 2**20:.2f} MiB (instead of {choice.saved_bytes / 2**20:.2f}) peaks at "
+               f"{best_peak / 2**20:.2f} MiB: taken")
+    return best, {**facts, "peak_bytes": best_peak, "taken": True, "message": message}
+
+
 def _mark_params(fw: fx.GraphModule, prob: _Problem) -> None:
     names = {n.name for n in prob.static}
     for node in fw.graph.nodes:
@@ -495,6 +559,7 @@ def rematerialize(joint_gm: fx.GraphModule, config: RematConfig = RematConfig(),
     else:
         target = config.budget * prob.eager_bytes
         choice, solves = _search(prob, target)
+    choice, guard = _peak_guard(prob, choice, num_fwd_outputs, ladder=config.budget is not None, fused=config.fused)
     solve_s = time.perf_counter() - t0
     fw, bw = _build(joint_gm, prob, choice.saved, num_fwd_outputs)
     _mark_params(fw, prob)
@@ -521,7 +586,12 @@ def rematerialize(joint_gm: fx.GraphModule, config: RematConfig = RematConfig(),
         "recompute_bytes_moved": sum(r["bytes_moved"] for r in rows),
         "recomputed_bytes": sum(r["bytes"] for r in rows),
         "lambda": choice.lam,
-        "min_cut_solves": solves,
+        "peak_estimate_bytes": guard["peak_bytes"],
+        "peak_guard": guard["message"],
+        "peak_guard_taken": guard["taken"],
+        "budget_cut_saved_bytes": guard["budget_cut_saved_bytes"],
+        "budget_cut_peak_bytes": guard["budget_cut_peak_bytes"],
+        "min_cut_solves": solves + guard["solves"],
         "solve_s": solve_s,
         "time_s": time.perf_counter() - t0,
     }

@@ -13,7 +13,7 @@ from fxmem.testing import SAMPLES, sample
 
 def _compiled_with_record(model):
     rec = Recorder()
-    return torch.compile(model, backend=FxmemBackend(parse_options(), rec)), rec
+    return torch.compile(model, backend=FxmemBackend(parse_options(codegen="eager"), rec)), rec
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLES))

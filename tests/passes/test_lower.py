@@ -197,7 +197,7 @@ def test_options_are_parsed():
 
 
 def _train(model, args, **options):
-    backend = FxmemBackend(parse_options({"lower": True, "strict": True, **options}))
+    backend = FxmemBackend(parse_options({"lower": True, "codegen": "eager", "strict": True, **options}))
     compiled = torch.compile(model, backend=backend)
     assert_equivalent(model, compiled, args, grads=True, atol=ATOL, rtol=RTOL)
     return backend.recorder

@@ -1,0 +1,253 @@
+"""Live bytes over a whole training step — forward, then backward — and what is alive at its peak.
+
+Read-only. It answers the question asked after an out-of-memory error ("what is alive at the
+peak?") and gives remat a peak to compare splits by. The model of a step, run op by op:
+
+* the caller's inputs (the batch) live through the step; parameters are excluded (parameter
+  memory, reported apart);
+* a node's output storage is allocated when it runs (views allocate nothing) and freed after
+  the last use of any alias of it;
+* the forward's outputs — user outputs, held by the caller through the backward, and the tensors
+  saved for backward — outlive the forward;
+* the backward receives the saved tensors and the tangents and releases each after its last use
+  (fxmem's compiled backward is called boxed, so it can); its outputs, the gradients, stay
+  (autograd accumulates them into ``.grad``).
+
+The estimate is exact for ``codegen="eager"`` up to allocations inside ops (an op's workspace)
+and the caller's own ops outside the graph (the loss of ``model(x).sum()``). Inductor fuses
+pointwise chains, so their intermediates never exist and its peak is lower where transients
+dominate; the saved tensors — what remat chooses — are the same in both.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from fxmem.analysis.sizes import is_parameter_node, node_bytes, storage_root
+
+COMPUTING = ("call_function", "call_module", "call_method")
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+
+
+@dataclass(frozen=True)
+class LiveTensor:
+    """A storage alive at some point of the step."""
+
+    name: str
+    stage: str            # "forward" | "backward": the graph that made it (or received it)
+    kind: str             # "input" | "saved" | "output" | "transient" | "tangent" | "gradient"
+    shape: tuple[int, ...]
+    dtype: str
+    bytes: int
+    op: str
+    source: str           # the user's source line that made it (from node.meta["stack_trace"]), or ""
+
+
+@dataclass
+class StepTimeline:
+    """Live activation bytes after each node of the forward and then the backward graph."""
+
+    points: list[tuple[str, str, int]] = field(default_factory=list)  # (stage, node name, live bytes)
+    peak_bytes: int = 0
+    peak_index: int = 0
+    input_bytes: int = 0
+    live_at_peak: list[LiveTensor] = field(default_factory=list)
+
+    @property
+    def peak_stage(self) -> str:
+        return self.points[self.peak_index][0] if self.points else ""
+
+    @property
+    def peak_node(self) -> str:
+        return self.points[self.peak_index][1] if self.points else ""
+
+    @property
+    def forward_end(self) -> int:
+        """Index of the first backward point (= the number of forward points)."""
+        return sum(1 for p in self.points if p[0] == "forward")
+
+    def sparkline(self, width: int = 60) -> str:
+        """The live bytes as one line of block characters, forward | backward, peak marked ``^``."""
+        if not self.points:
+            return ""
+        bars = "▁▂▃▄▅▆▇█"
+        n = len(self.points)
+        cols = min(width, n)
+        top = max(p[2] for p in self.points) or 1
+        chars, peak_col = [], None
+        split = None
+        for c in range(cols):
+            lo, hi = c * n // cols, max(c * n // cols + 1, (c + 1) * n // cols)
+            value = max(p[2] for p in self.points[lo:hi])
+            chars.append(bars[min(len(bars) - 1, int(value / top * (len(bars) - 1) + 0.5))])
+            if lo <= self.peak_index < hi:
+                peak_col = c
+            if split is None and self.points[hi - 1][0] == "backward":
+                split = c
+        line = "".join(chars)
+        if split is not None and 0 < split < len(line):
+            line = line[:split] + "|" + line[split:]
+            peak_col = peak_col + 1 if peak_col is not None and peak_col >= split else peak_col
+        marker = " " * (peak_col or 0) + "^"
+        return f"{line}\n{marker} peak {self.peak_bytes / 2**20:.2f} MiB at {self.peak_stage} {self.peak_node}"
+
+
+def _source_line(node: fx.Node) -> str:
+    """The innermost frame of ``node.meta["stack_trace"]`` as ``file.py:line in fn: code``."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        match = _FRAME.match(lines[i])
+        if match:
+            code = lines[i + 1] if i + 1 < len(lines) and not _FRAME.match(lines[i + 1]) else ""
+            path, line, fn = match.groups()
+            return f"{os.path.basename(path)}:{line} in {fn}: {code}".rstrip(": ")
+    return ""
+
+
+def _describe(node: fx.Node, stage: str, kind: str) -> LiveTensor:
+    val = node.meta.get("val")
+    shape = tuple(int(s) if not isinstance(s, torch.SymInt) else -1 for s in getattr(val, "shape", ()))
+    dtype = str(getattr(val, "dtype", "")).replace("torch.", "")
+    op = node.op if node.op != "call_function" else str(getattr(node.target, "__name__", node.target))
+    return LiveTensor(node.name, stage, kind, shape, dtype, node_bytes(node), op, _source_line(node))
+
+
+def _last_uses(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    """Position of the last use of each storage root, over all aliases of it."""
+    nodes = list(gm.graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    last: dict[fx.Node, int] = {}
+    for node in nodes:
+        root = storage_root(node)
+        last[root] = max(last.get(root, position[root]), position[node])
+        for user in node.users:
+            last[root] = max(last[root], position[user])
+    return last
+
+
+def _outputs(gm: fx.GraphModule) -> list:
+    out = gm.graph.output_node()
+    args = out.args[0]
+    return list(args) if isinstance(args, (list, tuple)) else [args]
+
+
+class _Live:
+    """The live set: storage key → (bytes, description)."""
+
+    def __init__(self, timeline: StepTimeline):
+        self.timeline = timeline
+        self.items: dict[object, LiveTensor] = {}
+        self.total = 0
+
+    def add(self, key: object, tensor: LiveTensor) -> None:
+        if key in self.items or tensor.bytes == 0:
+            return
+        self.items[key] = tensor
+        self.total += tensor.bytes
+
+    def drop(self, key: object) -> None:
+        tensor = self.items.pop(key, None)
+        if tensor is not None:
+            self.total -= tensor.bytes
+
+    def mark(self, stage: str, name: str) -> None:
+        tl = self.timeline
+        tl.points.append((stage, name, self.total))
+        if self.total > tl.peak_bytes or len(tl.points) == 1:
+            tl.peak_bytes, tl.peak_index = self.total, len(tl.points) - 1
+            tl.live_at_peak = sorted(self.items.values(), key=lambda t: -t.bytes)
+
+
+def _pointwise(node: fx.Node) -> bool:
+    return node.op == "call_function" and torch.Tag.pointwise in getattr(node.target, "tags", ())
+
+
+def _fused_away(gm: fx.GraphModule, keep: set) -> set[fx.Node]:
+    """Pointwise nodes whose every user is pointwise too: Inductor fuses them into their users'
+    kernel, so their output never exists (unless it leaves the graph: ``keep``)."""
+    return {n for n in gm.graph.nodes
+            if _pointwise(n) and n not in keep and n.users and all(_pointwise(u) for u in n.users)}
+
+
+def step_timeline(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *,
+                  fused: bool = False) -> StepTimeline:
+    """Walk ``fw`` then ``bw`` (a partition's two graphs) and record the live bytes after each node.
+
+    ``fused``: model Inductor's code — a pointwise op feeding only pointwise ops allocates
+    nothing (it is fused into its users). Buffer reuse and reordering are not modelled.
+    """
+    timeline = StepTimeline()
+    live = _Live(timeline)
+    fw_out = _outputs(fw)
+    user_roots = {storage_root(n) for n in fw_out[:num_fwd_outputs] if isinstance(n, fx.Node)}
+    saved = [n for n in fw_out[num_fwd_outputs:] if isinstance(n, fx.Node)]
+    saved_roots = {storage_root(n) for n in saved}
+    # forward ---------------------------------------------------------------------------------
+    for node in fw.graph.nodes:
+        if node.op == "placeholder" and not is_parameter_node(node):
+            live.add(node, _describe(node, "forward", "input"))
+    timeline.input_bytes = live.total
+    held = set(live.items) | user_roots  # the caller holds these through the step
+    last = _last_uses(fw)
+    frees: dict[int, list[fx.Node]] = {}
+    for root, pos in last.items():
+        if root.op in COMPUTING and root not in user_roots and root not in saved_roots:
+            frees.setdefault(pos, []).append(root)
+    skip = _fused_away(fw, user_roots | saved_roots) if fused else set()
+    for i, node in enumerate(fw.graph.nodes):
+        if node.op in COMPUTING and storage_root(node) is node and not is_parameter_node(node) and node not in skip:
+            kind = "saved" if node in saved_roots else "output" if node in user_roots else "transient"
+            live.add(node, _describe(node, "forward", kind))
+        if node.op in COMPUTING:
+            live.mark("forward", node.name)
+        for root in frees.get(i, ()):
+            live.drop(root)
+    if bw is None:
+        return timeline
+    # backward: saved tensors arrive by name; each is released after its last use -------------
+    fw_by_name = {n.name: storage_root(n) for n in saved}
+    bw_nodes = list(bw.graph.nodes)
+    last = _last_uses(bw)
+    placeholder_root: dict[fx.Node, object] = {}
+    for node in bw_nodes:
+        if node.op != "placeholder" or is_parameter_node(node):
+            continue
+        if node.name in fw_by_name:
+            placeholder_root[node] = fw_by_name[node.name]
+        else:  # a tangent (or a saved value fxmem cannot match by name): allocated for the backward
+            placeholder_root[node] = node
+            live.add(node, _describe(node, "backward", "tangent" if "tangent" in node.name else "saved"))
+    # a forward storage is released when every backward placeholder that reads it is done
+    readers: dict[object, int] = {}
+    for root in placeholder_root.values():
+        readers[root] = readers.get(root, 0) + 1
+    grad_roots = {storage_root(n) for n in _outputs(bw) if isinstance(n, fx.Node)}
+    frees = {}
+    for root, pos in last.items():
+        if root in grad_roots:
+            continue
+        if root.op == "placeholder" and root in placeholder_root:
+            frees.setdefault(pos, []).append(root)
+        elif root.op in COMPUTING:
+            frees.setdefault(pos, []).append(root)
+    skip = _fused_away(bw, grad_roots) if fused else set()
+    for i, node in enumerate(bw_nodes):
+        if node.op in COMPUTING and storage_root(node) is node and not is_parameter_node(node) and node not in skip:
+            live.add(node, _describe(node, "backward", "gradient" if node in grad_roots else "transient"))
+        if node.op in COMPUTING:
+            live.mark("backward", node.name)
+        for root in frees.get(i, ()):
+            if root in placeholder_root:
+                key = placeholder_root[root]
+                readers[key] -= 1
+                if readers[key] == 0 and key not in held:
+                    live.drop(key)
+            else:
+                live.drop(root)
+    return timeline

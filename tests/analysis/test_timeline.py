@@ -1,0 +1,66 @@
+"""analysis.timeline: live bytes over forward + backward, the peak, and what is alive there."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fxmem
+from fxmem.analysis.timeline import step_timeline
+from fxmem.measure import training_step_peak
+from fxmem.passes import remat
+from fxmem.testing import sample
+
+
+@pytest.fixture(scope="module")
+def report():
+    s = sample("gpt_block_manual")
+    return fxmem.explain(s.model, *s.args, codegen="eager")
+
+
+def test_explain_shows_the_peak_and_what_is_alive_there(report, tmp_path):
+    tl = report.timeline
+    assert tl is not None and tl.points[0][0] == "forward" and tl.points[-1][0] == "backward"
+    assert tl.peak_bytes == max(p[2] for p in tl.points) == tl.points[tl.peak_index][2]
+    # the tensors alive at the peak add up to it, and say where they come from
+    assert sum(t.bytes for t in tl.live_at_peak) == tl.peak_bytes
+    kinds = {t.kind for t in tl.live_at_peak}
+    assert kinds <= {"input", "saved", "output", "transient", "tangent", "gradient"}
+    made = [t for t in tl.live_at_peak if t.kind not in ("input", "tangent")]
+    assert made and all("gpt.py:" in t.source for t in made), [t.source for t in made]
+    text = str(report)
+    assert "live bytes over the step" in text and f"peak {tl.peak_bytes / 2**20:.2f} MiB" in text
+    html = open(report.to_html(str(tmp_path / "r.html")), encoding="utf-8").read()
+    assert "<svg" in html and "alive at the peak" in html and "peak" in html
+
+
+def test_saved_tensors_are_alive_at_the_end_of_the_forward():
+    s = sample("mlp")
+    j = remat.trace_joint(s.model, *s.args)
+    r = remat.rematerialize(copy.deepcopy(j.graph_module), num_fwd_outputs=j.num_fwd_outputs,
+                            static_lifetime_input_indices=j.static_lifetime_input_indices)
+    tl = step_timeline(r.forward, r.backward, j.num_fwd_outputs)
+    last_forward = tl.points[tl.forward_end - 1][2]
+    assert last_forward >= max(r.stats["saved_bytes"], tl.input_bytes)  # saved bytes may include the input
+    assert tl.peak_bytes >= last_forward
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv_norm", "tied_embeddings"])
+def test_estimate_matches_measured_peak_op_by_op(name):
+    s = sample(name)
+    model = s.model.train()
+    backend = fxmem.backend(codegen="eager")
+    fn = torch.compile(model, backend=backend)
+
+    def step():
+        for p in model.parameters():
+            p.grad = None
+        out = fn(*s.args)
+        out.float().pow(2).mean().backward()
+
+    measured = training_step_peak(step).peak_bytes
+    tl = backend.recorder.timelines[-1]
+    estimate = tl.peak_bytes - tl.input_bytes
+    assert abs(estimate - measured) <= 0.10 * measured, (estimate, measured)
