@@ -38,7 +38,11 @@ def test_sample_models_train_and_infer_like_eager(name):
     s = sample(name)
     rec = Recorder()
     compiled = _compile(s.model, rec)
-    assert_equivalent(s.model, compiled, s.args, s.kwargs, grads=True)
+    # Inductor (the default codegen) fuses and reorders reductions: equal to float rounding
+    # (gpt_gqa's tied head gradient differs by 2e-5); the eager codegen runs eager's own ops
+    assert_equivalent(s.model, compiled, s.args, s.kwargs, grads=True, atol=1e-4, rtol=1e-4)
+    torch._dynamo.reset()
+    assert_equivalent(s.model, _compile(s.model, codegen="eager"), s.args, s.kwargs, grads=True)
     stages = {r.stage for r in rec.records}
     assert {"joint", "forward", "backward"} <= stages, "the backward must be compiled too, not left to eager"
     s.model.eval()
