@@ -190,7 +190,7 @@ def run_torchao(model, judge_args, ref, fp32_bytes):
             import torchao
             from torchao.quantization import Int4WeightOnlyConfig, quantize_
             m = copy.deepcopy(model)
-            cfg = Int4WeightOnlyConfig(group_size=64, int4_packing_format="opaque")
+            cfg = Int4WeightOnlyConfig(group_size=64, int4_packing_format="tile_packed_to_4d")  # tinygemm
             quantize_(m, cfg)
             with torch.no_grad():
                 out = m(*judge_args)

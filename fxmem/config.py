@@ -253,11 +253,14 @@ class LowRankConfig:
     ``ratio`` is the fraction of each layer's parameters kept (``r = ratio·N·K / (N + K)``); a
     layer is factored only where that saves bytes. ``method`` ``"whitened"`` (truncated SVD of
     ``W·L`` with ``L`` the Cholesky factor of the example inputs' ``XᵀX``, SVD-LLM) or ``"svd"``
-    (plain truncated SVD of ``W``); ``skip``: fnmatch patterns; ``min_numel``: smaller weights stay.
+    (plain truncated SVD of ``W``); ``damping``: ridge added to ``XᵀX`` as a fraction of its mean
+diagonal (shrinks the whitening toward plain SVD where the example inputs are few); ``skip``:
+fnmatch patterns; ``min_numel``: smaller weights stay.
     """
 
     ratio: float = 0.8
     method: str = "whitened"
+    damping: float = 0.01
     skip: tuple[str, ...] = ()
     min_numel: int = 1024
 
@@ -265,14 +268,18 @@ class LowRankConfig:
     def parse(cls, value: Any) -> LowRankConfig | None:
         if value is None or isinstance(value, LowRankConfig):
             return value
-        accepted = "None | {'ratio': float in (0, 1], 'method': 'whitened' | 'svd', 'skip': [patterns], 'min_numel': int}"
+        accepted = "None | {'ratio': float in (0, 1], 'method': 'whitened' | 'svd', 'damping': float >= 0, 'skip': [patterns], 'min_numel': int}"
         if not isinstance(value, Mapping):
             raise _fail("lowrank", value, accepted)
-        _check_keys("lowrank", value, ("ratio", "method", "skip", "min_numel"))
+        _check_keys("lowrank", value, ("ratio", "method", "damping", "skip", "min_numel"))
+        damping = value.get("damping", 0.01)
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0:
+            raise _fail("lowrank.damping", damping, "a float >= 0")
         ratio = _fraction("lowrank.ratio", value.get("ratio", 0.8))
         if ratio == 0.0:
             raise _fail("lowrank.ratio", ratio, "a float in (0, 1]")
         return cls(ratio=ratio, method=_choice("lowrank.method", value.get("method", "whitened"), LOWRANK_METHODS),
+                   damping=float(damping),
                    skip=_str_tuple("lowrank.skip", value.get("skip", ())),
                    min_numel=_positive_int("lowrank.min_numel", value.get("min_numel", 1024)))
 

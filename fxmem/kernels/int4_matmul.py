@@ -246,10 +246,10 @@ def lowbit_dequant_matmul_kernel(
         kk = k0 + rk
         kmask = kk < K
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
-                    mask=(rm[:, None] < M) & kmask[None, :], other=0.0).to(tl.float32)
+                    mask=(rm[:, None] < M) & kmask[None, :], other=0.0)
         if HAS_ACT_SCALE:
             a = tl.load(a_ptr + kk, mask=kmask, other=1.0).to(tl.float32)
-            x = x / a[None, :]
+            x = (x.to(tl.float32) / a[None, :]).to(x_ptr.dtype.element_ty)
         wmask = kmask[:, None] & (rn[None, :] < N)
         if BITS == 4:
             # a byte holds columns 2j (low nibble) and 2j+1 (high nibble): each lane reads its byte
@@ -267,7 +267,8 @@ def lowbit_dequant_matmul_kernel(
         w = v * s
         if HAS_ZEROS:
             w += tl.load(z_ptr + sidx, mask=wmask, other=0.0).to(tl.float32)
-        acc += tl.dot(x, w, input_precision=DOT_PRECISION)
+        # the dequantized tile goes to the compute dtype (bf16/fp16 on a GPU: tensor cores)
+        acc += tl.dot(x, w.to(x_ptr.dtype.element_ty), input_precision=DOT_PRECISION)
     if HAS_BIAS:
         b = tl.load(b_ptr + rn, mask=rn < N, other=0.0)
         acc += b.to(tl.float32)[None, :]

@@ -16,7 +16,8 @@ too. ``ratio`` is the fraction of the layer's parameters kept; a layer is factor
 ``r·(N + K) < N·K`` (it saves bytes) and ``r ≥ 1``.
 
 Methods: ``"whitened"`` (SVD-LLM, Wang et al. 2024): with the example inputs' Gram matrix
-``XᵀX = L Lᵀ`` (Cholesky, damped by 1e-6 of its mean diagonal, more if needed), the SVD of
+``XᵀX + λ·mean(diag)·I = L Lᵀ`` (Cholesky; ``λ = damping``, 0.01 by default: a ridge that
+keeps few example inputs from over-fitting the factors to them), the SVD of
 ``W L = U Σ Vᵀ`` truncated to rank r gives the rank-r ``A B`` that minimizes the *output* error
 ``‖X Wᵀ − X (A B)ᵀ‖_F`` on those inputs: ``A = U_r Σ_r^½``, ``B = Σ_r^½ V_rᵀ L⁻¹``. ``"svd"``:
 the plain truncated SVD of ``W`` (minimizes the weight error; the baseline). Without example
@@ -55,10 +56,12 @@ def rank_for(n: int, k: int, ratio: float) -> int:
     return int(ratio * n * k // (n + k))
 
 
-def whitening_factor(x: torch.Tensor) -> torch.Tensor:
-    """Lower-triangular ``L`` with ``L Lᵀ = XᵀX`` (+ damping until Cholesky succeeds), in fp64."""
+def whitening_factor(x: torch.Tensor, damping: float = 0.01) -> torch.Tensor:
+    """Lower-triangular ``L`` with ``L Lᵀ = XᵀX + damping·mean(diag)·I`` (more damping until
+    Cholesky succeeds), in fp64."""
     gram = x.to(torch.float64).t() @ x.to(torch.float64)
-    damp = 1e-6 * float(gram.diagonal().mean().clamp(min=1e-12))
+    mean_diag = float(gram.diagonal().mean().clamp(min=1e-12))
+    damp = max(damping, 1e-6) * mean_diag
     eye = torch.eye(gram.shape[0], dtype=torch.float64)
     for _ in range(8):
         chol, info = torch.linalg.cholesky_ex(gram + damp * eye)
@@ -68,14 +71,14 @@ def whitening_factor(x: torch.Tensor) -> torch.Tensor:
     raise RuntimeError("lowrank: the calibration Gram matrix is not positive definite even with damping")
 
 
-def factorize_weight(w: torch.Tensor, rank: int, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def factorize_weight(w: torch.Tensor, rank: int, x: torch.Tensor | None, damping: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A [N, r], B [r, K])`` with ``A @ B ≈ w``: whitened by ``x`` when given, else plain SVD."""
     w64 = w.detach().to(torch.float64)
     if x is None:
         u, s, vh = torch.linalg.svd(w64, full_matrices=False)
         root = s[:rank].sqrt()
         return u[:, :rank] * root, root[:, None] * vh[:rank]
-    chol = whitening_factor(x)
+    chol = whitening_factor(x, damping)
     u, s, vh = torch.linalg.svd(w64 @ chol, full_matrices=False)
     root = s[:rank].sqrt()
     a = u[:, :rank] * root
@@ -151,6 +154,13 @@ def factorize(gm: fx.GraphModule, config: LowRankConfig, ctx: PassContext = Pass
         if acts is None:
             method = "svd (whitened asked, but no real example inputs)"
             warnings.warn("fxmem lowrank: method='whitened' needs example inputs; using plain truncated SVD", stacklevel=2)
+    # each weight's calibration rows, looked up now: rewriting one layer replaces nodes that
+    # later layers read as their input
+    inputs = {}
+    if acts is not None:
+        for weight, _ in chosen:
+            xs = [acts[u.operands()[0]] for u in weight.uses if u.operands()[0] in acts]
+            inputs[id(weight)] = torch.cat(xs) if xs else None
     layers = []
     total_before = total_after = 0
     for weight, rank in chosen:
@@ -158,10 +168,8 @@ def factorize(gm: fx.GraphModule, config: LowRankConfig, ctx: PassContext = Pass
         fqn = first.meta.get("fxmem_fqn", first.target)
         with unset_fake_temporarily():
             w_nk = (weight.tensor if weight.uses[0].orientation == "NK" else weight.tensor.t()).detach()
-            x = None
-            if acts is not None:
-                x = torch.cat([acts[u.operands()[0]] for u in weight.uses if u.operands()[0] in acts])
-            a, b = factorize_weight(w_nk, rank, x)
+            x = inputs.get(id(weight))
+            a, b = factorize_weight(w_nk, rank, x, config.damping)
             a = a.to(w_nk.dtype).contiguous()
             b = b.to(w_nk.dtype).contiguous()
             approx = (a.double() @ b.double())

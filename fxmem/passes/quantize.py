@@ -199,6 +199,9 @@ def quantize(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext = Pass
         first_op = next(n for n in gm.graph.nodes if n.op != "placeholder")
         cb_node = _int8._add_constant(gm, f"fxmem_{config.scheme}{config.bits}_codebook", codebook, first_op, fake_mode,
                                       f"{config.scheme}{config.bits}_codebook", "codebook")
+    # each weight's calibration rows, looked up now: rewriting one layer replaces nodes that
+    # later layers read as their input
+    inputs = {id(w): _inputs_of(w, acts) for w in chosen} if calibrate else {}
     layers, replaced = [], []
     total_before, total_after = 0, 0 if codebook is None else tensor_bytes(codebook)
     for weight in chosen:
@@ -209,10 +212,7 @@ def quantize(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext = Pass
         with unset_fake_temporarily():  # real weights, even inside AOTAutograd's fake mode
             w_nk = (weight.tensor if orientation == "NK" else weight.tensor.t()).detach()
             group, granularity = _group(w_nk.shape[1], config)
-            x = None
-            if calibrate:
-                xs = [acts[u.operands()[0]] for u in weight.uses if u.kind == "linear" and u.operands()[0] in acts]
-                x = torch.cat(xs)[:4096] if xs else None
+            x = inputs.get(id(weight))
             new, weff, how = _quantize_one(w_nk, x, embedding_use, config, group, calibrate)
             sqnr = round(int8_matmul.sqnr_db(w_nk, weff), 2)
             out_sqnr = _output_sqnr(x, w_nk.to(torch.float32), weff)
@@ -247,6 +247,12 @@ def quantize(gm: fx.GraphModule, config: QuantizeConfig, ctx: PassContext = Pass
         "layers": layers, "skipped": skipped, "kernels": [kernel],
     }
     return PassResult(out, True, stats)
+
+
+def _inputs_of(weight: _int8._Weight, acts: dict) -> torch.Tensor | None:
+    """The calibration rows reaching the weight's linear uses (at most 4096), or None."""
+    xs = [acts[u.operands()[0]] for u in weight.uses if u.kind == "linear" and u.operands()[0] in acts]
+    return torch.cat(xs)[:4096] if xs else None
 
 
 def _rewrite(gm: fx.GraphModule, use: _int8._Use, nodes: dict[str, fx.Node], cb_node: fx.Node | None,
