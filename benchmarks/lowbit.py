@@ -10,7 +10,7 @@ attention mask, L2 normalization — what sentence-transformers computes):
 * whole-model state bytes (``state_dict`` of the result / of the fp32 model), and the cosine
   similarity of each judged sentence's embedding with the fp32 one (min and mean);
 * variants: int8 (Linear only, the ``int8=`` shorthand), int8 + embeddings, int4 round-to-nearest
-  (``int``, group 64), int4 calibrated (AWQ-style scale + clip search), NF4, log (4 bit), low rank
+  (``int``, group 64), int4 calibrated (AWQ-style scale + clip search; and GPTQ), NF4, log (4 bit), low rank
   at 0.9 / 0.8 / 0.6 of the encoder's Linear parameters, whitened (activation-aware) beside plain
   SVD; torchao's ``Int4WeightOnlyConfig`` (CPU layout) beside, where it imports and runs.
 
@@ -163,12 +163,14 @@ def variants(quick: bool) -> list[tuple[str, dict]]:
         ("int8 + embeddings", {"quantize": {"bits": 8, "group_size": None, "embeddings": True}}),
         ("int4 RTN g64", {"quantize": {"bits": 4, "scheme": "int", "group_size": g}}),
         ("int4 calibrated g64", {"quantize": {"bits": 4, "scheme": "int", "group_size": g, "calibration": "awq"}}),
+        ("int4 GPTQ g64", {"quantize": {"bits": 4, "scheme": "int", "group_size": g, "calibration": "gptq"}}),
         ("nf4 RTN g64", {"quantize": {"bits": 4, "scheme": "nf4", "group_size": g}}),
         ("log4 RTN g64", {"quantize": {"bits": 4, "scheme": "log", "group_size": g}}),
     ]
     if not quick:
         out += [
             ("nf4 calibrated g64", {"quantize": {"bits": 4, "scheme": "nf4", "group_size": g, "calibration": "awq"}}),
+            ("nf4 GPTQ g64", {"quantize": {"bits": 4, "scheme": "nf4", "group_size": g, "calibration": "gptq"}}),
             ("log4 calibrated g64", {"quantize": {"bits": 4, "scheme": "log", "group_size": g, "calibration": "awq"}}),
             ("log8 RTN g64", {"quantize": {"bits": 8, "scheme": "log", "group_size": g}}),
         ]
@@ -206,6 +208,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer variants, 8 sentences per set")
     ap.add_argument("--length", type=int, default=32, help="tokens per sentence (padded)")
     ap.add_argument("--name", default=None)
+    ap.add_argument("--only", default=None, help="run only the variants whose name contains this text")
     ns = ap.parse_args()
     name = ns.name or ("lowbit_quick" if ns.quick else "lowbit")
     torch.manual_seed(0)
@@ -219,6 +222,8 @@ def main() -> None:
     fp32_bytes = state_bytes(model)
     rows = []
     for label, options in variants(ns.quick):
+        if ns.only and ns.only not in label:
+            continue
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

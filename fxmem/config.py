@@ -188,7 +188,7 @@ class Int8Config:
 
 
 QUANT_SCHEMES = ("int", "nf4", "log")
-QUANT_CALIBRATION = ("none", "awq")
+QUANT_CALIBRATION = ("none", "awq", "gptq")
 
 
 @dataclass(frozen=True)
@@ -219,7 +219,7 @@ class QuantizeConfig:
             return value
         keys = ("bits", "scheme", "group_size", "calibration", "embeddings", "skip", "min_numel")
         accepted = ("None | {'bits': 8 | 4, 'scheme': 'int' | 'nf4' | 'log', 'group_size': int or None, "
-                    "'calibration': 'none' | 'awq', 'embeddings': bool, 'skip': [patterns], 'min_numel': int}")
+                    "'calibration': 'none' | 'awq' | 'gptq', 'embeddings': bool, 'skip': [patterns], 'min_numel': int}")
         if not isinstance(value, Mapping):
             raise _fail("quantize", value, accepted)
         _check_keys("quantize", value, keys)

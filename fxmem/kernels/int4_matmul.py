@@ -194,6 +194,30 @@ def quantize_lowbit(weight: torch.Tensor, bits: int, scheme: str, group_size: in
     return LowBitWeight(qweight, scales.contiguous(), None if zeros is None else zeros.contiguous(), book, bits, (n, k))
 
 
+def group_params(wg: torch.Tensor, bits: int, scheme: str, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(scale [N], zero [N] or None)`` of one group ``wg [N, group]``, exactly as
+    :func:`quantize_lowbit` computes them (rounded to fp16)."""
+    pdtype = _param_dtype(wg.dtype if wg.dtype == torch.bfloat16 else torch.float32)
+    tiny = torch.finfo(pdtype).tiny
+    w = wg.to(torch.float32)
+    if scheme == "int":
+        hi = (w.amax(dim=1) * clip).clamp(min=0)
+        lo = (w.amin(dim=1) * clip).clamp(max=0)
+        return ((hi - lo) / (2 ** bits - 1)).clamp(min=tiny).to(pdtype), lo.to(pdtype)
+    return (w.abs().amax(dim=1) * clip).clamp(min=tiny).to(pdtype), None
+
+
+def encode_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, codebook: torch.Tensor | None,
+                  bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (``uint8``) and dequantized values of a column ``w [N]`` under given group parameters."""
+    s = scale.to(torch.float32)
+    if codebook is None:
+        q = torch.round((w - zero.to(torch.float32)) / s).clamp_(0, 2 ** bits - 1)
+        return q.to(torch.uint8), q * s + zero.to(torch.float32)
+    q = nearest_level((w / s).clamp(-1.0, 1.0), codebook)
+    return q.to(torch.uint8), codebook[q] * s
+
+
 def nearest_level(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Index of the nearest entry of ``levels`` (any order) for each value (ties: the lower level)."""
     order = torch.argsort(levels)

@@ -118,6 +118,49 @@ def _awq(w: torch.Tensor, x: torch.Tensor, bits: int, scheme: str, group: int, p
     return best[1], best[2]
 
 
+def _gptq(w: torch.Tensor, x: torch.Tensor, bits: int, scheme: str, group: int, damping: float = 0.01,
+          block: int = 128) -> k4.LowBitWeight:
+    """GPTQ (Frantar et al. 2023): quantize columns left to right, each column's rounding error
+    spread over the columns not yet quantized through the inverse Hessian ``(XᵀX)⁻¹`` (Cholesky
+    form, lazy block updates). A group's scale (and zero) is set when its first column is
+    reached, from the columns as updated so far. With ``XᵀX = I`` it is round-to-nearest."""
+    n, k = w.shape
+    w = w.to(torch.float32).clone()
+    hess = (x.to(torch.float64).t() @ x.to(torch.float64))
+    dead = hess.diagonal() == 0
+    hess[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    hess += damping * float(hess.diagonal().mean()) * torch.eye(k, dtype=torch.float64)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hess)), upper=True).to(torch.float32)
+    codebook = k4.codebook_for(scheme, bits)
+    codes = torch.zeros(n, k, dtype=torch.uint8)
+    g = k // group
+    scales = torch.zeros(n, g, dtype=k4._param_dtype(w.dtype))
+    zeros = torch.zeros(n, g, dtype=scales.dtype) if codebook is None else None
+    block = max(group, block - block % group)  # blocks hold whole groups: a group's scale sees its updated columns
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % group == 0:
+                scale, zero = k4.group_params(w1[:, i:i + group], bits, scheme)
+                scales[:, col // group] = scale
+                if zeros is not None:
+                    zeros[:, col // group] = zero
+            gi = col // group
+            q, deq = k4.encode_column(w1[:, i], scales[:, gi], None if zeros is None else zeros[:, gi], codebook, bits)
+            codes[:, col] = q
+            err = (w1[:, i] - deq) / h1[i, i]
+            w1[:, i:] -= err[:, None] * h1[i, i:][None, :]
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    qweight = k4.pack_int4(codes) if bits == 4 else codes
+    return k4.LowBitWeight(qweight, scales, zeros, codebook, bits, (n, k))
+
+
 def _output_sqnr(x: torch.Tensor | None, w: torch.Tensor, weff: torch.Tensor) -> float | None:
     if x is None:
         return None
@@ -133,6 +176,10 @@ def _quantize_one(w: torch.Tensor, x: torch.Tensor | None, embedding_use: bool, 
     pdtype = k4._param_dtype(w.dtype)
     act_scale, how = None, "round-to-nearest"
     wq, xq = w.to(torch.float32), x
+    if config.calibration == "gptq" and calibrate and x is not None and not embedding_use:
+        qw = _gptq(wq, x, config.bits, config.scheme, group)
+        new = {"q": qw.qweight, "scales": qw.scales, **({"zeros": qw.zeros} if qw.zeros is not None else {})}
+        return new, k4.dequantize(qw), "gptq"
     if calibrate and x is not None and not embedding_use:
         act_scale, alpha = _awq(wq, x, config.bits, config.scheme, group, pdtype)
         wq, xq = wq * act_scale, x / act_scale

@@ -182,6 +182,36 @@ def test_awq_calibration_lowers_output_error_on_outlier_channels():
     assert errs["awq"] < errs["none"]
 
 
+@pytest.mark.parametrize("scheme", ["int", "nf4"])
+def test_gptq_is_round_to_nearest_under_identity_hessian_and_better_otherwise(scheme):
+    from fxmem.kernels import int4_matmul as k4
+    from fxmem.passes.quantize import _gptq
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 128)
+    rtn = k4.quantize_lowbit(w, 4, scheme, 32)
+    same = _gptq(w, torch.eye(128) * 2.0, 4, scheme, 32, damping=0.0)  # XᵀX ∝ I: no error to spread
+    assert torch.equal(same.qweight, rtn.qweight) and torch.equal(same.scales, rtn.scales)
+    basis = torch.randn(128, 128) * torch.logspace(0, -1, 128)
+    calib, judge = torch.randn(1024, 128) @ basis.t(), torch.randn(1024, 128) @ basis.t()
+    gptq = _gptq(w, calib, 4, scheme, 32)
+    err = {name: float((judge @ (k4.dequantize(q) - w).t()).norm()) for name, q in (("rtn", rtn), ("gptq", gptq))}
+    assert err["gptq"] < 0.8 * err["rtn"]
+
+
+def test_gptq_through_optimize():
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    calib, judge = torch.randint(0, 96, (4, 16)), torch.randint(0, 96, (4, 16))
+    errs = {}
+    for how in ("none", "gptq"):
+        rep = fxmem.explain(model, calib, quantize={"bits": 4, "group_size": 32, "calibration": how, "embeddings": False})
+        with torch.no_grad():
+            errs[how] = rel_err(rep.module(judge), model(judge))
+    assert all(r["calibration"] == "gptq" for r in record(rep).stats["layers"])
+    assert errs["gptq"] < errs["none"]
+
+
 def test_calibration_without_example_inputs_falls_back_to_round_to_nearest():
     s = sample("mlp")
     gm = fxmem.explain(s.model.eval(), *s.args).module.graph_module
