@@ -166,6 +166,8 @@ def variants(quick: bool) -> list[tuple[str, dict]]:
         ("int4 GPTQ g64", {"quantize": {"bits": 4, "scheme": "int", "group_size": g, "calibration": "gptq"}}),
         ("nf4 RTN g64", {"quantize": {"bits": 4, "scheme": "nf4", "group_size": g}}),
         ("log4 RTN g64", {"quantize": {"bits": 4, "scheme": "log", "group_size": g}}),
+        # NF4 stores no zero point: at group 32 it holds the bytes int4 holds at group 64
+        ("nf4 RTN g32 (int4 g64's bytes)", {"quantize": {"bits": 4, "scheme": "nf4", "group_size": 32}}),
     ]
     if not quick:
         out += [
