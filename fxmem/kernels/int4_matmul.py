@@ -170,8 +170,8 @@ def quantize_lowbit(weight: torch.Tensor, bits: int, scheme: str, group_size: in
         raise ValueError(f"4-bit packing needs an even K; got K={k}")
     g = k // group_size
     wg = w.reshape(n, g, group_size)
-    clip_t = clip if isinstance(clip, torch.Tensor) else torch.full((n, g), float(clip))
-    clip_t = clip_t.to(torch.float32)[:, :, None]
+    clip_t = clip if isinstance(clip, torch.Tensor) else torch.full((n, g), float(clip), device=w.device)
+    clip_t = clip_t.to(device=w.device, dtype=torch.float32)[:, :, None]
     pdtype = _param_dtype(weight.dtype)
     tiny = torch.finfo(pdtype).tiny
     if scheme == "int":
@@ -184,7 +184,7 @@ def quantize_lowbit(weight: torch.Tensor, bits: int, scheme: str, group_size: in
         codes = q.to(torch.uint8).reshape(n, k)
         scales, zeros, book = scale[:, :, 0], zero[:, :, 0], None
     else:
-        book = codebook if codebook is not None else codebook_for(scheme, bits)
+        book = (codebook if codebook is not None else codebook_for(scheme, bits)).to(w.device)
         amax = wg.abs().amax(dim=2, keepdim=True) * clip_t
         scale = amax.clamp(min=tiny).to(pdtype)
         normed = (wg / scale.float()).clamp(-1.0, 1.0)
@@ -236,7 +236,7 @@ def dequantize_lowbit(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
     if codebook is None:
         v = codes.to(torch.float32)
     else:
-        v = codebook.to(torch.float32)[codes.long()]
+        v = codebook.to(device=codes.device, dtype=torch.float32)[codes.long()]
     v = v.reshape(n, g, k // g) * scales.to(torch.float32)[:, :, None]
     if zeros is not None:
         v = v + zeros.to(torch.float32)[:, :, None]
