@@ -28,9 +28,10 @@ zero per group), ``nf4`` (QLoRA's 16 NormalFloat levels × an absmax scale per g
 buffer per scheme is shared by every layer. ``group_size`` columns per scale (a row whose K is not
 a multiple of it gets one group per row, noted in its ``granularity``).
 
-Calibration (``calibration="awq"``) uses the example inputs (``ctx.real_example_inputs()``,
+Calibration (``calibration="gptq"`` — :func:`_gptq`, measured best on MiniLM — or ``"awq"``) uses the example inputs (``ctx.real_example_inputs()``,
 the batch the module is specialized to): the graph runs once in fp32 and each linear's input
-``X`` is kept; then, as AWQ does, a per-input-channel scale ``s = mean|X|^α`` is searched
+``X`` is kept; ``gptq`` then spreads each column's rounding error over the columns not yet
+quantized through ``(XᵀX)⁻¹``; ``awq``, as AWQ does, a per-input-channel scale ``s = mean|X|^α`` is searched
 (α ∈ {0, 0.1, …, 1}) minimizing ``‖X Wᵀ − (X/s) Q(W·s)ᵀ‖²``, and then a per-group clipping
 ratio (1.0 … 0.75) minimizing each group's share of that error. ``s`` is stored (``act_scale``,
 ``[K]``) and the op divides ``x`` by it (a tied embedding/head gets the clip search only).
