@@ -6,7 +6,7 @@
 
 * inference (grad disabled, or nothing requires grad): AOTAutograd traces an ATen inference
   graph; fxmem freezes the parameters into it (:mod:`fxmem.freeze`) and runs the ``inference``
-  passes (tie → prune → int8 → precision → shard → lower). Frozen weights are watched: if one
+  passes (tie → prune → lowrank → int8/quantize → precision → shard → lower). Frozen weights are watched: if one
   that a pass derived from changes in place, the graph is derived again before the next call.
 * training: AOTAutograd traces the joint graph; fxmem runs the ``joint`` passes, partitions it
   (:func:`partition`: :mod:`fxmem.passes.remat`'s min-cut, ``default_partition`` with

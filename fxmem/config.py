@@ -190,6 +190,103 @@ class Int8Config:
         raise _fail("int8", value, "None | 'weight_only' | 'dynamic' | {'mode', 'granularity', 'group_size', 'skip', 'min_numel'}")
 
 
+QUANT_SCHEMES = ("int", "nf4", "log")
+QUANT_CALIBRATION = ("none", "awq", "gptq")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """``quantize``: Linear (and, with ``embeddings``, embedding) weights below 16 bits (inference).
+
+    ``bits`` 8 or 4; ``scheme`` ``"int"`` (8 bits: symmetric int8, the ``int8`` pass's format;
+    4 bits: affine codes with a 16-bit scale and zero point per group), ``"nf4"`` (QLoRA's
+    NormalFloat levels, 4 bits) or ``"log"`` (sign kept, magnitudes log-spaced); ``group_size``
+    input columns per scale (``None``: one group per row); ``calibration`` ``"awq"``
+    (activation-aware scale and clipping search on the example inputs) or ``"none"``
+    (round-to-nearest); ``embeddings``: also quantize ``aten.embedding`` tables per row;
+    ``skip``: fnmatch patterns on module paths; weights with fewer than ``min_numel`` elements
+    stay. ``int8="weight_only"`` is the shorthand of ``{"bits": 8, "group_size": None}``.
+    """
+
+    bits: int = 4
+    scheme: str = "int"
+    group_size: int | None = 64
+    calibration: str = "none"
+    embeddings: bool = True
+    skip: tuple[str, ...] = ()
+    min_numel: int = 1024
+
+    @classmethod
+    def parse(cls, value: Any) -> QuantizeConfig | None:
+        if value is None or isinstance(value, QuantizeConfig):
+            return value
+        keys = ("bits", "scheme", "group_size", "calibration", "embeddings", "skip", "min_numel")
+        accepted = ("None | {'bits': 8 | 4, 'scheme': 'int' | 'nf4' | 'log', 'group_size': int or None, "
+                    "'calibration': 'none' | 'awq' | 'gptq', 'embeddings': bool, 'skip': [patterns], 'min_numel': int}")
+        if not isinstance(value, Mapping):
+            raise _fail("quantize", value, accepted)
+        _check_keys("quantize", value, keys)
+        bits = value.get("bits", 4)
+        if bits not in (4, 8) or isinstance(bits, bool):
+            raise _fail("quantize.bits", bits, "8 | 4")
+        scheme = _choice("quantize.scheme", value.get("scheme", "int"), QUANT_SCHEMES)
+        if scheme == "nf4" and bits != 4:
+            raise _fail("quantize.bits", bits, "4 with scheme='nf4' (NormalFloat4 has 16 levels)")
+        group_size = _positive_int("quantize.group_size", value.get("group_size", 64), allow_none=True)
+        if group_size is not None and (group_size < 2 or group_size % 2):
+            raise _fail("quantize.group_size", group_size, "an even int >= 2, or None (one group per row)")
+        embeddings = value.get("embeddings", True)
+        if not isinstance(embeddings, bool):
+            raise _fail("quantize.embeddings", embeddings, "True | False")
+        return cls(
+            bits=bits, scheme=scheme, group_size=group_size,
+            calibration=_choice("quantize.calibration", value.get("calibration", "none"), QUANT_CALIBRATION),
+            embeddings=embeddings, skip=_str_tuple("quantize.skip", value.get("skip", ())),
+            min_numel=_positive_int("quantize.min_numel", value.get("min_numel", 1024)),
+        )
+
+
+LOWRANK_METHODS = ("whitened", "svd")
+
+
+@dataclass(frozen=True)
+class LowRankConfig:
+    """``lowrank``: Linear weights ``W [N, K]`` replaced by two factors ``A [N, r] @ B [r, K]``.
+
+    ``ratio`` is the fraction of each layer's parameters kept (``r = ratio·N·K / (N + K)``); a
+    layer is factored only where that saves bytes. ``method`` ``"whitened"`` (truncated SVD of
+    ``W·L`` with ``L`` the Cholesky factor of the example inputs' ``XᵀX``, SVD-LLM) or ``"svd"``
+    (plain truncated SVD of ``W``); ``damping``: ridge added to ``XᵀX`` as a fraction of its mean
+diagonal (shrinks the whitening toward plain SVD where the example inputs are few); ``skip``:
+fnmatch patterns; ``min_numel``: smaller weights stay.
+    """
+
+    ratio: float = 0.8
+    method: str = "whitened"
+    damping: float = 0.01
+    skip: tuple[str, ...] = ()
+    min_numel: int = 1024
+
+    @classmethod
+    def parse(cls, value: Any) -> LowRankConfig | None:
+        if value is None or isinstance(value, LowRankConfig):
+            return value
+        accepted = "None | {'ratio': float in (0, 1], 'method': 'whitened' | 'svd', 'damping': float >= 0, 'skip': [patterns], 'min_numel': int}"
+        if not isinstance(value, Mapping):
+            raise _fail("lowrank", value, accepted)
+        _check_keys("lowrank", value, ("ratio", "method", "damping", "skip", "min_numel"))
+        damping = value.get("damping", 0.01)
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0:
+            raise _fail("lowrank.damping", damping, "a float >= 0")
+        ratio = _fraction("lowrank.ratio", value.get("ratio", 0.8))
+        if ratio == 0.0:
+            raise _fail("lowrank.ratio", ratio, "a float in (0, 1]")
+        return cls(ratio=ratio, method=_choice("lowrank.method", value.get("method", "whitened"), LOWRANK_METHODS),
+                   damping=float(damping),
+                   skip=_str_tuple("lowrank.skip", value.get("skip", ())),
+                   min_numel=_positive_int("lowrank.min_numel", value.get("min_numel", 1024)))
+
+
 @dataclass(frozen=True)
 class TieConfig:
     """``tie_weights``: one storage for identical parameters (exact), or near-identical (similar)."""
@@ -334,6 +431,8 @@ class FxmemConfig:
     remat: RematConfig = field(default_factory=RematConfig)
     precision: PrecisionConfig | None = None
     int8: Int8Config | None = None
+    quantize: QuantizeConfig | None = None
+    lowrank: LowRankConfig | None = None
     tie_weights: TieConfig = field(default_factory=TieConfig)
     prune: PruneConfig | None = None
     lower: LowerConfig = field(default_factory=LowerConfig)
@@ -346,6 +445,10 @@ class FxmemConfig:
         lossy = []
         if self.int8 is not None:
             lossy.append("int8")
+        if self.quantize is not None:
+            lossy.append("quantize")
+        if self.lowrank is not None:
+            lossy.append("lowrank")
         if self.prune is not None:
             lossy.append("prune")
         if self.tie_weights.enabled and self.tie_weights.mode == "similar":
@@ -357,6 +460,8 @@ _PARSERS = {
     "remat": RematConfig.parse,
     "precision": PrecisionConfig.parse,
     "int8": Int8Config.parse,
+    "quantize": QuantizeConfig.parse,
+    "lowrank": LowRankConfig.parse,
     "tie_weights": TieConfig.parse,
     "prune": PruneConfig.parse,
     "lower": LowerConfig.parse,
@@ -396,4 +501,8 @@ def parse_options(options: Mapping[str, Any] | FxmemConfig | None = None, **more
             values[key] = _choice("codegen", value, CODEGENS)
         else:
             values[key] = _PARSERS[key](value)
+    if values.get("int8") is not None and values.get("quantize") is not None:
+        # int8= is quantize's shorthand: two weight quantizations of one weight cannot both apply
+        raise OptionError("fxmem options 'int8' and 'quantize' both given; accepted: one of them "
+                          "(int8='weight_only' is the shorthand of quantize={'bits': 8, 'group_size': None})")
     return FxmemConfig(**values)

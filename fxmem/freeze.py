@@ -12,7 +12,7 @@ After::
         t = aten.t(fc_weight); addmm = aten.addmm(fc_bias, x, t)
 
 The frozen attributes *are* the model's tensors (no copy), so an exact graph keeps computing with
-the current weights. Weight passes (tie, prune, int8, precision) replace attributes with derived
+the current weights. Weight passes (tie, prune, lowrank, int8/quantize, precision) replace attributes with derived
 tensors; those derived tensors go stale if the source changes in place, which
 :class:`WeightWatch` detects through ``tensor._version``.
 """

@@ -38,7 +38,7 @@ from fxmem.analysis.liveness import estimate_peak
 from fxmem.analysis.saved import saved_activation_bytes
 from fxmem.analysis.sizes import PARAM_META_KEY, parameter_bytes
 from fxmem.config import FxmemConfig, ShardConfig
-from fxmem.passes import int8, lower, precision, prune, remat, shard, tying
+from fxmem.passes import int8, lower, lowrank, precision, prune, quantize, remat, shard, tying
 from fxmem.passes.base import (  # noqa: F401  (re-exported: the contract's old home)
     STAGES,
     KernelRecord,
@@ -107,13 +107,15 @@ class PassSpec:
 PASSES: tuple[PassSpec, ...] = (
     PassSpec("tie_weights", ("inference",), tying.tie_weights, "tie_weights", real_tensors=True),
     PassSpec("prune", ("inference",), prune.prune, "prune", real_tensors=True),
+    PassSpec("lowrank", ("inference",), lowrank.factorize, "lowrank", real_tensors=True),
     PassSpec("int8", ("inference",), int8.quantize_int8, "int8", real_tensors=True),
+    PassSpec("quantize", ("inference",), quantize.quantize, "quantize", real_tensors=True),
     PassSpec("precision", ("inference", "joint"), precision.cast_precision, "precision", real_tensors=True),
     PassSpec("shard", ("inference", "forward", "backward"), shard.annotate, None, fixed=ShardConfig()),
     PassSpec("lower", ("inference", "forward", "backward"), lower.lower, "lower"),
 )
 """The graph passes in pipeline order (docs/architecture.md, "The pipeline"): weight passes first
-(tie, then prune before int8 quantizes what is left, then precision), then the metadata and
+(tie, then prune, then lowrank factors, before int8/quantize quantize what is left, then precision), then the metadata and
 kernel passes. A new pass adds one line here."""
 
 REMAT = PassSpec("remat", ("joint",), remat.partition_with_info, "remat")

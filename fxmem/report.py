@@ -91,6 +91,7 @@ class Report:
             lines += ["", "pass statistics:"] + stats
         if notes:
             lines += ["", "notes:"] + notes
+        lines += _layer_lines(self.records)
         for p in self.partitions:
             lines += ["", f"partition: {_short(p)}"]
         for t in self.timelines:
@@ -132,6 +133,28 @@ class Report:
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
         return path
+
+
+def _layer_lines(records: list[PassRecord]) -> list[str]:
+    """One line per layer a weight pass rewrote (int8, quantize, lowrank): what it became, its
+    bytes before → after, and its weight SQNR and (where calibration data exist) output SQNR."""
+    lines = []
+    for r in records:
+        rows = [row for row in r.stats.get("layers", []) if isinstance(row, dict) and "bytes_before" in row]
+        if not rows:
+            continue
+        lines += ["", f"layers ({r.name} [{r.graph}]):"]
+        for row in rows:
+            if "rank" in row:
+                what = f"rank {row['rank']} ({row.get('method', '')})"
+            else:
+                what = f"{row.get('scheme', 'int')}{row.get('bits', 8)} {row.get('granularity', '')}"
+                if row.get("calibration"):
+                    what += f" {row['calibration']}"
+            quality = [f"{k.removesuffix('_db').replace('_', ' ')} {row[k]} dB" for k in ("sqnr_db", "output_sqnr_db")
+                       if row.get(k) is not None]
+            lines.append(f"  {row['layer']}: {what}; {row['bytes_before']:,} → {row['bytes_after']:,} B; " + ", ".join(quality))
+    return lines
 
 
 def _short(d: dict) -> str:

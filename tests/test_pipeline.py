@@ -164,10 +164,14 @@ def test_the_runner_hands_each_pass_its_own_config_and_an_explicit_context():
 
 
 def test_every_pass_in_the_table_gets_its_own_config_never_the_whole_one():
-    config = fxmem.parse_options(int8="weight_only", prune={"ratio": 0.5}, precision="bf16")
+    # int8 is quantize's shorthand (the two are exclusive options): two configs switch every pass on
+    common = {"prune": {"ratio": 0.5}, "precision": "bf16", "lowrank": {"ratio": 0.8}}
+    configs = (fxmem.parse_options(int8="weight_only", **common), fxmem.parse_options(quantize={"bits": 4}, **common))
     for spec in (*pipeline.PASSES, pipeline.REMAT):
-        assert spec.enabled(config), spec.name
-        assert not isinstance(spec.config_for(config), fxmem.FxmemConfig), spec.name
+        assert any(spec.enabled(c) for c in configs), spec.name
+        for c in configs:
+            assert not isinstance(spec.config_for(c), fxmem.FxmemConfig), spec.name
+    config = configs[0]
     shard_spec = next(s for s in pipeline.PASSES if s.name == "shard")
     assert isinstance(shard_spec.config_for(config), fxmem.config.ShardConfig)
 
