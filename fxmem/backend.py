@@ -8,7 +8,8 @@
   graph; fxmem freezes the parameters into it (:mod:`fxmem.freeze`) and runs the ``inference``
   passes (tie → prune → lowrank → int8/quantize → precision → shard → lower). Frozen weights are watched: if one
   that a pass derived from changes in place, the graph is derived again before the next call.
-* training: AOTAutograd traces the joint graph; fxmem runs the ``joint`` passes, partitions it
+* training: the ``dynamo`` passes (chunk) rewrite Dynamo's torch-level graph; AOTAutograd
+  traces the joint graph; fxmem runs the ``joint`` passes, partitions it
   (:func:`partition`: :mod:`fxmem.passes.remat`'s min-cut, ``default_partition`` with
   ``remat=False``), then runs the
   ``forward`` and ``backward`` passes on the two halves, both compiled — nothing is left to eager.
@@ -172,6 +173,7 @@ class FxmemBackend:
     # -- training --------------------------------------------------------------------------
     def _compile_training(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         backend = self
+        gm = self._run_dynamo_pipeline(gm)
         inductor = self.config.codegen == "inductor"
         state: dict[str, Any] = {}
 
@@ -210,6 +212,16 @@ class FxmemBackend:
 
         return aot_module_simplified(gm, example_inputs, fw_compiler=fw_compiler, bw_compiler=bw_compiler,
                                      partition_fn=partition_fn, decompositions=DECOMPOSITIONS)
+
+    def _run_dynamo_pipeline(self, gm: fx.GraphModule) -> fx.GraphModule:
+        """The ``dynamo`` stage (chunk): torch-level rewrites before AOTAutograd traces the joint graph.
+
+        The pipeline works on a copy; Dynamo's own graph module is kept when no pass changed it.
+        """
+        name = self.recorder.new_graph_name("dynamo")
+        new = run_pipeline(gm, "dynamo", self.config, self.recorder, graph_name=name)
+        changed = any(r.graph == name and r.status == "changed" for r in self.recorder.records)
+        return new if changed else gm
 
 
 def partition(joint_gm: fx.GraphModule, joint_inputs, config: FxmemConfig, recorder: Recorder | None = None, *,

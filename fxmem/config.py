@@ -393,6 +393,47 @@ class ShardConfig:
 
 
 @dataclass(frozen=True)
+class ChunkConfig:
+    """``chunk``: training graphs compute the logits (and, opt-in, the MLP) a chunk of tokens at a time.
+
+    ``loss``: a ``linear → (float cast) → cross_entropy`` (or ``log_softmax → nll_loss``) becomes
+    one chunked op (:mod:`fxmem.kernels.linear_ce`), so the ``[tokens, vocab]`` logits never exist
+    whole. ``mlp``: the position-wise MLP is chunked along the tokens (not implemented yet: asking
+    for it raises). ``chunk_tokens``: rows per chunk; ``None`` picks one so that a chunk's logits
+    are about the size of the hidden states (Liger's rule).
+    """
+
+    enabled: bool = True
+    loss: bool = True
+    mlp: bool = False
+    chunk_tokens: int | None = None
+
+    @classmethod
+    def parse(cls, value: Any) -> ChunkConfig:
+        accepted = "True | False | {'loss': bool, 'mlp': bool, 'chunk_tokens': positive int or None}"
+        if isinstance(value, ChunkConfig):
+            return value
+        if isinstance(value, bool):
+            return cls(enabled=value)
+        if isinstance(value, Mapping):
+            _check_keys("chunk", value, ("loss", "mlp", "chunk_tokens"))
+            flags = {}
+            for k, default in (("loss", True), ("mlp", False)):
+                v = value.get(k, default)
+                if not isinstance(v, bool):
+                    raise _fail(f"chunk.{k}", v, "True | False")
+                flags[k] = v
+            if flags["mlp"]:
+                raise OptionError("fxmem option 'chunk.mlp': chunking the MLP along the tokens is not implemented "
+                                  "yet; accepted: 'mlp': False (the loss chunking, 'loss': True, is)")
+            tokens = value.get("chunk_tokens")
+            if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0):
+                raise _fail("chunk.chunk_tokens", tokens, "a positive int or None (automatic)")
+            return cls(enabled=flags["loss"] or flags["mlp"], loss=flags["loss"], mlp=flags["mlp"], chunk_tokens=tokens)
+        raise _fail("chunk", value, accepted)
+
+
+@dataclass(frozen=True)
 class VerifyConfig:
     """``verify``: run eager once beside the compiled graph and raise on mismatch."""
 
@@ -436,6 +477,7 @@ class FxmemConfig:
     tie_weights: TieConfig = field(default_factory=TieConfig)
     prune: PruneConfig | None = None
     lower: LowerConfig = field(default_factory=LowerConfig)
+    chunk: ChunkConfig = field(default_factory=ChunkConfig)
     verify: VerifyConfig | None = None
     codegen: str = "inductor"
     strict: bool = False
@@ -465,6 +507,7 @@ _PARSERS = {
     "tie_weights": TieConfig.parse,
     "prune": PruneConfig.parse,
     "lower": LowerConfig.parse,
+    "chunk": ChunkConfig.parse,
     "verify": VerifyConfig.parse,
 }
 

@@ -15,7 +15,9 @@ that ran before it.
 :func:`run_partition` runs the partition of a joint graph (:data:`REMAT`) under the same policy:
 a failing remat falls back to PyTorch's ``default_partition`` with a warning.
 
-Stages: ``"inference"`` (parameters frozen as ``get_attr``), ``"joint"`` (AOTAutograd's joint
+Stages: ``"dynamo"`` (the torch-level graph of a training call as Dynamo hands it to the
+backend, before AOTAutograd; nodes carry ``meta["example_value"]``), ``"inference"``
+(parameters frozen as ``get_attr``), ``"joint"`` (AOTAutograd's joint
 forward+backward graph, before partitioning), ``"forward"`` and ``"backward"`` (after
 partitioning). See docs/architecture.md, "The pipeline".
 """
@@ -38,7 +40,7 @@ from fxmem.analysis.liveness import estimate_peak
 from fxmem.analysis.saved import saved_activation_bytes
 from fxmem.analysis.sizes import PARAM_META_KEY, parameter_bytes
 from fxmem.config import FxmemConfig, ShardConfig
-from fxmem.passes import int8, lower, lowrank, precision, prune, quantize, remat, shard, tying
+from fxmem.passes import chunk, int8, lower, lowrank, precision, prune, quantize, remat, shard, tying
 from fxmem.passes.base import (  # noqa: F401  (re-exported: the contract's old home)
     STAGES,
     KernelRecord,
@@ -105,6 +107,7 @@ class PassSpec:
 
 
 PASSES: tuple[PassSpec, ...] = (
+    PassSpec("chunk", ("dynamo",), chunk.chunk, "chunk"),
     PassSpec("tie_weights", ("inference",), tying.tie_weights, "tie_weights", real_tensors=True),
     PassSpec("prune", ("inference",), prune.prune, "prune", real_tensors=True),
     PassSpec("lowrank", ("inference",), lowrank.factorize, "lowrank", real_tensors=True),
@@ -114,7 +117,8 @@ PASSES: tuple[PassSpec, ...] = (
     PassSpec("shard", ("inference", "forward", "backward"), shard.annotate, None, fixed=ShardConfig()),
     PassSpec("lower", ("inference", "forward", "backward"), lower.lower, "lower"),
 )
-"""The graph passes in pipeline order (docs/architecture.md, "The pipeline"): weight passes first
+"""The graph passes in pipeline order (docs/architecture.md, "The pipeline"): the torch-level
+rewrite of a training call first (chunk, on Dynamo's graph before AOTAutograd), then weight passes
 (tie, then prune, then lowrank factors, before int8/quantize quantize what is left, then precision), then the metadata and
 kernel passes. A new pass adds one line here."""
 
@@ -137,15 +141,20 @@ def _output_signature(gm: fx.GraphModule) -> list[tuple]:
     out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     sig = []
     for arg in torch.utils._pytree.tree_leaves(out.args[0]):
-        val = arg.meta.get("val") if isinstance(arg, fx.Node) else arg
+        # Dynamo graphs (stage "dynamo") carry meta["example_value"] instead of meta["val"]
+        val = arg.meta.get("val", arg.meta.get("example_value")) if isinstance(arg, fx.Node) else arg
         sig.append((tuple(val.shape), val.dtype) if isinstance(val, torch.Tensor) else (type(val).__name__,))
     return sig
 
 
-def check_graph(gm: fx.GraphModule, *, expected_outputs: list[tuple] | None = None) -> None:
-    """Lint a graph and check the invariants every pass must keep. Raises ``AssertionError``."""
+def check_graph(gm: fx.GraphModule, *, expected_outputs: list[tuple] | None = None, require_values: bool = True) -> None:
+    """Lint a graph and check the invariants every pass must keep. Raises ``AssertionError``.
+
+    ``require_values=False`` (Dynamo graphs, whose side-effect calls such as
+    ``_log_api_usage_once`` carry no fake value) skips the ``meta["val"]`` check.
+    """
     gm.graph.lint()
-    for node in gm.graph.nodes:
+    for node in gm.graph.nodes if require_values else ():
         if node.op == "call_function" and "val" not in node.meta and not returns_nothing(node):
             raise AssertionError(f"node {node.name} ({node.target}) has no meta['val']")
     if expected_outputs is not None:
@@ -224,7 +233,7 @@ def run_pipeline(
     graph_name = graph_name or recorder.new_graph_name(stage)
     ctx = PassContext(stage=stage, example_inputs=example_inputs, graph_name=graph_name)
     normalize_void_ops(gm)
-    expected = _output_signature(gm) if stage in ("inference", "joint") else None
+    expected = _output_signature(gm) if stage in ("dynamo", "inference", "joint") else None
     recorder.records.append(make_record("input", graph_name, gm, stage=stage, status="unchanged", time_s=0.0,
                                         nodes_before=count_nodes(gm)))
     history: list[str] = []
@@ -238,7 +247,7 @@ def run_pipeline(
             # AOTAutograd compiles under its fake mode; passes that compute real tensors leave it
             with unset_fake_temporarily() if spec.real_tensors else contextlib.nullcontext():
                 result = spec.fn(work, spec.config_for(config), ctx)
-            check_graph(result.gm, expected_outputs=expected)
+            check_graph(result.gm, expected_outputs=expected, require_values=stage != "dynamo")
             result.gm.recompile()
         except Exception as exc:  # noqa: BLE001 - any failure of a pass skips it (or raises when strict)
             elapsed = time.perf_counter() - start

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-STAGES = ("inference", "joint", "forward", "backward")
-"""``inference``: parameters frozen as ``get_attr``; ``joint``: AOTAutograd's forward+backward
+STAGES = ("dynamo", "inference", "joint", "forward", "backward")
+"""``dynamo``: the torch-level graph of a training call (Dynamo's, before AOTAutograd; nodes carry
+``meta["example_value"]``); ``inference``: parameters frozen as ``get_attr``; ``joint``: AOTAutograd's forward+backward
 graph before partitioning; ``forward`` / ``backward``: the two halves after it."""
 
 # Node meta keys that cross module boundaries (written by one module, read by another).

@@ -1,0 +1,165 @@
+"""Chunked linear + cross-entropy: the loss of ``hidden @ weight.T (+ bias)`` without whole logits.
+
+``fxmem::linear_cross_entropy(hidden [N, d], weight [V, d], bias [V]?, target [N] int, ...)``
+returns ``(loss, grad_hidden, grad_weight, grad_bias)`` — a ``torch.library`` custom op with a
+fake implementation (so AOTAutograd and Inductor trace and compile around it) and an autograd
+formula (``register_autograd``). It computes exactly what
+
+    logits = F.linear(hidden, weight, bias)               # [N, V], hidden's dtype
+    logits = logits.float()                               # only when upcast=True
+    loss = F.cross_entropy(logits, target, ignore_index=..., reduction=..., label_smoothing=...)
+
+computes, up to float rounding, but walks the rows ``chunk_tokens`` at a time: only one chunk's
+logits, softmax and logit gradient (``[chunk_tokens, V]`` each) ever exist.
+
+The gradients are computed in the forward loop, at the same time as the loss (what Liger's
+``FusedLinearCrossEntropy`` does): for a mean or sum reduction the loss is a scalar, so the
+gradient of ``hidden`` and ``weight`` for an upstream gradient ``g`` is ``g`` times the gradient
+for ``g = 1``. Computing them in the forward costs three matmuls per chunk (logits, dlogits @ W,
+dlogits.T @ h) — the same three as the unchunked forward + backward — where recomputing the
+logits in the backward would cost a fourth (+33 % of the head's FLOPs, which dominate a small
+model with a large vocabulary). The price is that ``grad_hidden`` ``[N, d]`` and ``grad_weight``
+``[V, d]`` are held from the forward to the backward (the size of the input and of the weight,
+~V/d times smaller than the logits). A gradient that is not needed (``grad_hidden=False``,
+e.g. a frozen head) is not computed and comes back as an empty tensor.
+
+Per row ``i`` with target ``t`` (not ignored), ``x = logits[i]``, ``lse = logsumexp(x)``,
+``eps = label_smoothing``:
+
+    loss_i = lse - (1 - eps) * x[t] - eps / V * sum_j x[j]
+    dloss_i / dx = softmax(x) - (1 - eps) * onehot(t) - eps / V
+
+which is PyTorch's ``(1 - eps) * nll + eps * smooth`` with ``smooth = -mean_j log_softmax(x)_j``.
+``mean`` divides by the number of rows not ignored (NaN when every row is ignored, as eager).
+The gradient of the logits is cast to ``hidden``'s dtype before its two matmuls, as eager's
+backward does; ``grad_weight`` accumulates over chunks in fp32 and is cast to ``weight``'s dtype
+at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("mean", "sum")
+
+
+def auto_chunk_tokens(n_rows: int, vocab: int, hidden: int) -> int:
+    """Rows per chunk so that a chunk's logits are about the size of the hidden states.
+
+    Liger's rule (``next_power_of_2(N / ceil(V / d))``), with a floor of 64 rows so the matmuls
+    stay efficient on small models.
+    """
+    ratio = max(1, -(-vocab // max(hidden, 1)))
+    rows = max(1, -(-n_rows // ratio))
+    return max(64, 1 << (rows - 1).bit_length())
+
+
+def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, ignore_index: int,
+                  reduction: str, label_smoothing: float, upcast: bool, chunk_tokens: int, need_hidden: bool,
+                  need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    n, d = hidden.shape
+    vocab = weight.shape[0]
+    out_dtype = torch.float32 if upcast else torch.promote_types(hidden.dtype, weight.dtype)
+    chunk = chunk_tokens if chunk_tokens > 0 else auto_chunk_tokens(n, vocab, d)
+    valid = target != ignore_index
+    count = valid.sum()
+    # mean: each kept row weighs 1/count (a 0-dim tensor: no host sync, NaN when count == 0)
+    row_scale = (1.0 / count.to(torch.float32)) if reduction == "mean" else torch.ones((), dtype=torch.float32, device=hidden.device)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else weight.new_empty(0)
+    grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if (need_bias and bias is not None) else weight.new_empty(0)
+    any_grad = need_hidden or need_weight or (need_bias and bias is not None)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        h = hidden[start:stop]
+        logits = torch.nn.functional.linear(h, weight, bias)
+        if upcast:
+            logits = logits.float()
+        t = target[start:stop]
+        keep = valid[start:stop]
+        safe_t = torch.where(keep, t, torch.zeros_like(t)).unsqueeze(1)
+        lse = torch.logsumexp(logits, dim=1)
+        row = lse - (1.0 - label_smoothing) * logits.gather(1, safe_t).squeeze(1)
+        if label_smoothing:
+            row = row - (label_smoothing / vocab) * logits.sum(dim=1)
+        total = total + torch.where(keep, row, torch.zeros_like(row)).float().sum()
+        if not any_grad:
+            continue
+        # d loss / d logits = softmax - (1 - eps) onehot - eps / V, zero on ignored rows, times 1/count
+        dlogits = torch.exp(logits - lse.unsqueeze(1))
+        dlogits.scatter_add_(1, safe_t, torch.full_like(safe_t, -(1.0 - label_smoothing), dtype=dlogits.dtype))
+        if label_smoothing:
+            dlogits.sub_(label_smoothing / vocab)
+        scale = torch.where(keep, row_scale, torch.zeros((), dtype=torch.float32, device=hidden.device))
+        dlogits.mul_(scale.to(dlogits.dtype).unsqueeze(1))
+        dlogits = dlogits.to(hidden.dtype)
+        if need_hidden:
+            grad_h[start:stop] = dlogits @ weight.to(hidden.dtype)
+        if need_weight:
+            grad_w.addmm_(dlogits.t().float() if dlogits.dtype != torch.float32 else dlogits.t(), h.float() if h.dtype != torch.float32 else h)
+        if need_bias and bias is not None:
+            grad_b.add_(dlogits.float().sum(0))
+    loss = total * row_scale if reduction == "mean" else total
+    if need_weight:
+        grad_w = grad_w.to(weight.dtype)
+    if grad_b.numel():
+        grad_b = grad_b.to(bias.dtype)
+    return loss.to(out_dtype), grad_h, grad_w, grad_b
+
+
+@torch.library.custom_op("fxmem::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, ignore_index: int,
+                         reduction: str, label_smoothing: float, upcast: bool, chunk_tokens: int, need_hidden: bool,
+                         need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, grad_hidden, grad_weight, grad_bias)``; see the module docstring."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"fxmem::linear_cross_entropy: reduction {reduction!r}; accepted: {REDUCTIONS}")
+    return _forward_impl(hidden, weight, bias, target, ignore_index, reduction, label_smoothing, upcast,
+                         chunk_tokens, need_hidden, need_weight, need_bias)
+
+
+@linear_cross_entropy.register_fake
+def _(hidden, weight, bias, target, ignore_index, reduction, label_smoothing, upcast, chunk_tokens, need_hidden,
+      need_weight, need_bias):
+    out_dtype = torch.float32 if upcast else torch.promote_types(hidden.dtype, weight.dtype)
+    loss = hidden.new_empty((), dtype=out_dtype)
+    grad_h = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+    grad_w = torch.empty_like(weight) if need_weight else weight.new_empty(0)
+    grad_b = torch.empty_like(bias) if (need_bias and bias is not None) else weight.new_empty(0)
+    return loss, grad_h, grad_w, grad_b
+
+
+def _setup_context(ctx, inputs, output):
+    loss, grad_h, grad_w, grad_b = output
+    ctx.mark_non_differentiable(grad_h, grad_w, grad_b)
+    ctx.save_for_backward(grad_h, grad_w, grad_b)
+    ctx.flags = (inputs[9], inputs[10], inputs[11] and inputs[2] is not None)
+
+
+def _backward(ctx, g_loss, _g_h, _g_w, _g_b):
+    grad_h, grad_w, grad_b = ctx.saved_tensors
+    need_hidden, need_weight, need_bias = ctx.flags
+    # the loss is a scalar: its gradient is g_loss times the gradient computed for g_loss = 1
+    return (
+        grad_h * g_loss if need_hidden else None,
+        grad_w * g_loss if need_weight else None,
+        grad_b * g_loss if need_bias else None,
+        None, None, None, None, None, None, None, None, None,
+    )
+
+
+linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
+
+
+def chunked_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None, *,
+                                 ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                                 upcast: bool = False, chunk_tokens: int = 0) -> Tensor:
+    """The loss alone, differentiable: ``cross_entropy(linear(hidden, weight, bias)[.float()], target)``.
+
+    ``hidden`` is ``[N, d]``, ``target`` ``[N]``; ``chunk_tokens=0`` picks :func:`auto_chunk_tokens`.
+    """
+    need_bias = bias is not None and bias.requires_grad
+    return linear_cross_entropy(hidden, weight, bias, target, ignore_index, reduction, float(label_smoothing), upcast,
+                                chunk_tokens, hidden.requires_grad, weight.requires_grad, need_bias)[0]

@@ -1,0 +1,323 @@
+"""Chunk the loss: ``linear → (float cast) → cross_entropy`` becomes one op that never holds the logits.
+
+Runs on the torch-level graph of a training call (stage ``"dynamo"``: the graph Dynamo hands the
+backend, before AOTAutograd traces the joint graph). Before::
+
+    logits = torch._C._nn.linear(hidden, lm_head_weight, None)    # [B, T, V]
+    logits_1 = logits.float()
+    logits_2 = logits_1.view(-1, 32000)                           # [B*T, V]
+    loss = torch.nn.functional.cross_entropy(logits_2, labels, ignore_index=-100, reduction='mean')
+
+After::
+
+    reshape = hidden.reshape(-1, 256)                             # [B*T, d]
+    reshape_1 = labels.reshape(-1)
+    lce = torch.ops.fxmem.linear_cross_entropy(reshape, lm_head_weight, None, reshape_1, -100,
+                                               'mean', 0.0, True, 0, True, True, False)
+    loss = lce[0]
+
+``fxmem::linear_cross_entropy`` (:mod:`fxmem.kernels.linear_ce`) is a custom op with a fake
+implementation and an autograd formula: AOTAutograd puts it in the joint graph as one node (its
+backward is a scaling of the gradients it computed), and Inductor compiles around it.
+
+Matched (each spelling Dynamo produces): ``F.linear`` (HF's ``lm_head``, tied to the embedding or
+not, with or without bias), then any of ``.float()``, ``.to(torch.float32)``, ``.view``,
+``.reshape``, ``.contiguous()``, ``.flatten`` and row slicing (``logits[..., :-1, :]``: it is replayed
+on ``hidden``), then ``F.cross_entropy`` (``ignore_index``, ``reduction`` ``"mean"``/``"sum"``,
+``label_smoothing``) or ``F.log_softmax`` + ``F.nll_loss``. Left unchanged, with the reason in the
+statistics: class weights, ``reduction="none"``, soft (probability) targets, logits used by
+anything else (e.g. returned by the compiled region, as HF models do — the whole logits are then
+needed anyway), an autocast region.
+
+Why the torch-level graph and not the joint graph: at the torch level the pattern is the forward
+alone and AOTAutograd derives the backward from the op's autograd formula; in the joint graph the
+backward of the loss (``nll_loss_backward``, ``_log_softmax_backward_data``, the two weight and
+input matmuls, their transposes and casts) would have to be found and replaced too, and with
+Inductor's decompositions those ops are already decomposed into ``amax``/``exp``/``gather``/
+``scatter`` chains. The rewrite here is independent of the code generator and the decomposition
+table.
+
+Precondition: every node carries ``meta["example_value"]`` (Dynamo's fake values). Numerical
+promise: exact up to float rounding (loss and gradients within 1e-5 relative in fp32).
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from fxmem.config import ChunkConfig
+from fxmem.kernels import linear_ce  # noqa: F401  (registers fxmem::linear_cross_entropy)
+from fxmem.passes.base import PassContext, PassResult
+
+_LINEAR = {F.linear, torch._C._nn.linear}
+_CROSS_ENTROPY = {F.cross_entropy}
+_LOG_SOFTMAX = {F.log_softmax, torch.log_softmax, torch._C._VariableFunctions.log_softmax}
+_NLL = {F.nll_loss}
+_RESHAPE_METHODS = {"view", "reshape"}
+_FLOAT32 = (torch.float32, "torch.float32")
+
+_CE_SIG = inspect.signature(F.cross_entropy)
+_NLL_SIG = inspect.signature(F.nll_loss)
+_LOG_SOFTMAX_SIG = inspect.signature(F.log_softmax)
+
+
+class NotChunkable(Exception):
+    """A loss that looks like the pattern but is not safe to chunk; the message says why."""
+
+
+def _val(x: Any) -> Any:
+    if isinstance(x, fx.Node):
+        return x.meta.get("example_value", x.meta.get("val"))
+    return x
+
+
+@dataclass
+class _Match:
+    loss: fx.Node                 # the cross_entropy / nll_loss node
+    linear: fx.Node
+    chain: list[fx.Node]          # nodes from the linear's output to the loss input, in order
+    target: fx.Node
+    ignore_index: int
+    reduction: str
+    label_smoothing: float
+    upcast: bool
+    extra: list[fx.Node] = field(default_factory=list)  # log_softmax node (nll path)
+
+
+def _bind(sig: inspect.Signature, node: fx.Node) -> dict[str, Any]:
+    bound = sig.bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _is_float32_cast(node: fx.Node) -> bool:
+    if node.op != "call_method":
+        return False
+    if node.target == "float" and len(node.args) == 1 and not node.kwargs:
+        return True
+    if node.target == "to":
+        rest = list(node.args[1:]) + [v for k, v in node.kwargs.items() if k == "dtype"]
+        other = [k for k in node.kwargs if k != "dtype"]
+        return len(rest) == 1 and rest[0] in _FLOAT32 and not other
+    return False
+
+
+def _last_dim_untouched(index: Any, ndim: int) -> bool:
+    """Whether ``x[index]`` keeps ``x``'s last dimension whole and last (a row selection)."""
+    index = index if isinstance(index, tuple) else (index,)
+    if any(not isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in index):
+        return False
+    if Ellipsis in index:
+        after = index[index.index(Ellipsis) + 1:]
+        return not after or after[-1] == slice(None)
+    consumed = [i for i in index if i is not None]
+    return len(consumed) < ndim or index[-1] == slice(None)
+
+
+def _loss_node(node: fx.Node) -> tuple[fx.Node, dict[str, Any], bool, list[fx.Node]] | None:
+    """``(logits input, normalized arguments, upcast, extra nodes)`` if ``node`` is a supported loss."""
+    if node.op != "call_function":
+        return None
+    if node.target in _CROSS_ENTROPY:
+        args = _bind(_CE_SIG, node)
+        return args["input"], args, False, []
+    if node.target in _NLL:
+        args = _bind(_NLL_SIG, node)
+        lsm = args["input"]
+        if not isinstance(lsm, fx.Node):
+            return None
+        if lsm.op == "call_method" and lsm.target == "log_softmax":
+            ls_args = dict(zip(("input", "dim", "_stacklevel", "dtype"), lsm.args)) | dict(lsm.kwargs)
+        elif lsm.op == "call_function" and lsm.target in _LOG_SOFTMAX:
+            ls_args = _bind(_LOG_SOFTMAX_SIG, lsm) if lsm.target is F.log_softmax else (
+                dict(zip(("input", "dim", "dtype"), lsm.args)) | dict(lsm.kwargs))
+        else:
+            return None
+        ndim = _val(lsm).dim()
+        if ls_args.get("dim") not in (-1, ndim - 1) or ndim != 2:
+            raise NotChunkable(f"log_softmax over dim {ls_args.get('dim')} of a {ndim}-d tensor (not the classes of [N, V])")
+        if len(lsm.users) != 1:
+            raise NotChunkable("the log_softmax output is used beyond nll_loss (e.g. a hand-written label smoothing)")
+        dtype = ls_args.get("dtype")
+        if dtype not in (None, *_FLOAT32):
+            raise NotChunkable(f"log_softmax with dtype={dtype}")
+        args = dict(args, label_smoothing=0.0)
+        return ls_args["input"], args, dtype is not None, [lsm]
+    return None
+
+
+def find_loss(node: fx.Node) -> _Match | None:
+    """The pattern ending at ``node`` (a loss), or None; raises :class:`NotChunkable` with a reason."""
+    found = _loss_node(node)
+    if found is None:
+        return None
+    x, args, upcast, extra = found
+    for key in ("weight", "size_average", "reduce"):
+        if args.get(key) is not None:
+            raise NotChunkable(f"{node.target.__name__} with {key}= (class weights / legacy reduction)")
+    if args["reduction"] not in linear_ce.REDUCTIONS:
+        raise NotChunkable(f"reduction={args['reduction']!r} (chunked: 'mean' and 'sum')")
+    target = args["target"]
+    tval, xval = _val(target), _val(x)
+    if not isinstance(target, fx.Node) or not isinstance(tval, torch.Tensor) or tval.is_floating_point():
+        raise NotChunkable("the target is not an integer class-index tensor (probability targets)")
+    if not isinstance(xval, torch.Tensor) or xval.dim() != 2:
+        raise NotChunkable("the loss input is not [N, V] logits")
+    chain: list[fx.Node] = []
+    while isinstance(x, fx.Node) and not (x.op == "call_function" and x.target in _LINEAR):
+        v = _val(x)
+        if x.op == "call_method" and (_is_float32_cast(x) or x.target in _RESHAPE_METHODS | {"contiguous", "flatten"}):
+            pass
+        elif x.op == "call_function" and x.target is torch.reshape:
+            pass
+        elif x.op == "call_function" and x.target is operator.getitem and isinstance(_val(x.args[0]), torch.Tensor):
+            if not _last_dim_untouched(x.args[1], _val(x.args[0]).dim()):
+                return None
+        else:
+            return None
+        if not isinstance(v, torch.Tensor) or v.dim() < 1:
+            return None
+        chain.append(x)
+        if _is_float32_cast(x):
+            upcast = True
+        x = x.args[0]
+    if not isinstance(x, fx.Node):
+        return None
+    linear = x
+    lin_args = list(linear.args) + [None] * (3 - len(linear.args))
+    weight = linear.kwargs.get("weight", lin_args[1])
+    vocab = _val(weight).shape[0]
+    for n in [linear, *chain]:
+        if _val(n).shape[-1] != vocab:
+            raise NotChunkable(f"{n.name} reshapes the vocabulary dimension")
+    chain.reverse()
+    for n in [linear, *chain]:
+        if len(n.users) != 1:
+            users = ", ".join(sorted(u.name for u in n.users))
+            raise NotChunkable(f"the logits ({n.name}) are also used by {users}: they are needed whole anyway")
+    if xval.dtype != torch.float32 and upcast:
+        raise NotChunkable("cast to a dtype other than float32")
+    return _Match(loss=node, linear=linear, chain=chain, target=target, ignore_index=int(args["ignore_index"]),
+                  reduction=args["reduction"], label_smoothing=float(args["label_smoothing"]), upcast=upcast,
+                  extra=extra)
+
+
+def _fake_mode(gm: fx.GraphModule):
+    for n in gm.graph.nodes:
+        v = _val(n)
+        if isinstance(v, torch._subclasses.FakeTensor):
+            return v.fake_mode
+    return None
+
+
+def _set_value(node: fx.Node, fake_mode) -> None:
+    """Give a new node its fake value, computed from its arguments' fake values."""
+    args = fx.node.map_arg(node.args, _val)
+    kwargs = fx.node.map_arg(node.kwargs, _val)
+    with fake_mode:
+        if node.op == "call_method":
+            value = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            value = node.target(*args, **kwargs)
+    node.meta["example_value"] = value
+
+
+def _with_last(shape_args: tuple, d: int) -> tuple:
+    """``view``/``reshape`` arguments with the last size replaced by ``d`` (the hidden size)."""
+    if len(shape_args) == 1 and isinstance(shape_args[0], (tuple, list, torch.Size)):
+        return (tuple(shape_args[0][:-1]) + (d,),)
+    return tuple(shape_args[:-1]) + (d,)
+
+
+def _rewrite(gm: fx.GraphModule, m: _Match, config: ChunkConfig, fake_mode) -> int:
+    """Replace one match; return the bytes of the logits chain no longer materialized."""
+    graph = gm.graph
+    lin_args = list(m.linear.args) + [None] * (3 - len(m.linear.args))
+    hidden = m.linear.kwargs.get("input", lin_args[0])
+    weight = m.linear.kwargs.get("weight", lin_args[1])
+    bias = m.linear.kwargs.get("bias", lin_args[2])
+    d = _val(weight).shape[1]
+    # forward tensors that are never made: the logits, their fp32 copy, the log-softmax (inside
+    # cross_entropy, or its own node); the backward makes a gradient of each of them
+    made = [n for n in [m.linear, *m.chain] if not (n.op == "call_method" and n.target in _RESHAPE_METHODS | {"contiguous"})
+            and not (n.op == "call_function" and n.target in (operator.getitem, torch.reshape))]
+    logits_in = _val(m.extra[0].args[0] if m.extra else m.loss.args[0])
+    forward = sum(_val(n).numel() * _val(n).element_size() for n in made) + logits_in.numel() * logits_in.element_size()
+    created: list[fx.Node] = []
+
+    def add(op: str, target: Any, args: tuple) -> fx.Node:
+        node = graph.create_node(op, target, args)
+        created.append(node)
+        _set_value(node, fake_mode)
+        return node
+
+    with graph.inserting_before(m.loss):
+        cur = hidden
+        for n in m.chain:  # replay the row selections and reshapes on the hidden states
+            if n.op == "call_function" and n.target is operator.getitem:
+                cur = add("call_function", operator.getitem, (cur, n.args[1]))
+            elif n.op == "call_method" and n.target in _RESHAPE_METHODS:
+                cur = add("call_method", "reshape", (cur, *_with_last(n.args[1:], d)))
+            elif n.op == "call_function" and n.target is torch.reshape:
+                cur = add("call_method", "reshape", (cur, *_with_last(n.args[1:], d)))
+            elif n.op == "call_method" and n.target == "flatten":
+                cur = add("call_method", n.target, (cur, *n.args[1:]))
+        rows = _val(m.loss.args[0] if not m.extra else m.extra[0].args[0]).shape[0]
+        h2d = add("call_method", "reshape", (cur, -1, d))
+        if _val(h2d).shape[0] != rows:
+            for node in reversed(created):
+                graph.erase_node(node)
+            raise NotChunkable("the rows of the loss do not map onto the rows of the hidden states")
+        tgt = add("call_method", "reshape", (m.target, -1))
+        bval = _val(bias)
+        op = add("call_function", torch.ops.fxmem.linear_cross_entropy.default, (
+            h2d, weight, bias, tgt, m.ignore_index, m.reduction, m.label_smoothing, m.upcast,
+            config.chunk_tokens or 0, bool(_val(hidden).requires_grad), bool(_val(weight).requires_grad),
+            bool(bval is not None and bval.requires_grad)))
+        loss = add("call_function", operator.getitem, (op, 0))
+    m.loss.replace_all_uses_with(loss)
+    loss.meta.update({k: v for k, v in m.loss.meta.items() if k not in ("example_value", "val")})
+    for node in [m.loss, *m.extra, *reversed(m.chain), m.linear]:
+        if not node.users:
+            graph.erase_node(node)
+    return forward
+
+
+def chunk(gm: fx.GraphModule, config: ChunkConfig, ctx: PassContext = PassContext(stage="dynamo")) -> PassResult:
+    """Replace every chunkable ``linear → cross_entropy`` of a torch-level training graph."""
+    ctx.require_stage("chunk", "dynamo")
+    stats: dict[str, Any] = {"regions": [], "bytes_never_materialized": 0, "not_chunked": []}
+    if not config.loss:
+        return PassResult(gm, False, stats)
+    fake_mode = _fake_mode(gm)
+    autocast = any(n.op == "call_function" and "autocast" in str(n.target) for n in gm.graph.nodes)
+    for node in list(gm.graph.nodes):
+        try:
+            m = find_loss(node)
+            if m is None:
+                continue
+            if autocast:
+                raise NotChunkable("the loss is in an autocast region (the chunked op would not follow autocast)")
+            if fake_mode is None:
+                raise NotChunkable("the graph carries no fake values")
+            name, linear = node.name, m.linear.name
+            forward = _rewrite(gm, m, config, fake_mode)
+        except NotChunkable as exc:
+            stats["not_chunked"].append(f"{node.name}: {exc}")
+            continue
+        stats["regions"].append(f"{linear} → {name}")
+        stats["bytes_never_materialized"] += 2 * forward  # the forward tensors and their gradients
+    if not stats["not_chunked"]:
+        del stats["not_chunked"]
+    changed = bool(stats["regions"])
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return PassResult(gm, changed, stats)
