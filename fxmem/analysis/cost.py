@@ -77,8 +77,15 @@ def node_flops(node: fx.Node) -> int:
 
 
 def is_compute_bound(node: fx.Node) -> bool:
-    """True for matmul, convolution and attention ops: recomputing them costs FLOPs."""
-    return node.op == "call_function" and _packet(node) in COMPUTE_BOUND_PACKETS
+    """True for matmul, convolution and attention ops: recomputing them costs FLOPs.
+
+    The registry is read at call time: custom ops register their FLOP formulas when their module
+    is imported (``fxmem::linear_cross_entropy``), possibly after this one.
+    """
+    if node.op != "call_function":
+        return False
+    packet = _packet(node)
+    return packet in COMPUTE_BOUND_PACKETS or packet in flop_counter.flop_registry
 
 
 def node_bytes_moved(node: fx.Node) -> int:

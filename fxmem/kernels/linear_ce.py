@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils import flop_counter
 
 REDUCTIONS = ("mean", "sum")
 
@@ -80,7 +81,11 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
         t = target[start:stop]
         keep = valid[start:stop]
         safe_t = torch.where(keep, t, torch.zeros_like(t)).unsqueeze(1)
-        lse = torch.logsumexp(logits, dim=1)
+        # one exp pass serves the log-sum-exp and the softmax
+        peak = logits.amax(dim=1, keepdim=True)
+        probs = (logits - peak).exp_()
+        sums = probs.sum(dim=1, keepdim=True)
+        lse = (peak + sums.log()).squeeze(1)
         row = lse - (1.0 - label_smoothing) * logits.gather(1, safe_t).squeeze(1)
         if label_smoothing:
             row = row - (label_smoothing / vocab) * logits.sum(dim=1)
@@ -88,7 +93,8 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
         if not any_grad:
             continue
         # d loss / d logits = softmax - (1 - eps) onehot - eps / V, zero on ignored rows, times 1/count
-        dlogits = torch.exp(logits - lse.unsqueeze(1))
+        del logits
+        dlogits = probs.div_(sums)
         dlogits.scatter_add_(1, safe_t, torch.full_like(safe_t, -(1.0 - label_smoothing), dtype=dlogits.dtype))
         if label_smoothing:
             dlogits.sub_(label_smoothing / vocab)
@@ -151,6 +157,20 @@ def _backward(ctx, g_loss, _g_h, _g_w, _g_b):
 
 
 linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
+
+
+@flop_counter.register_flop_formula(torch.ops.fxmem.linear_cross_entropy)
+def _flops(hidden_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    """One matmul for the logits, two more for the gradients (when any is asked for).
+
+    Registered with ``torch.utils.flop_counter`` so that FlopCounterMode counts the op and
+    partitioners that price recomputation by FLOPs (fxmem's remat) never recompute it in the
+    backward as if it were free.
+    """
+    n, d = hidden_shape
+    vocab = weight_shape[0]
+    need_hidden, need_weight = args[7], args[8]
+    return 2 * n * d * vocab * (1 + int(need_hidden) + int(need_weight))
 
 
 def chunked_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None, *,

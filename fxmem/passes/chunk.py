@@ -121,35 +121,26 @@ def _last_dim_untouched(index: Any, ndim: int) -> bool:
     return len(consumed) < ndim or index[-1] == slice(None)
 
 
-def _loss_node(node: fx.Node) -> tuple[fx.Node, dict[str, Any], bool, list[fx.Node]] | None:
-    """``(logits input, normalized arguments, upcast, extra nodes)`` if ``node`` is a supported loss."""
+def _log_softmax_args(node: fx.Node) -> dict[str, Any] | None:
+    """Normalized arguments of a log_softmax node (any spelling), or None if it is not one."""
+    if node.op == "call_method" and node.target == "log_softmax":
+        return dict(zip(("input", "dim", "_stacklevel", "dtype"), node.args)) | dict(node.kwargs)
+    if node.op == "call_function" and node.target in _LOG_SOFTMAX:
+        if node.target is F.log_softmax:
+            return _bind(_LOG_SOFTMAX_SIG, node)
+        return dict(zip(("input", "dim", "dtype"), node.args)) | dict(node.kwargs)
+    return None
+
+
+def _loss_node(node: fx.Node) -> tuple[fx.Node, dict[str, Any], bool] | None:
+    """``(loss input, normalized arguments, whether a log_softmax must precede)`` for a supported loss."""
     if node.op != "call_function":
         return None
     if node.target in _CROSS_ENTROPY:
-        args = _bind(_CE_SIG, node)
-        return args["input"], args, False, []
+        return _bind(_CE_SIG, node)["input"], _bind(_CE_SIG, node), False
     if node.target in _NLL:
         args = _bind(_NLL_SIG, node)
-        lsm = args["input"]
-        if not isinstance(lsm, fx.Node):
-            return None
-        if lsm.op == "call_method" and lsm.target == "log_softmax":
-            ls_args = dict(zip(("input", "dim", "_stacklevel", "dtype"), lsm.args)) | dict(lsm.kwargs)
-        elif lsm.op == "call_function" and lsm.target in _LOG_SOFTMAX:
-            ls_args = _bind(_LOG_SOFTMAX_SIG, lsm) if lsm.target is F.log_softmax else (
-                dict(zip(("input", "dim", "dtype"), lsm.args)) | dict(lsm.kwargs))
-        else:
-            return None
-        ndim = _val(lsm).dim()
-        if ls_args.get("dim") not in (-1, ndim - 1) or ndim != 2:
-            raise NotChunkable(f"log_softmax over dim {ls_args.get('dim')} of a {ndim}-d tensor (not the classes of [N, V])")
-        if len(lsm.users) != 1:
-            raise NotChunkable("the log_softmax output is used beyond nll_loss (e.g. a hand-written label smoothing)")
-        dtype = ls_args.get("dtype")
-        if dtype not in (None, *_FLOAT32):
-            raise NotChunkable(f"log_softmax with dtype={dtype}")
-        args = dict(args, label_smoothing=0.0)
-        return ls_args["input"], args, dtype is not None, [lsm]
+        return args["input"], dict(args, label_smoothing=0.0), True
     return None
 
 
@@ -158,7 +149,8 @@ def find_loss(node: fx.Node) -> _Match | None:
     found = _loss_node(node)
     if found is None:
         return None
-    x, args, upcast, extra = found
+    x, args, needs_log_softmax = found
+    upcast, extra = False, []
     for key in ("weight", "size_average", "reduce"):
         if args.get(key) is not None:
             raise NotChunkable(f"{node.target.__name__} with {key}= (class weights / legacy reduction)")
@@ -173,6 +165,21 @@ def find_loss(node: fx.Node) -> _Match | None:
     chain: list[fx.Node] = []
     while isinstance(x, fx.Node) and not (x.op == "call_function" and x.target in _LINEAR):
         v = _val(x)
+        ls_args = _log_softmax_args(x)
+        if ls_args is not None:
+            if not needs_log_softmax or extra:
+                return None  # cross_entropy of log-probabilities, or two log_softmax: not the pattern
+            ndim = v.dim()
+            if ls_args.get("dim") not in (-1, ndim - 1):
+                raise NotChunkable(f"log_softmax over dim {ls_args.get('dim')} of a {ndim}-d tensor (not the vocabulary)")
+            if len(x.users) != 1:
+                raise NotChunkable("the log_softmax output is used beyond nll_loss (e.g. a hand-written label smoothing)")
+            if ls_args.get("dtype") not in (None, *_FLOAT32):
+                raise NotChunkable(f"log_softmax with dtype={ls_args.get('dtype')}")
+            upcast = upcast or ls_args.get("dtype") is not None
+            extra.append(x)
+            x = ls_args["input"]
+            continue
         if x.op == "call_method" and (_is_float32_cast(x) or x.target in _RESHAPE_METHODS | {"contiguous", "flatten"}):
             pass
         elif x.op == "call_function" and x.target is torch.reshape:
@@ -188,7 +195,7 @@ def find_loss(node: fx.Node) -> _Match | None:
         if _is_float32_cast(x):
             upcast = True
         x = x.args[0]
-    if not isinstance(x, fx.Node):
+    if not isinstance(x, fx.Node) or needs_log_softmax and not extra:
         return None
     linear = x
     lin_args = list(linear.args) + [None] * (3 - len(linear.args))
@@ -248,7 +255,7 @@ def _rewrite(gm: fx.GraphModule, m: _Match, config: ChunkConfig, fake_mode) -> i
     # cross_entropy, or its own node); the backward makes a gradient of each of them
     made = [n for n in [m.linear, *m.chain] if not (n.op == "call_method" and n.target in _RESHAPE_METHODS | {"contiguous"})
             and not (n.op == "call_function" and n.target in (operator.getitem, torch.reshape))]
-    logits_in = _val(m.extra[0].args[0] if m.extra else m.loss.args[0])
+    logits_in = _val(m.loss.args[0])  # the size of the log-softmax (cross_entropy makes one inside)
     forward = sum(_val(n).numel() * _val(n).element_size() for n in made) + logits_in.numel() * logits_in.element_size()
     created: list[fx.Node] = []
 
@@ -269,7 +276,7 @@ def _rewrite(gm: fx.GraphModule, m: _Match, config: ChunkConfig, fake_mode) -> i
                 cur = add("call_method", "reshape", (cur, *_with_last(n.args[1:], d)))
             elif n.op == "call_method" and n.target == "flatten":
                 cur = add("call_method", n.target, (cur, *n.args[1:]))
-        rows = _val(m.loss.args[0] if not m.extra else m.extra[0].args[0]).shape[0]
+        rows = _val(m.loss.args[0]).shape[0]
         h2d = add("call_method", "reshape", (cur, -1, d))
         if _val(h2d).shape[0] != rows:
             for node in reversed(created):
@@ -284,7 +291,8 @@ def _rewrite(gm: fx.GraphModule, m: _Match, config: ChunkConfig, fake_mode) -> i
         loss = add("call_function", operator.getitem, (op, 0))
     m.loss.replace_all_uses_with(loss)
     loss.meta.update({k: v for k, v in m.loss.meta.items() if k not in ("example_value", "val")})
-    for node in [m.loss, *m.extra, *reversed(m.chain), m.linear]:
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    for node in sorted([m.loss, *m.chain, *m.extra, m.linear], key=position.__getitem__, reverse=True):
         if not node.users:
             graph.erase_node(node)
     return forward
