@@ -3,6 +3,7 @@ import torch
 
 import fxmem
 from fxmem.config import (
+    ChunkConfig,
     FxmemConfig,
     Int8Config,
     LowerConfig,
@@ -23,7 +24,16 @@ def test_defaults_match_the_design_table():
     assert cfg.precision is None and cfg.int8 is None and cfg.prune is None and cfg.verify is None
     assert cfg.tie_weights == TieConfig(enabled=True, mode="exact")
     assert cfg.lower == LowerConfig(mode="auto")
+    assert cfg.chunk == ChunkConfig(enabled=True, loss=True, mlp=False, chunk_tokens=None)
     assert cfg.strict is False
+
+
+def test_chunk_option_forms():
+    assert parse_options(chunk=False).chunk.enabled is False
+    assert parse_options(chunk=True).chunk == ChunkConfig()
+    cfg = parse_options(chunk={"chunk_tokens": 128}).chunk
+    assert cfg.loss and cfg.chunk_tokens == 128 and not cfg.mlp
+    assert parse_options(chunk={"loss": False}).chunk.enabled is False
 
 
 def test_every_key_parses_to_its_frozen_dataclass():
@@ -70,6 +80,11 @@ def test_keywords_and_dict_merge():
         ({"lower": "maybe"}, "lower", "'auto' | True | False"),
         ({"verify": {"atol": -1}}, "verify.atol", "non-negative"),
         ({"strict": "yes"}, "strict", "True | False"),
+        ({"chunk": "loss"}, "chunk", "'chunk_tokens'"),
+        ({"chunk": {"chunk_tokens": 0}}, "chunk.chunk_tokens", "positive int"),
+        ({"chunk": {"loss": 1}}, "chunk.loss", "True | False"),
+        ({"chunk": {"tokens": 8}}, "tokens", "accepted sub-keys"),
+        ({"chunk": {"mlp": True}}, "chunk.mlp", "not implemented"),
     ],
 )
 def test_bad_options_name_the_key_and_what_is_accepted(options, key, accepted):

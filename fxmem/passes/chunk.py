@@ -254,7 +254,8 @@ def _rewrite(gm: fx.GraphModule, m: _Match, config: ChunkConfig, fake_mode) -> i
     # forward tensors that are never made: the logits, their fp32 copy, the log-softmax (inside
     # cross_entropy, or its own node); the backward makes a gradient of each of them
     made = [n for n in [m.linear, *m.chain] if not (n.op == "call_method" and n.target in _RESHAPE_METHODS | {"contiguous"})
-            and not (n.op == "call_function" and n.target in (operator.getitem, torch.reshape))]
+            and not (n.op == "call_function" and n.target in (operator.getitem, torch.reshape))
+            and not (_is_float32_cast(n) and _val(n.args[0]).dtype == torch.float32)]  # .float() of fp32: no copy
     logits_in = _val(m.loss.args[0])  # the size of the log-softmax (cross_entropy makes one inside)
     forward = sum(_val(n).numel() * _val(n).element_size() for n in made) + logits_in.numel() * logits_in.element_size()
     created: list[fx.Node] = []

@@ -1,0 +1,106 @@
+"""fxmem::linear_cross_entropy equals eager's linear + cross_entropy (loss and every gradient)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fxmem.kernels.linear_ce import auto_chunk_tokens, chunked_linear_cross_entropy, linear_cross_entropy
+
+
+def _inputs(n, d, vocab, *, bias=False, ignored=0.3, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(vocab, d, generator=g) / d**0.5).to(dtype).requires_grad_()
+    b = torch.randn(vocab, generator=g).to(dtype).requires_grad_() if bias else None
+    t = torch.randint(0, vocab, (n,), generator=g)
+    t[torch.rand(n, generator=g) < ignored] = -100
+    return h, w, b, t
+
+
+def _grads(loss, tensors):
+    return torch.autograd.grad(loss * 1.7, [x for x in tensors if x is not None])  # upstream gradient != 1
+
+
+def _assert_close_rel(got, want, rtol):
+    scale = want.abs().max().clamp_min(1e-30)
+    assert ((got - want).abs().max() / scale).item() <= rtol, (got, want)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("upcast", [False, True])
+def test_equals_eager_fp32(reduction, label_smoothing, bias, upcast):
+    h, w, b, t = _inputs(37, 16, 50, bias=bias)
+    logits = F.linear(h, w, b)
+    want = F.cross_entropy(logits.float() if upcast else logits, t, reduction=reduction, label_smoothing=label_smoothing)
+    got = chunked_linear_cross_entropy(h, w, t, b, reduction=reduction, label_smoothing=label_smoothing,
+                                       upcast=upcast, chunk_tokens=8)
+    _assert_close_rel(got, want, 1e-5)
+    for g_got, g_want in zip(_grads(got, (h, w, b)), _grads(want, (h, w, b))):
+        _assert_close_rel(g_got, g_want, 1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 40), chunk=st.integers(1, 48), ignored=st.sampled_from([0.0, 0.5, 0.9]))
+def test_any_chunk_size_equals_eager(n, chunk, ignored):
+    """Chunk sizes that do not divide the token count (and larger than it) give eager's numbers."""
+    h, w, _, t = _inputs(n, 8, 19, ignored=ignored, seed=n * 100 + chunk)
+    if (t == -100).all():
+        t[0] = 3
+    want = F.cross_entropy(F.linear(h, w).float(), t)
+    got = chunked_linear_cross_entropy(h, w, t, upcast=True, chunk_tokens=chunk)
+    _assert_close_rel(got, want, 1e-5)
+    for g_got, g_want in zip(_grads(got, (h, w)), _grads(want, (h, w))):
+        _assert_close_rel(g_got, g_want, 1e-5)
+
+
+def test_every_row_ignored_gives_nan_like_eager():
+    h, w, _, t = _inputs(6, 8, 11, ignored=1.0)
+    assert torch.isnan(F.cross_entropy(F.linear(h, w), t))
+    assert torch.isnan(chunked_linear_cross_entropy(h, w, t, chunk_tokens=4))
+    assert chunked_linear_cross_entropy(h, w, t, reduction="sum") == 0
+
+
+def test_bf16_compute_with_fp32_loss_matches_eager_within_bf16_rounding():
+    h, w, _, t = _inputs(64, 32, 100, dtype=torch.bfloat16)
+    want = F.cross_entropy(F.linear(h, w).float(), t)
+    got = chunked_linear_cross_entropy(h, w, t, upcast=True, chunk_tokens=24)
+    assert got.dtype == want.dtype == torch.float32
+    _assert_close_rel(got, want, 1e-5)  # the loss is computed in fp32 either way
+    for g_got, g_want in zip(_grads(got, (h, w)), _grads(want, (h, w))):
+        assert g_got.dtype == torch.bfloat16
+        _assert_close_rel(g_got.float(), g_want.float(), 2e-2)
+
+
+def test_a_frozen_weight_gets_no_gradient_buffer():
+    h, w, _, t = _inputs(10, 8, 12)
+    loss, grad_h, grad_w, grad_b = linear_cross_entropy(h.detach(), w.detach(), None, t, -100, "mean", 0.0, False, 4,
+                                                        True, False, False)
+    assert grad_h.shape == h.shape and grad_w.numel() == 0 and grad_b.numel() == 0
+    w.requires_grad_(False)
+    (g,) = torch.autograd.grad(chunked_linear_cross_entropy(h, w, t), [h])
+    (g_want,) = torch.autograd.grad(F.cross_entropy(F.linear(h, w), t), [h])
+    _assert_close_rel(g, g_want, 1e-5)
+
+
+def test_bad_reduction_is_refused():
+    h, w, _, t = _inputs(4, 8, 12)
+    with pytest.raises(ValueError, match="reduction 'none'.*accepted"):
+        chunked_linear_cross_entropy(h, w, t, reduction="none")
+
+
+def test_opcheck_fake_and_autograd_registrations():
+    """torch.library's own checks: fake implementation, schema, autograd registration."""
+    h, w, b, t = _inputs(9, 8, 12, bias=True)
+    args = (h, w, b, t, -100, "mean", 0.0, True, 4, True, True, True)
+    torch.library.opcheck(torch.ops.fxmem.linear_cross_entropy.default, args)
+
+
+def test_auto_chunk_keeps_a_chunk_near_the_hidden_size():
+    # Llama-like head: 2048 tokens, vocab 32000, d 256 -> a chunk's logits ~ the hidden states
+    rows = auto_chunk_tokens(2048, 32000, 256)
+    assert 64 <= rows <= 256 and rows & (rows - 1) == 0
+    assert auto_chunk_tokens(10, 100, 64) == 64

@@ -1,0 +1,277 @@
+"""The chunk pass: losses computed without whole logits equal eager (loss and every gradient)."""
+
+import warnings
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+import fxmem
+from fxmem.config import ChunkConfig
+from fxmem.passes.chunk import chunk
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 96
+
+
+def llama(tied: bool):
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32,
+                                   attn_implementation="sdpa", tie_word_embeddings=tied)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def gpt2():
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=32, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
+    model = transformers.GPT2LMHeadModel(cfg)
+    # GPT-2 has no loss_type: HF then logs a warning inside forward, which Dynamo cannot trace
+    # (a graph break between the logits and the loss). Naming the loss avoids it.
+    model.loss_type = "ForCausalLM"
+    return model
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=g)
+    labels = ids.clone()
+    labels[torch.rand(labels.shape, generator=g) < 0.5] = -100  # half the labels ignored
+    return ids, labels
+
+
+def _run(step, model, *args):
+    model.zero_grad(set_to_none=True)
+    out = step(*args)
+    loss = out[0] if isinstance(out, tuple) else out
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def check_against_eager(step, model, *args, options=None):
+    """Compile ``step`` with fxmem; assert loss and every gradient equal eager's within 1e-5."""
+    want_loss, want_grads = _run(step, model, *args)
+    backend = fxmem.backend(**(options or {}))
+    got_loss, got_grads = _run(torch.compile(step, backend=backend), model, *args)
+    assert _rel(got_loss, want_loss) <= 1e-5
+    assert got_grads.keys() == want_grads.keys()
+    for name in want_grads:
+        assert _rel(got_grads[name], want_grads[name]) <= 1e-5, name
+    return [r.stats for r in backend.recorder.records if r.name == "chunk"]
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_hf_llama_with_labels(tied):
+    torch.manual_seed(0)
+    model = llama(tied)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    stats = check_against_eager(lambda ids, labels: model(input_ids=ids, labels=labels).loss, model, *_batch())
+    assert len(stats[0]["regions"]) == 1
+    logits_bytes = 2 * 12 * VOCAB * 4
+    # logits, their fp32 copy (.float() of fp32: the same tensor, counted once), the log-softmax; and gradients
+    assert stats[0]["bytes_never_materialized"] >= 2 * 2 * logits_bytes
+
+
+def test_hf_gpt2_tied_head_sum_reduction():
+    """HF's ``num_items_in_batch``: cross_entropy(reduction='sum') / num_items."""
+    torch.manual_seed(0)
+    model = gpt2()
+    ids, labels = _batch(1)
+    n_items = (labels[:, 1:] != -100).sum()
+    stats = check_against_eager(
+        lambda ids, labels: model(input_ids=ids, labels=labels, num_items_in_batch=n_items).loss, model, ids, labels)
+    assert len(stats[0]["regions"]) == 1
+
+
+@pytest.fixture(scope="module")
+def gpt2_model():
+    torch.manual_seed(0)
+    return gpt2()
+
+
+def test_user_written_loss_with_shift_and_ignored_labels(gpt2_model):
+    model = gpt2_model
+
+    def step(ids, labels):
+        logits = model(input_ids=ids).logits
+        return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+    stats = check_against_eager(step, model, *_batch(2))
+    assert len(stats[0]["regions"]) == 1
+
+
+def test_user_written_log_softmax_nll_sum(gpt2_model):
+    model = gpt2_model
+
+    def step(ids, labels):
+        logp = F.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+        return F.nll_loss(logp.view(-1, VOCAB), labels.view(-1), reduction="sum")
+
+    stats = check_against_eager(step, model, *_batch(3), options={"chunk": {"chunk_tokens": 5}})
+    assert len(stats[0]["regions"]) == 1
+
+
+def test_label_smoothing_is_chunked(gpt2_model):
+    model = gpt2_model
+
+    def step(ids, labels):
+        return F.cross_entropy(model(input_ids=ids).logits.view(-1, VOCAB), labels.view(-1), label_smoothing=0.1)
+
+    stats = check_against_eager(step, model, *_batch(4))
+    assert len(stats[0]["regions"]) == 1
+
+
+def test_class_weights_are_left_unchanged_with_the_reason(gpt2_model):
+    model = gpt2_model
+    weight = torch.linspace(0.5, 1.5, VOCAB)
+
+    def step(ids, labels):
+        return F.cross_entropy(model(input_ids=ids).logits.view(-1, VOCAB), labels.view(-1), weight=weight)
+
+    stats = check_against_eager(step, model, *_batch(5))
+    assert stats[0]["regions"] == [] and "weight=" in stats[0]["not_chunked"][0]
+
+
+def test_logits_returned_are_not_chunked(gpt2_model):
+    """HF returns the logits: they are needed whole anyway, so the loss is left as it is."""
+    model = gpt2_model
+
+    def step(ids, labels):
+        out = model(input_ids=ids, labels=labels)
+        return out.loss, out.logits
+
+    stats = check_against_eager(step, model, *_batch(6))
+    assert stats[0]["regions"] == [] and "needed whole" in stats[0]["not_chunked"][0]
+
+
+def test_chunk_false_leaves_the_loss_alone(gpt2_model):
+    model = gpt2_model
+    stats = check_against_eager(lambda ids, labels: model(input_ids=ids, labels=labels).loss, model, *_batch(7),
+                                options={"chunk": False})
+    assert stats == []
+
+
+def _dynamo_graph(fn, *args):
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch.compile(fn, backend=capture)(*args)
+    return graphs[0]
+
+
+def test_pass_rewrites_the_torch_level_graph():
+    """Before: linear → float → view → cross_entropy. After: one fxmem::linear_cross_entropy."""
+    lin = torch.nn.Linear(16, 40, bias=True)
+
+    def step(h, t):
+        return F.cross_entropy(lin(h).float().view(-1, 40), t.view(-1))
+
+    h, t = torch.randn(3, 5, 16, requires_grad=True), torch.randint(0, 40, (3, 5))
+    gm, inputs = _dynamo_graph(step, h, t)
+    want = gm(*inputs)[0]
+    result = chunk(gm, ChunkConfig(chunk_tokens=4))
+    assert result.changed
+    targets = [n.target for n in result.gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.fxmem.linear_cross_entropy.default in targets
+    assert F.cross_entropy not in targets and torch._C._nn.linear not in targets
+    got = result.gm(*inputs)[0]
+    assert _rel(got, want) <= 1e-6
+    # logits [15, 40] fp32 and the log-softmax, and a gradient of each
+    assert result.stats["bytes_never_materialized"] == 2 * 2 * (15 * 40 * 4)
+
+
+def test_pass_refuses_a_loss_over_a_vocabulary_slice():
+    lin = torch.nn.Linear(8, 30, bias=False)
+
+    def step(h, t):
+        return F.cross_entropy(lin(h)[..., :20].reshape(-1, 20), t)
+
+    gm, _ = _dynamo_graph(step, torch.randn(6, 8, requires_grad=True), torch.randint(0, 20, (6,)))
+    result = chunk(gm, ChunkConfig())
+    assert not result.changed
+
+
+def _cpu_peak(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def test_measured_peak_is_lower_than_without_chunking():
+    torch.manual_seed(0)
+    vocab = 4096
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=64,
+                                   attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(cfg)
+    ids = torch.randint(0, vocab, (2, 64))
+
+    def step(ids, labels):
+        return model(input_ids=ids, labels=labels).loss
+
+    peaks = {}
+    for name, options in (("chunked", {}), ("whole", {"chunk": False})):
+        torch._dynamo.reset()
+        compiled = torch.compile(step, backend=fxmem.backend(**options))
+
+        def run():
+            compiled(ids, ids).backward()
+
+        run()
+        model.zero_grad(set_to_none=True)
+        peaks[name] = _cpu_peak(run)
+        model.zero_grad(set_to_none=True)
+    logits_bytes = 2 * 64 * vocab * 4
+    # without chunking the step holds at least the logits and the log-softmax at once
+    assert peaks["whole"] >= 2 * logits_bytes
+    assert peaks["chunked"] < peaks["whole"] - logits_bytes, peaks
+
+
+def test_explain_lists_the_chunked_region(gpt2_model):
+    model = gpt2_model
+    model.train()
+    ids, labels = _batch(8)
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids, labels):
+            return self.model(input_ids=ids, labels=labels).loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = fxmem.explain(Step(), ids, labels, mode="training")
+    rows = [r for r in report.rows() if r["pass"] == "chunk"]
+    assert rows and rows[0]["status"] == "changed"
+    assert rows[0]["stats"]["bytes_never_materialized"] > 0
+    assert "chunk" in str(report) and "bytes_never_materialized" in str(report)
+
+
+def test_chunked_graph_is_a_plain_fx_graph_module(gpt2_model):
+    """What Dynamo hands on after the pass is still an fx.GraphModule AOTAutograd can trace."""
+    model = gpt2_model
+    gm, _ = _dynamo_graph(lambda ids, labels: model(input_ids=ids, labels=labels).loss, *_batch(9))
+    result = chunk(gm, ChunkConfig())
+    assert isinstance(result.gm, fx.GraphModule) and result.changed
+    result.gm.graph.lint()
