@@ -64,6 +64,25 @@ TRAINING_VARIANTS = (
 )
 
 
+class _LossOnly(torch.nn.Module):
+    """The demo GPT's training step returning the loss alone (``(None, loss)``): the logits are
+    then not a graph output, so fxmem's ``chunk`` pass can compute the loss without them."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx, targets):
+        return None, self.model(idx, targets)[1]
+
+
+# (label, options) of the chunk rows: the same step, returning the loss only, with and without chunking
+CHUNK_VARIANTS = (
+    ("fxmem chunk=False, step returns the loss only", {"chunk": False}),
+    ("fxmem chunk (default), step returns the loss only", {}),
+)
+
+
 def _pytorch_min_cut(model: torch.nn.Module):
     """torch.compile with AOTAutograd and PyTorch's min-cut partitioner (Inductor's), no codegen."""
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
@@ -92,7 +111,10 @@ def demo(ns: argparse.Namespace) -> int:
     ] + [
         (label, lambda m, o=opts: torch.compile(m, backend="fxmem", options=o or None))
         for label, opts in ([("fxmem (your options)", training_opts)] if training_opts else TRAINING_VARIANTS)
-    ]
+    ] + ([] if training_opts else [
+        (label, lambda m, o=opts: torch.compile(_LossOnly(m), backend="fxmem", options=o or None))
+        for label, opts in CHUNK_VARIANTS
+    ])
     bar = tqdm(total=len(inference_variants) + len(training_contenders) + 1, desc="compiling", unit="step",
                file=sys.stderr, disable=ns.quiet)
 

@@ -17,7 +17,7 @@ def test_demo_prints_the_report_and_the_side_by_side_tables(capsys):
     assert "rel. error" in out
     # every pass adds its row
     for row in ("fxmem precision=bf16", "fxmem int8=weight_only", "fxmem prune 30% MLP", "PyTorch min-cut partitioner",
-                "fxmem remat budget=0.5"):
+                "fxmem remat budget=0.5", "fxmem chunk (default), step returns the loss only"):
         assert row in out
     assert "fxmem report (training" in out and "partition:" in out
 
