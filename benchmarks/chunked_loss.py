@@ -215,6 +215,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small shapes (vocab 4k, B 2 × T 64), for development")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--workloads", default=None, help="comma-separated subset")
+    p.add_argument("--merge", action="store_true",
+                   help="replace these workloads in the existing JSON and keep the others (runs split over time)")
     ns = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if ns.quick:
@@ -234,6 +236,13 @@ def main(argv=None) -> int:
         results["workloads"].append(run_workload(workload, shape, ns.steps))
     name = "chunked_loss_quick" if ns.quick else "chunked_loss"
     os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, name + ".json")
+    if ns.merge and os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        done = {w["workload"] for w in results["workloads"]}
+        results["workloads"] = [w for w in old["workloads"] if w["workload"] not in done] + results["workloads"]
+        results["load_average"] = [old.get("load_average"), results["load_average"]]
     with open(os.path.join(RESULTS, name + ".json"), "w") as f:
         json.dump(results, f, indent=2)
     plot(results, os.path.join(RESULTS, name + ".png"))
