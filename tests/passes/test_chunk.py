@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import fxmem
 from fxmem.config import ChunkConfig
+from fxmem.measure import peak_memory
 from fxmem.passes.chunk import chunk
 
 transformers = pytest.importorskip("transformers")
@@ -206,21 +207,6 @@ def test_pass_refuses_a_loss_over_a_vocabulary_slice():
     assert not result.changed
 
 
-def _cpu_peak(fn):
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events()
-                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def test_measured_peak_is_lower_than_without_chunking():
     torch.manual_seed(0)
     vocab = 4096
@@ -243,7 +229,7 @@ def test_measured_peak_is_lower_than_without_chunking():
 
         run()
         model.zero_grad(set_to_none=True)
-        peaks[name] = _cpu_peak(run)
+        peaks[name] = peak_memory(run, device="cpu")[0].peak_bytes
         model.zero_grad(set_to_none=True)
     logits_bytes = 2 * 64 * vocab * 4
     # without chunking the step holds at least the logits and the log-softmax at once
