@@ -257,6 +257,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--variants", nargs="*", default=[v[0] for v in VARIANTS], help="labels from VARIANTS")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 3 on the CPU, 20 on CUDA)")
+    parser.add_argument("--no-eager-codegen", action="store_true", help="leave out the 'fxmem codegen=eager' row (shorter runs)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--case-json", default=None, help=argparse.SUPPRESS)  # internal: one case, in a child
     opts = parser.parse_args()
@@ -266,6 +267,8 @@ def main() -> None:
         return
     steps = opts.steps or (20 if device.type == "cuda" else 3)
     out = opts.out or os.path.join(RESULTS, f"train_peak{'_quick' if opts.quick else ''}.json")
+    if opts.no_eager_codegen:
+        opts.variants = [v for v in opts.variants if v != "fxmem codegen=eager"]
     variants = [v for v in VARIANTS if v[0] in opts.variants]
     if opts.case_json:  # one case, in this (child) process
         cold_caches()

@@ -11,7 +11,6 @@
 #                torch.compile at activation budgets 1.0/0.5/0.0, fxmem default/0.5/0.0
 #   kernels_gpu  fxmem's generated Triton kernels vs eager and Inductor; int8 matmul vs bf16 cuBLAS
 #   int4         the int4 dequantize-matmul at decode shapes vs bf16 cuBLAS (when the script exists)
-#   chunked_loss the chunked cross-entropy vs torch.compile (when the script exists)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-benchmarks/results/gpu}
@@ -42,7 +41,7 @@ part() {  # part NAME SECONDS COMMAND...
 }
 
 # PARTS picks parts (default: all); TRAIN_PEAK_ARGS adds arguments (e.g. --cases hf_llama)
-PARTS=${PARTS:-tests train_peak kernels_gpu int4 chunked_loss}
+PARTS=${PARTS:-tests train_peak kernels_gpu int4}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 # the test suite on this machine's torch (2.11 on the lent machines; CI has 2.13), GPU tests included
 want tests && part tests "${TESTS_LIMIT:-120}" "$PY" -m pytest -q -n 12 -p no:cacheprovider -rfE \
@@ -51,7 +50,7 @@ want train_peak && part train_peak "${TRAIN_PEAK_LIMIT:-240}" "$PY" benchmarks/t
   ${TRAIN_PEAK_ARGS:-} --out "$OUT/train_peak.json"
 want kernels_gpu && part kernels_gpu 60 "$PY" benchmarks/gpu/kernels_gpu.py --out "$OUT/kernels_gpu.json"
 want int4 && [ -f benchmarks/kernels_int4.py ] && part int4 45 "$PY" benchmarks/kernels_int4.py --out "$OUT/int4.json"
-want chunked_loss && [ -f benchmarks/chunked_loss.py ] && part chunked_loss 75 "$PY" benchmarks/chunked_loss.py --device cuda \
-  --out "$OUT/chunked_loss.json"
+# benchmarks/chunked_loss.py measures on the CPU only so far (its models are not moved to a device):
+# the chunked loss has no GPU part here yet.
 ls -la "$OUT"
 exit 0
