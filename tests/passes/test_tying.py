@@ -13,9 +13,9 @@ import fxmem
 from fxmem.backend import FxmemBackend
 from fxmem.capture import capture_inference
 from fxmem.config import OptionError, PrecisionConfig, TieConfig, parse_options
+from fxmem.passes.base import PassContext
 from fxmem.passes.precision import cast_precision
 from fxmem.passes.tying import bitwise_equal, content_hash, tie_weights
-from fxmem.passes.base import PassContext
 from fxmem.pipeline import Recorder, _output_signature, check_graph, shallow_copy
 from fxmem.testing import SAMPLES, sample
 from fxmem.testing.strategies import random_programs
@@ -172,7 +172,7 @@ def test_hf_gpt2_untied_lm_head_copy():
     rec = Recorder()
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits
-        out = torch.compile(model, backend=FxmemBackend(parse_options(strict=True), rec))(ids, use_cache=False).logits
+        out = torch.compile(model, backend=FxmemBackend(parse_options(strict=True, codegen="eager"), rec))(ids, use_cache=False).logits
     assert torch.equal(out, ref)
     tie = next(r for r in rec.records if r.name == "tie_weights")
     lm = [t for t in tie.stats["ties"] if t["tied"] == "lm_head.weight"]
@@ -189,7 +189,9 @@ def test_random_graphs_bitwise_identical(program):
     check_graph(res.gm, expected_outputs=_output_signature(c.gm))
     with torch.no_grad():
         assert torch.equal(res.gm(x)[0], module(x))
-    # layer norms of one width start at ones/zeros: equal values are found and tied
-    widths = [n.normalized_shape for n in module.norms]
+    # layer norms of one width start at ones/zeros: equal values are found and tied — when the
+    # program reads two of them (a random program may leave a norm unused, and then out of the graph)
+    read = {n.target for n in c.gm.graph.nodes if n.op == "get_attr" and n.users}  # frozen as norms._<i>.weight
+    widths = [n.normalized_shape for i, n in enumerate(module.norms) if {f"norms.{i}.weight", f"norms._{i}.weight"} & read]
     if len(set(widths)) < len(widths):
         assert res.stats["tied"] > 0
