@@ -32,7 +32,6 @@ from torch.profiler import ProfilerActivity, profile
 from fxmem.analysis.saved import measure_saved_bytes
 from fxmem.analysis.sizes import module_parameter_bytes
 
-
 MEMORY_EVENT = "[memory]"
 
 
@@ -107,6 +106,7 @@ class TrainingMeasurement:
     saved_bytes: int
     param_bytes: int
     loss: float
+    peak_bytes: int = 0  # one step (zero_grad, forward, backward, SGD update) measured by peak_memory
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,14 +131,21 @@ def measure_training(
     fn = make_step_model(model)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     times = []
-    loss = torch.tensor(0.0)
-    for _ in range(steps + 1):
-        start = time.perf_counter()
+
+    def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
         loss = _loss_of(fn(*args))
         loss.backward()
         opt.step()
+        return loss.detach()
+
+    loss = torch.tensor(0.0)
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        loss = step()
         times.append(time.perf_counter() - start)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    peak, _ = peak_memory(step, device="cuda" if device.type == "cuda" else "cpu")
     saved = measure_saved_bytes(lambda: fn(*args), model)
     return TrainingMeasurement(
         name=name,
@@ -146,7 +153,8 @@ def measure_training(
         step_s=statistics.median(times[1:]),
         saved_bytes=saved.bytes,
         param_bytes=module_parameter_bytes(model),
-        loss=float(loss.detach()),
+        loss=float(loss),
+        peak_bytes=peak.peak_bytes,
     )
 
 

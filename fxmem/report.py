@@ -32,6 +32,7 @@ from fxmem.backend import DECOMPOSITIONS, FxmemBackend
 from fxmem.capture import OptimizedModule, capture_inference
 from fxmem.config import FxmemConfig, OptionError, parse_options
 from fxmem.freeze import WeightWatch
+from fxmem.measure import PeakMemory, peak_memory
 from fxmem.pipeline import PassRecord, Recorder, run_pipeline
 
 MODES = ("inference", "training")
@@ -57,6 +58,7 @@ class Report:
     final_graphs: dict[str, fx.Graph] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)   # what fxmem did to the model's call or outputs
     timelines: list[StepTimeline] = field(default_factory=list)
+    measured_peak: PeakMemory | None = None   # training: one step measured from outside, after compiling
 
     @property
     def timeline(self) -> StepTimeline | None:
@@ -94,6 +96,8 @@ class Report:
         lines += _layer_lines(self.records)
         for p in self.partitions:
             lines += ["", f"partition: {_short(p)}"]
+        if self.measured_peak is not None:
+            lines += ["", _measured_line(self.measured_peak, self.timeline)]
         for t in self.timelines:
             lines += ["", peakview.text(t)]
         for k in self.kernels:
@@ -104,7 +108,7 @@ class Report:
 
     def to_html(self, path: str) -> str:
         """Write the tables and each graph (drawn with graphviz when installed) to ``path``."""
-        parts = [f"<html><head><meta charset='utf-8'><title>fxmem report</title>",
+        parts = ["<html><head><meta charset='utf-8'><title>fxmem report</title>",
                  "<style>body{font-family:sans-serif} td,th{padding:2px 8px;text-align:left} "
                  "pre{background:#f6f6f6;padding:8px;overflow-x:auto}</style></head><body>",
                  f"<h1>fxmem report — {html.escape(self.mode)}</h1><table border=1 cellspacing=0>",
@@ -119,6 +123,8 @@ class Report:
             parts.append(f"<p>{html.escape(note)}</p>")
         for p in self.partitions:
             parts.append(f"<h2>partition</h2><pre>{html.escape(_short(p))}</pre>")
+        if self.measured_peak is not None:
+            parts.append(f"<p><b>{html.escape(_measured_line(self.measured_peak, self.timeline))}</b></p>")
         for t in self.timelines:
             parts.append(peakview.html_section(t))
         for k in self.kernels:
@@ -233,11 +239,12 @@ def explain(model: torch.nn.Module, *args: Any, kwargs: dict | None = None, mode
         gm = run_pipeline(captured.gm, "inference", config, recorder, example_inputs=captured.example_tensors)
         module: torch.nn.Module = OptimizedModule(gm, captured, WeightWatch.after(captured.originals, gm))
     else:
-        module = _explain_training(model, args, kwargs or {}, config, recorder)
+        module, measured = _explain_training(model, args, kwargs or {}, config, recorder)
     return Report(mode=mode, config=config, records=recorder.records, graphs=_graphs_from(recorder), module=module,
                   partitions=recorder.partitions, kernels=recorder.kernels,
                   eager_param_bytes=module_parameter_bytes(model), total_time_s=time.perf_counter() - start,
-                  final_graphs=recorder.final_graphs, notes=notes, timelines=recorder.timelines)
+                  final_graphs=recorder.final_graphs, notes=notes, timelines=recorder.timelines,
+                  measured_peak=measured if mode == "training" else None)
 
 
 def _cache_note(paths: list[str]) -> str:
@@ -247,18 +254,37 @@ def _cache_note(paths: list[str]) -> str:
             "unchanged. Pass use_cache=False to not compute the cache at all.")
 
 
-def _explain_training(model, args, kwargs, config, recorder) -> torch.nn.Module:
+def _explain_training(model, args, kwargs, config, recorder) -> tuple[torch.nn.Module, PeakMemory]:
+    """Compile and run one step (forward + backward), then measure a second step's peak from
+    outside (:func:`fxmem.measure.peak_memory`), gradients set to None first as a training loop's
+    ``zero_grad`` does. The parameters' existing ``.grad`` are restored afterwards."""
     compiled = torch.compile(model, backend=FxmemBackend(config, recorder))
-    grads = {p: p.grad for p in model.parameters()}
-    try:
+    params = list(model.parameters())
+    grads = {p: p.grad for p in params}
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
         out = compiled(*args, **kwargs)
         loss = sum(t.float().sum() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad)
         if isinstance(loss, torch.Tensor):
             loss.backward()
+
+    device = params[0].device if params else torch.device("cpu")
+    try:
+        step()  # compiles
+        measured, _ = peak_memory(step, device="cuda" if device.type == "cuda" else "cpu")
     finally:
         for p, g in grads.items():
             p.grad = g
-    return compiled
+    return compiled, measured
+
+
+def _measured_line(measured: PeakMemory, timeline: StepTimeline | None) -> str:
+    line = f"measured peak of a training step: {measured.mib:.2f} MiB ({measured.method}, {measured.device})"
+    if timeline is not None:
+        line += f"; fxmem's estimate {timeline.peak_bytes / 2**20:.2f} MiB"
+    return line
 
 
 def optimize(model: torch.nn.Module, *args: Any, kwargs: dict | None = None, mode: str = "inference", **options: Any) -> torch.nn.Module:

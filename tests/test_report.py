@@ -92,3 +92,24 @@ def test_bad_calls_are_clear_errors():
         fxmem.explain(torch.nn.Linear(2, 2), torch.randn(1, 2), mode="serving")
     with pytest.raises(fxmem.OptionError, match="unknown fxmem option"):
         fxmem.explain(torch.nn.Linear(2, 2), torch.randn(1, 2), bogus=True)
+
+
+def test_training_explain_reports_the_measured_peak_beside_the_estimate():
+    # issue 11: the figure is the peak measured from outside; the estimate is shown beside it
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 8)).train()
+    x = torch.randn(32, 64)
+    report = fxmem.explain(model, x, codegen="eager")
+    measured = report.measured_peak
+    assert measured is not None and measured.method == "torch.profiler allocator events"
+    # at least the weight gradients a step creates (the first Linear's is 64 KiB) ...
+    assert measured.peak_bytes >= 256 * 64 * 4
+    # ... and, op by op, what fxmem's timeline estimates to within 10%
+    assert abs(measured.peak_bytes - report.timeline.peak_bytes) <= 0.1 * measured.peak_bytes
+    assert "measured peak of a training step" in str(report)
+    assert all(p.grad is None for p in model.parameters())  # explain leaves the parameters' grads as they were
+
+
+def test_inference_explain_has_no_measured_training_peak():
+    model = torch.nn.Linear(8, 8).eval()
+    assert fxmem.explain(model, torch.randn(2, 8)).measured_peak is None
