@@ -214,7 +214,8 @@ def bench_model(name, model, make_inputs, extra_kwargs, seq, repeat, tao) -> dic
             modules[vname] = qmodel
             pbytes = subclass_param_bytes(qmodel)
             quantized = [n for n, mod in qmodel.named_modules()
-                         if isinstance(getattr(mod, "weight", None), torch.Tensor) and type(mod.weight.data if isinstance(mod.weight, torch.nn.Parameter) else mod.weight) not in (torch.Tensor,)]
+                         if isinstance(getattr(mod, "weight", None), torch.Tensor)
+                         and type(mod.weight.data if isinstance(mod.weight, torch.nn.Parameter) else mod.weight) not in (torch.Tensor,)]
             row["variants"][vname] = {"param_bytes": pbytes, "param_ratio": pbytes / row["eager_param_bytes"],
                                       "layers_rewritten": len(quantized),
                                       "int8_weight_ratio": linear_weight_bytes(qmodel) / row["eager_linear_weight_bytes"],

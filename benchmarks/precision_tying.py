@@ -103,7 +103,8 @@ def inference_rows(models):
                 rows.append({"model": name, "method": f"fxmem {label}" + ("" if weights == "low" else " weights=autocast"),
                              "param_bytes": pbytes, "ratio": pbytes / full, "rel_err": rel_err(out, ref),
                              "status": prec.status, "out_dtype": str(out.dtype), "compile_s": time.perf_counter() - t})
-        print(*(f"{r['model']:6s} {r['method']:30s} bytes {r['ratio']:.3f}x  rel err {r['rel_err']:.2e}" for r in rows if r["model"] == name), sep="\n")
+        print(*(f"{r['model']:6s} {r['method']:30s} bytes {r['ratio']:.3f}x  rel err {r['rel_err']:.2e}"
+                for r in rows if r["model"] == name), sep="\n")
     return rows
 
 
@@ -183,8 +184,8 @@ def t5_overflow_row():
 
     from fxmem.capture import capture_inference
     from fxmem.config import PrecisionConfig
-    from fxmem.passes.precision import cast_precision
     from fxmem.passes.base import PassContext, shallow_copy
+    from fxmem.passes.precision import cast_precision
 
     torch.manual_seed(0)
     cfg = tf.T5Config(vocab_size=1024, d_model=64, d_kv=16, d_ff=256, num_layers=2, num_heads=4)

@@ -412,7 +412,8 @@ def plot(rows, demo, path):
         ax.plot(ratios, [r["fxmem_params"] / r["params"] for r in rs], "o-", label="fxmem params")
         ax.plot(ratios, [r["fxmem_macs"] / r["macs"] for r in rs], "s--", label="fxmem MACs")
         if any("tp_params" in r for r in rs):
-            ax.plot([r["ratio"] for r in rs if "tp_params" in r], [r["tp_params"] / r["params"] for r in rs if "tp_params" in r], "x:", label="Torch-Pruning params")
+            tp = [r for r in rs if "tp_params" in r]
+            ax.plot([r["ratio"] for r in tp], [r["tp_params"] / r["params"] for r in tp], "x:", label="Torch-Pruning params")
         ax.plot(ratios, [r["fxmem_latency_ratio"] for r in rs], "^-", label="fxmem CPU latency")
         ax.set_title(name)
         ax.set_xlabel("ratio")

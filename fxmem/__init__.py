@@ -4,6 +4,7 @@
 (the backend is registered through an entry point). The public API is below and nothing else.
 """
 
+from fxmem import shard  # noqa: E402  (fxmem.shard.plan / apply, docs/shard.md)
 from fxmem.backend import backend
 from fxmem.config import FxmemConfig, OptionError, parse_options
 from fxmem.distill import distill
@@ -11,7 +12,6 @@ from fxmem.freeze import StaleWeightsError
 from fxmem.pipeline import PassFailure, PassResult
 from fxmem.report import Report, explain, optimize
 from fxmem.verify import VerificationError
-from fxmem import shard  # noqa: E402  (fxmem.shard.plan / apply, docs/shard.md)
 
 __version__ = "0.1.0"
 

@@ -121,10 +121,9 @@ def make_partitioner(partition_fn: Callable[..., tuple[fx.GraphModule, fx.GraphM
 def inductor_training(gm: fx.GraphModule, example_inputs: Sequence[Any],
                       partition_fn: Callable[..., tuple[fx.GraphModule, fx.GraphModule]]) -> Callable:
     """Compile a Dynamo graph for training with Inductor, fxmem's ``partition_fn`` as its partitioner."""
+    from torch._functorch import config as functorch_config
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
-
-    from torch._functorch import config as functorch_config
 
     # no caches for this compile: fxmem's partition depends on its options and must run (see
     # make_partitioner); Inductor cannot pickle a partitioner into its cache key anyway.

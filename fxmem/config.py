@@ -341,7 +341,8 @@ class PruneConfig:
                 _choice("prune.targets", t, PRUNE_TARGETS)
             return cls(ratio=ratio, targets=targets, importance=_choice("prune.importance", value.get("importance", "l2"), PRUNE_IMPORTANCE),
                        gqa=_choice("prune.gqa", value.get("gqa", "groups"), PRUNE_GQA))
-        raise _fail("prune", value, "None | {'ratio': float in [0, 1), 'targets': [...], 'importance': 'l2'|'l1'|'taylor'|'activation', 'gqa': 'groups'|'queries'}")
+        raise _fail("prune", value, "None | {'ratio': float in [0, 1), 'targets': [...], "
+                    "'importance': 'l2'|'l1'|'taylor'|'activation', 'gqa': 'groups'|'queries'}")
 
 
 @dataclass(frozen=True)

@@ -34,10 +34,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxmem.analysis.sizes import node_bytes, tensor_bytes
-from fxmem.capture import capture_inference
 from fxmem import dtensor_rules
 from fxmem.analysis.placement import propagate_placements
+from fxmem.analysis.sizes import node_bytes, tensor_bytes
+from fxmem.capture import capture_inference
 
 aten = torch.ops.aten
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
@@ -115,9 +115,7 @@ class ShardPlan:
     def parallelize_plan(self) -> dict[str, Any]:
         """The equivalent ``parallelize_module`` plan: module name → ``ParallelStyle``."""
         from torch.distributed.tensor import Replicate, Shard
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
-        from torch.distributed.tensor.parallel import PrepareModuleInput
+        from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
 
         styles: dict[str, Any] = {}
         for g in self.groups:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import fxmem
 from fxmem.distill import distill_loss, logits_of
-from fxmem.models.gpt import GPTConfig, GPT
+from fxmem.models.gpt import GPT, GPTConfig
 
 
 def test_loss_is_alpha_ce_plus_t2_kl():

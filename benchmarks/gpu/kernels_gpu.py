@@ -35,10 +35,10 @@ sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/, for its scripts' funct
 
 
 def bench_lower(shape: tuple[int, ...]) -> list[dict]:
+    from lower_kernels import Chain, gelu_chain, softmax_layer_norm_relu, unfused_layer_norm, unfused_softmax
     from triton.testing import do_bench
 
     import fxmem
-    from lower_kernels import Chain, gelu_chain, softmax_layer_norm_relu, unfused_layer_norm, unfused_softmax
 
     rows = []
     d = shape[-1]

@@ -62,9 +62,9 @@ import torch.fx as fx
 from fxmem.analysis.cost import node_bytes_moved
 from fxmem.analysis.sizes import node_bytes, tensor_bytes
 from fxmem.config import LowerConfig
-from fxmem.passes.base import KernelRecord, PassContext, PassResult, UnsupportedGraph
 from fxmem.kernels import codegen, interpreter
 from fxmem.kernels.codegen import Program
+from fxmem.passes.base import KernelRecord, PassContext, PassResult, UnsupportedGraph
 from fxmem.passes.lower_rules import RULES, Rule, Translator, bind, rule_for, static_shape
 
 aten = torch.ops.aten

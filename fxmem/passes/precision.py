@@ -451,9 +451,9 @@ class _Rewriter:
             return  # same inputs as before: meta["val"] stays valid
         try:
             self._recompute(node)
-        except Exception:  # noqa: BLE001 - the op does not accept these dtypes: run it as before
+        except Exception as exc:  # noqa: BLE001 - the op does not accept these dtypes: run it as before
             if cls == _FP32:
-                raise UnsupportedGraph(node.target, "cannot recompute its value with its original input dtypes")
+                raise UnsupportedGraph(node.target, "cannot recompute its value with its original input dtypes") from exc
             self._restore_all(node)
             self.counts["follow_restored"] += 1
             self.kept.append({"node": node.name, "op": name, "why": "does not accept the low dtype: runs as before"})

@@ -24,7 +24,6 @@ never changes the graph's code. fxmem implements no communication of its own.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
 
 import torch
 import torch.fx as fx

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxmem.models.gpt import Block, GPT, GPTConfig
+from fxmem.models.gpt import GPT, Block, GPTConfig
 
 
 @dataclass

@@ -148,7 +148,8 @@ def test_fake_shapes():
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         x = mode.from_tensor(torch.randn(5, 64))
         out = torch.ops.fxmem.lowbit_linear(x, qw.qweight, qw.scales, qw.zeros, None, None, None, 4)
-        rows = torch.ops.fxmem.lowbit_embedding(qw.qweight, qw.scales, qw.zeros, None, mode.from_tensor(torch.zeros(2, 3, dtype=torch.long)), 4, torch.float16)
+        ids = mode.from_tensor(torch.zeros(2, 3, dtype=torch.long))
+        rows = torch.ops.fxmem.lowbit_embedding(qw.qweight, qw.scales, qw.zeros, None, ids, 4, torch.float16)
     assert out.shape == (5, 20) and rows.shape == (2, 3, 64) and rows.dtype == torch.float16
 
 

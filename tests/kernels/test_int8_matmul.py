@@ -8,8 +8,6 @@ after this module imported triton and fxmem with the variable unset, which is th
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 

@@ -12,8 +12,8 @@ import fxmem
 from fxmem.analysis import parameter_bytes
 from fxmem.config import Int8Config, OptionError, parse_options
 from fxmem.freeze import StaleWeightsError
-from fxmem.kernels import int8_matmul as k8
 from fxmem.kernels import int8_matmul
+from fxmem.kernels import int8_matmul as k8
 from fxmem.passes.base import PassContext, UnsupportedGraph
 from fxmem.passes.int8 import quantize_int8
 from fxmem.testing import SAMPLES, sample
@@ -321,7 +321,8 @@ def test_fake_tensor_and_meta_shapes():
     with FakeTensorMode():
         x = torch.empty(2, 7, 32, dtype=torch.bfloat16)
         out = torch.ops.fxmem.int8_linear(x, torch.empty(16, 32, dtype=torch.int8), torch.empty(16), None, "weight_only")
-        emb = torch.ops.fxmem.int8_embedding(torch.empty(10, 32, dtype=torch.int8), torch.empty(10), torch.empty(3, 4, dtype=torch.long), torch.float16)
+        emb = torch.ops.fxmem.int8_embedding(torch.empty(10, 32, dtype=torch.int8), torch.empty(10),
+                                             torch.empty(3, 4, dtype=torch.long), torch.float16)
     assert out.shape == (2, 7, 16) and out.dtype == torch.bfloat16
     assert emb.shape == (3, 4, 32) and emb.dtype == torch.float16
 

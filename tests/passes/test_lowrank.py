@@ -10,7 +10,6 @@ import torch.nn as nn
 import fxmem
 from fxmem.config import LowRankConfig, OptionError, parse_options
 from fxmem.freeze import StaleWeightsError
-from fxmem.passes.base import PassContext, UnsupportedGraph
 from fxmem.passes import lowrank
 from fxmem.testing import sample
 

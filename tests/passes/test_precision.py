@@ -19,8 +19,8 @@ import fxmem
 from fxmem.backend import FxmemBackend
 from fxmem.capture import capture_inference
 from fxmem.config import OptionError, PrecisionConfig, parse_options
-from fxmem.passes.precision import FP32_OPS, LOW_OPS, cast_precision, op_class
 from fxmem.passes.base import PassContext
+from fxmem.passes.precision import FP32_OPS, LOW_OPS, cast_precision, op_class
 from fxmem.pipeline import Recorder, _output_signature, check_graph, shallow_copy
 from fxmem.testing import SAMPLES, sample
 from fxmem.testing.strategies import random_programs

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 import fxmem
-from fxmem.analysis.sizes import fetch_attr
 from fxmem.analysis.dependencies import analyze
+from fxmem.analysis.sizes import fetch_attr
 from fxmem.backend import DECOMPOSITIONS
 from fxmem.capture import capture_inference
 from fxmem.config import OptionError, PruneConfig
 from fxmem.models.gpt import example_batch, tiny_gpt
-from fxmem.passes.prune import prune
 from fxmem.passes.base import PassContext, UnsupportedGraph
+from fxmem.passes.prune import prune
 from fxmem.testing.samples import sample
 
 
