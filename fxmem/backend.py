@@ -166,15 +166,9 @@ class FxmemBackend:
                 # Inductor's post-grad passes rewrite the graph they compile: give it a copy
                 return inductor_inference(fx.GraphModule(gm, copy_graph(gm.graph)), example_args)
             except Exception as exc:  # noqa: BLE001 - Inductor's own failure; the graph itself is sound
-                if self.config.strict:
-                    raise
-                # Known cases (torch 2.13): HF GPT-2's eager attention retraced with Inductor's
-                # decompositions fails a view on a transposed expand; a precision-cast graph
-                # trips Inductor's "both a fallback and a decomp for aten._to_copy".
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                warnings.warn(f"fxmem: Inductor could not compile the inference graph after fxmem's passes "
-                              f"({type(exc).__name__}: {first[:200]}); it runs op by op instead (codegen='eager'), "
-                              "with the same numbers. strict=True raises instead.", UserWarning, stacklevel=2)
+                # Known case (torch 2.13): HF GPT-2's eager attention retraced with Inductor's
+                # decompositions fails a view on a transposed expand.
+                self._inductor_failed(exc, "the inference graph")
         return releasing_call(gm)
 
     def _run_inference_pipeline(self, aten_gm: fx.GraphModule, frozen: dict, user_args: Sequence[Any]) -> fx.GraphModule:
@@ -222,14 +216,9 @@ class FxmemBackend:
                 # Inductor's pre-grad passes rewrite the graph they compile: give it a copy
                 return inductor_training(fx.GraphModule(gm, copy_graph(gm.graph)), example_inputs, partition_fn)
             except Exception as exc:  # noqa: BLE001 - Inductor's own failure; fxmem's graphs are sound
-                if self.config.strict:
-                    raise
                 # Known case (torch 2.13): a joint graph with precision's casts trips Inductor's
                 # "both a fallback and a decomp for same op: aten._to_copy.default".
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                warnings.warn(f"fxmem: Inductor could not compile the training graphs after fxmem's passes "
-                              f"({type(exc).__name__}: {first[:200]}); they run op by op instead (codegen='eager'), "
-                              "with the same partition. strict=True raises instead.", UserWarning, stacklevel=2)
+                self._inductor_failed(exc, "the training graphs")
                 del rec.records[marks[0]:], rec.partitions[marks[1]:], rec.timelines[marks[2]:]
                 inductor = False  # partition_fn reads it: the eager path runs fxmem's passes in its compilers
 
@@ -241,6 +230,16 @@ class FxmemBackend:
 
         return aot_module_simplified(gm, example_inputs, fw_compiler=fw_compiler, bw_compiler=bw_compiler,
                                      partition_fn=partition_fn, decompositions=DECOMPOSITIONS)
+
+    def _inductor_failed(self, exc: Exception, what: str) -> None:
+        """Inductor could not compile fxmem's graphs: raise under ``strict``, else warn (naming the
+        error) and let the caller run the same graphs op by op (``codegen="eager"``)."""
+        if self.config.strict:
+            raise exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        warnings.warn(f"fxmem: Inductor could not compile {what} after fxmem's passes ({type(exc).__name__}: "
+                      f"{first[:200]}); running them op by op instead (codegen='eager'), with the same numbers. "
+                      "strict=True raises instead.", UserWarning, stacklevel=3)
 
     def _run_dynamo_pipeline(self, gm: fx.GraphModule) -> fx.GraphModule:
         """The ``dynamo`` stage (chunk): torch-level rewrites before AOTAutograd traces the joint graph.

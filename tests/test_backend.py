@@ -158,3 +158,32 @@ def test_dtensor_and_device_mesh_inputs():
     model.zero_grad()
     model(x, mesh).to_local().sum().backward()
     torch.testing.assert_close(expected, model.fc.weight.grad.to_local())
+
+
+def _failing_inductor(*args, **kwargs):
+    raise RuntimeError("simulated Inductor failure")
+
+
+def test_an_inductor_failure_runs_the_same_graphs_op_by_op_with_a_warning(monkeypatch):
+    # the module (fxmem.backend is also the name of the public function)
+    monkeypatch.setattr(sys.modules["fxmem.backend"], "inductor_training", _failing_inductor)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    x = torch.randn(4, 8)
+    model(x).sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="Inductor could not compile the training graphs.*simulated Inductor failure"):
+        torch.compile(model, backend="fxmem")(x).sum().backward()
+    for got, want in zip([p.grad for p in model.parameters()], expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_an_inductor_failure_raises_under_strict(monkeypatch):
+    # the module (fxmem.backend is also the name of the public function)
+    monkeypatch.setattr(sys.modules["fxmem.backend"], "inductor_training", _failing_inductor)
+    model = torch.nn.Linear(8, 4)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="simulated Inductor failure"):
+        torch.compile(model, backend="fxmem", options={"strict": True})(torch.randn(2, 8)).sum().backward()
