@@ -213,8 +213,9 @@ class FxmemBackend:
             rec = backend.recorder
             marks = (len(rec.records), len(rec.partitions), len(rec.timelines))
             try:
-                # Inductor's pre-grad passes rewrite the graph they compile: give it a copy
-                return inductor_training(fx.GraphModule(gm, copy_graph(gm.graph)), example_inputs, partition_fn)
+                # Dynamo's graph itself (a copy loses the node meta AOTAutograd reads, and the partition
+                # then saves more); Inductor's pre-grad rewrites keep its meaning if we fall back
+                return inductor_training(gm, example_inputs, partition_fn)
             except Exception as exc:  # noqa: BLE001 - Inductor's own failure; fxmem's graphs are sound
                 # Known case (torch 2.13): a joint graph with precision's casts trips Inductor's
                 # "both a fallback and a decomp for same op: aten._to_copy.default".
