@@ -36,13 +36,13 @@ once per ``TRITON_INTERPRET`` setting, and calls only ``tl`` builtins.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 from dataclasses import dataclass
 
 import torch
 
+from fxmem.kernels import interpreter
 from fxmem.kernels.int8_matmul import interpreting, sqnr_db  # noqa: F401 - sqnr_db re-exported for the pass
 
 try:  # Triton is optional: without it the ops run their ATen paths everywhere.
@@ -308,16 +308,9 @@ def kernel_source() -> str:
     return inspect.getsource(lowbit_dequant_matmul_kernel)
 
 
-@functools.lru_cache(maxsize=2)
-def _jit(interpret: bool):
-    # ``interpret`` is the cache key: triton.jit reads TRITON_INTERPRET while decorating
-    return triton.jit(lowbit_dequant_matmul_kernel)
-
-
 def jitted_kernel():
-    if triton is None:
-        raise RuntimeError("fxmem low-bit kernel: triton is not installed")
-    return _jit(interpreting())
+    """``triton.jit(lowbit_dequant_matmul_kernel)`` for the current ``TRITON_INTERPRET`` setting."""
+    return interpreter.jit(lowbit_dequant_matmul_kernel, "low-bit kernel")
 
 
 _COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

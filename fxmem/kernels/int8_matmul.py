@@ -33,7 +33,6 @@ interpreter even when triton was imported before ``TRITON_INTERPRET=1`` was set.
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
@@ -158,17 +157,9 @@ def interpreting() -> bool:
     return interpreter.requested()
 
 
-@functools.lru_cache(maxsize=2)
-def _jit(interpret: bool):
-    # ``interpret`` is the cache key: triton.jit reads TRITON_INTERPRET while decorating
-    return triton.jit(int8_weight_only_matmul_kernel)
-
-
 def jitted_kernel():
     """``triton.jit(int8_weight_only_matmul_kernel)`` for the current ``TRITON_INTERPRET`` setting."""
-    if triton is None:
-        raise RuntimeError("fxmem int8 kernel: triton is not installed")
-    return _jit(interpreting())
+    return interpreter.jit(int8_weight_only_matmul_kernel, "int8 kernel")
 
 
 _COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

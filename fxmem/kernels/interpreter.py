@@ -16,8 +16,12 @@ Triton is imported); it only reads it, here, parsed exactly as Triton parses it
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 VARIABLE = "TRITON_INTERPRET"
 _TRUE = ("1", "true", "on", "yes", "y")  # triton._C.libtriton.getenv_bool's true values
@@ -38,3 +42,24 @@ def enabled() -> bool:
     import triton.language as tl
 
     return type(getattr(tl, "sum", None)).__name__ == "InterpretedFunction"
+
+
+def jit(kernel: Callable, what: str) -> Any:
+    """``triton.jit(kernel)`` for the current ``TRITON_INTERPRET`` setting.
+
+    Hand-written kernels are decorated on first use, not at import, because ``triton.jit`` reads
+    the variable while decorating: importing fxmem never fixes the mode for the process. One
+    decoration per (kernel, setting) is kept. ``what`` names the kernel in the error raised
+    when Triton is not installed.
+    """
+    if importlib.util.find_spec("triton") is None:
+        raise RuntimeError(f"fxmem {what}: triton is not installed")
+    return _jit(kernel, requested())
+
+
+@functools.lru_cache(maxsize=None)
+def _jit(kernel: Callable, interpret: bool) -> Any:
+    # ``interpret`` is part of the cache key: triton.jit reads TRITON_INTERPRET while decorating
+    import triton
+
+    return triton.jit(kernel)
