@@ -195,12 +195,18 @@ def _skip_reason(weight: _Weight, config: Int8Config) -> str | None:
         return "kept fp32: read both as W and as W.T by linears"
     if "KN" in orientations and any(u.kind == "embedding" for u in weight.uses):
         return "kept fp32: read by an embedding and un-transposed by a matmul"
+    return skipped_by_user(weight, config.skip, config.min_numel)
+
+
+def skipped_by_user(weight: _Weight, skip: tuple[str, ...], min_numel: int) -> str | None:
+    """Why the user's ``skip`` patterns or ``min_numel`` leave a weight alone (None: they don't).
+    Shared by every weight rewrite that takes those two options (int8, quantize, lowrank)."""
     for path in weight.module_paths():
-        for pattern in config.skip:
+        for pattern in skip:
             if fnmatch.fnmatchcase(path, pattern):
                 return f"skipped by pattern {pattern!r}"
-    if weight.tensor.numel() < config.min_numel:
-        return f"smaller than min_numel={config.min_numel}"
+    if weight.tensor.numel() < min_numel:
+        return f"smaller than min_numel={min_numel}"
     return None
 
 

@@ -33,7 +33,6 @@ layer's output SQNR on the calibration inputs (or weight SQNR without them) is i
 
 from __future__ import annotations
 
-import fnmatch
 import warnings
 
 import torch
@@ -94,13 +93,7 @@ def _skip(weight: _int8._Weight, config: LowRankConfig) -> str | None:
         return "kept: read by an embedding"
     if len({u.orientation for u in weight.uses}) > 1:
         return "kept: read both as W and as W.T"
-    for path in weight.module_paths():
-        for pattern in config.skip:
-            if fnmatch.fnmatchcase(path, pattern):
-                return f"skipped by pattern {pattern!r}"
-    if weight.tensor.numel() < config.min_numel:
-        return f"smaller than min_numel={config.min_numel}"
-    return None
+    return _int8.skipped_by_user(weight, config.skip, config.min_numel)
 
 
 def _call(gm: fx.GraphModule, target, args: tuple, fake_mode) -> fx.Node:
