@@ -23,20 +23,24 @@ class PeakEstimate:
     input_bytes: int
 
 
+def last_uses(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    """Position (in node order) of the last use of each storage root, over all aliases of it."""
+    nodes = list(gm.graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    last: dict[fx.Node, int] = {}
+    for node in nodes:
+        root = storage_root(node)
+        last[root] = max(last.get(root, position[root]), position[node])
+        for user in node.users:
+            last[root] = max(last[root], position[user])
+    return last
+
+
 def estimate_peak(gm: fx.GraphModule) -> PeakEstimate:
     """Peak of live activation bytes while running ``gm`` node by node (see module docstring)."""
     nodes = list(gm.graph.nodes)
-    position = {n: i for i, n in enumerate(nodes)}
-    # last use of each storage root, over all aliases of it
-    last_use: dict[fx.Node, int] = {}
-    output_roots: set[fx.Node] = set()
-    for node in nodes:
-        root = storage_root(node)
-        last_use[root] = max(last_use.get(root, position[root]), position[node])
-        for user in node.users:
-            last_use[root] = max(last_use[root], position[user])
-            if user.op == "output":
-                output_roots.add(root)
+    last_use = last_uses(gm)
+    output_roots = {storage_root(n) for n in nodes if any(u.op == "output" for u in n.users)}
     frees: dict[int, list[fx.Node]] = {}
     for root, pos in last_use.items():
         if root in output_roots or root.op == "placeholder":

@@ -23,7 +23,7 @@ from fxmem.analysis.sizes import is_parameter_node, node_bytes, storage_root, un
 
 
 def forward_outputs(fw_gm: fx.GraphModule) -> list:
-    """The arguments of the forward graph's output node, flattened."""
+    """The arguments of a graph's output node, flattened (forward: user outputs, then saved)."""
     out = next(n for n in reversed(fw_gm.graph.nodes) if n.op == "output")
     args = out.args[0]
     return list(args) if isinstance(args, (list, tuple)) else [args]

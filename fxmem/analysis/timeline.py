@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from fxmem.analysis.liveness import last_uses
+from fxmem.analysis.saved import forward_outputs
 from fxmem.analysis.sizes import is_parameter_node, node_bytes, storage_root
 
 COMPUTING = ("call_function", "call_module", "call_method")
@@ -118,25 +120,6 @@ def _describe(node: fx.Node, stage: str, kind: str) -> LiveTensor:
     return LiveTensor(node.name, stage, kind, shape, dtype, node_bytes(node), op, _source_line(node))
 
 
-def _last_uses(gm: fx.GraphModule) -> dict[fx.Node, int]:
-    """Position of the last use of each storage root, over all aliases of it."""
-    nodes = list(gm.graph.nodes)
-    position = {n: i for i, n in enumerate(nodes)}
-    last: dict[fx.Node, int] = {}
-    for node in nodes:
-        root = storage_root(node)
-        last[root] = max(last.get(root, position[root]), position[node])
-        for user in node.users:
-            last[root] = max(last[root], position[user])
-    return last
-
-
-def _outputs(gm: fx.GraphModule) -> list:
-    out = gm.graph.output_node()
-    args = out.args[0]
-    return list(args) if isinstance(args, (list, tuple)) else [args]
-
-
 class _Live:
     """The live set: storage key → (bytes, description)."""
 
@@ -184,7 +167,7 @@ def step_timeline(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs
     """
     timeline = StepTimeline()
     live = _Live(timeline)
-    fw_out = _outputs(fw)
+    fw_out = forward_outputs(fw)
     user_roots = {storage_root(n) for n in fw_out[:num_fwd_outputs] if isinstance(n, fx.Node)}
     saved = [n for n in fw_out[num_fwd_outputs:] if isinstance(n, fx.Node)]
     saved_roots = {storage_root(n) for n in saved}
@@ -194,7 +177,7 @@ def step_timeline(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs
             live.add(node, _describe(node, "forward", "input"))
     timeline.input_bytes = live.total
     held = set(live.items) | user_roots  # the caller holds these through the step
-    last = _last_uses(fw)
+    last = last_uses(fw)
     frees: dict[int, list[fx.Node]] = {}
     for root, pos in last.items():
         if root.op in COMPUTING and root not in user_roots and root not in saved_roots:
@@ -213,7 +196,7 @@ def step_timeline(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs
     # backward: saved tensors arrive by name; each is released after its last use -------------
     fw_by_name = {n.name: storage_root(n) for n in saved}
     bw_nodes = list(bw.graph.nodes)
-    last = _last_uses(bw)
+    last = last_uses(bw)
     placeholder_root: dict[fx.Node, object] = {}
     for node in bw_nodes:
         if node.op != "placeholder" or is_parameter_node(node):
@@ -227,7 +210,7 @@ def step_timeline(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs
     readers: dict[object, int] = {}
     for root in placeholder_root.values():
         readers[root] = readers.get(root, 0) + 1
-    grad_roots = {storage_root(n) for n in _outputs(bw) if isinstance(n, fx.Node)}
+    grad_roots = {storage_root(n) for n in forward_outputs(bw) if isinstance(n, fx.Node)}
     frees = {}
     for root, pos in last.items():
         if root in grad_roots:

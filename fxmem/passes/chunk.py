@@ -180,14 +180,13 @@ def find_loss(node: fx.Node) -> _Match | None:
             extra.append(x)
             x = ls_args["input"]
             continue
-        if x.op == "call_method" and (_is_float32_cast(x) or x.target in _RESHAPE_METHODS | {"contiguous", "flatten"}):
-            pass
-        elif x.op == "call_function" and x.target is torch.reshape:
-            pass
-        elif x.op == "call_function" and x.target is operator.getitem and isinstance(_val(x.args[0]), torch.Tensor):
-            if not _last_dim_untouched(x.args[1], _val(x.args[0]).dim()):
-                return None
-        else:
+        # casts, reshapes and row slices between the head and the loss are replayed on the hidden states
+        passes_through = ((x.op == "call_method" and (_is_float32_cast(x) or x.target in _RESHAPE_METHODS | {"contiguous", "flatten"}))
+                          or (x.op == "call_function" and x.target is torch.reshape))
+        row_slice = x.op == "call_function" and x.target is operator.getitem and isinstance(_val(x.args[0]), torch.Tensor)
+        if row_slice and not _last_dim_untouched(x.args[1], _val(x.args[0]).dim()):
+            return None
+        if not (passes_through or row_slice):
             return None
         if not isinstance(v, torch.Tensor) or v.dim() < 1:
             return None
