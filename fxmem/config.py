@@ -399,8 +399,8 @@ class ChunkConfig:
 
     ``loss``: a ``linear → (float cast) → cross_entropy`` (or ``log_softmax → nll_loss``) becomes
     one chunked op (:mod:`fxmem.kernels.linear_ce`), so the ``[tokens, vocab]`` logits never exist
-    whole. ``mlp``: the position-wise MLP is chunked along the tokens (not implemented yet: asking
-    for it raises). ``chunk_tokens``: rows per chunk; ``None`` picks one so that a chunk's logits
+    whole. ``mlp``: the position-wise MLP (up [+ gate] → activation → down) is chunked along the tokens,
+    forward and backward (:mod:`fxmem.kernels.chunked_mlp`). ``chunk_tokens``: rows per chunk; ``None`` picks one so that a chunk's logits
     are about the size of the hidden states (Liger's rule).
     """
 
@@ -424,9 +424,6 @@ class ChunkConfig:
                 if not isinstance(v, bool):
                     raise _fail(f"chunk.{k}", v, "True | False")
                 flags[k] = v
-            if flags["mlp"]:
-                raise OptionError("fxmem option 'chunk.mlp': chunking the MLP along the tokens is not implemented "
-                                  "yet; accepted: 'mlp': False (the loss chunking, 'loss': True, is)")
             tokens = value.get("chunk_tokens")
             if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0):
                 raise _fail("chunk.chunk_tokens", tokens, "a positive int or None (automatic)")

@@ -86,7 +86,7 @@ def test_keywords_and_dict_merge():
         ({"chunk": {"chunk_tokens": 0}}, "chunk.chunk_tokens", "positive int"),
         ({"chunk": {"loss": 1}}, "chunk.loss", "True | False"),
         ({"chunk": {"tokens": 8}}, "tokens", "accepted sub-keys"),
-        ({"chunk": {"mlp": True}}, "chunk.mlp", "not implemented"),
+        ({"chunk": {"mlp": "yes"}}, "chunk.mlp", "True | False"),
     ],
 )
 def test_bad_options_name_the_key_and_what_is_accepted(options, key, accepted):

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 from fxmem.config import ChunkConfig
 from fxmem.kernels import linear_ce  # noqa: F401  (registers fxmem::linear_cross_entropy)
+from fxmem.passes import chunk_mlp
 from fxmem.passes.base import PassContext, PassResult
 
 _LINEAR = {F.linear, torch._C._nn.linear}
@@ -302,13 +303,26 @@ def _rewrite(gm: fx.GraphModule, m: _Match, config: ChunkConfig, fake_mode) -> i
 
 
 def chunk(gm: fx.GraphModule, config: ChunkConfig, ctx: PassContext = PassContext(stage="dynamo")) -> PassResult:
-    """Replace every chunkable ``linear → cross_entropy`` of a torch-level training graph."""
+    """Replace every chunkable ``linear → cross_entropy`` (and, with ``config.mlp``, every
+    position-wise MLP) of a torch-level training graph."""
     ctx.require_stage("chunk", "dynamo")
     stats: dict[str, Any] = {"regions": [], "bytes_never_materialized": 0, "not_chunked": []}
-    if not config.loss:
-        return PassResult(gm, False, stats)
     fake_mode = _fake_mode(gm)
     autocast = any(n.op == "call_function" and "autocast" in str(n.target) for n in gm.graph.nodes)
+    if config.loss:
+        _chunk_losses(gm, config, fake_mode, autocast, stats)
+    if config.mlp:
+        _chunk_mlps(gm, config, fake_mode, autocast, stats)
+    if not stats["not_chunked"]:
+        del stats["not_chunked"]
+    changed = bool(stats["regions"])
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return PassResult(gm, changed, stats)
+
+
+def _chunk_losses(gm: fx.GraphModule, config: ChunkConfig, fake_mode, autocast: bool, stats: dict) -> None:
     for node in list(gm.graph.nodes):
         try:
             m = find_loss(node)
@@ -325,10 +339,24 @@ def chunk(gm: fx.GraphModule, config: ChunkConfig, ctx: PassContext = PassContex
             continue
         stats["regions"].append(f"{linear} → {name}")
         stats["bytes_never_materialized"] += 2 * forward  # the forward tensors and their gradients
-    if not stats["not_chunked"]:
-        del stats["not_chunked"]
-    changed = bool(stats["regions"])
-    if changed:
-        gm.graph.lint()
-        gm.recompile()
-    return PassResult(gm, changed, stats)
+
+
+def _chunk_mlps(gm: fx.GraphModule, config: ChunkConfig, fake_mode, autocast: bool, stats: dict) -> None:
+    """MsT-style: each MLP becomes one ``fxmem::chunked_mlp`` (:mod:`fxmem.passes.chunk_mlp`)."""
+    erased: set[fx.Node] = set()
+    for node in list(gm.graph.nodes):
+        if node in erased:
+            continue
+        m = chunk_mlp.find_mlp(node)
+        if m is None:
+            continue
+        if autocast or fake_mode is None:
+            why = "an autocast region (the chunked op would not follow autocast)" if autocast else "no fake values"
+            stats["not_chunked"].append(f"{m.label}: {why}")
+            continue
+        label, never = m.label, m.intermediate_bytes()
+        erased |= chunk_mlp.rewrite_mlp(gm, m, config.chunk_tokens or 0, lambda n: _set_value(n, fake_mode))
+        stats["regions"].append(label)
+        # the [N, I] intermediates are made a chunk at a time, forward and (recomputed) backward,
+        # and so are their gradients
+        stats["bytes_never_materialized"] += 2 * never
