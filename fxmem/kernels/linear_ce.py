@@ -42,6 +42,8 @@ import torch
 from torch import Tensor
 from torch.utils import flop_counter
 
+from fxmem.kernels import linear_ce_triton
+
 REDUCTIONS = ("mean", "sum")
 
 
@@ -58,7 +60,10 @@ def auto_chunk_tokens(n_rows: int, vocab: int, hidden: int) -> int:
 
 def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, ignore_index: int,
                   reduction: str, label_smoothing: float, upcast: bool, chunk_tokens: int, need_hidden: bool,
-                  need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  need_weight: bool, need_bias: bool, *, use_kernel: bool | None = None
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The op's computation; ``use_kernel``: the per-chunk softmax and gradient by the Triton kernel
+    (:mod:`fxmem.kernels.linear_ce_triton`) instead of ATen ops — ``None``: on CUDA tensors."""
     n, d = hidden.shape
     vocab = weight.shape[0]
     out_dtype = torch.float32 if upcast else torch.promote_types(hidden.dtype, weight.dtype)
@@ -79,6 +84,14 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
         if upcast:
             logits = logits.float()
         t = target[start:stop]
+        if use_kernel if use_kernel is not None else (hidden.is_cuda and linear_ce_triton.can_run(logits)):
+            # one Triton program per row: row losses, and the logits overwritten by their gradient
+            total = total + linear_ce_triton.cross_entropy_rows_(logits, t, row_scale, ignore_index,
+                                                                  label_smoothing).sum()
+            if any_grad:
+                _accumulate(logits.to(hidden.dtype), h, weight, grad_h, grad_w, grad_b, start, stop,
+                            need_hidden, need_weight, need_bias and bias is not None)
+            continue
         keep = valid[start:stop]
         safe_t = torch.where(keep, t, torch.zeros_like(t)).unsqueeze(1)
         # one exp pass serves the log-sum-exp and the softmax
@@ -100,19 +113,27 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
             dlogits.sub_(label_smoothing / vocab)
         scale = torch.where(keep, row_scale, torch.zeros((), dtype=torch.float32, device=hidden.device))
         dlogits.mul_(scale.to(dlogits.dtype).unsqueeze(1))
-        dlogits = dlogits.to(hidden.dtype)
-        if need_hidden:
-            grad_h[start:stop] = dlogits @ weight.to(hidden.dtype)
-        if need_weight:
-            grad_w.addmm_(dlogits.t().float() if dlogits.dtype != torch.float32 else dlogits.t(), h.float() if h.dtype != torch.float32 else h)
-        if need_bias and bias is not None:
-            grad_b.add_(dlogits.float().sum(0))
+        _accumulate(dlogits.to(hidden.dtype), h, weight, grad_h, grad_w, grad_b, start, stop,
+                    need_hidden, need_weight, need_bias and bias is not None)
     loss = total * row_scale if reduction == "mean" else total
     if need_weight:
         grad_w = grad_w.to(weight.dtype)
     if grad_b.numel():
         grad_b = grad_b.to(bias.dtype)
     return loss.to(out_dtype), grad_h, grad_w, grad_b
+
+
+def _accumulate(dlogits: Tensor, h: Tensor, weight: Tensor, grad_h: Tensor, grad_w: Tensor, grad_b: Tensor,
+                start: int, stop: int, need_hidden: bool, need_weight: bool, need_bias: bool) -> None:
+    """A chunk's share of the gradients: ``dlogits @ W`` into its rows of ``grad_h``; ``dlogits.T @ h``
+    and ``Σ dlogits`` added to ``grad_w`` and ``grad_b`` (fp32)."""
+    if need_hidden:
+        grad_h[start:stop] = dlogits @ weight.to(dlogits.dtype)
+    if need_weight:
+        grad_w.addmm_(dlogits.t().float() if dlogits.dtype != torch.float32 else dlogits.t(),
+                      h.float() if h.dtype != torch.float32 else h)
+    if need_bias:
+        grad_b.add_(dlogits.float().sum(0))
 
 
 @torch.library.custom_op("fxmem::linear_cross_entropy", mutates_args=())
