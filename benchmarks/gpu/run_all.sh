@@ -11,6 +11,8 @@
 #                torch.compile at activation budgets 1.0/0.5/0.0, fxmem default/0.5/0.0
 #   kernels_gpu  fxmem's generated Triton kernels vs eager and Inductor; int8 matmul vs bf16 cuBLAS
 #   int4         the int4 dequantize-matmul at decode shapes vs bf16 cuBLAS (when the script exists)
+#   chunked_loss the chunked loss (its Triton kernel) and chunk.mlp: peak and step time against
+#                torch.compile on the long-context case (vocab 128k, B1 x T2048) and the long MLP case
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-benchmarks/results/gpu}
@@ -41,7 +43,7 @@ part() {  # part NAME SECONDS COMMAND...
 }
 
 # PARTS picks parts (default: all); TRAIN_PEAK_ARGS adds arguments (e.g. --cases hf_llama)
-PARTS=${PARTS:-tests train_peak kernels_gpu int4}
+PARTS=${PARTS:-tests train_peak kernels_gpu int4 chunked_loss}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 # the test suite on this machine's torch (2.11 on the lent machines; CI has 2.13), GPU tests included
 want tests && part tests "${TESTS_LIMIT:-120}" "$PY" -m pytest -q -n 12 -p no:cacheprovider -rfE \
@@ -50,7 +52,8 @@ want train_peak && part train_peak "${TRAIN_PEAK_LIMIT:-240}" "$PY" benchmarks/t
   ${TRAIN_PEAK_ARGS:-} --out "$OUT/train_peak.json"
 want kernels_gpu && part kernels_gpu 60 "$PY" benchmarks/gpu/kernels_gpu.py --out "$OUT/kernels_gpu.json"
 want int4 && [ -f benchmarks/kernels_int4.py ] && part int4 45 "$PY" benchmarks/kernels_int4.py --out "$OUT/int4.json"
-# benchmarks/chunked_loss.py measures on the CPU only so far (its models are not moved to a device):
-# the chunked loss has no GPU part here yet.
+# the JSON is rewritten after each workload: a part cut short by its limit keeps what it measured
+want chunked_loss && part chunked_loss "${CHUNKED_LOSS_LIMIT:-75}" "$PY" benchmarks/chunked_loss.py --device cuda \
+  --steps 5 --workloads long_context,mlp_long --variants torch.compile,fxmem,"fxmem chunk.mlp" --out "$OUT/chunked_loss.json"
 ls -la "$OUT"
 exit 0

@@ -94,19 +94,21 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
             continue
         keep = valid[start:stop]
         safe_t = torch.where(keep, t, torch.zeros_like(t)).unsqueeze(1)
-        # one exp pass serves the log-sum-exp and the softmax
-        peak = logits.amax(dim=1, keepdim=True)
-        probs = (logits - peak).exp_()
-        sums = probs.sum(dim=1, keepdim=True)
-        lse = (peak + sums.log()).squeeze(1)
-        row = lse - (1.0 - label_smoothing) * logits.gather(1, safe_t).squeeze(1)
+        # what the loss needs of the logits themselves is read first, so that the exp can then be
+        # taken in place: one [chunk, V] buffer per chunk, not two (the logits and their exp)
+        row = -(1.0 - label_smoothing) * logits.gather(1, safe_t).squeeze(1)
         if label_smoothing:
             row = row - (label_smoothing / vocab) * logits.sum(dim=1)
+        # one exp pass serves the log-sum-exp and the softmax
+        peak = logits.amax(dim=1, keepdim=True)
+        probs = logits.sub_(peak).exp_()
+        del logits
+        sums = probs.sum(dim=1, keepdim=True)
+        row = row + (peak + sums.log()).squeeze(1)
         total = total + torch.where(keep, row, torch.zeros_like(row)).float().sum()
         if not any_grad:
             continue
         # d loss / d logits = softmax - (1 - eps) onehot - eps / V, zero on ignored rows, times 1/count
-        del logits
         dlogits = probs.div_(sums)
         dlogits.scatter_add_(1, safe_t, torch.full_like(safe_t, -(1.0 - label_smoothing), dtype=dlogits.dtype))
         if label_smoothing:
