@@ -58,7 +58,9 @@ def auto_chunk_tokens(n_rows: int, vocab: int, hidden: int) -> int:
 
 def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, ignore_index: int,
                   reduction: str, label_smoothing: float, upcast: bool, chunk_tokens: int, need_hidden: bool,
-                  need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  need_weight: bool, need_bias: bool, logits: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The loop of the module docstring. ``logits`` (``[N, V]``, already computed for another use)
+    replaces each chunk's ``linear``: the loop then reads them instead of multiplying again."""
     n, d = hidden.shape
     vocab = weight.shape[0]
     out_dtype = torch.float32 if upcast else torch.promote_types(hidden.dtype, weight.dtype)
@@ -72,10 +74,11 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else weight.new_empty(0)
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if (need_bias and bias is not None) else weight.new_empty(0)
     any_grad = need_hidden or need_weight or (need_bias and bias is not None)
+    full_logits = logits
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         h = hidden[start:stop]
-        logits = torch.nn.functional.linear(h, weight, bias)
+        logits = torch.nn.functional.linear(h, weight, bias) if full_logits is None else full_logits[start:stop]
         if upcast:
             logits = logits.float()
         t = target[start:stop]
