@@ -60,9 +60,11 @@ def auto_chunk_tokens(n_rows: int, vocab: int, hidden: int) -> int:
 
 def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, ignore_index: int,
                   reduction: str, label_smoothing: float, upcast: bool, chunk_tokens: int, need_hidden: bool,
-                  need_weight: bool, need_bias: bool, *, use_kernel: bool | None = None
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The op's computation; ``use_kernel``: the per-chunk softmax and gradient by the Triton kernel
+                  need_weight: bool, need_bias: bool, logits: Tensor | None = None, *,
+                  use_kernel: bool | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The loop of the module docstring. ``logits`` (``[N, V]``, already computed for another use)
+    replaces each chunk's ``linear``: the loop then reads them instead of multiplying again (and
+    never writes them). ``use_kernel``: each chunk's softmax and gradient by the Triton kernel
     (:mod:`fxmem.kernels.linear_ce_triton`) instead of ATen ops — ``None``: on CUDA tensors."""
     n, d = hidden.shape
     vocab = weight.shape[0]
@@ -77,15 +79,19 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else weight.new_empty(0)
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if (need_bias and bias is not None) else weight.new_empty(0)
     any_grad = need_hidden or need_weight or (need_bias and bias is not None)
+    full_logits = logits
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         h = hidden[start:stop]
-        logits = torch.nn.functional.linear(h, weight, bias)
+        logits = torch.nn.functional.linear(h, weight, bias) if full_logits is None else full_logits[start:stop]
         if upcast:
             logits = logits.float()
         t = target[start:stop]
+        # the chunk's logits are ours to overwrite unless they are a slice of logits given to us
+        owned = full_logits is None or logits.untyped_storage().data_ptr() != full_logits.untyped_storage().data_ptr()
         if use_kernel if use_kernel is not None else (hidden.is_cuda and linear_ce_triton.can_run(logits)):
             # one Triton program per row: row losses, and the logits overwritten by their gradient
+            logits = logits if owned else logits.clone()
             total = total + linear_ce_triton.cross_entropy_rows_(logits, t, row_scale, ignore_index,
                                                                   label_smoothing).sum()
             if any_grad:
@@ -101,7 +107,7 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
             row = row - (label_smoothing / vocab) * logits.sum(dim=1)
         # one exp pass serves the log-sum-exp and the softmax
         peak = logits.amax(dim=1, keepdim=True)
-        probs = logits.sub_(peak).exp_()
+        probs = (logits.sub_(peak) if owned else logits - peak).exp_()
         del logits
         sums = probs.sum(dim=1, keepdim=True)
         row = row + (peak + sums.log()).squeeze(1)

@@ -53,7 +53,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxmem.config import ChunkConfig
-from fxmem.kernels import linear_ce  # noqa: F401  (registers fxmem::linear_cross_entropy)
+from fxmem.kernels import linear_ce, logits_output  # noqa: F401  (register fxmem::linear_cross_entropy, the logits ops)
 from fxmem.passes import chunk_mlp
 from fxmem.passes.base import PassContext, PassResult
 
@@ -249,7 +249,7 @@ def _rewrite(gm: fx.GraphModule, m: _Match, config: ChunkConfig, fake_mode) -> i
     hidden = m.linear.kwargs.get("input", lin_args[0])
     weight = m.linear.kwargs.get("weight", lin_args[1])
     bias = m.linear.kwargs.get("bias", lin_args[2])
-    d = _val(weight).shape[1]
+    vocab, d = _val(weight).shape
     # forward tensors that are never made: the logits, their fp32 copy, the log-softmax (inside
     # cross_entropy, or its own node); the backward makes a gradient of each of them
     made = [n for n in [m.linear, *m.chain] if not (n.op == "call_method" and n.target in _RESHAPE_METHODS | {"contiguous"})
@@ -264,29 +264,53 @@ def _rewrite(gm: fx.GraphModule, m: _Match, config: ChunkConfig, fake_mode) -> i
         _set_value(node, fake_mode)
         return node
 
-    with graph.inserting_before(m.loss):
-        cur = hidden
-        for n in m.chain:  # replay the row selections and reshapes on the hidden states
+    def replay(start: fx.Node, last: int) -> fx.Node:
+        """The row selections and reshapes of the chain, replayed on ``start`` (last dim ``last``), as [rows, last]."""
+        cur = start
+        for n in m.chain:
             if n.op == "call_function" and n.target is operator.getitem:
                 cur = add("call_function", operator.getitem, (cur, n.args[1]))
             elif n.op == "call_method" and n.target in _RESHAPE_METHODS:
-                cur = add("call_method", "reshape", (cur, *_with_last(n.args[1:], d)))
+                cur = add("call_method", "reshape", (cur, *_with_last(n.args[1:], last)))
             elif n.op == "call_function" and n.target is torch.reshape:
-                cur = add("call_method", "reshape", (cur, *_with_last(n.args[1:], d)))
+                cur = add("call_method", "reshape", (cur, *_with_last(n.args[1:], last)))
             elif n.op == "call_method" and n.target == "flatten":
                 cur = add("call_method", n.target, (cur, *n.args[1:]))
+        return add("call_method", "reshape", (cur, -1, last))
+
+    # Logits that something else uses (HF models return them) are computed once for that use;
+    # the loss then reads them instead of multiplying again, and their backward skips the
+    # matmuls when their gradient is zero (an output nobody differentiates): kernels/logits_output.py
+    pattern = {m.linear, *m.chain, *m.extra, m.loss}
+    logits_kept = any(u not in pattern for n in pattern - {m.loss} for u in n.users)
+    with graph.inserting_before(m.loss):
         rows = _val(m.loss.args[0]).shape[0]
-        h2d = add("call_method", "reshape", (cur, -1, d))
+        h2d = replay(hidden, d)
         if _val(h2d).shape[0] != rows:
             for node in reversed(created):
                 graph.erase_node(node)
             raise NotChunkable("the rows of the loss do not map onto the rows of the hidden states")
+    logits = None
+    if logits_kept:
+        with graph.inserting_after(m.linear):
+            logits = add("call_function", torch.ops.fxmem.output_linear.default, (hidden, weight, bias))
+        m.linear.replace_all_uses_with(logits)
+        logits.meta.update({k: v for k, v in m.linear.meta.items() if k not in ("example_value", "val")})
+        graph.erase_node(m.linear)
+        m.linear = logits
+    with graph.inserting_before(m.loss):
         tgt = add("call_method", "reshape", (m.target, -1))
         bval = _val(bias)
-        op = add("call_function", torch.ops.fxmem.linear_cross_entropy.default, (
-            h2d, weight, bias, tgt, m.ignore_index, m.reduction, m.label_smoothing, m.upcast,
-            config.chunk_tokens or 0, bool(_val(hidden).requires_grad), bool(_val(weight).requires_grad),
-            bool(bval is not None and bval.requires_grad)))
+        loss_args = (h2d, weight, bias, tgt, m.ignore_index, m.reduction, m.label_smoothing, m.upcast,
+                     config.chunk_tokens or 0, bool(_val(hidden).requires_grad), bool(_val(weight).requires_grad),
+                     bool(bval is not None and bval.requires_grad))
+        # a row slice (``logits[..., :-1, :]``) replayed on the logits would copy them whole: the
+        # op then multiplies its chunks again instead (one matmul more, no [N, V] copy)
+        sliced = any(n.op == "call_function" and n.target is operator.getitem for n in m.chain)
+        if logits is None or sliced:
+            op = add("call_function", torch.ops.fxmem.linear_cross_entropy.default, loss_args)
+        else:
+            op = add("call_function", torch.ops.fxmem.logits_cross_entropy.default, (replay(logits, vocab), *loss_args))
         loss = add("call_function", operator.getitem, (op, 0))
     m.loss.replace_all_uses_with(loss)
     loss.meta.update({k: v for k, v in m.loss.meta.items() if k not in ("example_value", "val")})

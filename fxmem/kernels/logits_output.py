@@ -1,0 +1,170 @@
+"""The chunked loss when the logits are also an output: three head matmuls per step, not six.
+
+HF causal LMs return ``logits`` beside ``loss``, so a compiled model (``torch.compile(model)``,
+``model(input_ids, labels=labels).loss``) has the whole logits as a graph output even when the
+training step reads only the loss. The logits must then be computed once for that output. Two ops
+keep the rest of the step as cheap as an unchunked one:
+
+``fxmem::logits_cross_entropy(logits [N, V], hidden [N, d], weight [V, d], bias?, target [N], ...)``
+    :func:`fxmem.kernels.linear_ce.linear_cross_entropy`, reading each chunk's rows from the
+    logits already computed instead of multiplying ``hidden @ weight.T`` again. It returns the
+    loss and the gradients of ``hidden``, ``weight`` and ``bias`` (the loss's path to them runs
+    through ``logits``; the op declares ``logits`` non-differentiable so that path is counted once).
+
+``fxmem::output_linear(hidden, weight, bias?)``
+    ``F.linear``, whose backward first asks whether the logits' gradient is all zeros. A graph
+    output nobody differentiates gets a zero gradient from autograd (the engine materializes one
+    for every output of the compiled function); the two ``[N, V] × [V, d]`` matmuls of the linear's
+    backward then produce zeros, so they are skipped. The check reads the gradient once and, on
+    CUDA, synchronizes with the host once per step; the matmuls it skips cost ``2·N·V·d`` FLOPs each.
+
+Before (HF Llama, loss inside, logits returned; six ``[N, V]`` head matmuls per step: the output's
+linear, three in the chunked loss, two in the backward of the output's linear)::
+
+    logits = linear(hidden, W)                                  # output
+    lce = fxmem.linear_cross_entropy(hidden_2d, W, None, target, ...)
+
+After (three: the output's linear, ``dlogits @ W`` and ``dlogits.T @ h`` per chunk)::
+
+    logits = fxmem.output_linear(hidden, W, None)               # output
+    lce = fxmem.logits_cross_entropy(logits_2d, hidden_2d, W, None, target, ...)
+
+Numerical promise: exact up to float rounding, as ``fxmem::linear_cross_entropy``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils import flop_counter
+
+from fxmem.kernels import linear_ce
+
+
+@torch.library.custom_op("fxmem::logits_cross_entropy", mutates_args=())
+def logits_cross_entropy(logits: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
+                         ignore_index: int, reduction: str, label_smoothing: float, upcast: bool, chunk_tokens: int,
+                         need_hidden: bool, need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, grad_hidden, grad_weight, grad_bias)`` of ``cross_entropy(logits[.float()], target)``,
+    where ``logits == linear(hidden, weight, bias)``."""
+    if reduction not in linear_ce.REDUCTIONS:
+        raise ValueError(f"fxmem::logits_cross_entropy: reduction {reduction!r}; accepted: {linear_ce.REDUCTIONS}")
+    if logits.shape != (hidden.shape[0], weight.shape[0]):
+        raise ValueError(f"fxmem::logits_cross_entropy: logits {tuple(logits.shape)} are not "
+                         f"[rows of hidden, rows of weight] = [{hidden.shape[0]}, {weight.shape[0]}]")
+    return linear_ce._forward_impl(hidden, weight, bias, target, ignore_index, reduction, label_smoothing, upcast,
+                                   chunk_tokens, need_hidden, need_weight, need_bias, logits=logits)
+
+
+@logits_cross_entropy.register_fake
+def _(logits, hidden, weight, bias, *args):
+    return torch.ops.fxmem.linear_cross_entropy.default(hidden, weight, bias, *args)
+
+
+def _setup_context(ctx, inputs, output):
+    _loss, grad_h, grad_w, grad_b = output
+    ctx.mark_non_differentiable(grad_h, grad_w, grad_b)
+    ctx.save_for_backward(grad_h, grad_w, grad_b)
+    ctx.flags = (inputs[10], inputs[11], inputs[12] and inputs[3] is not None)
+
+
+def _backward(ctx, g_loss, _g_h, _g_w, _g_b):
+    grad_h, grad_w, grad_b = ctx.saved_tensors
+    need_hidden, need_weight, need_bias = ctx.flags
+    # logits: None — the loss reaches hidden/weight/bias through them, and that gradient is returned
+    # here directly (the linear producing the logits adds only its other users' gradient)
+    return (None,
+            grad_h * g_loss if need_hidden else None,
+            grad_w * g_loss if need_weight else None,
+            grad_b * g_loss if need_bias else None,
+            None, None, None, None, None, None, None, None, None)
+
+
+logits_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
+
+
+@flop_counter.register_flop_formula(torch.ops.fxmem.logits_cross_entropy)
+def _flops(logits_shape, hidden_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    """Two matmuls (the gradients of hidden and weight, when asked for); the logits are an input."""
+    n, d = hidden_shape
+    vocab = weight_shape[0]
+    need_hidden, need_weight = args[8], args[9]
+    return 2 * n * d * vocab * (int(need_hidden) + int(need_weight))
+
+
+@torch.library.custom_op("fxmem::output_linear", mutates_args=())
+def output_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(hidden, weight, bias)``; its backward skips the matmuls for an all-zero gradient."""
+    return torch.nn.functional.linear(hidden, weight, bias)
+
+
+@output_linear.register_fake
+def _(hidden, weight, bias):
+    return torch.nn.functional.linear(hidden, weight, bias)
+
+
+@torch.library.custom_op("fxmem::output_linear_backward", mutates_args=())
+def output_linear_backward(grad: Tensor, hidden: Tensor, weight: Tensor, has_bias: bool, need_hidden: bool,
+                           need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_hidden, grad_weight, grad_bias)`` of ``linear``; zeros without a matmul when ``grad`` is all zeros.
+
+    A gradient that is not asked for comes back empty.
+    """
+    flat_grad = grad.reshape(-1, grad.shape[-1])
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    # one read of the gradient decides; a graph output nobody differentiated has a zero gradient.
+    # aminmax, not any(): on the CPU any() of a float tensor first copies it to bool. A NaN makes
+    # both comparisons false, so NaN gradients go through the matmuls as they would unchecked.
+    if flat_grad.numel() == 0:
+        zero = True
+    else:
+        low, high = torch.aminmax(flat_grad)
+        zero = bool((low == 0) & (high == 0))
+    grad_h = (torch.zeros_like(hidden) if zero else (flat_grad @ weight).reshape(hidden.shape)) if need_hidden \
+        else hidden.new_empty(0)
+    grad_w = (torch.zeros_like(weight) if zero else flat_grad.t() @ flat_hidden) if need_weight else weight.new_empty(0)
+    grad_b = (weight.new_zeros(weight.shape[0]) if zero else flat_grad.sum(0)) if (has_bias and need_bias) \
+        else weight.new_empty(0)
+    return grad_h, grad_w, grad_b
+
+
+@output_linear_backward.register_fake
+def _(grad, hidden, weight, has_bias, need_hidden, need_weight, need_bias):
+    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else weight.new_empty(0),
+            weight.new_empty(weight.shape[0]) if (has_bias and need_bias) else weight.new_empty(0))
+
+
+def _linear_setup_context(ctx, inputs, output):
+    hidden, weight, bias = inputs
+    ctx.save_for_backward(hidden, weight)
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx, grad):
+    hidden, weight = ctx.saved_tensors
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad
+    grad_h, grad_w, grad_b = torch.ops.fxmem.output_linear_backward(grad, hidden, weight, ctx.has_bias,
+                                                                    need_hidden, need_weight, bool(need_bias))
+    return (grad_h if need_hidden else None, grad_w if need_weight else None,
+            grad_b if (ctx.has_bias and need_bias) else None)
+
+
+output_linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+@flop_counter.register_flop_formula(torch.ops.fxmem.output_linear)
+def _linear_flops(hidden_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    rows = 1
+    for size in hidden_shape[:-1]:
+        rows *= size
+    return 2 * rows * hidden_shape[-1] * weight_shape[0]
+
+
+@flop_counter.register_flop_formula(torch.ops.fxmem.output_linear_backward)
+def _linear_backward_flops(grad_shape, hidden_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    """Priced as if the gradient were non-zero (the worst case), so remat never counts it as free."""
+    rows = 1
+    for size in hidden_shape[:-1]:
+        rows *= size
+    return 4 * rows * hidden_shape[-1] * weight_shape[0]
