@@ -37,6 +37,11 @@ Inductor's decompositions those ops are already decomposed into ``amax``/``exp``
 ``scatter`` chains. The rewrite here is independent of the code generator and the decomposition
 table.
 
+With ``chunk={"mlp": True}`` the pass also replaces every position-wise MLP (up [+ gate] →
+element-wise activation → down) by one ``fxmem::chunked_mlp`` (:mod:`fxmem.passes.chunk_mlp`
+finds them, :mod:`fxmem.kernels.chunked_mlp` is the op): its ``[N, I]`` intermediates exist one
+chunk of tokens at a time, forward and backward (MsT).
+
 Precondition: every node carries ``meta["example_value"]`` (Dynamo's fake values). Numerical
 promise: exact up to float rounding (loss and gradients within 1e-5 relative in fp32).
 """
