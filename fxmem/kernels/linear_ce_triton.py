@@ -47,10 +47,11 @@ def cross_entropy_rows_kernel(
     keep = t != ignore_index
     safe_t = tl.where(keep, t, 0)
     cols = tl.arange(0, BLOCK)
-    # pass 1: online log-sum-exp (and the row sum for label smoothing)
-    m = tl.full((), float("-inf"), tl.float32)
-    d = tl.full((), 0.0, tl.float32)
-    sx = tl.full((), 0.0, tl.float32)
+    # pass 1: online log-sum-exp (and the row sum for label smoothing); Python scalars as the
+    # loop-carried start values, as Liger's kernel has them (compiled and interpreted alike)
+    m = float("-inf")
+    d = 0.0
+    sx = 0.0
     for off in range(0, n_cols, BLOCK):
         mask = off + cols < n_cols
         x = tl.load(ptr + off + cols, mask=mask, other=float("-inf")).to(tl.float32)
