@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -83,9 +84,24 @@ def _cpu_peak(fn: Callable[[], Any]) -> tuple[PeakMemory, Any]:
     events = [e for e in prof.profiler.kineto_results.events()
               if e.name() == MEMORY_EVENT and e.device_type() == torch.autograd.DeviceType.CPU]
     events.sort(key=lambda e: e.start_ns())
+    # Only frees of blocks allocated inside this window count. The profiler reports a free when
+    # c10's CPU memory reporter knows the block's size, and its size table (process-wide) keeps
+    # the blocks allocated in *earlier* profiled windows — and, stale, the addresses of those
+    # freed while no profiler ran, so a later block at a reused address is "freed" with the old
+    # size. Counting such frees lowered this window's peak depending on what ran before (a test
+    # order dependence: tests/test_measure.py). The events carry no address, so a free is paired
+    # with an outstanding allocation of the same size made in this window; one without is ignored.
+    outstanding: Counter[int] = Counter()
     live = peak = 0
     for event in events:
-        live += event.nbytes()
+        nbytes = event.nbytes()
+        if nbytes > 0:
+            outstanding[nbytes] += 1
+        elif outstanding[-nbytes] > 0:
+            outstanding[-nbytes] -= 1
+        else:
+            continue
+        live += nbytes
         peak = max(peak, live)
     return PeakMemory(peak, "cpu", "torch.profiler allocator events"), result
 

@@ -31,6 +31,20 @@ def test_memory_allocated_before_the_call_does_not_count():
     assert 4 * MIB <= peak.peak_bytes < 5 * MIB
 
 
+def test_a_block_from_an_earlier_measurement_freed_in_this_one_does_not_lower_the_peak():
+    """The profiler knows the size of a block allocated in an earlier profiled window and reports
+    its free; it was allocated before this call, so it must not count (it made test order matter)."""
+    _, kept = peak_memory(lambda: torch.ones(MIB // 4), device="cpu")   # 1 MiB that outlives its window
+
+    def fn():
+        nonlocal kept
+        kept = None                       # frees the 1 MiB allocated before this call
+        return torch.ones(2 * MIB // 4)   # 2 MiB
+
+    peak, _ = peak_memory(fn, device="cpu")
+    assert 2 * MIB <= peak.peak_bytes < 2 * MIB + 64 * 1024
+
+
 def test_unknown_device_is_a_clear_error():
     with pytest.raises(ValueError, match="'cpu' or 'cuda'"):
         peak_memory(lambda: None, device="meta")
