@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fxmem.kernels import interpreter
+from fxmem.kernels import int8_matmul, interpreter
 from fxmem.kernels.int8_matmul import interpreting, sqnr_db  # noqa: F401 - sqnr_db re-exported for the pass
 
 try:  # Triton is optional: without it the ops run their ATen paths everywhere.
@@ -364,30 +364,20 @@ class Launch:
         return "split-k" if self.use_dot else "split-k gemv"
 
 
-#: Rows at or below which the launch splits K (decode: one token per sequence, a few sequences).
-SMALL_M = 16
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few splits, enough to exercise the partial sums
-
-
 def plan_launch(m: int, n: int, k: int, device: torch.device | str = "cuda", *, block_m: int | None = None,
                 block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
                 use_dot: bool | None = None) -> Launch:
     """The launch for ``x [m, k] @ W[n, k].T``, dispatched by ``m`` (any argument given overrides).
 
-    ``m > SMALL_M``: the tiled kernel, one program per (64-row, 64-column) output tile, each over
-    all of K. ``m ≤ SMALL_M`` (decode): 16-row tiles (``tl.dot``'s minimum), 32 columns, and K
+    ``m > int8_matmul.SMALL_M`` (16): the tiled kernel, one program per (64-row, 64-column) output tile, each over
+    all of K. ``m ≤ 16`` (decode): 16-row tiles (``tl.dot``'s minimum), 32 columns, and K
     split so that about two programs per SM stream the weight (each split ≥ 2 K tiles); the
     splits' fp32 partials are summed after. ``use_dot=False`` asks for the GEMV form
     (``BLOCK_M`` = the next power of two ≥ m, ``tl.sum`` instead of ``tl.dot``) — the benchmark
     times both, since which wins at M = 1 is a measurement, not a guess.
     """
     device = torch.device(device)
-    small = m <= SMALL_M
+    small = m <= int8_matmul.SMALL_M
     use_dot = True if use_dot is None else use_dot
     if block_m is None:
         block_m = (16 if small else 64) if use_dot else min(16, triton.next_power_of_2(m))
@@ -395,14 +385,9 @@ def plan_launch(m: int, n: int, k: int, device: torch.device | str = "cuda", *, 
     block_k = block_k or 64
     if k < block_k:
         block_k = max(16, triton.next_power_of_2(k))
-    k_tiles = triton.cdiv(k, block_k)
     if split_k is None:
-        if not small:
-            split_k = 1
-        else:
-            programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-            split_k = max(1, min(triton.cdiv(2 * _sm_count(device), programs), k_tiles // 2))
-    split_k = max(1, min(split_k, k_tiles))
+        split_k = int8_matmul.decode_splits(m, n, k, block_m, block_n, block_k, device)
+    split_k = max(1, min(split_k, triton.cdiv(k, block_k)))
     return Launch(block_m, block_n, block_k, split_k, use_dot)
 
 

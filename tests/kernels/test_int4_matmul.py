@@ -209,7 +209,7 @@ def test_split_k_and_gemv_match_dequantized_reference(m, k, n, group, bits, sche
 
 
 def test_plan_launch_dispatches_by_m(monkeypatch):
-    monkeypatch.setattr(k4, "_sm_count", lambda device: 132)  # an H100's SMs, without one
+    monkeypatch.setattr(k4.int8_matmul, "sm_count", lambda device: 132)  # an H100's SMs, without one
     decode = k4.plan_launch(1, 4096, 4096)
     assert decode.variant == "split-k" and decode.block_m == 16 and decode.split_k > 1
     # about two programs per SM: 1 × 128 output tiles × splits ≥ 264
