@@ -234,3 +234,28 @@ def test_can_lower_rules(monkeypatch):
     assert not k4.can_lower(x.to(torch.int32), qw.qweight, qw.scales, 4)
     with pytest.raises(ValueError, match="can_lower"):
         k4.lowbit_dequant_matmul(x.to(torch.int32), qw.qweight, qw.scales, qw.zeros, None, None, None, 4)
+
+
+@needs_interpreter
+def test_gpu_benchmark_script_runs_every_launch(monkeypatch):
+    """benchmarks/kernels_int4.py is what the next lent GPU runs: a dry run on the CPU (interpreter,
+    one tiny shape, timings stubbed) must produce every column, so a GPU minute is not lost to a typo."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels_int4.py"
+    spec = importlib.util.spec_from_file_location("kernels_int4_dry_run", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "SHAPES", ((40, 256),))
+    monkeypatch.setattr(bench, "MS", (1,))
+    monkeypatch.setattr(bench, "_bench", lambda fn: (fn(), 1.0)[1])
+    result = bench.time_int4()
+    (row,) = result["rows"]
+    for launch in ("tiled", "splitk", "gemv"):
+        assert f"fxmem_int4_{launch}_ms" in row and f"fxmem_int4_{launch}_rel_err" in row
+    assert row["fxmem_int4_tiled_plan"][3] == 1 and row["fxmem_int4_splitk_plan"][3] > 1
+    assert {"fxmem_nf4_ms", "fxmem_int8_tiled_ms", "fxmem_int8_splitk_ms"} <= set(row)
+    assert row["fxmem_int4_gemv_rel_err"] < 1e-2  # bf16 through tl.sum is right in the interpreter (tl.dot's is not)
+    assert result["complete"]
