@@ -258,7 +258,7 @@ def lowbit_dequant_matmul_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_os, stride_om, stride_on,
     GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_CODEBOOK: tl.constexpr,
     HAS_ACT_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SCALE_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # grid (M tiles, N tiles, K splits): program (i, j, s) sums columns [s·K_PER_SPLIT, (s+1)·K_PER_SPLIT)
     # into slice s of the output (one split: the output itself; several: fp32 partials the
@@ -293,11 +293,20 @@ def lowbit_dequant_matmul_kernel(
             v = tl.load(cb_ptr + q, mask=wmask, other=0.0).to(tl.float32)  # 16 (or 256) levels: cached
         else:
             v = q.to(tl.float32)
-        sidx = rn[None, :] * stride_sn + (kk[:, None] // GROUP_SIZE) * stride_sg
-        s = tl.load(s_ptr + sidx, mask=wmask, other=0.0).to(tl.float32)
-        w = v * s
-        if HAS_ZEROS:
-            w += tl.load(z_ptr + sidx, mask=wmask, other=0.0).to(tl.float32)
+        if SCALE_PER_TILE:
+            # BLOCK_K divides GROUP_SIZE and splits start on tile boundaries: the whole K tile is in
+            # one group, so one scale (and zero) per column of the tile, BLOCK_N loads not BLOCK_K·BLOCK_N
+            sidx = rn * stride_sn + (k0 // GROUP_SIZE) * stride_sg
+            s = tl.load(s_ptr + sidx, mask=rn < N, other=0.0).to(tl.float32)
+            w = v * s[None, :]
+            if HAS_ZEROS:
+                w += tl.load(z_ptr + sidx, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        else:
+            sidx = rn[None, :] * stride_sn + (kk[:, None] // GROUP_SIZE) * stride_sg
+            s = tl.load(s_ptr + sidx, mask=wmask, other=0.0).to(tl.float32)
+            w = v * s
+            if HAS_ZEROS:
+                w += tl.load(z_ptr + sidx, mask=wmask, other=0.0).to(tl.float32)
         if USE_DOT:
             # the dequantized tile goes to the compute dtype (bf16/fp16 on a GPU: tensor cores)
             acc += tl.dot(x, w.to(x_ptr.dtype.element_ty), input_precision=DOT_PRECISION)
@@ -420,6 +429,7 @@ def lowbit_dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.
         out = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
         stride_os = out.stride(0)
     grid = (triton.cdiv(m, plan.block_m), triton.cdiv(n, plan.block_n), splits)
+    group_size = k // scales.shape[1]
     dummy = scales
     jitted_kernel()[grid](
         x2, qweight, scales, zeros if zeros is not None else dummy, codebook if codebook is not None else dummy,
@@ -427,10 +437,10 @@ def lowbit_dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.
         m, n, k, k_per_split,
         x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
         stride_os, out.stride(-2), out.stride(-1),
-        GROUP_SIZE=k // scales.shape[1], BITS=bits, HAS_ZEROS=zeros is not None, HAS_CODEBOOK=codebook is not None,
+        GROUP_SIZE=group_size, BITS=bits, HAS_ZEROS=zeros is not None, HAS_CODEBOOK=codebook is not None,
         HAS_ACT_SCALE=act_scale is not None, HAS_BIAS=bias is not None,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", USE_DOT=plan.use_dot,
-        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
+        SCALE_PER_TILE=group_size % plan.block_k == 0, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
     )
     if splits > 1:
         out = out.sum(0).to(x.dtype)  # the splits' fp32 partials (split 0 holds the bias)
