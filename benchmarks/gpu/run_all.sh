@@ -10,9 +10,11 @@
 #   train_peak   peak memory (max_memory_allocated) and step time of a training step: eager,
 #                torch.compile at activation budgets 1.0/0.5/0.0, fxmem default/0.5/0.0
 #   kernels_gpu  fxmem's generated Triton kernels vs eager and Inductor; int8 matmul vs bf16 cuBLAS
-#   int4         the int4 dequantize-matmul at decode shapes vs bf16 cuBLAS (when the script exists)
-#   chunked_loss the chunked loss (its Triton kernel) and chunk.mlp: peak and step time against
-#                torch.compile on the long-context case (vocab 128k, B1 x T2048) and the long MLP case
+#   int4         the int4 and int8 weight-only matmuls at decode shapes (tiled, split-K, GEMV launches)
+#                vs bf16 cuBLAS and torchao int4/int8 (when the script exists)
+#   chunked_loss the chunked loss (its Triton kernel): peak and step time against torch.compile on
+#                the long-context case (vocab 128k, B1 x T2048); CHUNKED_LOSS_ARGS adds e.g.
+#                `--workloads mlp_long --variants torch.compile,"fxmem chunk.mlp"` where there is time
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-benchmarks/results/gpu}
@@ -51,9 +53,10 @@ want tests && part tests "${TESTS_LIMIT:-120}" "$PY" -m pytest -q -n 12 -p no:ca
 want train_peak && part train_peak "${TRAIN_PEAK_LIMIT:-240}" "$PY" benchmarks/train_peak.py --device cuda --steps 20 \
   ${TRAIN_PEAK_ARGS:-} --out "$OUT/train_peak.json"
 want kernels_gpu && part kernels_gpu 60 "$PY" benchmarks/gpu/kernels_gpu.py --out "$OUT/kernels_gpu.json"
-want int4 && [ -f benchmarks/kernels_int4.py ] && part int4 45 "$PY" benchmarks/kernels_int4.py --out "$OUT/int4.json"
+want int4 && [ -f benchmarks/kernels_int4.py ] && part int4 60 "$PY" benchmarks/kernels_int4.py --out "$OUT/int4.json"
 # the JSON is rewritten after each workload: a part cut short by its limit keeps what it measured
-want chunked_loss && part chunked_loss "${CHUNKED_LOSS_LIMIT:-75}" "$PY" benchmarks/chunked_loss.py --device cuda \
-  --steps 5 --workloads long_context,mlp_long --variants torch.compile,fxmem,"fxmem chunk.mlp" --out "$OUT/chunked_loss.json"
+want chunked_loss && part chunked_loss "${CHUNKED_LOSS_LIMIT:-60}" "$PY" benchmarks/chunked_loss.py --device cuda \
+  --steps 5 --workloads long_context --variants torch.compile,fxmem ${CHUNKED_LOSS_ARGS:-} \
+  --out "$OUT/chunked_loss.json"
 ls -la "$OUT"
 exit 0

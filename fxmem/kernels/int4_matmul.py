@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fxmem.kernels import interpreter
+from fxmem.kernels import int8_matmul, interpreter
 from fxmem.kernels.int8_matmul import interpreting, sqnr_db  # noqa: F401 - sqnr_db re-exported for the pass
 
 try:  # Triton is optional: without it the ops run their ATen paths everywhere.
@@ -254,21 +254,28 @@ def dequantize(qw: LowBitWeight, dtype: torch.dtype = torch.float32) -> torch.Te
 
 def lowbit_dequant_matmul_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, cb_ptr, a_ptr, b_ptr, o_ptr,
-    M, N, K,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_om, stride_on,
+    M, N, K, K_PER_SPLIT,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_os, stride_om, stride_on,
     GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_CODEBOOK: tl.constexpr,
-    HAS_ACT_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_ACT_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr,
+    SCALE_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # grid (M tiles, N tiles, K splits): program (i, j, s) sums columns [s·K_PER_SPLIT, (s+1)·K_PER_SPLIT)
+    # into slice s of the output (one split: the output itself; several: fp32 partials the
+    # wrapper adds up). At decode sizes (M ≤ 16) the N tiles alone are too few programs to keep
+    # every SM streaming weight bytes; splitting K multiplies them.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # tl.full, not tl.zeros: see int8_matmul
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + rk
-        kmask = kk < K
+        kmask = kk < k_end
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
                     mask=(rm[:, None] < M) & kmask[None, :], other=0.0)
         if HAS_ACT_SCALE:
@@ -286,18 +293,35 @@ def lowbit_dequant_matmul_kernel(
             v = tl.load(cb_ptr + q, mask=wmask, other=0.0).to(tl.float32)  # 16 (or 256) levels: cached
         else:
             v = q.to(tl.float32)
-        sidx = rn[None, :] * stride_sn + (kk[:, None] // GROUP_SIZE) * stride_sg
-        s = tl.load(s_ptr + sidx, mask=wmask, other=0.0).to(tl.float32)
-        w = v * s
-        if HAS_ZEROS:
-            w += tl.load(z_ptr + sidx, mask=wmask, other=0.0).to(tl.float32)
-        # the dequantized tile goes to the compute dtype (bf16/fp16 on a GPU: tensor cores)
-        acc += tl.dot(x, w.to(x_ptr.dtype.element_ty), input_precision=DOT_PRECISION)
+        if SCALE_PER_TILE:
+            # BLOCK_K divides GROUP_SIZE and splits start on tile boundaries: the whole K tile is in
+            # one group, so one scale (and zero) per column of the tile, BLOCK_N loads not BLOCK_K·BLOCK_N
+            sidx = rn * stride_sn + (k0 // GROUP_SIZE) * stride_sg
+            s = tl.load(s_ptr + sidx, mask=rn < N, other=0.0).to(tl.float32)
+            w = v * s[None, :]
+            if HAS_ZEROS:
+                w += tl.load(z_ptr + sidx, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        else:
+            sidx = rn[None, :] * stride_sn + (kk[:, None] // GROUP_SIZE) * stride_sg
+            s = tl.load(s_ptr + sidx, mask=wmask, other=0.0).to(tl.float32)
+            w = v * s
+            if HAS_ZEROS:
+                w += tl.load(z_ptr + sidx, mask=wmask, other=0.0).to(tl.float32)
+        if USE_DOT:
+            # the dequantized tile goes to the compute dtype (bf16/fp16 on a GPU: tensor cores)
+            acc += tl.dot(x, w.to(x_ptr.dtype.element_ty), input_precision=DOT_PRECISION)
+        else:
+            # GEMV form for a few rows (BLOCK_M < 16, below tl.dot's minimum): multiply and
+            # reduce over K in fp32 registers, no tensor-core tile padded from 1 row to 16
+            acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
     if HAS_BIAS:
-        b = tl.load(b_ptr + rn, mask=rn < N, other=0.0)
+        # the bias once, in split 0 only (the other splits' partials are added to it): the mask
+        # rn + pid_k·N < N is rn < N for split 0 and false for the others (the interpreter
+        # rejects a mask built with `& (pid_k == 0)`)
+        b = tl.load(b_ptr + rn, mask=rn + pid_k * N < N, other=0.0)
         acc += b.to(tl.float32)[None, :]
-    tl.store(o_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(o_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+    tl.store(o_ptr + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :] * stride_on,
+             acc.to(o_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 KERNEL_NAME = "fxmem_lowbit_dequant_matmul"
@@ -331,32 +355,95 @@ def can_lower(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits
     return bias is None or bias.shape == (qweight.shape[0],)
 
 
+@dataclass(frozen=True)
+class Launch:
+    """How :func:`lowbit_dequant_matmul` runs the kernel for one shape: tiles, K splits, and
+    whether the inner product is ``tl.dot`` (tensor cores) or the GEMV form (``tl.sum``)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    use_dot: bool
+
+    @property
+    def variant(self) -> str:
+        if self.split_k == 1:
+            return "tiled"
+        return "split-k" if self.use_dot else "split-k gemv"
+
+
+def plan_launch(m: int, n: int, k: int, device: torch.device | str = "cuda", *, block_m: int | None = None,
+                block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
+                use_dot: bool | None = None) -> Launch:
+    """The launch for ``x [m, k] @ W[n, k].T``, dispatched by ``m`` (any argument given overrides).
+
+    ``m > int8_matmul.SMALL_M`` (16): the tiled kernel, one program per (64-row, 64-column) output tile, each over
+    all of K. ``m ≤ 16`` (decode): 16-row tiles (``tl.dot``'s minimum), 32 columns, and K
+    split so that about two programs per SM stream the weight (each split ≥ 2 K tiles); the
+    splits' fp32 partials are summed after. ``use_dot=False`` asks for the GEMV form
+    (``BLOCK_M`` = the next power of two ≥ m, ``tl.sum`` instead of ``tl.dot``) — the benchmark
+    times both, since which wins at M = 1 is a measurement, not a guess.
+    """
+    device = torch.device(device)
+    small = m <= int8_matmul.SMALL_M
+    use_dot = True if use_dot is None else use_dot
+    if block_m is None:
+        block_m = (16 if small else 64) if use_dot else min(16, triton.next_power_of_2(m))
+    block_n = block_n or (32 if small else 64)
+    block_k = block_k or 64
+    if k < block_k:
+        block_k = max(16, triton.next_power_of_2(k))
+    if split_k is None:
+        split_k = int8_matmul.decode_splits(m, n, k, block_m, block_n, block_k, device)
+    split_k = max(1, min(split_k, triton.cdiv(k, block_k)))
+    return Launch(block_m, block_n, block_k, split_k, use_dot)
+
+
 def lowbit_dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                           codebook: torch.Tensor | None, act_scale: torch.Tensor | None, bias: torch.Tensor | None,
-                          bits: int, *, block_m: int | None = None, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
-    """Launch the Triton kernel: ``(x / act_scale) @ dequant(W).T + bias`` in ``x``'s dtype."""
+                          bits: int, *, block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
+                          split_k: int | None = None, use_dot: bool | None = None) -> torch.Tensor:
+    """Launch the Triton kernel: ``(x / act_scale) @ dequant(W).T + bias`` in ``x``'s dtype.
+
+    The launch (tiles, K splits, ``tl.dot`` or GEMV) is :func:`plan_launch`'s for this shape;
+    keyword arguments override it (the benchmark's sweeps, the tests)."""
     if not can_lower(x, qweight, scales, bits, bias):
         raise ValueError("fxmem low-bit kernel: these inputs cannot run the Triton kernel (see can_lower)")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
     n = qweight.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_m = block_m or (16 if m <= 16 else 64)  # decode (M small): don't waste a 64-row tile
-    block_k = block_k if k >= block_k else max(16, triton.next_power_of_2(k))
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    plan = plan_launch(m, n, k, x.device, block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k,
+                       use_dot=use_dot)
+    if not plan.use_dot and x.device.type == "cpu" and not interpreter.enabled():
+        raise ValueError("fxmem low-bit kernel: the GEMV form calls tl.sum, which runs on the CPU only when "
+                         "TRITON_INTERPRET=1 was set before Triton was imported")
+    # each split covers whole K tiles (a multiple of BLOCK_K), so every tile lies in one split
+    k_per_split = triton.cdiv(triton.cdiv(k, plan.split_k), plan.block_k) * plan.block_k
+    splits = triton.cdiv(k, k_per_split)
+    if splits == 1:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        stride_os = 0
+    else:
+        out = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+        stride_os = out.stride(0)
+    grid = (triton.cdiv(m, plan.block_m), triton.cdiv(n, plan.block_n), splits)
+    group_size = k // scales.shape[1]
     dummy = scales
     jitted_kernel()[grid](
         x2, qweight, scales, zeros if zeros is not None else dummy, codebook if codebook is not None else dummy,
         act_scale if act_scale is not None else dummy, bias if bias is not None else dummy, out,
-        m, n, k,
+        m, n, k, k_per_split,
         x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
-        out.stride(0), out.stride(1),
-        GROUP_SIZE=k // scales.shape[1], BITS=bits, HAS_ZEROS=zeros is not None, HAS_CODEBOOK=codebook is not None,
+        stride_os, out.stride(-2), out.stride(-1),
+        GROUP_SIZE=group_size, BITS=bits, HAS_ZEROS=zeros is not None, HAS_CODEBOOK=codebook is not None,
         HAS_ACT_SCALE=act_scale is not None, HAS_BIAS=bias is not None,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", USE_DOT=plan.use_dot,
+        SCALE_PER_TILE=group_size % plan.block_k == 0, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
     )
+    if splits > 1:
+        out = out.sum(0).to(x.dtype)  # the splits' fp32 partials (split 0 holds the bias)
     return out.reshape(*lead, n)
 
 

@@ -104,27 +104,32 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
 
 def int8_weight_only_matmul_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, o_ptr,
-    M, N, K,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_om, stride_on,
+    M, N, K, K_PER_SPLIT,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_os, stride_om, stride_on,
     GROUP_SIZE: tl.constexpr, PER_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    # grid (M tiles, N tiles, K splits): program (i, j, s) sums columns [s·K_PER_SPLIT, (s+1)·K_PER_SPLIT)
+    # into slice s of the output (several splits: fp32 partials the wrapper adds up; decode M)
+    pid_k = tl.program_id(2)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     # tl.full, not tl.zeros: tl.zeros is itself a @triton.jit function, decorated when triton is
     # imported, so the interpreter cannot call it unless TRITON_INTERPRET was set before that import
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
-                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+                    mask=(rm[:, None] < M) & (kk[None, :] < k_end), other=0.0)
         # the weight tile is read as int8 (a quarter of fp32's bytes) and dequantized here, in
         # registers: int8 → compute dtype is exact for |q| ≤ 127
         w = tl.load(w_ptr + kk[:, None] * stride_wk + rn[None, :] * stride_wn,
-                    mask=(kk[:, None] < K) & (rn[None, :] < N), other=0)
+                    mask=(kk[:, None] < k_end) & (rn[None, :] < N), other=0)
         part = tl.dot(x, w.to(x.dtype), input_precision=DOT_PRECISION)
         if PER_GROUP:
             # BLOCK_K divides GROUP_SIZE (checked by can_lower): the whole K tile has one scale
@@ -137,10 +142,11 @@ def int8_weight_only_matmul_kernel(
         s = tl.load(s_ptr + rn * stride_sn, mask=rn < N, other=0.0)
         acc = acc * s[None, :]
     if HAS_BIAS:
-        b = tl.load(b_ptr + rn, mask=rn < N, other=0.0)
+        # once, in split 0 (rn + pid_k·N < N: rn < N there, false in the other splits)
+        b = tl.load(b_ptr + rn, mask=rn + pid_k * N < N, other=0.0)
         acc += b.to(tl.float32)[None, :]
-    tl.store(o_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(o_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+    tl.store(o_ptr + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :] * stride_on,
+             acc.to(o_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 KERNEL_NAME = "fxmem_int8_weight_only_matmul"
@@ -192,32 +198,68 @@ def can_lower(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias
     return True
 
 
+#: Rows at or below which the kernels split K (decode: one token per sequence, a few sequences).
+SMALL_M = 16
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 4 for the interpreter (a few splits, enough to
+    exercise the partial sums)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def decode_splits(m: int, n: int, k: int, block_m: int, block_n: int, block_k: int, device: torch.device) -> int:
+    """How many ways to split K at decode sizes (``m ≤ SMALL_M``; else 1): enough for about two
+    programs per SM, each split at least two K tiles. The int4 kernel's plan uses the same rule."""
+    if m > SMALL_M:
+        return 1
+    programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    return max(1, min(triton.cdiv(2 * sm_count(device), programs), triton.cdiv(k, block_k) // 2))
+
+
 def int8_weight_only_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch the Triton kernel: ``x [..., K] @ (qweight * scales).T + bias`` in ``x``'s dtype."""
+                            bias: torch.Tensor | None = None, *, split_k: int | None = None,
+                            block_n: int | None = None) -> torch.Tensor:
+    """Launch the Triton kernel: ``x [..., K] @ (qweight * scales).T + bias`` in ``x``'s dtype.
+
+    At decode sizes (``M ≤ SMALL_M``) K is split (:func:`decode_splits`; ``split_k`` overrides,
+    1 turns it off) and the splits' fp32 partials are summed after the kernel."""
     if not can_lower(x, qweight, scales, bias):
         raise ValueError("fxmem int8 kernel: these inputs cannot run the Triton kernel (see can_lower)")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
     n = qweight.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     per_group = scales.dim() == 2
     group_size = k // scales.shape[1] if per_group else k
-    block_m = 16 if m <= 16 else 64  # decode (M small): don't waste a 64-row tile
-    block_n = 64
+    small = m <= SMALL_M
+    block_m = 16 if small else 64  # decode (M small): don't waste a 64-row tile
+    block_n = block_n or (32 if small else 64)
     block_k = _block_k(k, group_size if per_group else None)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    if split_k is None:
+        split_k = decode_splits(m, n, k, block_m, block_n, block_k, x.device)
+    # each split covers whole K tiles, so a tile never straddles two splits (nor two groups)
+    k_per_split = triton.cdiv(triton.cdiv(k, max(1, split_k)), block_k) * block_k
+    splits = triton.cdiv(k, k_per_split)
+    if splits == 1:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
     stride_sg = scales.stride(1) if per_group else 0
     jitted_kernel()[grid](
         x2, qweight, scales, bias if bias is not None else scales, out,
-        m, n, k,
+        m, n, k, k_per_split,
         x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), stride_sg,
-        out.stride(0), out.stride(1),
+        out.stride(0) if splits > 1 else 0, out.stride(-2), out.stride(-1),
         GROUP_SIZE=group_size, PER_GROUP=per_group, HAS_BIAS=bias is not None,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )
+    if splits > 1:
+        out = out.sum(0).to(x.dtype)  # the splits' fp32 partials (split 0 holds the bias)
     return out.reshape(*lead, n)
 
 

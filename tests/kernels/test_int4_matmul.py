@@ -188,6 +188,41 @@ def test_kernel_fp16_3d_and_tile_sizes():
         torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=1e-2)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("m,k,n,group,bits,scheme,split_k,use_dot", [
+    (1, 192, 40, 32, 4, "int", 3, True),      # decode row, K in 3 splits, ragged N
+    (3, 256, 24, 64, 4, "nf4", 2, True),
+    (1, 192, 40, 32, 4, "int", 2, False),     # GEMV form (tl.sum), 1-row tile
+    (5, 160, 20, 32, 8, "log", 3, False),     # GEMV, 8-row tile, 8-bit codes, K = 2.5 tiles: a short last split
+    (16, 128, 33, 16, 4, "int", None, None),  # the automatic plan at the small-M boundary
+])
+def test_split_k_and_gemv_match_dequantized_reference(m, k, n, group, bits, scheme, split_k, use_dot):
+    torch.manual_seed(0)
+    qw = k4.quantize_lowbit(torch.randn(n, k), bits, scheme, group)
+    x = torch.randn(m, k)
+    a = (torch.rand(k) + 0.5).half()
+    b = torch.randn(n)  # the bias is added once (in split 0), not once per split
+    out = k4.lowbit_dequant_matmul(x, qw.qweight, qw.scales, qw.zeros, qw.codebook, a, b, bits,
+                                   split_k=split_k, use_dot=use_dot)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), _reference(x, qw, a, b), atol=1e-4, rtol=1e-4)
+
+
+def test_plan_launch_dispatches_by_m(monkeypatch):
+    monkeypatch.setattr(k4.int8_matmul, "sm_count", lambda device: 132)  # an H100's SMs, without one
+    decode = k4.plan_launch(1, 4096, 4096)
+    assert decode.variant == "split-k" and decode.block_m == 16 and decode.split_k > 1
+    # about two programs per SM: 1 × 128 output tiles × splits ≥ 264
+    assert 128 * decode.split_k >= 2 * 132 > 128 * (decode.split_k - 1)
+    assert k4.plan_launch(16, 4096, 4096).variant == "split-k"
+    prefill = k4.plan_launch(17, 4096, 4096)
+    assert prefill.variant == "tiled" and prefill.split_k == 1 and prefill.block_m == 64
+    gemv = k4.plan_launch(3, 4096, 4096, use_dot=False)
+    assert gemv.variant == "split-k gemv" and gemv.block_m == 4
+    assert k4.plan_launch(1, 64, 128).split_k == 1  # K of two tiles: not worth splitting
+    assert k4.plan_launch(1, 4096, 4096, split_k=1000).split_k == 4096 // 64  # at most one tile a split
+
+
 def test_can_lower_rules(monkeypatch):
     qw = k4.quantize_lowbit(torch.randn(8, 64), 4, "int", 32)
     x = torch.randn(2, 64)
@@ -199,3 +234,28 @@ def test_can_lower_rules(monkeypatch):
     assert not k4.can_lower(x.to(torch.int32), qw.qweight, qw.scales, 4)
     with pytest.raises(ValueError, match="can_lower"):
         k4.lowbit_dequant_matmul(x.to(torch.int32), qw.qweight, qw.scales, qw.zeros, None, None, None, 4)
+
+
+@needs_interpreter
+def test_gpu_benchmark_script_runs_every_launch(monkeypatch):
+    """benchmarks/kernels_int4.py is what the next lent GPU runs: a dry run on the CPU (interpreter,
+    one tiny shape, timings stubbed) must produce every column, so a GPU minute is not lost to a typo."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels_int4.py"
+    spec = importlib.util.spec_from_file_location("kernels_int4_dry_run", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "SHAPES", ((40, 256),))
+    monkeypatch.setattr(bench, "MS", (1,))
+    monkeypatch.setattr(bench, "_bench", lambda fn: (fn(), 1.0)[1])
+    result = bench.time_int4()
+    (row,) = result["rows"]
+    for launch in ("tiled", "splitk", "gemv"):
+        assert f"fxmem_int4_{launch}_ms" in row and f"fxmem_int4_{launch}_rel_err" in row
+    assert row["fxmem_int4_tiled_plan"][3] == 1 and row["fxmem_int4_splitk_plan"][3] > 1
+    assert {"fxmem_nf4_ms", "fxmem_int8_tiled_ms", "fxmem_int8_splitk_ms"} <= set(row)
+    assert row["fxmem_int4_gemv_rel_err"] < 1e-2  # bf16 through tl.sum is right in the interpreter (tl.dot's is not)
+    assert result["complete"]

@@ -59,6 +59,30 @@ def test_kernel_fp16_and_3d_input(interpret):
     torch.testing.assert_close(out.double(), reference(x.reshape(6, 64), qweight, scales).reshape(2, 3, 16), atol=2e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("m,k,n,group_size,split_k", [
+    (1, 256, 40, None, 3),   # per-channel: the scale applied to each split's partial
+    (4, 320, 24, 32, 2),     # per group; K = 5 tiles: a short last split
+    (2, 128, 16, None, None),  # the automatic decode plan (interpreter: splits for 4 "SMs")
+])
+def test_split_k_matches_dequantized_reference(interpret, m, k, n, group_size, split_k):
+    torch.manual_seed(0)
+    x = torch.randn(m, k)
+    qweight, scales = k8.quantize_weight(torch.randn(n, k), group_size)
+    bias = torch.randn(n)  # added once (split 0), not once per split
+    out = k8.int8_weight_only_matmul(x, qweight, scales, bias, split_k=split_k)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), reference(x, qweight, scales, bias), atol=1e-4, rtol=1e-4)
+
+
+def test_decode_splits_rule(monkeypatch):
+    monkeypatch.setattr(k8, "sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert k8.decode_splits(1, 4096, 4096, 16, 32, 64, cuda) == 3    # 128 tiles → ≥ 264 programs
+    assert k8.decode_splits(16, 11008, 4096, 16, 32, 64, cuda) == 1  # 344 tiles already
+    assert k8.decode_splits(17, 4096, 4096, 64, 64, 64, cuda) == 1   # not decode
+    assert k8.decode_splits(1, 64, 128, 16, 32, 64, cuda) == 1       # two K tiles: no split
+
+
 def test_can_lower_rules(monkeypatch):
     x = torch.randn(2, 64)
     qweight, scales = k8.quantize_weight(torch.randn(8, 64))

@@ -257,6 +257,18 @@ def test_optimized_module_raises_on_stale_weights():
         optimized(*s.args)
 
 
+def test_tied_table_changed_in_place_is_stale_for_both_uses():
+    # one packed buffer serves the lookup and the head: changing the table must stop both
+    s = sample("tied_embeddings")
+    model = s.model.eval()
+    optimized = fxmem.optimize(model, *s.args, quantize={"bits": 4, "group_size": 16, "calibration": "gptq"})
+    with torch.no_grad():
+        optimized(*s.args)
+        model.emb.weight.mul_(2.0)
+    with pytest.raises(StaleWeightsError, match=r"emb\.weight.*head\.weight"):
+        optimized(*s.args)
+
+
 @pytest.fixture(scope="module")
 def compiled_mlp():
     s = sample("mlp")
