@@ -107,6 +107,8 @@ class ShardPlan:
     forward_collectives: dict[str, int]
     backward_collectives: dict[str, int]
     propagated_collectives: dict[str, int]   # what DTensor's propagator found on the forward graph
+    # every parameter name (tied ones under each name) → the dim it is split on, None if replicated
+    param_shard_dims: dict[str, int | None] = field(default_factory=dict)
 
     @property
     def needs_dtensor_regions(self) -> bool:
@@ -635,6 +637,7 @@ def _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_
         placements={n: str(p) for n, p in prop.placements.items()}, graph=gm, param_bytes=total,
         per_rank_param_bytes=per_rank, forward_collectives=dict(fwd_total), backward_collectives=dict(bwd_total),
         propagated_collectives=dict(prop.collectives()),
+        param_shard_dims={n: sharded_params.get(id(p)) for n, p in model.named_parameters(remove_duplicate=False)},
     )
 
 
