@@ -154,7 +154,8 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, mesh: dict, v
             model.get_submodule(n)
         except AttributeError:
             raise ValueError(f"fxmem.shard.plan: units names {n!r}, which is not a module of the model") from None
-    tp_plan = plan_tp(model, *args, kwargs=kwargs, world_size=tp, vocab=vocab) if tp > 1 else None
+    # a vocabulary split saves parameters, gradients and both AdamW moments, each sharded over dp
+    tp_plan = plan_tp(model, *args, kwargs=kwargs, world_size=tp, vocab=vocab, state_factor=4 / dp) if tp > 1 else None
     dims = tp_plan.param_shard_dims if tp_plan else {}
 
     def local_bytes(name: str, p: torch.Tensor) -> int:
