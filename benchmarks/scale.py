@@ -10,7 +10,7 @@ bytes of parameters, gradients and AdamW state (local shards) against one proces
 loss and parameters after one AdamW step against one process on the global batch (1e-5),
 collectives of one forward and one backward counted by ``CommDebugMode`` against the plan's; the
 GPT once more compiled with ``backend="fxmem"``. 2 processes: ``fxmem.shard.pipeline(stages=2)``
-with GPipe and 1F1B on both models (untied GPT): per-stage bytes (parameters + saved activations
+with GPipe and 1F1B on both models (8 layers; untied GPT): per-stage bytes (parameters + saved activations
 per microbatch × microbatches in flight, measured on each stage) and the loss and gradients
 against one process. Writes benchmarks/results/scale.json and scale.png.
 """
@@ -37,7 +37,7 @@ def _mesh_job(rank, world, tmp):
 
 
 def _pipe_job(rank, world):
-    return {f"{case} {schedule}": scale.run_pipeline(rank, world, case, schedule, layers=4)
+    return {f"{case} {schedule}": scale.run_pipeline(rank, world, case, schedule, layers=8)
             for case in ("llama", "gpt_untied") for schedule in ("gpipe", "1f1b")}
 
 

@@ -163,7 +163,8 @@ def measure_atoms(model: nn.Module, args: tuple) -> list[Atom]:
         region[0] = "<suffix>"
 
     handles = [model.get_submodule(n).register_forward_pre_hook(enter(n)) for n in names]
-    handles.append(model.get_submodule(names[-1]).register_forward_hook(leave))
+    # the suffix starts when the last block returns
+    handles.append(model.get_submodule(blocks(model)[-1]).register_forward_hook(leave))
     handles += [m.register_forward_pre_hook(lambda m, a: calls.append(m)) for m in model.modules()]
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -172,9 +173,10 @@ def measure_atoms(model: nn.Module, args: tuple) -> list[Atom]:
     finally:
         for h in handles:
             h.remove()
-    if order != names:
-        raise ValueError("fxmem.shard.pipeline: every block's children must run once per forward, in order, to be "
+    if sorted(order) != sorted(names):
+        raise ValueError("fxmem.shard.pipeline: every block's children must run exactly once per forward to be "
                          f"split points; ran {order}")
+    names = order  # call order (a layer may define its children in another order: HF Llama does)
     # parameters outside the blocks: before the first block (embeddings) or after it (final norm, head)
     in_atoms = {id(p) for n in names for p in model.get_submodule(n).parameters()}
     first_block = calls.index(model.get_submodule(names[0]))
