@@ -96,7 +96,8 @@ def main() -> None:
               f"param err {r['max_param_error']:.1e} (+{r['ill_conditioned_elements']} ill-conditioned elements, "
               f"max {r['max_ill_conditioned_error']:.1e}); fwd {r['forward']} (plan {r['plan_forward']}) "
               f"bwd {r['backward']} (plan {r['plan_backward']}); checkpoint {r['checkpoint']}"
-              + (f"; compiled: {r['compiled']}" if "compiled" in r else ""))
+              + (f"; compiled: {r['compiled']}" if "compiled" in r else "")
+              + (f"; compiled without the vocabulary split: {r['compiled_no_vocab_split']}" if "compiled_no_vocab_split" in r else ""))
     for name, stages in pipe_rows.items():
         sizes = [s["bytes"] for s in stages]
         print(f"{name:18s} stages bytes {sizes} (plan {[s['plan_bytes'] for s in stages]}), "

@@ -45,8 +45,10 @@ def run_mesh(opts, device, rank, world):
     mesh = init_device_mesh(device, (dp, tp), mesh_dim_names=("dp", "tp"))
     d = mesh["dp"].get_local_rank()
     xs, ys = x[2 * d:2 * d + 2], y[2 * d:2 * d + 2]
+    # torch.compile cannot yet trace PyTorch's vocabulary-parallel embedding (docs/shard.md,
+    # "Compile"): when compiling, keep embeddings and head whole over tp (FSDP2 still shards them)
     plan = fxmem.shard.plan(copy.deepcopy(model).cpu(), xs.cpu(), mesh={"dp": dp, "tp": tp},
-                            precision="bf16" if opts.bf16 else None)
+                            precision="bf16" if opts.bf16 else None, vocab="auto" if opts.no_compile else False)
     if rank == 0:
         print(plan)
     sharded = fxmem.shard.apply(model, plan, mesh)

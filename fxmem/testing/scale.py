@@ -171,12 +171,20 @@ def run_mesh(rank: int, world_size: int, case: str, dp: int, tp: int, *, vocab: 
     if checkpoint is not None:
         result["checkpoint"] = _checkpoint_roundtrip(model, plan, mesh, sharded, opt, checkpoint)
     if compile_check:
-        try:
-            result["compiled"] = _compiled_step(model, plan, mesh, xs, ys, reference)
-        except Exception as exc:  # noqa: BLE001 - recorded: how torch.compile fails on this composition
-            from fxmem.testing.tp import _describe_failure
+        from fxmem.testing.tp import _describe_failure
 
-            result["compiled"] = {"failure": _describe_failure(exc)}
+        # the plan as made, then without the vocabulary split: PyTorch's vocabulary-parallel
+        # embedding (``_MaskPartial``, whose mask lives in placement metadata) does not compile on
+        # torch 2.13 with any AOTAutograd backend (docs/shard.md, "Compile")
+        plans = {"compiled": plan}
+        if plan.tp_plan is not None and plan.tp_plan.vocab:
+            plans["compiled_no_vocab_split"] = fxmem.shard.plan(copy.deepcopy(model), xs, mesh={"dp": dp, "tp": tp},
+                                                                vocab=False)
+        for key, p in plans.items():
+            try:
+                result[key] = _compiled_step(model, p, mesh, xs, ys, reference)
+            except Exception as exc:  # noqa: BLE001 - recorded: how torch.compile fails on this composition
+                result[key] = {"failure": _describe_failure(exc)}
     return result
 
 
@@ -219,7 +227,12 @@ def _compiled_step(model, plan, mesh, xs, ys, reference) -> dict:
     loss.backward()
     opt.step()
     mine = dict(sharded.named_parameters())
-    errors = [float((_full(mine[n]).detach() - p).abs().max()) for n, p in reference["params"].items() if n in mine]
+    errors = []
+    for n, p in reference["params"].items():  # as in run_mesh: Adam's ill-conditioned elements apart
+        if n in mine:
+            mask = reference["grads"][n].abs() >= ILL_CONDITIONED_GRAD
+            diff = (_full(mine[n]).detach() - p).abs()
+            errors.append(float(diff[mask].max()) if mask.any() else 0.0)
     return {"loss_error": abs(_dp_mean(loss, mesh) - reference["loss"]), "max_param_error": max(errors)}
 
 
