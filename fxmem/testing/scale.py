@@ -250,12 +250,14 @@ def run_pipeline(rank: int, world_size: int, case: str, schedule: str, *, layers
     losses: list[torch.Tensor] = []
     saved = [0]
     seen: set[int] = set()
+    keep: list[torch.Tensor] = []  # alive until the end: a freed storage's address is not reused and missed
     params = {p.untyped_storage().data_ptr() for p in stage.submod.parameters()}
 
     def pack(t):
         ptr = t.untyped_storage().data_ptr()
         if ptr not in params and ptr not in seen:
             seen.add(ptr)
+            keep.append(t)
             saved[0] += t.untyped_storage().nbytes()
         return t
 
