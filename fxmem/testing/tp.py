@@ -94,8 +94,10 @@ def _full(t):
 
 
 def _kind(name: str) -> str:
+    """A collective's kind from its op name: functional (``all_gather_into_tensor``) or c10d (``_allgather_base_``)."""
+    flat = name.replace("_", "")
     for kind in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all"):
-        if kind in name:
+        if kind.replace("_", "") in flat:
             return kind
     return name
 

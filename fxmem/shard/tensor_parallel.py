@@ -107,6 +107,8 @@ class ShardPlan:
     forward_collectives: dict[str, int]
     backward_collectives: dict[str, int]
     propagated_collectives: dict[str, int]   # what DTensor's propagator found on the forward graph
+    # every parameter name (tied ones under each name) → the dim it is split on, None if replicated
+    param_shard_dims: dict[str, int | None] = field(default_factory=dict)
 
     @property
     def needs_dtensor_regions(self) -> bool:
@@ -299,13 +301,18 @@ def _parent(names: list[str]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: int, vocab: str | bool = "auto") -> ShardPlan:
+def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: int, vocab: str | bool = "auto",
+         state_factor: float = 1.0) -> ShardPlan:
     """Plan tensor parallelism for ``model`` over ``world_size`` ranks (no process group needed).
 
     ``vocab``: ``"auto"`` splits embeddings / the LM head over the vocabulary where the parameter
     bytes saved per rank exceed the activation bytes the split adds per rank (its collective's
     share, and for a head the local logits beside the gathered ones); ``True`` always, ``False``
     never, or a list of the embedding / head module names to split.
+
+    ``state_factor``: bytes of model state per rank each parameter byte saved by a split stands
+    for — 1 for the weights alone; the mesh plan passes ``4 / dp`` (weights, gradients and two AdamW
+    moments, further sharded over ``dp`` by FSDP2).
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"fxmem.shard.plan: world_size must be a positive int, got {world_size!r}")
@@ -423,7 +430,7 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
         if any(u not in candidate_ops for r in reads[key] for u in r.users):
             fallbacks.append((names, "the weight is also read by other code (a tie to a layer that is not split)"))
             continue
-        saved = node_bytes(w) - node_bytes(w) // world_size
+        saved = int((node_bytes(w) - node_bytes(w) // world_size) * state_factor)
         extra = sum(e for _, _, e in users)
         chosen = vocab is True or (isinstance(vocab, frozenset) and any(n in vocab for n, _, _ in users))
         if chosen or (vocab == "auto" and saved > extra and world_size > 1):
@@ -635,6 +642,7 @@ def _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_
         placements={n: str(p) for n, p in prop.placements.items()}, graph=gm, param_bytes=total,
         per_rank_param_bytes=per_rank, forward_collectives=dict(fwd_total), backward_collectives=dict(bwd_total),
         propagated_collectives=dict(prop.collectives()),
+        param_shard_dims={n: sharded_params.get(id(p)) for n, p in model.named_parameters(remove_duplicate=False)},
     )
 
 

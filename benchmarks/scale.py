@@ -1,0 +1,109 @@
+"""Question: on a 2 × 2 mesh (FSDP2 over dp around tensor parallelism over tp), how much model state
+does each rank hold against one process, is one AdamW step the same, and which collectives does a
+step send; and do two pipeline stages split by memory hold equal bytes and give the same outputs?
+
+    PYTHONPATH=. python benchmarks/scale.py            # 4 gloo processes, then 2
+
+4 processes (gloo, this machine), ``fxmem.shard.plan(mesh={"dp": 2, "tp": 2})`` + ``apply`` on HF
+Llama (``LlamaForCausalLM`` from a tiny ``LlamaConfig``, grouped-query) and the built-in GPT: per-rank
+bytes of parameters, gradients and AdamW state (local shards) against one process (target ≤ 0.3×),
+loss and parameters after one AdamW step against one process on the global batch (1e-5),
+collectives of one forward and one backward counted by ``CommDebugMode`` against the plan's; the
+GPT once more compiled with ``backend="fxmem"``. 2 processes: ``fxmem.shard.pipeline(stages=2)``
+with GPipe and 1F1B on both models (8 layers; untied GPT): per-stage bytes (parameters + saved activations
+per microbatch × microbatches in flight, measured on each stage) and the loss and gradients
+against one process. Writes benchmarks/results/scale.json and scale.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+from fxmem.testing import scale, tp
+
+
+def _mesh_job(rank, world, tmp):
+    out = {}
+    for case in ("llama", "gpt"):
+        start = time.perf_counter()
+        out[case] = scale.run_mesh(rank, world, case, 2, 2, checkpoint=os.path.join(tmp, case),
+                                   compile_check=case == "gpt")
+        out[case]["seconds"] = time.perf_counter() - start
+    return out
+
+
+def _pipe_job(rank, world):
+    return {f"{case} {schedule}": scale.run_pipeline(rank, world, case, schedule, layers=8)
+            for case in ("llama", "gpt_untied") for schedule in ("gpipe", "1f1b")}
+
+
+def _plot(mesh_rows, pipe_rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = [r["case"] for r in mesh_rows]
+    for i, key in enumerate(("params", "grads", "optimizer", "total")):
+        ax1.bar([j + (i - 1.5) * 0.2 for j in range(len(mesh_rows))],
+                [r["bytes"][key] / r["single_bytes"][key] for r in mesh_rows], 0.2, label=key)
+    ax1.axhline(0.3, color="k", ls="--", lw=1, label="target 0.3")
+    ax1.axhline(0.25, color="gray", ls=":", lw=1, label="1/4")
+    ax1.set_xticks(range(len(mesh_rows)), labels)
+    ax1.set_ylabel("bytes per rank / one process")
+    ax1.set_title("model state per rank, 2 x 2 mesh (gloo)")
+    ax1.legend(fontsize=8)
+    names = list(pipe_rows)
+    for s in (0, 1):
+        ax2.bar([j + (s - 0.5) * 0.35 for j in range(len(names))], [pipe_rows[n][s]["bytes"] for n in names], 0.35,
+                label=f"stage {s}")
+    ax2.set_xticks(range(len(names)), names, fontsize=8)
+    ax2.set_ylabel("bytes (params + activations in flight)")
+    ax2.set_title("pipeline stages (measured per stage)")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    opts = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        mesh = tp.spawn(_mesh_job, 4, tmp)
+    pipe = tp.spawn(_pipe_job, 2)
+    mesh_rows = []
+    for case in ("llama", "gpt"):
+        per_rank = [r[case] for r in mesh]
+        r0 = dict(per_rank[0])
+        r0["bytes"] = {k: max(r["bytes"][k] for r in per_rank) for k in r0["bytes"]}   # the fullest rank
+        r0["ratio"] = r0["bytes"]["total"] / r0["single_bytes"]["total"]
+        r0["max_param_error"] = max(r["max_param_error"] for r in per_rank)
+        r0["max_ill_conditioned_error"] = max(r["max_ill_conditioned_error"] for r in per_rank)
+        mesh_rows.append(r0)
+    pipe_rows = {name: [r[name] for r in pipe] for name in pipe[0]}
+    os.makedirs(opts.out, exist_ok=True)
+    with open(os.path.join(opts.out, "scale.json"), "w") as f:
+        json.dump({"question": __doc__.split("\n\n")[0], "mesh": mesh_rows, "pipeline": pipe_rows}, f, indent=1, default=str)
+    _plot(mesh_rows, pipe_rows, os.path.join(opts.out, "scale.png"))
+    for r in mesh_rows:
+        print(f"{r['case']:6s} 2x2: state/rank {r['bytes']['total']} B vs one process {r['single_bytes']['total']} B "
+              f"= {r['ratio']:.3f}x (plan {r['plan_bytes']['total']} B); loss err {r['loss_error']:.1e}, "
+              f"param err {r['max_param_error']:.1e} (+{r['ill_conditioned_elements']} ill-conditioned elements, "
+              f"max {r['max_ill_conditioned_error']:.1e}); fwd {r['forward']} (plan {r['plan_forward']}) "
+              f"bwd {r['backward']} (plan {r['plan_backward']}); checkpoint {r['checkpoint']}"
+              + (f"; compiled: {r['compiled']}" if "compiled" in r else "")
+              + (f"; compiled without the vocabulary split: {r['compiled_no_vocab_split']}" if "compiled_no_vocab_split" in r else ""))
+    for name, stages in pipe_rows.items():
+        sizes = [s["bytes"] for s in stages]
+        print(f"{name:18s} stages bytes {sizes} (plan {[s['plan_bytes'] for s in stages]}), "
+              f"largest/smallest {max(sizes) / min(sizes):.3f}; loss err {stages[-1]['loss_error']:.1e}, "
+              f"grad err {max(s['max_grad_error'] for s in stages):.1e}")
+
+
+if __name__ == "__main__":
+    main()
