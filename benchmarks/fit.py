@@ -14,6 +14,7 @@ step does): the built-in GPT and HF Llama (2 layers, GQA, vocab 32k, as in
 
     PYTHONPATH=. python benchmarks/fit.py --quick                 # CPU, small shapes
     PYTHONPATH=. python benchmarks/fit.py --device cuda --out $OUT/fit.json
+    PYTHONPATH=. python benchmarks/fit.py --quick --reuse-measured old.json   # new estimates, old measurements
 
 Writes JSON after every case and a PNG beside it.
 """
@@ -81,13 +82,17 @@ def make_case(name: str, quick: bool) -> tuple[nn.Module, tuple, str]:
     return HFLoss(model), (ids, ids), f"HF Llama, 2 layers, d {d}, GQA 8/2, vocab 32000, B {batch} x T {seq}, loss inside"
 
 
-def run_case(name: str, quick: bool, device: torch.device, steps: int) -> dict[str, Any]:
+def run_case(name: str, quick: bool, device: torch.device, steps: int, reuse: dict | None = None) -> dict[str, Any]:
+    """``reuse``: a previous run's case (same shapes, same device): its measured peaks and step
+    times are kept and only the estimates and choices are computed again (after a change to
+    the estimate, without compiling every candidate again)."""
     model, args, desc = make_case(name, quick)
     model = model.to(device).train()
     args = tuple(a.to(device) for a in args)
     print(f"{name}: {desc}", flush=True)
     torch._dynamo.reset()
-    anchor = measure_options(model, *args, options=None, steps=steps, device=device)
+    old = {r["label"]: r for r in reuse["candidates"]} if reuse else {}
+    anchor = reuse["anchor"] if reuse else measure_options(model, *args, options=None, steps=steps, device=device)
     print(f"  torch.compile: peak {anchor['peak_bytes'] / 2**20:.1f} MiB, step {anchor['step_s'] * 1e3:.1f} ms", flush=True)
     start = time.perf_counter()
     result = fxmem.fit(model, *args, memory=2**50, device=device.type)
@@ -96,7 +101,10 @@ def run_case(name: str, quick: bool, device: torch.device, steps: int) -> dict[s
     for cand in sorted(result.candidates, key=lambda c: c.cost):
         row: dict[str, Any] = {"label": cand.label, "options": cand.options, "estimate_bytes": cand.estimate,
                                "cost": cand.cost, "parts": cand.parts, "error": cand.error}
-        if not cand.error:
+        if cand.label in old and "peak_bytes" in old[cand.label]:
+            row.update(peak_bytes=old[cand.label]["peak_bytes"], step_s=old[cand.label]["step_s"], reused=True)
+            row["estimate_vs_measured"] = cand.estimate / row["peak_bytes"]
+        elif not cand.error:
             torch._dynamo.reset()
             try:
                 row.update(measure_options(model, *args, options=cand.options, steps=steps, device=device))
@@ -181,6 +189,8 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", default=["gpt", "hf_llama"], choices=["gpt", "hf_llama"])
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on the CPU, 20 on CUDA)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--reuse-measured", default=None, metavar="JSON",
+                        help="keep the measurements of this earlier run; estimate and choose again")
     opts = parser.parse_args()
     device = torch.device(opts.device)
     steps = opts.steps or (20 if device.type == "cuda" else 5)
@@ -188,8 +198,14 @@ def main() -> None:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     results: dict[str, Any] = {"question": __doc__.split("\n")[0], "device": device_name(device),
                                "torch": torch.__version__, "quick": opts.quick, "steps": steps, "cases": []}
+    reuse = {}
+    if opts.reuse_measured:
+        with open(opts.reuse_measured) as f:
+            previous = json.load(f)
+        reuse = {c["case"]: c for c in previous["cases"]}
+        results["measured_in"] = opts.reuse_measured
     for name in opts.cases:
-        results["cases"].append(run_case(name, opts.quick, device, steps))
+        results["cases"].append(run_case(name, opts.quick, device, steps, reuse.get(name)))
         with open(out, "w") as f:
             json.dump(results, f, indent=2, default=str)
     plot(results, out)

@@ -290,6 +290,39 @@ def _estimate_training_graph(gm: fx.GraphModule, example_inputs: list, candidate
                               partition_fn=partition_fn, decompositions=DECOMPOSITIONS)
 
 
+def _op_workspace(node: fx.Node) -> int:
+    """Bytes an op allocates inside itself, beyond its outputs (what the graph does not show).
+
+    ``fxmem::linear_cross_entropy`` holds one chunk's logits and their softmax-gradient at a time
+    (``2 × chunk_tokens × vocab`` fp32 values, :mod:`fxmem.kernels.linear_ce`).
+    """
+    if node.op != "call_function" or "linear_cross_entropy" not in str(node.target):
+        return 0
+    from fxmem.kernels.linear_ce import auto_chunk_tokens
+
+    hidden, weight = (a.meta.get("val") for a in node.args[:2])
+    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        return 0
+    rows, d = int(hidden.shape[0]), int(hidden.shape[-1])
+    vocab = int(weight.shape[0])
+    chunk = node.args[8] if len(node.args) > 8 and isinstance(node.args[8], int) and node.args[8] > 0 else 0
+    chunk = min(rows, chunk or auto_chunk_tokens(rows, vocab, d))
+    return 2 * chunk * vocab * 4
+
+
+def _peak_with_workspace(timeline, fw: fx.GraphModule, bw: fx.GraphModule | None) -> int:
+    """The timeline's peak, or higher where an op's own workspace sits on top of the live bytes."""
+    nodes = {("forward", n.name): n for n in fw.graph.nodes}
+    if bw is not None:
+        nodes.update({("backward", n.name): n for n in bw.graph.nodes})
+    peak = timeline.peak_bytes
+    for stage, name, live in timeline.points:
+        node = nodes.get((stage, name))
+        if node is not None:
+            peak = max(peak, live + _op_workspace(node))
+    return peak
+
+
 def _estimate_partition(cand: Candidate, joint: fx.GraphModule, joint_inputs, config: FxmemConfig,
                         num_fwd_outputs: int, static) -> None:
     from fxmem.analysis.sizes import PARAM_META_KEY
@@ -310,7 +343,7 @@ def _estimate_partition(cand: Candidate, joint: fx.GraphModule, joint_inputs, co
     fw_cost, bw_cost = graph_cost(fw), graph_cost(bw)
     parts = cand.parts
     parts["batch"] = max(parts.get("batch", 0), timeline.input_bytes)
-    parts["activations"] = parts.get("activations", 0) + timeline.peak_bytes - timeline.input_bytes
+    parts["activations"] = parts.get("activations", 0) + _peak_with_workspace(timeline, fw, bw) - timeline.input_bytes
     parts["_flops"] = parts.get("_flops", 0) + fw_cost.flops + bw_cost.flops
     parts["_bytes"] = parts.get("_bytes", 0) + fw_cost.bytes_moved + bw_cost.bytes_moved
 
