@@ -19,9 +19,9 @@ How it works (docs/fit.md has the reasoning):
    ``torch.compile(backend="fxmem")`` would run), and :func:`fxmem.analysis.timeline.step_timeline`
    walks the forward and backward as Inductor's fused code has them. The estimate of a step is
    parameters + buffers + that timeline's peak (batch, activations, the backward's transients,
-   gradients) + optimizer state, + the fixed per-step overhead measured in calibration
-   (:data:`CALIBRATION`). Inference: the weights each pass would leave plus the inference graph's
-   peak.
+   gradients) + optimizer state, plus the chunked-loss op's own workspace. Inference: the
+   weights each pass would leave plus the inference graph's peak. How close this comes to
+   measured peaks: docs/fit.md, "Calibration".
 4. **Time cost.** FLOPs and bytes moved of the forward and backward graphs
    (:mod:`fxmem.analysis.cost`), combined as a roofline: ``flops + balance · bytes``, with
    ``balance`` the FLOPs per byte of the device (:data:`MACHINE_BALANCE`). Recomputation shows up
@@ -66,9 +66,6 @@ OPTIMIZER_STATE = {None: 0, "sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
 MACHINE_BALANCE = {"cuda": 150.0, "cpu": 8.0}
 """FLOPs per byte of memory traffic at which compute and bandwidth take equal time (H100: about
 500 TFLOP/s dense TF32-bf16 over 3.3 TB/s; a server CPU: about 200 GFLOP/s over 25 GB/s)."""
-
-CALIBRATION = {"cpu": 0, "cuda": 0}
-"""Bytes a step holds beyond the estimated timeline, measured (``benchmarks/fit.py``): see docs/fit.md."""
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -495,7 +492,7 @@ def _largest_unit_bytes(model: torch.nn.Module) -> int:
 
 def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = None, memory: int | float | str,
         mode: str = "training", allow: Iterable[str] = (), optimizer: str | None = None,
-        world_size: int | None = None, mesh: Mapping[str, int] | None = None, headroom: float = 0.05,
+        world_size: int | None = None, mesh: Mapping[str, int] | None = None, headroom: float = 0.10,
         device: str | torch.device | None = None, budgets: Sequence[float] = REMAT_BUDGETS) -> FitResult:
     """The fastest fxmem options whose estimated peak fits ``memory`` (bytes, or ``"12GiB"``).
 
@@ -556,7 +553,6 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
     candidates = [c for c in candidates if not c.same_as]
     state = _state_bytes(model)
     grads = _gradient_bytes(model)
-    calibration = CALIBRATION.get(dev_type, 0)
     for cand in candidates:
         if cand.error:
             continue
@@ -574,8 +570,6 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
             moved = moved - state + new["parameters"] * ranks  # the weights read are the stored ones
         if ranks > 1:  # FSDP all-gathers one unit's parameters (and its gradients before reduce-scatter)
             new["fsdp unit"] = 2 * _largest_unit_bytes(model) // tp if training else _largest_unit_bytes(model) // tp
-        if calibration:
-            new["calibration"] = calibration
         cand.parts = new
         cand.estimate = int(sum(new.values()))
         cand.cost = float(flops + balance * moved)
