@@ -538,10 +538,9 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
     for b in budgets:
         parse_options(remat={"budget": b})  # a bad budget fails here, naming what is accepted
     specs = training_candidates(allow, budgets) if training else inference_candidates(allow)
+    # parse_options here also checks that fit's own output is options the backend accepts
     candidates = [Candidate(label, options, lossy=tuple(parse_options(options).lossy_options())
                             + (("precision",) if "precision" in options else ())) for label, options in specs]
-    for cand in candidates:  # fit's own output must be options the backend accepts
-        parse_options(cand.options)
     sink: dict[str, int] = {}
     if training:
         capture_graphs(model, args, kwargs, training=True,
