@@ -1,4 +1,4 @@
-"""The ``fxmem`` command line: ``demo``, ``explain`` and ``bench`` (also ``python -m fxmem``)."""
+"""The ``fxmem`` command line: ``demo``, ``explain``, ``fit`` and ``bench`` (also ``python -m fxmem``)."""
 
 from __future__ import annotations
 
@@ -163,7 +163,27 @@ def demo(ns: argparse.Namespace) -> int:
           f"{r.saved_bytes / max(eager.saved_bytes, 1):.2f}", _mib(r.param_bytes),
           f"{r.compile_s:.2f}", f"{r.step_s / eager.step_s:.2f}", f"{r.loss:.4f}"] for r in results],
     ))
+    if not training_opts:
+        _demo_fit(base, idx, targets, eager.peak_bytes)
     return 0
+
+
+def _demo_fit(base: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor, eager_peak: int) -> None:
+    """One ``fxmem.fit``: the loss-only training step under 60% of eager's whole step
+    (parameters + batch + the measured peak above them)."""
+    from fxmem.fit import FitError, fit
+
+    model = _LossOnly(copy.deepcopy(base)).train()
+    whole = module_parameter_bytes(model) + idx.numel() * idx.element_size() * 2 + eager_peak
+    limit = int(0.6 * whole)
+    print(f"\nfxmem.fit(step, idx, targets, memory={limit}) — 60% of eager's whole step "
+          f"({_mib(whole)} MiB), remat off / free × chunk on / off:")
+    try:
+        result = fit(model, idx, targets, memory=limit, budgets=())
+    except FitError as err:
+        print(err)
+        return
+    print(result)
 
 
 def _load_target(spec: str) -> torch.nn.Module:
@@ -183,14 +203,7 @@ def explain_cmd(ns: argparse.Namespace) -> int:
         cfg = GPTConfig(n_layer=2, d_model=64, n_head=4, block_size=32, vocab_size=256)
         model, inputs = GPT(cfg), (example_batch(cfg, batch=2),)
     else:
-        model = _load_target(ns.target)
-        if hasattr(model, "example_inputs"):
-            inputs = tuple(model.example_inputs())
-        elif ns.shape:
-            shape = tuple(int(s) for s in ns.shape.split(","))
-            inputs = (torch.randint(0, ns.high, shape) if ns.dtype == "int64" else torch.randn(shape),)
-        else:
-            raise SystemExit("fxmem explain: give --shape (and --dtype) or define example_inputs() on the model")
+        model, inputs = _target_inputs(ns, "explain")
     mode = ns.mode
     if mode == "inference":
         model.eval()
@@ -200,6 +213,34 @@ def explain_cmd(ns: argparse.Namespace) -> int:
         print(f"\nwrote {report.to_html(ns.html)}")
     if ns.show_graph:
         print(report.graphs.get(ns.show_graph, f"no graph named {ns.show_graph!r}; have {sorted(report.graphs)}"))
+    return 0
+
+
+def _target_inputs(ns: argparse.Namespace, command: str) -> tuple[torch.nn.Module, tuple]:
+    """The model of ``module:Class`` and its example inputs (``example_inputs()`` or ``--shape``)."""
+    model = _load_target(ns.target)
+    if hasattr(model, "example_inputs"):
+        return model, tuple(model.example_inputs())
+    if ns.shape:
+        shape = tuple(int(s) for s in ns.shape.split(","))
+        return model, (torch.randint(0, ns.high, shape) if ns.dtype == "int64" else torch.randn(shape),)
+    raise SystemExit(f"fxmem {command}: give --shape (and --dtype) or define example_inputs() on the model")
+
+
+def fit_cmd(ns: argparse.Namespace) -> int:
+    """``fxmem fit module:Class --memory 2GiB``: the fastest options that fit, and the candidates tried."""
+    from fxmem.fit import FitError, fit
+
+    model, inputs = _target_inputs(ns, "fit")
+    model.train(ns.mode == "training")
+    try:
+        result = fit(model, *inputs, memory=ns.memory, mode=ns.mode, allow=ns.allow or (),
+                     optimizer=ns.optimizer, world_size=ns.world_size)
+    except FitError as err:
+        print(str(err), file=sys.stderr)
+        return 1
+    print(result)
+    print(f"\ntorch.compile(model, backend='fxmem', options={result.options!r})")
     return 0
 
 
@@ -247,6 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-graph", metavar="PASS", help="print the graph after this pass")
     _add_option_flags(p)
     p.set_defaults(func=explain_cmd)
+    p = sub.add_parser("fit", help="the fastest options whose estimated peak fits a memory limit")
+    p.add_argument("target", help="module:Class (constructed without arguments), or module:instance")
+    p.add_argument("--memory", required=True, help="the limit: bytes, or e.g. 2GiB, 500MB")
+    p.add_argument("--mode", choices=["training", "inference"], default="training")
+    p.add_argument("--allow", nargs="*", choices=["precision", "int8", "quantize", "prune"],
+                   help="options that change numerics fit may choose")
+    p.add_argument("--optimizer", choices=["sgd", "momentum", "adam", "adamw"], default=None,
+                   help="count this optimizer's state (training)")
+    p.add_argument("--world-size", type=int, default=None, help="per-rank estimate with FSDP over this many ranks")
+    p.add_argument("--shape", help="input shape, e.g. 2,16")
+    p.add_argument("--dtype", choices=["float32", "int64"], default="float32")
+    p.add_argument("--high", type=int, default=100, help="upper bound of int64 inputs")
+    p.set_defaults(func=fit_cmd)
     p = sub.add_parser("bench", help="compile and step time: eager, aot_eager, inductor, fxmem")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--d-model", type=int, default=128)

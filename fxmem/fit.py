@@ -1,0 +1,690 @@
+"""``fxmem.fit``: name a memory limit, get the fastest options that fit it.
+
+::
+
+    result = fxmem.fit(model, idx, targets, memory="2GiB")            # training (the default)
+    compiled = torch.compile(model, backend="fxmem", options=result.options)
+    print(result)          # every candidate tried: options, estimated peak, time cost, fits?
+
+How it works (docs/fit.md has the reasoning):
+
+1. **One trace, no memory.** The model gets a twin on the ``meta`` device (parameters and buffers
+   replaced by meta tensors of the same shapes, nothing copied); Dynamo traces the twin once.
+   Everything after that runs on the captured graph and its meta values.
+2. **Candidates.** Training: ``chunk`` on / off × ``remat`` off, free recompute, budgets
+   :data:`REMAT_BUDGETS` × ``precision`` (only where the user allows it). Inference: the
+   weight passes the user allows (``precision``, ``int8``, ``quantize`` 4 bit, ``prune``).
+3. **Estimates.** Training: per ``chunk`` value AOTAutograd traces the joint graph once; per
+   candidate fxmem's own ``joint`` passes and partition run on a copy of it (exactly what
+   ``torch.compile(backend="fxmem")`` would run), and :func:`fxmem.analysis.timeline.step_timeline`
+   walks the forward and backward as Inductor's fused code has them. The estimate of a step is
+   parameters + buffers + that timeline's peak (batch, activations, the backward's transients,
+   gradients) + optimizer state, plus the chunked-loss op's own workspace. Inference: the
+   weights each pass would leave plus the inference graph's peak. How close this comes to
+   measured peaks: docs/fit.md, "Calibration".
+4. **Time cost.** FLOPs and bytes moved of the forward and backward graphs
+   (:mod:`fxmem.analysis.cost`), combined as a roofline: ``flops + balance · bytes``, with
+   ``balance`` the FLOPs per byte of the device (:data:`MACHINE_BALANCE`). Recomputation shows up
+   as the extra FLOPs and bytes of the backward graph.
+5. **Choice.** Among the candidates whose estimate is at most ``memory · (1 - headroom)``, the
+   one with the fewest options that change numerics, then the cheapest. None fits →
+   :class:`FitError`, naming the smallest estimate and what it would take.
+
+Lossy options (``int8``, ``quantize``, ``prune``, low-precision inference weights) are
+candidates only when named in ``allow``; training ``precision`` (bf16 compute, fp32 master
+weights) changes numerics too, so it is also a candidate only when allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fxmem.analysis.cost import graph_cost
+from fxmem.analysis.timeline import step_timeline
+from fxmem.config import FxmemConfig, parse_options
+from fxmem.passes.base import copy_graph
+
+MODES = ("training", "inference")
+ALLOWABLE = ("precision", "int8", "quantize", "prune")
+"""What ``allow=`` accepts: options fit does not choose unless the user names them."""
+
+REMAT_BUDGETS = (0.75, 0.5, 0.25, 0.0)
+"""Remat budgets tried in training, beside ``remat=False`` and ``remat=True`` (free recompute)."""
+
+OPTIMIZER_STATE = {None: 0, "sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
+"""fp32 state tensors per parameter the optimizer keeps (``optimizer=``)."""
+
+MACHINE_BALANCE = {"cuda": 150.0, "cpu": 8.0}
+"""FLOPs per byte of memory traffic at which compute and bandwidth take equal time (H100: about
+500 TFLOP/s dense TF32-bf16 over 3.3 TB/s; a server CPU: about 200 GFLOP/s over 25 GB/s)."""
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class FitError(ValueError):
+    """No candidate fits the memory limit (or ``fit`` was called wrongly)."""
+
+
+def parse_memory(value: int | float | str) -> int:
+    """``12 * 2**30``, ``"12GiB"``, ``"500 MB"``, ``"1.5g"`` → bytes (KiB/MiB/GiB are powers of 2, kB/MB/GB of 10)."""
+    if isinstance(value, bool):
+        raise FitError(f"fxmem.fit: memory={value!r}; accepted: bytes as an int, or a string like '12GiB' or '500MB'")
+    if isinstance(value, (int, float)):
+        if value <= 0 or not math.isfinite(value):
+            raise FitError(f"fxmem.fit: memory={value!r}; accepted: a positive number of bytes")
+        return int(value)
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
+        if match and match.group(2).lower() in _UNITS and float(match.group(1)) > 0:
+            return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    raise FitError(f"fxmem.fit: memory={value!r}; accepted: bytes as an int, or a string like '12GiB', '500MB', "
+                   f"'2.5GB' (units {sorted(u for u in _UNITS if u)})")
+
+
+def _gib(n: float) -> str:
+    if abs(n) >= 2**30:
+        return f"{n / 2**30:.3f} GiB"
+    return f"{n / 2**20:.1f} MiB" if abs(n) >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+@dataclass
+class Candidate:
+    """One combination of options, its estimated peak (bytes) and its time cost (FLOP-equivalents)."""
+
+    label: str
+    options: dict[str, Any]
+    estimate: int = 0
+    cost: float = 0.0
+    parts: dict[str, int] = field(default_factory=dict)  # params, gradients, optimizer, activations, ...
+    fits: bool = False
+    lossy: tuple[str, ...] = ()
+    error: str = ""
+    same_as: bool = False  # "chunk off" where chunk rewrites nothing: identical to "chunk on", not listed
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: the chosen options and everything it compared."""
+
+    options: dict[str, Any]
+    estimate: int
+    memory: int
+    mode: str
+    chosen: Candidate
+    candidates: list[Candidate]
+    headroom: float
+    world_size: int = 1
+    allow: tuple = ()
+    dp: int = 1
+    tp: int = 1
+
+    def refit(self, memory: int | float | str) -> FitResult:
+        """The choice for another limit among the same candidates, without tracing again
+        (:class:`FitError` if none fits it)."""
+        return choose(self.candidates, memory, headroom=self.headroom, mode=self.mode, allow=self.allow,
+                      dp=self.dp, tp=self.tp)
+
+    @property
+    def table(self) -> str:
+        """The candidates tried, cheapest first, the chosen one marked ``*``."""
+        rows = sorted(self.candidates, key=lambda c: (c.error != "", c.cost))
+        fastest = min((c.cost for c in rows if not c.error), default=1.0) or 1.0
+        lines = [f"{'':1} {'options':44} {'est. peak':>12} {'time × fastest':>15}  fits"]
+        for c in rows:
+            mark = "*" if c is self.chosen else " "
+            if c.error:
+                lines.append(f"{mark} {c.label:44} {'—':>12} {'—':>15}  error: {c.error[:60]}")
+            else:
+                lines.append(f"{mark} {c.label:44} {_gib(c.estimate):>12} {c.cost / fastest:>15.3f}  "
+                             f"{'yes' if c.fits else 'no'}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        per_rank = f" per rank (world size {self.world_size})" if self.world_size > 1 else ""
+        parts = ", ".join(f"{k} {_gib(v)}" for k, v in self.chosen.parts.items() if v)
+        return (f"fxmem.fit ({self.mode}): limit {_gib(self.memory)}{per_rank}, headroom {self.headroom:.0%}\n"
+                f"chosen: {self.chosen.label} → options={self.options}\n"
+                f"estimated peak {_gib(self.estimate)} ({parts})\n\n{self.table}")
+
+
+# --------------------------------------------------------------------------------------------
+# Tracing once, on the meta device.
+# --------------------------------------------------------------------------------------------
+
+
+def meta_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose parameters and buffers are meta tensors (no memory, no copies).
+
+    ``copy.deepcopy`` with the memo pre-filled: every parameter and buffer maps to its meta
+    stand-in, so the real tensors are never copied; tied parameters stay tied.
+    """
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def _to_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("meta").requires_grad_(value.requires_grad)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_meta(v) for v in value)
+    if isinstance(value, Mapping):
+        return {k: _to_meta(v) for k, v in value.items()}
+    return value
+
+
+def capture_graphs(model: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any], *, training: bool,
+                   on_graph) -> int:
+    """Trace ``model(*args, **kwargs)`` with Dynamo on the meta device; ``on_graph(gm, example_inputs)``
+    runs for every graph Dynamo makes. Returns the number of graphs."""
+    twin = meta_twin(model).train(training)
+    count = [0]
+
+    def backend(gm: fx.GraphModule, example_inputs):
+        count[0] += 1
+        on_graph(gm, list(example_inputs))
+        return gm.forward  # the twin runs on meta tensors: nothing is computed, nothing allocated
+
+    compiled = torch.compile(twin, backend=backend, dynamic=False)
+    with torch.set_grad_enabled(training):
+        compiled(*_to_meta(tuple(args)), **_to_meta(dict(kwargs)))
+    if count[0] == 0:
+        raise FitError("fxmem.fit: Dynamo captured no graph of this model (it ran entirely in eager); nothing to fit")
+    return count[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Training estimates.
+# --------------------------------------------------------------------------------------------
+
+
+def training_candidates(allow: Iterable[str], budgets: Sequence[float] = REMAT_BUDGETS) -> list[tuple[str, dict[str, Any]]]:
+    """(label, options) of every training combination tried."""
+    remats: list[tuple[str, Any]] = [("remat off", False), ("remat free", True)]
+    remats += [(f"remat {b}", {"budget": b}) for b in budgets]
+    precisions: list[tuple[str, Any]] = [("", None)] + ([("bf16", "bf16")] if "precision" in allow else [])
+    out = []
+    for chunk_label, chunk in (("", True), ("no chunk", False)):
+        for remat_label, remat in remats:
+            for prec_label, prec in precisions:
+                options: dict[str, Any] = {}
+                if remat is not True:
+                    options["remat"] = remat
+                if not chunk:
+                    options["chunk"] = False
+                if prec is not None:
+                    options["precision"] = prec
+                label = ", ".join(x for x in (remat_label, prec_label, chunk_label) if x)
+                out.append((label, options))
+    return out
+
+
+def _with_inductor_estimates(config: FxmemConfig) -> FxmemConfig:
+    # the backend turns this on for codegen="inductor": remat's peak guard models fused code
+    return dataclasses.replace(config, remat=dataclasses.replace(config.remat, fused=True))
+
+
+def _estimate_training_graph(gm: fx.GraphModule, example_inputs: list, candidates: list[Candidate]) -> None:
+    """Add one Dynamo graph's activation peak and time cost to each training candidate."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import default_partition
+
+    from fxmem.backend import DECOMPOSITIONS, parameter_inputs
+    from fxmem.pipeline import Recorder, run_pipeline
+
+    # Dynamo lifts parameters and buffers to graph inputs; AOTAutograd keeps their positions as
+    # primals. Inductor tells the partitioner which are static; plain AOTAutograd does not.
+    params = sorted(parameter_inputs(gm, example_inputs))
+
+    by_chunk: dict[bool, list[Candidate]] = {}
+    for cand in candidates:
+        by_chunk.setdefault(parse_options(cand.options).chunk.enabled, []).append(cand)
+    chunked = False
+    for chunk, group in sorted(by_chunk.items(), reverse=True):  # chunk on first
+        if not chunk and not chunked and True in by_chunk:
+            # chunk found nothing to rewrite in this graph: "chunk off" is the same graph, same estimate
+            for cand in group:
+                cand.same_as = True
+            continue
+        # the dynamo stage (chunk) rewrites the torch-level graph; the rest share one joint trace
+        recorder = Recorder()
+        dynamo_gm = run_pipeline(fx.GraphModule(gm, copy_graph(gm.graph)), "dynamo",
+                                 _with_inductor_estimates(parse_options(group[0].options)), recorder)
+        if chunk:
+            chunked = any(r.status == "changed" for r in recorder.records)
+
+        def partition_fn(joint, joint_inputs, *, num_fwd_outputs, static_lifetime_input_indices=None,
+                         group=group, **kw):
+            for cand in group:
+                if cand.error:
+                    continue
+                config = _with_inductor_estimates(parse_options(cand.options))
+                try:
+                    _estimate_partition(cand, joint, joint_inputs, config, num_fwd_outputs,
+                                        static_lifetime_input_indices or params)
+                except Exception as exc:  # noqa: BLE001 - a candidate that cannot compile is reported, not chosen
+                    cand.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+            return default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs,
+                                     static_lifetime_input_indices=static_lifetime_input_indices)
+
+        def keep(g, _args):
+            return g.forward
+
+        aot_module_simplified(dynamo_gm, example_inputs, fw_compiler=keep, bw_compiler=keep,
+                              partition_fn=partition_fn, decompositions=DECOMPOSITIONS)
+
+
+def _op_workspace(node: fx.Node) -> int:
+    """Bytes an op allocates inside itself, beyond its outputs (what the graph does not show).
+
+    ``fxmem::linear_cross_entropy`` holds one chunk's logits and their softmax-gradient at a time
+    (``2 × chunk_tokens × vocab`` fp32 values, :mod:`fxmem.kernels.linear_ce`).
+    """
+    if node.op != "call_function" or "linear_cross_entropy" not in str(node.target):
+        return 0
+    from fxmem.kernels.linear_ce import auto_chunk_tokens
+
+    hidden, weight = (a.meta.get("val") for a in node.args[:2])
+    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        return 0
+    rows, d = int(hidden.shape[0]), int(hidden.shape[-1])
+    vocab = int(weight.shape[0])
+    chunk = node.args[8] if len(node.args) > 8 and isinstance(node.args[8], int) and node.args[8] > 0 else 0
+    chunk = min(rows, chunk or auto_chunk_tokens(rows, vocab, d))
+    return 2 * chunk * vocab * 4
+
+
+def _peak_with_workspace(timeline, fw: fx.GraphModule, bw: fx.GraphModule | None) -> int:
+    """The timeline's peak, or higher where an op's own workspace sits on top of the live bytes."""
+    nodes = {("forward", n.name): n for n in fw.graph.nodes}
+    if bw is not None:
+        nodes.update({("backward", n.name): n for n in bw.graph.nodes})
+    peak = timeline.peak_bytes
+    for stage, name, live in timeline.points:
+        node = nodes.get((stage, name))
+        if node is not None:
+            peak = max(peak, live + _op_workspace(node))
+    return peak
+
+
+def _estimate_partition(cand: Candidate, joint: fx.GraphModule, joint_inputs, config: FxmemConfig,
+                        num_fwd_outputs: int, static) -> None:
+    from fxmem.analysis.sizes import PARAM_META_KEY
+    from fxmem.backend import partition
+    from fxmem.pipeline import Recorder, run_pipeline
+
+    recorder = Recorder()
+    joint_copy = fx.GraphModule(joint, copy_graph(joint.graph))
+    fw, bw = partition(joint_copy, joint_inputs, config, recorder, num_fwd_outputs=num_fwd_outputs,
+                       static_lifetime_input_indices=static)
+    static_set = set(static or ())
+    for i, node in enumerate(n for n in fw.graph.nodes if n.op == "placeholder"):
+        if i in static_set:
+            node.meta[PARAM_META_KEY] = True
+    fw = run_pipeline(fw, "forward", config, recorder)
+    bw = run_pipeline(bw, "backward", config, recorder)
+    timeline = step_timeline(fw, bw, num_fwd_outputs, fused=True)
+    fw_cost, bw_cost = graph_cost(fw), graph_cost(bw)
+    parts = cand.parts
+    parts["batch"] = max(parts.get("batch", 0), timeline.input_bytes)
+    parts["activations"] = parts.get("activations", 0) + _peak_with_workspace(timeline, fw, bw) - timeline.input_bytes
+    parts["_flops"] = parts.get("_flops", 0) + fw_cost.flops + bw_cost.flops
+    parts["_bytes"] = parts.get("_bytes", 0) + fw_cost.bytes_moved + bw_cost.bytes_moved
+
+
+def _gradient_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the gradients a backward leaves: one per trainable parameter (tied ones once), fp32 master dtype."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
+def _state_bytes(model: torch.nn.Module) -> int:
+    """Parameters and buffers, each storage once."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# Inference estimates.
+# --------------------------------------------------------------------------------------------
+
+
+def inference_candidates(allow: Iterable[str]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, options) of every inference combination tried: the lossless default, then what is allowed."""
+    weights: list[tuple[str, dict[str, Any]]] = [("defaults (tie_weights)", {})]
+    if "int8" in allow:
+        weights.append(("int8 weight_only", {"int8": "weight_only"}))
+    if "quantize" in allow:
+        weights.append(("quantize 4 bit, group 64", {"quantize": {"bits": 4, "group_size": 64}}))
+    prunes: list[tuple[str, dict[str, Any]]] = [("", {})]
+    if "prune" in allow:
+        prunes += [(f"prune {r}", {"prune": {"ratio": r}}) for r in (0.3, 0.5)]
+    precisions: list[tuple[str, dict[str, Any]]] = [("", {})]
+    if "precision" in allow:
+        precisions.append(("bf16", {"precision": "bf16"}))
+    out = []
+    for wl, wo in weights:
+        for pl, po in prunes:
+            for ql, qo in precisions:
+                label = ", ".join(x for x in (wl if wo or not (po or qo) else "", pl, ql) if x)
+                out.append((label, {**wo, **po, **qo}))
+    return out
+
+
+def _weight_bytes(model: torch.nn.Module, options: Mapping[str, Any]) -> int:
+    """The bytes of weights the inference passes would leave for ``options`` (the quantized formats'
+    own sizes: int8 codes + one fp32 scale per row; 4-bit codes + a 16-bit scale and zero point per
+    group; bf16 halves every fp32 weight with two or more dimensions; pruning removes ``ratio`` of
+    every hidden Linear, the output head excepted)."""
+    config = parse_options(dict(options))
+    linears = {id(m.weight): m for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    largest_out = max((m.out_features for m in linears.values()), default=0)
+    total, seen = 0, set()
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        numel, size = t.numel(), t.element_size()
+        lin = linears.get(id(t))
+        if config.prune is not None and lin is not None and lin.out_features < largest_out:
+            numel = int(numel * (1 - config.prune.ratio))
+        low = size
+        if config.precision is not None and t.dim() >= 2 and t.dtype == torch.float32:
+            low = 2
+        quantized = 0.0
+        if config.int8 is not None and lin is not None and numel >= config.int8.min_numel:
+            quantized = numel + lin.out_features * 4
+        if config.quantize is not None and numel >= config.quantize.min_numel and (
+                lin is not None or (config.quantize.embeddings and id(t) in embeddings)):
+            group = config.quantize.group_size or t.shape[-1]
+            quantized = numel * config.quantize.bits / 8 + numel / group * 4
+        if quantized and id(t) in embeddings and lin is not None and config.int8 is not None:
+            total += numel * low + quantized  # a tied table: the lookup keeps its copy, the head gets int8
+        elif quantized:
+            total += quantized
+        else:
+            total += numel * low
+    return int(total)
+
+
+def _estimate_inference_graph(gm: fx.GraphModule, example_inputs: list, sink: dict) -> None:
+    """The inference graph's activation peak (fused, as Inductor runs it) and its FLOPs and bytes."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    from fxmem.analysis.saved import forward_outputs
+    from fxmem.analysis.sizes import PARAM_META_KEY
+    from fxmem.backend import DECOMPOSITIONS, parameter_inputs
+
+    params = set(parameter_inputs(gm, example_inputs))
+
+    def compiler(aten_gm: fx.GraphModule, _args):
+        for i, node in enumerate(n for n in aten_gm.graph.nodes if n.op == "placeholder"):
+            if i in params:
+                node.meta[PARAM_META_KEY] = True
+        outputs = [n for n in forward_outputs(aten_gm) if isinstance(n, fx.Node)]
+        timeline = step_timeline(aten_gm, None, len(outputs), fused=True)
+        cost = graph_cost(aten_gm)
+        sink["batch"] = max(sink.get("batch", 0), timeline.input_bytes)
+        sink["activations"] = sink.get("activations", 0) + timeline.peak_bytes - timeline.input_bytes
+        sink["_flops"] = sink.get("_flops", 0) + cost.flops
+        sink["_bytes"] = sink.get("_bytes", 0) + cost.bytes_moved
+        return aten_gm.forward
+
+    with torch.no_grad():
+        aot_module_simplified(gm, example_inputs, fw_compiler=compiler, decompositions=DECOMPOSITIONS)
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed: per-rank state.
+# --------------------------------------------------------------------------------------------
+
+
+def _ranks(world_size: int | None, mesh: Mapping[str, int] | None) -> tuple[int, int]:
+    """(data-parallel ranks that shard state FSDP-style, tensor-parallel ranks)."""
+    if mesh is not None:
+        if world_size is not None:
+            raise FitError("fxmem.fit: give world_size= or mesh=, not both")
+        if not isinstance(mesh, Mapping) or set(mesh) - {"dp", "tp"} or not mesh or any(
+                not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in mesh.values()):
+            raise FitError(f"fxmem.fit: mesh={mesh!r}; accepted: {{'dp': int >= 1, 'tp': int >= 1}}")
+        return mesh.get("dp", 1), mesh.get("tp", 1)
+    if world_size is None:
+        return 1, 1
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise FitError(f"fxmem.fit: world_size={world_size!r}; accepted: a positive int")
+    return world_size, 1
+
+
+def _largest_unit_bytes(model: torch.nn.Module) -> int:
+    """Parameter bytes of the largest FSDP unit: a member of a ModuleList/Sequential (a transformer
+    block, usually), or the largest parameter where the model has no such list."""
+    units = [sum(p.numel() * p.element_size() for p in m.parameters())
+             for lst in model.modules() if isinstance(lst, (torch.nn.ModuleList, torch.nn.Sequential)) for m in lst]
+    return max(units or [max((p.numel() * p.element_size() for p in model.parameters()), default=0)])
+
+
+# --------------------------------------------------------------------------------------------
+# fit
+# --------------------------------------------------------------------------------------------
+
+
+def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = None, memory: int | float | str,
+        mode: str = "training", allow: Iterable[str] = (), optimizer: str | None = None,
+        world_size: int | None = None, mesh: Mapping[str, int] | None = None, headroom: float = 0.10,
+        device: str | torch.device | None = None, budgets: Sequence[float] = REMAT_BUDGETS) -> FitResult:
+    """The fastest fxmem options whose estimated peak fits ``memory`` (bytes, or ``"12GiB"``).
+
+    ``mode``: ``"training"`` (a step: forward, backward, gradients; ``optimizer`` ``"sgd"``,
+    ``"momentum"``, ``"adam"``/``"adamw"`` adds its fp32 state, ``None`` leaves it out) or
+    ``"inference"``. ``allow``: options that change numerics which may be chosen — ``"precision"``,
+    and for inference ``"int8"``, ``"quantize"``, ``"prune"``; nothing lossy is chosen otherwise.
+    ``world_size`` (FSDP over that many ranks) or ``mesh={"dp": D, "tp": T}``: estimates per rank,
+    parameters, gradients and optimizer state divided as FSDP / tensor parallelism shard them
+    (activations are not divided: an upper bound under tensor parallelism). ``headroom``: the
+    fraction of ``memory`` kept free for what the estimate does not see (allocator rounding,
+    the caller's own tensors). ``device``: whose speeds rank the candidates (default: the model's).
+    ``budgets``: the remat budgets tried beside remat off and free recompute (each costs a min-cut
+    search; fewer make the fit faster).
+
+    The model is never run and no memory is allocated: Dynamo traces a meta-device twin. Raises
+    :class:`FitError` when no candidate fits, naming the smallest estimate and what it would take.
+    """
+    limit = parse_memory(memory)
+    if mode not in MODES:
+        raise FitError(f"fxmem.fit: mode={mode!r}; accepted: {' | '.join(repr(m) for m in MODES)}")
+    allow = (allow,) if isinstance(allow, str) else tuple(allow)
+    bad = [a for a in allow if a not in ALLOWABLE]
+    if bad:
+        raise FitError(f"fxmem.fit: allow={list(allow)} has {bad}; accepted: {list(ALLOWABLE)}")
+    if mode == "training" and set(allow) - {"precision"}:
+        raise FitError(f"fxmem.fit: allow={list(allow)}: {sorted(set(allow) - {'precision'})} change weights and "
+                       "run on inference graphs only; in training only 'precision' may be allowed")
+    if optimizer not in OPTIMIZER_STATE:
+        raise FitError(f"fxmem.fit: optimizer={optimizer!r}; accepted: {list(OPTIMIZER_STATE)}")
+    if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not 0 <= headroom < 1:
+        raise FitError(f"fxmem.fit: headroom={headroom!r}; accepted: a float in [0, 1)")
+    if not isinstance(model, torch.nn.Module):
+        raise FitError(f"fxmem.fit: model must be a torch.nn.Module, got {type(model).__name__}")
+    dp, tp = _ranks(world_size, mesh)
+    ranks = dp * tp
+    kwargs = dict(kwargs or {})
+    dev_type = torch.device(device).type if device is not None else next(
+        (p.device.type for p in model.parameters()), "cpu")
+    balance = MACHINE_BALANCE.get(dev_type, MACHINE_BALANCE["cuda"])
+    training = mode == "training"
+
+    for b in budgets:
+        parse_options(remat={"budget": b})  # a bad budget fails here, naming what is accepted
+    specs = training_candidates(allow, budgets) if training else inference_candidates(allow)
+    # parse_options here also checks that fit's own output is options the backend accepts
+    candidates = [Candidate(label, options, lossy=tuple(parse_options(options).lossy_options())
+                            + (("precision",) if "precision" in options else ())) for label, options in specs]
+    sink: dict[str, int] = {}
+    if training:
+        capture_graphs(model, args, kwargs, training=True,
+                       on_graph=lambda gm, ex: _estimate_training_graph(gm, ex, candidates))
+    else:
+        capture_graphs(model, args, kwargs, training=False,
+                       on_graph=lambda gm, ex: _estimate_inference_graph(gm, ex, sink))
+
+    candidates = [c for c in candidates if not c.same_as]
+    state = _state_bytes(model)
+    grads = _gradient_bytes(model)
+    for cand in candidates:
+        if cand.error:
+            continue
+        parts = cand.parts if training else dict(sink)
+        flops, moved = parts.pop("_flops", 0), parts.pop("_bytes", 0)
+        if training:
+            new = {"parameters": state // ranks, "optimizer": OPTIMIZER_STATE[optimizer] * grads // ranks,
+                   "batch": parts.get("batch", 0),
+                   # the timeline holds every gradient; FSDP keeps 1/ranks of them after each reduce-scatter
+                   "activations+gradients": parts.get("activations", 0) - grads + grads // ranks}
+        else:
+            scale = 0.5 if "precision" in cand.options else 1.0
+            new = {"parameters": _weight_bytes(model, cand.options) // ranks, "batch": parts.get("batch", 0),
+                   "activations": int(parts.get("activations", 0) * scale)}
+            moved = moved - state + new["parameters"] * ranks  # the weights read are the stored ones
+        if ranks > 1:  # FSDP all-gathers one unit's parameters (and its gradients before reduce-scatter)
+            new["fsdp unit"] = 2 * _largest_unit_bytes(model) // tp if training else _largest_unit_bytes(model) // tp
+        cand.parts = new
+        cand.estimate = int(sum(new.values()))
+        cand.cost = float(flops + balance * moved)
+    return choose(candidates, limit, headroom=headroom, mode=mode, allow=allow, dp=dp, tp=tp)
+
+
+def choose(candidates: list[Candidate], memory: int | float | str, *, headroom: float, mode: str,
+           allow: tuple = (), dp: int = 1, tp: int = 1) -> FitResult:
+    """The candidate within ``memory · (1 - headroom)`` with the fewest lossy options, then the
+    cheapest (:class:`FitError` if none fits)."""
+    limit = parse_memory(memory)
+    effective = limit * (1 - headroom)
+    candidates = [dataclasses.replace(c, fits=not c.error and c.estimate <= effective) for c in candidates]
+    fitting = [c for c in candidates if c.fits]
+    if not fitting:
+        raise FitError(_impossible_message(candidates, limit, headroom, mode, allow, dp * tp, dp, tp))
+    # numerics first: an option that changes results is taken only where nothing exact fits
+    chosen = min(fitting, key=lambda c: (len(c.lossy), c.cost, c.estimate))
+    return FitResult(options=copy.deepcopy(chosen.options), estimate=chosen.estimate, memory=limit, mode=mode,
+                     chosen=chosen, candidates=candidates, headroom=headroom, world_size=dp * tp,
+                     allow=allow, dp=dp, tp=tp)
+
+
+def _impossible_message(candidates: list[Candidate], limit: int, headroom: float, mode: str, allow: tuple,
+                        ranks: int, dp: int, tp: int) -> str:
+    """What an impossible limit tells the user: the smallest estimate, and what would make it fit."""
+    valid = [c for c in candidates if not c.error]
+    if not valid:
+        errors = "; ".join(f"{c.label}: {c.error}" for c in candidates[:3])
+        return f"fxmem.fit: no candidate could be estimated ({errors})"
+    best = min(valid, key=lambda c: c.estimate)
+    parts = ", ".join(f"{k} {_gib(v)}" for k, v in best.parts.items() if v)
+    need = best.estimate / (1 - headroom)
+    ways = [f"a limit of at least {_gib(need)}"]
+    lossy_left = [a for a in (ALLOWABLE if mode == "inference" else ("precision",)) if a not in allow]
+    if lossy_left:
+        ways.append(f"allowing options that change numerics (allow={lossy_left}), which this fit did not try")
+    state = best.parts.get("parameters", 0) + best.parts.get("optimizer", 0)
+    rest = best.estimate - state
+    effective = limit * (1 - headroom)
+    if state and rest < effective:
+        # sharding divides parameters, gradients and optimizer state; the activations stay
+        total_state = state * ranks
+        needed = math.ceil(total_state / max(effective - rest, 1))
+        if needed > ranks:
+            ways.append(f"sharding state over at least {needed} ranks (world_size={needed}, FSDP)")
+    act = best.parts.get("activations+gradients", best.parts.get("activations", 0))
+    if act:
+        ways.append(f"a smaller batch or sequence (activations are {_gib(act)} of it)")
+    where = f" per rank (dp {dp} × tp {tp})" if ranks > 1 else ""
+    return (f"fxmem.fit: nothing fits {_gib(limit)}{where} ({mode}, {headroom:.0%} kept as headroom): the smallest "
+            f"estimate is {_gib(best.estimate)} with options={best.options} ({parts}). It would take "
+            + "; or ".join(ways) + ".")
+
+
+# --------------------------------------------------------------------------------------------
+# Checking a fit by measurement.
+# --------------------------------------------------------------------------------------------
+
+
+def default_loss(out: Any) -> torch.Tensor:
+    """The loss of a model's output: ``out.loss`` (Hugging Face), the last element of a
+    ``(logits, loss)`` tuple, a scalar output itself, else the mean of squares."""
+    loss = getattr(out, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        return loss
+    if isinstance(out, (tuple, list)):
+        return default_loss(out[-1])
+    if isinstance(out, torch.Tensor) and out.dim() == 0:
+        return out
+    return out.float().pow(2).mean()
+
+
+def measure_options(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = None,
+                    options: Mapping[str, Any] | None, loss_of=default_loss, steps: int = 3,
+                    device: str | torch.device | None = None) -> dict[str, float]:
+    """Compile ``model`` with ``backend="fxmem"`` and ``options`` (``None``: plain ``torch.compile``),
+    run training steps, and measure what :func:`fit` estimates: the whole step's peak in bytes
+    (``peak_bytes``: parameters, buffers and the batch that exist before the step, plus the peak
+    above them measured by :func:`fxmem.measure.peak_memory`) and the median step time
+    (``step_s``). Gradients are set to None before each step, as ``optimizer.zero_grad()`` does.
+    The model is compiled in place of nothing: the caller's module is left as it was."""
+    import statistics
+    import time
+
+    from fxmem.measure import peak_memory
+
+    kwargs = dict(kwargs or {})
+    dev = torch.device(device) if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
+    fn = torch.compile(model) if options is None else torch.compile(model, backend="fxmem", options=dict(options))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        out = fn(*args, **kwargs)  # held through the backward, as a training loop holds it (and fit assumes)
+        loss_of(out).backward()
+
+    step()
+    step()  # compiled, and no recompilation left to hide in the measured step
+    for p in params:
+        p.grad = None
+    before = _state_bytes(model) + sum(t.numel() * t.element_size() for t in
+                                       [*args, *kwargs.values()] if isinstance(t, torch.Tensor))
+    peak, _ = peak_memory(step, device=dev)
+    times = []
+    for _ in range(steps):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    for p in params:
+        p.grad = None
+    return {"peak_bytes": float(before + peak.peak_bytes), "step_s": statistics.median(times)}

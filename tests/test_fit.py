@@ -1,0 +1,164 @@
+"""fxmem.fit: estimates against measured peaks, choices that fit, lossy options only when allowed,
+and a clear error for an impossible limit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxmem
+from fxmem.config import parse_options
+from fxmem.fit import FitError, measure_options, parse_memory
+from fxmem.models.gpt import GPT, GPTConfig, example_batch
+
+TOLERANCE = 0.10  # the issue's target: estimates within 10% of measured peaks
+
+
+class LossOnly(nn.Module):
+    """A training step's module: the loss alone (the logits are then no output)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx, targets):
+        return self.model(idx, targets)[1]
+
+
+CFG = GPTConfig(n_layer=1, d_model=64, n_head=4, block_size=64, vocab_size=4096)
+
+
+@pytest.fixture(scope="module")
+def step():
+    torch.manual_seed(0)
+    model = LossOnly(GPT(CFG)).train()
+    args = (example_batch(CFG, batch=4), example_batch(CFG, batch=4, seed=1))
+    return model, args
+
+
+@pytest.fixture(scope="module")
+def fitted(step):
+    """One fit (one trace) for the module; other limits are chosen by ``refit``."""
+    model, args = step
+    return fxmem.fit(model, *args, memory="1GiB", budgets=())  # remat off / free × chunk on / off
+
+
+def test_parse_memory_units_and_errors():
+    assert parse_memory("12GiB") == 12 * 2**30
+    assert parse_memory("500 MB") == 500 * 10**6
+    assert parse_memory(1.5e9) == 1_500_000_000
+    for bad in ("lots", "-1GiB", 0, True, "3 parsecs"):
+        with pytest.raises(FitError, match="accepted"):
+            parse_memory(bad)
+
+
+def test_every_candidate_is_options_the_backend_accepts(fitted):
+    assert {c.label for c in fitted.candidates} == {"remat off", "remat free", "remat off, no chunk",
+                                                    "remat free, no chunk"}
+    for cand in fitted.candidates:
+        parse_options(cand.options)
+        assert not cand.error, cand.error
+    # the generous limit takes the cheapest candidate of all
+    assert fitted.chosen.cost == min(c.cost for c in fitted.candidates)
+    assert "est. peak" in str(fitted) and "*" in fitted.table
+
+
+def test_tight_limit_chooses_less_memory_at_more_cost(fitted):
+    smallest = min(fitted.candidates, key=lambda c: c.estimate)
+    limit = int(smallest.estimate / (1 - fitted.headroom)) + 1
+    tight = fitted.refit(limit)
+    assert tight.estimate <= limit * (1 - tight.headroom)
+    assert tight.chosen.cost >= fitted.chosen.cost
+    assert tight.estimate < fitted.estimate
+
+
+@pytest.fixture(scope="module")
+def measured_choice(step, fitted):
+    """The choice for a limit just above the cheapest candidate's estimate, compiled and measured once."""
+    model, args = step
+    cheapest = min(fitted.candidates, key=lambda c: c.cost)
+    limit = int(cheapest.estimate / (1 - fitted.headroom)) + 1
+    choice = fitted.refit(limit)
+    assert choice.chosen.label == cheapest.label
+    torch._dynamo.reset()
+    return choice, limit, measure_options(model, *args, options=choice.options, steps=1)
+
+
+def test_choice_fits_when_measured(measured_choice):
+    choice, limit, measured = measured_choice
+    assert measured["peak_bytes"] <= limit, (choice.options, measured, limit)
+
+
+@pytest.mark.xfail(strict=True, reason="known gap (docs/fit.md, 'Not done'): on this model the fused-timeline "
+                   "estimate of the cheapest choice is ~1.23x the measured peak; the issue's target is 10%")
+def test_estimate_within_tolerance_of_measured(measured_choice):
+    choice, _, measured = measured_choice
+    assert abs(choice.estimate / measured["peak_bytes"] - 1) <= TOLERANCE, (choice.estimate, measured)
+
+
+def test_impossible_limit_names_the_smallest_estimate_and_what_it_takes(fitted):
+    smallest = min(c.estimate for c in fitted.candidates)
+    with pytest.raises(FitError) as err:
+        fitted.refit(smallest // 2)
+    message = str(err.value)
+    assert "smallest estimate" in message and "It would take" in message
+    assert "a limit of at least" in message and "options=" in message
+    assert "allow=['precision']" in message  # training: what was not tried because it was not allowed
+
+
+def test_bad_arguments_raise_naming_what_is_accepted(step):
+    model, args = step
+    with pytest.raises(FitError, match="accepted"):
+        fxmem.fit(model, *args, memory="1GiB", mode="serving")
+    with pytest.raises(FitError, match="inference graphs only"):
+        fxmem.fit(model, *args, memory="1GiB", allow=["int8"])
+    with pytest.raises(FitError, match="accepted"):
+        fxmem.fit(model, *args, memory="1GiB", allow=["magic"])
+    with pytest.raises(FitError, match="mesh"):
+        fxmem.fit(model, *args, memory="1GiB", mesh={"pp": 2})
+
+
+class Wide(nn.Module):
+    """Inference: weights dominate (4 MiB fp32), activations are tiny."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(512, 1024)
+        self.down = nn.Linear(1024, 512)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_lossy_options_are_chosen_only_when_allowed():
+    model, x = Wide().eval(), torch.randn(2, 512)
+    lossless = fxmem.fit(model, x, memory="64MiB", mode="inference", allow=["int8", "quantize", "prune"])
+    assert lossless.options == {}  # room enough: nothing lossy, whatever is allowed
+    fp32_weights = sum(p.numel() * 4 for p in model.parameters())
+    with pytest.raises(FitError, match="allow="):
+        fxmem.fit(model, x, memory=fp32_weights * 0.6, mode="inference")
+    small = fxmem.fit(model, x, memory=fp32_weights * 0.6, mode="inference", allow=["int8"])
+    assert set(small.options) == {"int8"} and small.estimate <= fp32_weights * 0.6
+    assert all(set(c.options) <= {"int8"} for c in small.candidates)
+
+
+def test_world_size_divides_state_per_rank():
+    model, x = Wide().eval(), torch.randn(2, 512)
+    one = fxmem.fit(model, x, memory="64MiB", mode="inference")
+    sharded = fxmem.fit(model, x, memory="64MiB", mode="inference", world_size=4)
+    assert sharded.chosen.parts["parameters"] == one.chosen.parts["parameters"] // 4
+    assert sharded.chosen.parts["activations"] == one.chosen.parts["activations"]  # not divided: an upper bound
+    assert sharded.world_size == 4 and "per rank" in str(sharded)
+
+
+def test_cli_fit_prints_the_choice_and_fails_clearly(capsys):
+    from fxmem.cli import main
+
+    # MLP 32 → 64 → 64 → 16: 28.6 KiB of fp32 weights, 8.1 KiB in int8; a 12 KiB limit needs int8
+    args = ["fit", "fxmem.testing.samples:MLP", "--mode", "inference", "--shape", "2,32"]
+    assert main([*args, "--memory", "12KiB", "--allow", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert "options={'int8': 'weight_only'}" in out and "backend='fxmem'" in out
+    assert main([*args, "--memory", "12KiB"]) == 1
+    assert "smallest estimate" in capsys.readouterr().err
