@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fxmem.kernels import int8_matmul as k8
+from fxmem.testing.interpreter import require_working_interpreter
 
 triton = pytest.importorskip("triton")
 
@@ -26,6 +27,7 @@ def test_interpreting_follows_the_environment(monkeypatch):
 
 @pytest.fixture
 def interpret(monkeypatch):
+    require_working_interpreter()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     yield
 
