@@ -166,23 +166,30 @@ def _(hidden, weight, bias, target, ignore_index, reduction, label_smoothing, up
     return loss, grad_h, grad_w, grad_b
 
 
-def _setup_context(ctx, inputs, output):
-    loss, grad_h, grad_w, grad_b = output
+def save_loss_gradients(ctx, output, need_hidden: bool, need_weight: bool, need_bias: bool) -> None:
+    """Keep the gradients the forward computed (for ``g_loss = 1``) for :func:`scaled_loss_gradients`."""
+    _loss, grad_h, grad_w, grad_b = output
     ctx.mark_non_differentiable(grad_h, grad_w, grad_b)
     ctx.save_for_backward(grad_h, grad_w, grad_b)
-    ctx.flags = (inputs[9], inputs[10], inputs[11] and inputs[2] is not None)
+    ctx.flags = (need_hidden, need_weight, need_bias)
 
 
-def _backward(ctx, g_loss, _g_h, _g_w, _g_b):
+def scaled_loss_gradients(ctx, g_loss) -> tuple:
+    """``(grad_hidden, grad_weight, grad_bias)`` for the upstream gradient ``g_loss``; None where not needed."""
     grad_h, grad_w, grad_b = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.flags
     # the loss is a scalar: its gradient is g_loss times the gradient computed for g_loss = 1
-    return (
-        grad_h * g_loss if need_hidden else None,
-        grad_w * g_loss if need_weight else None,
-        grad_b * g_loss if need_bias else None,
-        None, None, None, None, None, None, None, None, None,
-    )
+    return (grad_h * g_loss if need_hidden else None,
+            grad_w * g_loss if need_weight else None,
+            grad_b * g_loss if need_bias else None)
+
+
+def _setup_context(ctx, inputs, output):
+    save_loss_gradients(ctx, output, inputs[9], inputs[10], inputs[11] and inputs[2] is not None)
+
+
+def _backward(ctx, g_loss, _g_h, _g_w, _g_b):
+    return (*scaled_loss_gradients(ctx, g_loss), None, None, None, None, None, None, None, None, None)
 
 
 linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)

@@ -62,22 +62,13 @@ def _(logits, hidden, weight, bias, *args):
 
 
 def _setup_context(ctx, inputs, output):
-    _loss, grad_h, grad_w, grad_b = output
-    ctx.mark_non_differentiable(grad_h, grad_w, grad_b)
-    ctx.save_for_backward(grad_h, grad_w, grad_b)
-    ctx.flags = (inputs[10], inputs[11], inputs[12] and inputs[3] is not None)
+    linear_ce.save_loss_gradients(ctx, output, inputs[10], inputs[11], inputs[12] and inputs[3] is not None)
 
 
 def _backward(ctx, g_loss, _g_h, _g_w, _g_b):
-    grad_h, grad_w, grad_b = ctx.saved_tensors
-    need_hidden, need_weight, need_bias = ctx.flags
     # logits: None — the loss reaches hidden/weight/bias through them, and that gradient is returned
     # here directly (the linear producing the logits adds only its other users' gradient)
-    return (None,
-            grad_h * g_loss if need_hidden else None,
-            grad_w * g_loss if need_weight else None,
-            grad_b * g_loss if need_bias else None,
-            None, None, None, None, None, None, None, None, None)
+    return (None, *linear_ce.scaled_loss_gradients(ctx, g_loss), None, None, None, None, None, None, None, None, None)
 
 
 logits_cross_entropy.register_autograd(_backward, setup_context=_setup_context)

@@ -150,6 +150,14 @@ def val(x: Any) -> Any:
     return x.meta.get("val") if isinstance(x, fx.Node) else x
 
 
+def traced_value(x: Any) -> Any:
+    """``val`` for the torch-level graph too: Dynamo's graph carries ``meta["example_value"]``,
+    AOTAutograd's ``meta["val"]`` (the ``dynamo``-stage passes, chunk and chunk_mlp, read both)."""
+    if isinstance(x, fx.Node):
+        return x.meta.get("example_value", x.meta.get("val"))
+    return x
+
+
 def tensor_val(x: Any) -> torch.Tensor | None:
     """``val(x)`` when it is one tensor, else None."""
     v = val(x)

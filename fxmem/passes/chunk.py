@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from fxmem.config import ChunkConfig
 from fxmem.kernels import linear_ce, logits_output  # noqa: F401  (register fxmem::linear_cross_entropy, the logits ops)
 from fxmem.passes import chunk_mlp
-from fxmem.passes.base import PassContext, PassResult
+from fxmem.passes.base import PassContext, PassResult, traced_value
 
 _LINEAR = {F.linear, torch._C._nn.linear}
 _CROSS_ENTROPY = {F.cross_entropy}
@@ -77,11 +77,6 @@ _LOG_SOFTMAX_SIG = inspect.signature(F.log_softmax)
 class NotChunkable(Exception):
     """A loss that looks like the pattern but is not safe to chunk; the message says why."""
 
-
-def _val(x: Any) -> Any:
-    if isinstance(x, fx.Node):
-        return x.meta.get("example_value", x.meta.get("val"))
-    return x
 
 
 @dataclass
@@ -163,14 +158,14 @@ def find_loss(node: fx.Node) -> _Match | None:
     if args["reduction"] not in linear_ce.REDUCTIONS:
         raise NotChunkable(f"reduction={args['reduction']!r} (chunked: 'mean' and 'sum')")
     target = args["target"]
-    tval, xval = _val(target), _val(x)
+    tval, xval = traced_value(target), traced_value(x)
     if not isinstance(target, fx.Node) or not isinstance(tval, torch.Tensor) or tval.is_floating_point():
         raise NotChunkable("the target is not an integer class-index tensor (probability targets)")
     if not isinstance(xval, torch.Tensor) or xval.dim() != 2:
         raise NotChunkable("the loss input is not [N, V] logits")
     chain: list[fx.Node] = []
     while isinstance(x, fx.Node) and not (x.op == "call_function" and x.target in _LINEAR):
-        v = _val(x)
+        v = traced_value(x)
         ls_args = _log_softmax_args(x)
         if ls_args is not None:
             if not needs_log_softmax or extra:
@@ -189,8 +184,8 @@ def find_loss(node: fx.Node) -> _Match | None:
         # casts, reshapes and row slices between the head and the loss are replayed on the hidden states
         passes_through = ((x.op == "call_method" and (_is_float32_cast(x) or x.target in _RESHAPE_METHODS | {"contiguous", "flatten"}))
                           or (x.op == "call_function" and x.target is torch.reshape))
-        row_slice = x.op == "call_function" and x.target is operator.getitem and isinstance(_val(x.args[0]), torch.Tensor)
-        if row_slice and not _last_dim_untouched(x.args[1], _val(x.args[0]).dim()):
+        row_slice = x.op == "call_function" and x.target is operator.getitem and isinstance(traced_value(x.args[0]), torch.Tensor)
+        if row_slice and not _last_dim_untouched(x.args[1], traced_value(x.args[0]).dim()):
             return None
         if not (passes_through or row_slice):
             return None
@@ -205,9 +200,9 @@ def find_loss(node: fx.Node) -> _Match | None:
     linear = x
     lin_args = list(linear.args) + [None] * (3 - len(linear.args))
     weight = linear.kwargs.get("weight", lin_args[1])
-    vocab = _val(weight).shape[0]
+    vocab = traced_value(weight).shape[0]
     for n in [linear, *chain]:
-        if _val(n).shape[-1] != vocab:
+        if traced_value(n).shape[-1] != vocab:
             raise NotChunkable(f"{n.name} reshapes the vocabulary dimension")
     chain.reverse()
     # Logits also used elsewhere (HF returns them) stay computed for that use, and the loss is
@@ -222,7 +217,7 @@ def find_loss(node: fx.Node) -> _Match | None:
 
 def _fake_mode(gm: fx.GraphModule):
     for n in gm.graph.nodes:
-        v = _val(n)
+        v = traced_value(n)
         if isinstance(v, torch._subclasses.FakeTensor):
             return v.fake_mode
     return None
@@ -230,8 +225,8 @@ def _fake_mode(gm: fx.GraphModule):
 
 def _set_value(node: fx.Node, fake_mode) -> None:
     """Give a new node its fake value, computed from its arguments' fake values."""
-    args = fx.node.map_arg(node.args, _val)
-    kwargs = fx.node.map_arg(node.kwargs, _val)
+    args = fx.node.map_arg(node.args, traced_value)
+    kwargs = fx.node.map_arg(node.kwargs, traced_value)
     with fake_mode:
         if node.op == "call_method":
             value = getattr(args[0], node.target)(*args[1:], **kwargs)
@@ -254,13 +249,13 @@ def _rewrite(gm: fx.GraphModule, m: _Match, config: ChunkConfig, fake_mode) -> i
     hidden = m.linear.kwargs.get("input", lin_args[0])
     weight = m.linear.kwargs.get("weight", lin_args[1])
     bias = m.linear.kwargs.get("bias", lin_args[2])
-    vocab, d = _val(weight).shape
+    vocab, d = traced_value(weight).shape
     # forward tensors that are never made: the logits, their fp32 copy, the log-softmax (inside
     # cross_entropy, or its own node); the backward makes a gradient of each of them
     made = [n for n in [m.linear, *m.chain] if not (n.op == "call_method" and n.target in _RESHAPE_METHODS | {"contiguous"})
             and not (n.op == "call_function" and n.target in (operator.getitem, torch.reshape))
-            and not (_is_float32_cast(n) and _val(n.args[0]).dtype == torch.float32)]  # .float() of fp32: no copy
-    logits_in = _val(m.loss.args[0])  # the size of the log-softmax (cross_entropy makes one inside)
+            and not (_is_float32_cast(n) and traced_value(n.args[0]).dtype == torch.float32)]  # .float() of fp32: no copy
+    logits_in = traced_value(m.loss.args[0])  # the size of the log-softmax (cross_entropy makes one inside)
     created: list[fx.Node] = []
 
     def add(op: str, target: Any, args: tuple) -> fx.Node:
@@ -289,9 +284,9 @@ def _rewrite(gm: fx.GraphModule, m: _Match, config: ChunkConfig, fake_mode) -> i
     pattern = {m.linear, *m.chain, *m.extra, m.loss}
     logits_kept = any(u not in pattern for n in pattern - {m.loss} for u in n.users)
     with graph.inserting_before(m.loss):
-        rows = _val(m.loss.args[0]).shape[0]
+        rows = traced_value(m.loss.args[0]).shape[0]
         h2d = replay(hidden, d)
-        if _val(h2d).shape[0] != rows:
+        if traced_value(h2d).shape[0] != rows:
             for node in reversed(created):
                 graph.erase_node(node)
             raise NotChunkable("the rows of the loss do not map onto the rows of the hidden states")
@@ -305,9 +300,9 @@ def _rewrite(gm: fx.GraphModule, m: _Match, config: ChunkConfig, fake_mode) -> i
         m.linear = logits
     with graph.inserting_before(m.loss):
         tgt = add("call_method", "reshape", (m.target, -1))
-        bval = _val(bias)
+        bval = traced_value(bias)
         loss_args = (h2d, weight, bias, tgt, m.ignore_index, m.reduction, m.label_smoothing, m.upcast,
-                     config.chunk_tokens or 0, bool(_val(hidden).requires_grad), bool(_val(weight).requires_grad),
+                     config.chunk_tokens or 0, bool(traced_value(hidden).requires_grad), bool(traced_value(weight).requires_grad),
                      bool(bval is not None and bval.requires_grad))
         # a row slice (``logits[..., :-1, :]``) replayed on the logits would copy them whole: the
         # op then multiplies its chunks again instead (one matmul more, no [N, V] copy)
@@ -328,7 +323,7 @@ def _rewrite(gm: fx.GraphModule, m: _Match, config: ChunkConfig, fake_mode) -> i
     # forward tensors never made: the log-softmax, and the logits (and a real fp32 copy) unless
     # something else still uses them
     return logits_in.numel() * logits_in.element_size() + sum(
-        _val(n).numel() * _val(n).element_size() for n in made if n in erased)
+        traced_value(n).numel() * traced_value(n).element_size() for n in made if n in erased)
 
 
 def chunk(gm: fx.GraphModule, config: ChunkConfig, ctx: PassContext = PassContext(stage="dynamo")) -> PassResult:

@@ -35,6 +35,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxmem.kernels import chunked_mlp  # noqa: F401  (registers fxmem::chunked_mlp)
+from fxmem.passes.base import traced_value
 
 _LINEAR = {F.linear, torch._C._nn.linear}
 _RESHAPES = {"view", "reshape"}
@@ -50,11 +51,6 @@ _FUNCTIONS = {
 _METHODS = {"add", "sub", "mul", "div", "neg", "pow", "tanh", "sigmoid", "exp", "relu"}
 _INPLACE_FLAG = {"relu": 1, "silu": 1}  # positional index of ``inplace`` in F.relu / F.silu
 
-
-def _val(x: Any) -> Any:
-    if isinstance(x, fx.Node):
-        return x.meta.get("example_value", x.meta.get("val"))
-    return x
 
 
 @dataclass
@@ -72,7 +68,7 @@ class MLPMatch:
 
     def intermediate_bytes(self) -> int:
         """Bytes of the ``[N, I]`` tensors the op never makes whole (up/gate outputs and every step)."""
-        return sum(_val(n).numel() * _val(n).element_size() for n in [*self.ups, *self.steps])
+        return sum(traced_value(n).numel() * traced_value(n).element_size() for n in [*self.ups, *self.steps])
 
 
 def projection(node: fx.Node) -> tuple[fx.Node, fx.Node, Any, bool] | None:
@@ -85,7 +81,7 @@ def projection(node: fx.Node) -> tuple[fx.Node, fx.Node, Any, bool] | None:
         return (x, w, b, False) if isinstance(w, fx.Node) and isinstance(x, fx.Node) else None
     if node.target is torch.addmm and len(node.args) == 3 and not node.kwargs:
         b, x, w = node.args
-        bval = _val(b)
+        bval = traced_value(b)
         if isinstance(x, fx.Node) and isinstance(w, fx.Node) and isinstance(bval, torch.Tensor) and bval.dim() == 1:
             return x, w, b, True
     return None
@@ -122,7 +118,7 @@ def _row_view(node: fx.Node) -> bool:
         node.op == "call_function" and node.target is torch.reshape)
     if not reshape or not isinstance(node.args[0], fx.Node):
         return False
-    src, out = _val(node.args[0]), _val(node)
+    src, out = traced_value(node.args[0]), traced_value(node)
     return isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.shape[-1] == out.shape[-1]
 
 
@@ -162,10 +158,10 @@ def find_mlp(down: fx.Node) -> MLPMatch | None:
         return None
     (x,) = xs
     # every intermediate is [rows, I] of one dtype, and used only inside the MLP
-    first = _val(ups[0])
+    first = traced_value(ups[0])
     rows, width = first.numel() // first.shape[-1], first.shape[-1]
     for n in [*ups, *region]:
-        v = _val(n)
+        v = traced_value(n)
         if not isinstance(v, torch.Tensor) or v.shape[-1] != width or v.numel() != rows * width or v.dtype != first.dtype:
             return None
         if any(u is not down and u not in region for u in n.users):
@@ -215,8 +211,8 @@ def rewrite_mlp(gm: fx.GraphModule, m: MLPMatch, chunk_tokens: int, set_value) -
         if len(m.ups) == 1:
             weights[2:2] = [None, None]
         out = add("call_function", torch.ops.fxmem.chunked_mlp.default, (m.x, *weights, m.program, chunk_tokens))
-        if tuple(_val(out).shape) != tuple(_val(m.down).shape):
-            out = add("call_method", "reshape", (out, *_val(m.down).shape))
+        if tuple(traced_value(out).shape) != tuple(traced_value(m.down).shape):
+            out = add("call_method", "reshape", (out, *traced_value(m.down).shape))
     m.down.replace_all_uses_with(out)
     out.meta.update({k: v for k, v in m.down.meta.items() if k not in ("example_value", "val")})
     position = {n: i for i, n in enumerate(graph.nodes)}
