@@ -304,11 +304,14 @@ def test_random_graphs_training_gradients(program):
     compiled(x).sum().backward()
     assert any(r.name == "precision" and r.stage == "joint" for r in rec.records)
     overall = max(float(q.grad.abs().max()) for q in twin.parameters() if q.grad is not None) + 1e-6
+    rows = x.reshape(-1, x.shape[-1]).shape[0]
     for p, q in zip(module.parameters(), twin.parameters()):
         assert (p.grad is None) == (q.grad is None)
         if q.grad is not None:
             assert p.grad.dtype == torch.float32
-            assert float((p.grad - q.grad).abs().max()) <= 4 * RTOL[torch.float16] * overall
+            # fp16 keeps values below 2**-14 as subnormals 2**-24 apart: a weight gradient that small
+            # (no loss scaling here) is a sum over the rows of products each rounded to that step
+            assert float((p.grad - q.grad).abs().max()) <= 4 * RTOL[torch.float16] * overall + 2 * rows * 2.0**-24
 
 
 def test_overflow_guard_finds_t5_wo_like_keep_in_fp32_modules():
