@@ -34,6 +34,8 @@ Numerical promise: exact up to float rounding, as ``fxmem::linear_cross_entropy`
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.utils import flop_counter
@@ -146,16 +148,10 @@ output_linear.register_autograd(_linear_backward, setup_context=_linear_setup_co
 
 @flop_counter.register_flop_formula(torch.ops.fxmem.output_linear)
 def _linear_flops(hidden_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
-    rows = 1
-    for size in hidden_shape[:-1]:
-        rows *= size
-    return 2 * rows * hidden_shape[-1] * weight_shape[0]
+    return 2 * math.prod(hidden_shape) * weight_shape[0]
 
 
 @flop_counter.register_flop_formula(torch.ops.fxmem.output_linear_backward)
 def _linear_backward_flops(grad_shape, hidden_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
     """Priced as if the gradient were non-zero (the worst case), so remat never counts it as free."""
-    rows = 1
-    for size in hidden_shape[:-1]:
-        rows *= size
-    return 4 * rows * hidden_shape[-1] * weight_shape[0]
+    return 4 * math.prod(hidden_shape) * weight_shape[0]
