@@ -47,15 +47,37 @@ from fxmem.kernels import linear_ce_triton
 REDUCTIONS = ("mean", "sum")
 
 
+MIN_CHUNK_LOGIT_BYTES = 32 * 2**20
+"""A chunk's fp32 logits are at least this large (rows rounded down to a power of two, and never
+fewer than 64 rows). Why: each chunk costs a fixed handful of kernel launches (its matmuls, the
+softmax/gradient kernel, the accumulations), each ~5–20 µs of host time. On a small model with a
+large vocabulary (d 256, vocab 32k) Liger's rule alone gives 64-row chunks of 8 MiB, whose kernels
+run in ~3 µs on an H100-class GPU, so the step waits on the host (the H200 measured fxmem's HF
+Llama step at 3.5× torch.compile's with 32 such chunks; not broken down, see docs/passes/chunk.md).
+32 MiB keeps each pass over a chunk ≥ ~10 µs of GPU memory traffic; on large models Liger's rule
+already asks for bigger chunks, so the floor changes nothing there."""
+
+MIN_CHUNKS = 8
+"""The byte floor never makes fewer chunks than this: the loss still never holds more than 1/8 of
+the logits (small shapes, where 32 MiB would be all of them, keep chunking)."""
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(1, x).bit_length() - 1)
+
+
 def auto_chunk_tokens(n_rows: int, vocab: int, hidden: int) -> int:
     """Rows per chunk so that a chunk's logits are about the size of the hidden states.
 
-    Liger's rule (``next_power_of_2(N / ceil(V / d))``), with a floor of 64 rows so the matmuls
-    stay efficient on small models.
+    Liger's rule (``next_power_of_2(N / ceil(V / d))``), with a floor of
+    :data:`MIN_CHUNK_LOGIT_BYTES` of fp32 logits — but not above ``N / MIN_CHUNKS`` rows — so that
+    a chunk's kernels outlast their launches on small models; never fewer than 64 rows.
     """
     ratio = max(1, -(-vocab // max(hidden, 1)))
     rows = max(1, -(-n_rows // ratio))
-    return max(64, 1 << (rows - 1).bit_length())
+    # the floor never leaves fewer than MIN_CHUNKS chunks: chunking still removes 7/8 of the logits
+    floor_rows = min(_pow2_floor(MIN_CHUNK_LOGIT_BYTES // (4 * max(vocab, 1))), _pow2_floor(n_rows // MIN_CHUNKS))
+    return max(64, floor_rows, 1 << (rows - 1).bit_length())
 
 
 def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, ignore_index: int,
@@ -135,8 +157,8 @@ def _accumulate(dlogits: Tensor, h: Tensor, weight: Tensor, grad_h: Tensor, grad
                 start: int, stop: int, need_hidden: bool, need_weight: bool, need_bias: bool) -> None:
     """A chunk's share of the gradients: ``dlogits @ W`` into its rows of ``grad_h``; ``dlogits.T @ h``
     and ``Σ dlogits`` added to ``grad_w`` and ``grad_b`` (fp32)."""
-    if need_hidden:
-        grad_h[start:stop] = dlogits @ weight.to(dlogits.dtype)
+    if need_hidden:  # written into its rows: no [chunk, d] temporary and copy
+        torch.mm(dlogits, weight.to(dlogits.dtype), out=grad_h[start:stop])
     if need_weight:
         grad_w.addmm_(dlogits.t().float() if dlogits.dtype != torch.float32 else dlogits.t(),
                       h.float() if h.dtype != torch.float32 else h)

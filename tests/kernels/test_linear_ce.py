@@ -104,3 +104,16 @@ def test_auto_chunk_keeps_a_chunk_near_the_hidden_size():
     rows = auto_chunk_tokens(2048, 32000, 256)
     assert 64 <= rows <= 256 and rows & (rows - 1) == 0
     assert auto_chunk_tokens(10, 100, 64) == 64
+
+
+def test_auto_chunk_floor_keeps_small_models_off_the_launch_bound_but_still_chunked():
+    # d 256, vocab 32k: Liger's rule alone gives 64 rows (32 chunks of 8 MiB); the 32 MiB floor
+    # makes 256-row chunks (8 of them, 31 MiB of fp32 logits each)
+    assert auto_chunk_tokens(2048, 32000, 256) == 256
+    # vocab 128k: 64 rows are already 31 MiB, the floor adds nothing
+    assert auto_chunk_tokens(2048, 128256, 256) == 64
+    # a large model: Liger's rule is above the floor
+    assert auto_chunk_tokens(16384, 128256, 4096) == 512
+    # small shapes: the floor never leaves fewer than 8 chunks (512 rows of vocab 4096: 64)
+    assert auto_chunk_tokens(512, 4096, 32) == 64
+    assert 2048 // auto_chunk_tokens(2048, 50257, 256) >= 8
