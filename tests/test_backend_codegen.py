@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 import fxmem
+from fxmem.analysis.timeline import RUNTIME_RELEASES_TANGENTS
 from fxmem.codegen import releasing_call
 from fxmem.config import OptionError, parse_options
 from fxmem.measure import training_step_peak
@@ -107,8 +108,13 @@ def test_fxmem_peak_at_most_torch_compile(compiled, name):
 
 @pytest.mark.parametrize("name", SAMPLES)
 def test_eager_codegen_peak_below_eager(compiled, name):
-    # the boxed call releases each saved tensor after its last use in the backward
-    assert compiled(name, EAGER).peak <= compiled(name, "eager").peak
+    # the boxed call releases each saved tensor after its last use in the backward. On torch 2.11
+    # AOTAutograd's runtime holds the incoming gradient (one output-sized tensor) until the
+    # backward returns, which eager releases early: allowed there, and only there.
+    c = compiled(name, EAGER)
+    held = 0 if RUNTIME_RELEASES_TANGENTS else sum(
+        o.numel() * o.element_size() for o in [c.fn(*c.args)] if isinstance(o, torch.Tensor))
+    assert c.peak <= compiled(name, "eager").peak + held
 
 
 @pytest.mark.parametrize("codegen", ["inductor", "eager"])

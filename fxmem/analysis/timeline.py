@@ -11,7 +11,9 @@ peak?") and gives remat a peak to compare splits by. The model of a step, run op
   saved for backward — outlive the forward;
 * the backward receives the saved tensors and the tangents and releases each after its last use
   (fxmem's compiled backward is called boxed, so it can); its outputs, the gradients, stay
-  (autograd accumulates them into ``.grad``).
+  (autograd accumulates them into ``.grad``). On torch releases whose AOTAutograd runtime holds
+  the incoming gradients until the backward returns (2.11; :data:`RUNTIME_RELEASES_TANGENTS`),
+  the tangents stay alive through the whole backward, as measured there.
 
 The estimate is exact for ``codegen="eager"`` up to allocations inside ops (an op's workspace)
 and the caller's own ops outside the graph (the loss of ``model(x).sum()``). Inductor fuses
@@ -33,6 +35,20 @@ from fxmem.analysis.saved import forward_outputs
 from fxmem.analysis.sizes import is_parameter_node, node_bytes, storage_root
 
 COMPUTING = ("call_function", "call_module", "call_method")
+
+
+def _runtime_releases_tangents() -> bool:
+    # torch 2.13's AOTAutograd generates its CompiledFunction.backward
+    # (_codegen_compiled_backward), which hands the incoming gradients on in a list it clears;
+    # 2.11's backward keeps them in its own frame until it returns (measured: the output's
+    # gradient stays alive through the compiled backward on 2.11, not on 2.13)
+    from torch._functorch._aot_autograd import runtime_wrappers
+
+    return hasattr(runtime_wrappers, "_codegen_compiled_backward")
+
+
+RUNTIME_RELEASES_TANGENTS = _runtime_releases_tangents()
+"""Whether this torch's compiled backward can release a tangent after its last use."""
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
 
 
@@ -205,7 +221,10 @@ def step_timeline(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs
             placeholder_root[node] = fw_by_name[node.name]
         else:  # a tangent (or a saved value fxmem cannot match by name): allocated for the backward
             placeholder_root[node] = node
-            live.add(node, _describe(node, "backward", "tangent" if "tangent" in node.name else "saved"))
+            is_tangent = "tangent" in node.name
+            live.add(node, _describe(node, "backward", "tangent" if is_tangent else "saved"))
+            if is_tangent and not RUNTIME_RELEASES_TANGENTS:
+                held.add(node)  # the runtime's frame holds it until the backward returns
     # a forward storage is released when every backward placeholder that reads it is done
     readers: dict[object, int] = {}
     for root in placeholder_root.values():
