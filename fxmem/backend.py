@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch._functorch.aot_autograd import aot_module_simplified
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from fxmem.analysis.sizes import PARAM_META_KEY
 from fxmem.analysis.timeline import step_timeline
@@ -119,9 +120,12 @@ class FxmemBackend:
 
         def inference_compiler(aten_gm: fx.GraphModule, flat_args: Sequence[Any]):
             placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
-            if len(placeholders) != len(example_inputs):
-                # tensor subclasses (DTensor) were desugared: inputs no longer map one-to-one;
-                # run the passes without freezing (weight passes then find no frozen weights).
+            if len(placeholders) != len(example_inputs) or any(map(is_traceable_wrapper_subclass, example_inputs)):
+                # tensor subclasses (DTensor): the graph computes on their inner tensors, so the
+                # inputs no longer map one-to-one to its placeholders (2.13 desugars them into
+                # more placeholders; 2.11 keeps the count, and freezing the DTensor weights into
+                # a graph of plain tensors then fails "mixed torch.Tensor and DTensor"). Run the
+                # passes without freezing (weight passes then find no frozen weights).
                 return backend._codegen_inference(backend._run_inference_pipeline(aten_gm, {}, flat_args), flat_args)
             frozen = {placeholders[i].name: (fqn, example_inputs[i]) for i, fqn in params.items()}
             user_idx = [i for i in range(len(placeholders)) if i not in params]
