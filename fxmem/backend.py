@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from fxmem.analysis.sizes import PARAM_META_KEY
 from fxmem.analysis.timeline import step_timeline
-from fxmem.codegen import inductor_inference, inductor_training, releasing_call
+from fxmem.codegen import casts_for_inductor, inductor_inference, inductor_training, releasing_call
 from fxmem.config import FxmemConfig, LowerConfig, OptionError, parse_options
 from fxmem.freeze import WeightWatch, freeze_parameters
 from fxmem.passes.base import copy_graph
@@ -211,6 +211,7 @@ class FxmemBackend:
             backend.recorder.timelines.append(step_timeline(fw, bw, num_fwd_outputs, fused=inductor))
             if inductor:  # Inductor compiles what this returns: fxmem's forward/backward passes run here
                 fw, bw = finish_forward(fw), finish_backward(bw)
+                casts_for_inductor(fw), casts_for_inductor(bw)
             return fw, bw
 
         if inductor:
@@ -221,8 +222,6 @@ class FxmemBackend:
                 # then saves more); Inductor's pre-grad rewrites keep its meaning if we fall back
                 return inductor_training(gm, example_inputs, partition_fn)
             except Exception as exc:  # noqa: BLE001 - Inductor's own failure; fxmem's graphs are sound
-                # Known case (torch 2.13): a joint graph with precision's casts trips Inductor's
-                # "both a fallback and a decomp for same op: aten._to_copy.default".
                 self._inductor_failed(exc, "the training graphs")
                 del rec.records[marks[0]:], rec.partitions[marks[1]:], rec.timelines[marks[2]:]
                 inductor = False  # partition_fn reads it: the eager path runs fxmem's passes in its compilers

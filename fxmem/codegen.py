@@ -118,6 +118,35 @@ def make_partitioner(partition_fn: Callable[..., tuple[fx.GraphModule, fx.GraphM
     return FxmemPartitioner()
 
 
+def casts_for_inductor(gm: fx.GraphModule) -> int:
+    """Rewrite ``aten._to_copy(x, dtype=d)`` as ``prims.convert_element_type(x, d)`` in place;
+    returns how many.
+
+    Inductor decomposes ``_to_copy`` before its partitioner runs and has no lowering for it, so a
+    cast that fxmem's ``precision`` pass inserts into the joint graph afterwards makes Inductor
+    create a fallback for an op it also decomposes, which it refuses ("both a fallback and a
+    decomp for same op: aten._to_copy.default"). ``convert_element_type`` is what Inductor's own
+    decomposition of a pure dtype cast produces (and it runs eagerly too): same values, bit for bit.
+    Casts that also change device, layout or memory format are left alone.
+    """
+    aten, prims = torch.ops.aten, torch.ops.prims
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten._to_copy.default:
+            continue
+        if set(node.kwargs) != {"dtype"} or len(node.args) != 1 or node.kwargs["dtype"] is None:
+            continue
+        with gm.graph.inserting_before(node):
+            cast = gm.graph.call_function(prims.convert_element_type.default, (node.args[0], node.kwargs["dtype"]))
+        cast.meta = dict(node.meta)
+        node.replace_all_uses_with(cast)
+        gm.graph.erase_node(node)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
 def inductor_training(gm: fx.GraphModule, example_inputs: Sequence[Any],
                       partition_fn: Callable[..., tuple[fx.GraphModule, fx.GraphModule]]) -> Callable:
     """Compile a Dynamo graph for training with Inductor, fxmem's ``partition_fn`` as its partitioner."""
