@@ -88,6 +88,11 @@ def _hf(name: str, quick: bool):
         cfg = transformers.GPT2Config(n_layer=2, n_embd=d, n_head=8 if not quick else 4, vocab_size=vocab,
                                       n_positions=seq, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         model = transformers.GPT2LMHeadModel(cfg)
+        # transformers' loss_function property logs a warning_once for a class whose name does not
+        # say its loss (GPT2LMHeadModel); Dynamo cannot trace the logger and breaks the graph
+        # between the head and the loss, for torch.compile and fxmem alike. Naming the loss
+        # removes the break (docs/passes/chunk.md, "Graph breaks between the head and the loss").
+        model.loss_type = "ForCausalLM"
         desc = f"HF GPT-2, 2 layers, d {d}, vocab {vocab}, tied head, B {batch} x T {seq}, loss inside"
     else:
         cfg = transformers.LlamaConfig(hidden_size=d, intermediate_size=4 * d, num_hidden_layers=2,

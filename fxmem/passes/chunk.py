@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,6 +188,10 @@ def find_loss(node: fx.Node) -> _Match | None:
         row_slice = x.op == "call_function" and x.target is operator.getitem and isinstance(traced_value(x.args[0]), torch.Tensor)
         if row_slice and not _last_dim_untouched(x.args[1], traced_value(x.args[0]).dim()):
             return None
+        if x.op == "placeholder":
+            raise NotChunkable("the logits are an input of this graph: the output layer is in another graph, split "
+                               "from the loss by a graph break (TORCH_LOGS=graph_breaks shows where; "
+                               "docs/passes/chunk.md lists known ones, e.g. transformers' GPT2LMHeadModel)")
         if not (passes_through or row_slice):
             return None
         if not isinstance(v, torch.Tensor) or v.dim() < 1:
@@ -337,7 +342,11 @@ def chunk(gm: fx.GraphModule, config: ChunkConfig, ctx: PassContext = PassContex
         _chunk_losses(gm, config, fake_mode, autocast, stats)
     if config.mlp:
         _chunk_mlps(gm, config, fake_mode, autocast, stats)
-    if not stats["not_chunked"]:
+    if stats["not_chunked"]:
+        # the chunked loss is on by default: a user who counts on it hears why it did not apply
+        warnings.warn("fxmem chunk: left as written (not chunked): " + "; ".join(stats["not_chunked"]), UserWarning,
+                      stacklevel=2)
+    else:
         del stats["not_chunked"]
     changed = bool(stats["regions"])
     if changed:

@@ -202,6 +202,18 @@ def test_pass_rewrites_the_torch_level_graph():
     assert result.stats["bytes_never_materialized"] == 2 * 2 * (15 * 40 * 4)
 
 
+def test_logits_from_another_graph_are_left_with_a_warning_naming_the_graph_break():
+    # what a graph break between the head and the loss leaves: the logits are a graph input
+    def step(logits, t):
+        return F.cross_entropy(logits.float().view(-1, 20), t)
+
+    gm, _ = _dynamo_graph(step, torch.randn(2, 3, 20, requires_grad=True), torch.randint(0, 20, (6,)))
+    with pytest.warns(UserWarning, match="logits are an input of this graph.*graph break"):
+        result = chunk(gm, ChunkConfig())
+    assert not result.changed
+    assert "graph break" in result.stats["not_chunked"][0]
+
+
 def test_pass_refuses_a_loss_over_a_vocabulary_slice():
     lin = torch.nn.Linear(8, 30, bias=False)
 
