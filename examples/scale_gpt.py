@@ -73,10 +73,11 @@ def run_pipeline(opts, device, rank, world):
     model = GPT(cfg)
     x = example_batch(cfg, batch=4, seq=32)
     y = example_batch(cfg, batch=4, seq=32, seed=1)
-    plan = fxmem.shard.pipeline(model, x, stages=world, schedule="1f1b", microbatches=2)
+    # the loss runs on the last stage: giving it (and the target) counts its saved tensors there
+    plan = fxmem.shard.pipeline(model, x, stages=world, schedule="1f1b", microbatches=2, loss_fn=loss_fn, target=y)
     if rank == 0:
         print(plan)
-    _, stage, schedule = plan.build(model.to(device), rank, device, loss_fn=loss_fn)
+    _, stage, schedule = plan.build(model.to(device), rank, device)   # the plan's loss_fn
     losses = []
     if rank == 0:
         schedule.step(x.to(device))

@@ -1,27 +1,41 @@
 """Pipeline stages split by memory, carried out by ``torch.distributed.pipelining``.
 
-``pipeline(model, *args, stages=S, schedule="1f1b", microbatches=M)`` runs the model once on one
-microbatch (single process, autograd on) and records, in call order, the *atoms* it may split
-between: the children of every repeated block (the modules an ``nn.ModuleList`` holds — for a
-transformer layer: norm, attention, norm, MLP), with everything before the first one (embeddings)
-and after the last one (final norm, head) as the prefix and suffix. For each atom it measures the
-parameter bytes it owns and the bytes autograd saves for backward while it runs (per unique
-storage, parameters excluded — ``saved_tensors_hooks``, as fxmem measures activations
-everywhere). A stage holds its parameters plus its saved activations for every microbatch in
-flight under the schedule: GPipe runs all M forwards before any backward (M in flight on every
-stage); 1F1B keeps ``min(S - s, M)`` in flight on stage ``s``. The contiguous split that
-minimizes the largest stage is found exactly by dynamic programming over the atoms.
+``pipeline(model, *args, stages=S, schedule="1f1b", microbatches=M, loss_fn=..., target=...)``
+measures what each stage will hold and splits the model where the largest stage is smallest.
 
-The split points become ``SplitPoint.BEGINNING`` entries of ``torch.distributed.pipelining.pipeline``'s
-``split_spec``; :meth:`PipelinePlan.build` makes this rank's ``PipelineStage`` and the schedule
-(``ScheduleGPipe`` or ``Schedule1F1B``). fxmem implements no communication (the stages send and
-receive through ``torch.distributed.pipelining``).
+Atoms. A stage boundary may fall before any child of a repeated block (the modules an
+``nn.ModuleList`` holds — for a transformer layer: norm, attention, norm, MLP); everything before
+the first block (embeddings) is the *prefix*, the code after the last block (final norm, head) the
+*suffix*, and the pipeline's ``loss_fn`` on the output the *loss* — always on the last stage.
+
+Measured on the graphs that will run. The stages ``torch.distributed.pipelining`` builds are
+pieces of the graph ``torch.export`` makes of the model, and they save for backward what *that*
+graph saves, not what the eager model saves (HF Llama: the exported layers keep other tensors
+than the eager ones). So the model is split once at *every* atom with the same
+``torch.distributed.pipelining.pipeline`` the stages come from, and the pieces run one microbatch
+under ``saved_tensors_hooks`` twice::
+
+    before:  model ──export──▶ [prefix | layers.0.input_layernorm | layers.0.self_attn | ... | suffix]
+    run A:   as stage 0 runs them: autograd flows from the parameters only
+    run B:   as a later stage runs them: every floating input of a piece requires grad —
+             ``PipelineStage`` makes each received floating activation a leaf that requires grad,
+             so rotary tables and masks passed between stages are saved for backward too
+
+Each saved storage (parameters excluded) is recorded with the atoms that save it; a stage's
+activations are the storages any of its atoms saves, counted once (run A for stage 0, run B for
+the others). A stage holds its parameters plus its activations for every microbatch in flight:
+GPipe runs all M forwards before any backward (M on every stage); 1F1B keeps ``min(S - s, M)`` on
+stage ``s``. The contiguous split that minimizes the largest stage is exact (dynamic programming
+over the atoms). The chosen split points become ``SplitPoint.BEGINNING`` entries of
+``pipeline(split_spec=...)``; :meth:`PipelinePlan.build` makes this rank's ``PipelineStage`` and
+``ScheduleGPipe`` / ``Schedule1F1B``. fxmem implements no communication.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -29,15 +43,23 @@ import torch.nn as nn
 from fxmem.shard.mesh import blocks
 
 SCHEDULES = ("gpipe", "1f1b")
+PREFIX, SUFFIX, LOSS = "<prefix>", "<suffix>", "<loss>"
 
 
 @dataclass
 class Atom:
-    """A unit a stage boundary may fall before: a block's child module, or the prefix / suffix."""
+    """A unit a stage boundary may fall before (a block's child), or the prefix / suffix / loss.
 
-    module: str            # "<prefix>" / "<suffix>" for the code before / after the blocks
+    ``activation_bytes``: saved for backward per microbatch when it runs on the first stage;
+    ``received_activation_bytes``: on a later stage (floating inputs require grad). Storages two
+    atoms both save are in both figures; a stage counts them once.
+    """
+
+    module: str
     param_bytes: int
-    activation_bytes: int  # saved for backward, per microbatch
+    activation_bytes: int
+    received_activation_bytes: int = 0
+    splittable: bool = False   # a stage may begin here
 
 
 @dataclass
@@ -57,6 +79,30 @@ class Stage:
 
 
 @dataclass
+class _Saved:
+    """Per atom, the storages it saves for backward: ``{storage key: bytes}``, for runs A and B."""
+
+    first: list[dict[int, int]]
+    received: list[dict[int, int]]
+
+    def table(self, received: bool) -> list[list[int]]:
+        """``t[i][j]``: bytes of the storages atoms ``i..j-1`` save, each counted once."""
+        per_atom = self.received if received else self.first
+        n = len(per_atom)
+        t = [[0] * (n + 1) for _ in range(n + 1)]
+        for i in range(n):
+            seen: set[int] = set()
+            total = 0
+            for j in range(i, n):
+                for key, nbytes in per_atom[j].items():
+                    if key not in seen:
+                        seen.add(key)
+                        total += nbytes
+                t[i][j + 1] = total
+        return t
+
+
+@dataclass
 class PipelinePlan:
     """Stages balanced by memory and the ``split_spec`` that carries them out."""
 
@@ -66,6 +112,8 @@ class PipelinePlan:
     split_points: list[str]   # module names: a stage begins at each
     atoms: list[Atom]
     microbatch_args: tuple
+    loss_fn: Callable | None = None
+    _saved: _Saved | None = field(default=None, repr=False)
 
     @property
     def imbalance(self) -> float:
@@ -78,14 +126,20 @@ class PipelinePlan:
 
         return {name: SplitPoint.BEGINNING for name in self.split_points}
 
+    def with_schedule(self, schedule: str) -> PipelinePlan:
+        """The same measurement balanced for another schedule (same stages and microbatches)."""
+        _check_schedule(schedule, len(self.stages), self.microbatches)
+        return _plan(self.atoms, self._saved, len(self.stages), schedule, self.microbatches, self.microbatch_args,
+                     self.loss_fn)
+
     def build(self, model: nn.Module, stage_index: int, device: torch.device | str = "cpu", group=None,
               loss_fn=None):
         """This rank's ``PipelineStage`` and schedule: ``(pipe, stage, schedule)``.
 
         ``torch.distributed.pipelining.pipeline`` exports the model on one microbatch and splits
         the graph at :attr:`split_points`; ``schedule.step(x)`` on the first stage,
-        ``schedule.step(target=y, losses=losses)`` on the last (with ``loss_fn``), plain
-        ``schedule.step()`` in between.
+        ``schedule.step(target=y, losses=losses)`` on the last (with ``loss_fn``, by default the
+        one the plan measured), plain ``schedule.step()`` in between.
         """
         from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, pipeline
 
@@ -95,7 +149,7 @@ class PipelinePlan:
                                f"from split points {self.split_points}, the plan has {len(self.stages)}")
         stage = pipe.build_stage(stage_index, torch.device(device), group)
         cls = ScheduleGPipe if self.schedule == "gpipe" else Schedule1F1B
-        return pipe, stage, cls(stage, n_microbatches=self.microbatches, loss_fn=loss_fn)
+        return pipe, stage, cls(stage, n_microbatches=self.microbatches, loss_fn=loss_fn or self.loss_fn)
 
     def table(self) -> str:
         out = [f"fxmem.shard pipeline: {len(self.stages)} stages, {self.schedule}, {self.microbatches} microbatches"]
@@ -106,6 +160,8 @@ class PipelinePlan:
                        f"{s.in_flight:<10d} {s.bytes}")
         out.append(f"split points (SplitPoint.BEGINNING): {', '.join(self.split_points) or 'none'}; "
                    f"largest / smallest stage: {1 + self.imbalance:.3f}")
+        if self.loss_fn is None:
+            out.append("loss not counted (no loss_fn given): the last stage holds its saved tensors too")
         return "\n".join(out)
 
     def __str__(self) -> str:
@@ -120,78 +176,110 @@ def _chunk(args: tuple, microbatches: int) -> tuple:
             if a.shape[0] % microbatches:
                 raise ValueError(f"fxmem.shard.pipeline: batch size {a.shape[0]} is not divisible by "
                                  f"microbatches={microbatches}")
-            out.append(a[: a.shape[0] // microbatches])
+            # a copy: a view would carry the whole batch's storage into the measurement
+            out.append(a[: a.shape[0] // microbatches].clone())
         else:
             out.append(a)
     return tuple(out)
 
 
-def measure_atoms(model: nn.Module, args: tuple) -> list[Atom]:
-    """Parameter and saved-activation bytes of every atom, from one forward (see the module docstring).
-
-    Each storage autograd saves is charged to the region running when it is first saved: the
-    prefix until the first block child starts, then the block child that started last (code
-    between children — a residual add — goes with the child before it), then the suffix once the
-    last child has returned.
-    """
+def _atom_names(model: nn.Module, args: tuple) -> tuple[list[str], str | None]:
+    """Block children in call order, and the first module with parameters after the last block."""
     names = [f"{b}.{c}" for b in blocks(model) for c, _ in model.get_submodule(b).named_children()]
     names = [n for n in names if any(True for _ in model.get_submodule(n).parameters())]
     if not names:
         raise ValueError("fxmem.shard.pipeline: the model has no repeated blocks (modules held by an nn.ModuleList) "
                          "to split between")
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: set[int] = set()
+    by_module = {id(m): n for n, m in model.named_modules()}
     order: list[str] = []
-    region = ["<prefix>"]
-    saved: dict[str, int] = {}
-    calls: list[nn.Module] = []
-
-    def pack(t: torch.Tensor):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params and ptr not in seen:
-            seen.add(ptr)
-            saved[region[0]] = saved.get(region[0], 0) + t.untyped_storage().nbytes()
-        return t
+    calls: list[str] = []
+    done = [None]
 
     def enter(name):
         def hook(module, args):
             order.append(name)
-            region[0] = name
         return hook
 
     def leave(module, args, output):
-        region[0] = "<suffix>"
+        done[0] = len(calls)
 
     handles = [model.get_submodule(n).register_forward_pre_hook(enter(n)) for n in names]
-    # the suffix starts when the last block returns
     handles.append(model.get_submodule(blocks(model)[-1]).register_forward_hook(leave))
-    handles += [m.register_forward_pre_hook(lambda m, a: calls.append(m)) for m in model.modules()]
+    handles += [m.register_forward_pre_hook(lambda m, a: calls.append(by_module[id(m)])) for m in model.modules()]
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(*args)
-            del out
+        with torch.no_grad():
+            model(*args)
     finally:
         for h in handles:
             h.remove()
     if sorted(order) != sorted(names):
         raise ValueError("fxmem.shard.pipeline: every block's children must run exactly once per forward to be "
                          f"split points; ran {order}")
-    names = order  # call order (a layer may define its children in another order: HF Llama does)
-    # parameters outside the blocks: before the first block (embeddings) or after it (final norm, head)
-    in_atoms = {id(p) for n in names for p in model.get_submodule(n).parameters()}
-    first_block = calls.index(model.get_submodule(names[0]))
-    first_use: dict[int, int] = {}
-    for i, m in enumerate(calls):
-        for p in m.parameters(recurse=False):
-            first_use.setdefault(id(p), i)
-    unique = {id(p): p for p in model.parameters() if id(p) not in in_atoms}
-    prefix = sum(p.numel() * p.element_size() for pid, p in unique.items() if first_use.get(pid, 0) < first_block)
-    suffix = sum(p.numel() * p.element_size() for pid, p in unique.items() if first_use.get(pid, 0) > first_block)
-    atoms = [Atom("<prefix>", prefix, saved.get("<prefix>", 0))]
-    atoms += [Atom(n, sum(p.numel() * p.element_size() for p in model.get_submodule(n).parameters()), saved.get(n, 0))
-              for n in names]
-    atoms.append(Atom("<suffix>", suffix, saved.get("<suffix>", 0)))
-    return atoms
+    suffix = next((n for n in calls[done[0]:] if n and any(True for _ in model.get_submodule(n).parameters(recurse=False))),
+                  None)
+    return order, suffix  # call order (a layer may define its children in another order: HF Llama does)
+
+
+def measure_atoms(model: nn.Module, args: tuple, loss_fn: Callable | None = None, target: Any = None,
+                  names: tuple[list[str], str | None] | None = None) -> tuple[list[Atom], _Saved]:
+    """Parameter and saved-activation bytes of every atom, on the exported graph (module docstring).
+
+    ``names``: :func:`_atom_names`' answer, if the caller has it already.
+    """
+    from torch.distributed.pipelining import SplitPoint, pipeline as split
+
+    names, suffix = names or _atom_names(model, args)
+    starts = names + ([suffix] if suffix else [])
+    # pipeline() marks split points on the modules it is given: a copy keeps the user's model as is
+    pipe = split(copy.deepcopy(model), mb_args=args, split_spec={n: SplitPoint.BEGINNING for n in starts})
+    if pipe.num_stages != len(starts) + 1:
+        raise RuntimeError(f"fxmem.shard.pipeline: splitting at every block child gave {pipe.num_stages} pieces, "
+                           f"expected {len(starts) + 1}")
+    pieces = [pipe.get_stage_module(k) for k in range(pipe.num_stages)]
+    params = {p.untyped_storage().data_ptr() for p in pipe.split_gm.parameters()}
+    labels = [PREFIX] + names + ([SUFFIX] if suffix else []) + ([LOSS] if loss_fn is not None else [])
+
+    def run(received: bool) -> list[dict[int, int]]:
+        saved: list[dict[int, int]] = [{} for _ in labels]
+        region = [0]
+        keep: list[torch.Tensor] = []  # alive until the end: a freed storage's address would be reused
+
+        def pack(t: torch.Tensor):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params:
+                keep.append(t)
+                saved[region[0]][ptr] = t.untyped_storage().nbytes()
+            return t
+
+        def enter(k):
+            def hook(module, inputs):
+                region[0] = k
+                if received and k:  # as PipelineStage makes its received activations
+                    return tuple(a.detach().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                                 else a for a in inputs)
+                return None
+            return hook
+
+        handles = [m.register_forward_pre_hook(enter(k)) for k, m in enumerate(pieces)]
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = pipe(*args)  # its interpreter calls the pieces in order (split_gm refuses to run)
+                if loss_fn is not None:
+                    region[0] = len(labels) - 1
+                    out = out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
+                    loss_fn(out, target)
+        finally:
+            for h in handles:
+                h.remove()
+        return saved
+
+    saved = _Saved(run(False), run(True))
+    atoms = []
+    for k, label in enumerate(labels):
+        p = sum(t.numel() * t.element_size() for t in pieces[k].parameters()) if k < len(pieces) else 0
+        atoms.append(Atom(label, p, sum(saved.first[k].values()), sum(saved.received[k].values()),
+                          splittable=label in names[1:]))
+    return atoms, saved
 
 
 def in_flight(schedule: str, stage: int, stages: int, microbatches: int) -> int:
@@ -199,72 +287,96 @@ def in_flight(schedule: str, stage: int, stages: int, microbatches: int) -> int:
     return microbatches if schedule == "gpipe" else min(stages - stage, microbatches)
 
 
-def balance(atoms: list[Atom], stages: int, schedule: str, microbatches: int) -> list[int]:
+def balance(atoms: list[Atom], saved: _Saved, stages: int, schedule: str, microbatches: int) -> list[int]:
     """Start indices of stages 1..S-1 (into ``atoms``) minimizing the largest stage's bytes.
 
-    Exact: dynamic programming over (atoms used, stages made); a stage starts at a block child
-    (never inside the prefix, never at the suffix).
+    Exact: dynamic programming over (stage, start atom); stages begin at splittable atoms (block
+    children after the first), so stage 0 holds the prefix and a block child, the last the suffix
+    and the loss.
     """
     n = len(atoms)
-    prefix_p = [0]
-    prefix_a = [0]
+    cum_p = [0]
     for a in atoms:
-        prefix_p.append(prefix_p[-1] + a.param_bytes)
-        prefix_a.append(prefix_a[-1] + a.activation_bytes)
+        cum_p.append(cum_p[-1] + a.param_bytes)
+    first, received = saved.table(False), saved.table(True)
 
     def cost(i, j, s):  # atoms[i:j] as stage s
-        return prefix_p[j] - prefix_p[i] + in_flight(schedule, s, stages, microbatches) * (prefix_a[j] - prefix_a[i])
+        act = (first if s == 0 else received)[i][j]
+        return cum_p[j] - cum_p[i] + in_flight(schedule, s, stages, microbatches) * act
 
-    inf = float("inf")
-    # best[s][j]: the smallest possible largest-stage bytes with atoms[:j] split into s+1 stages
-    best = [[inf] * (n + 1) for _ in range(stages)]
-    choice = [[0] * (n + 1) for _ in range(stages)]
-    for j in range(2, n):  # stage 0 holds the prefix and at least one block child
-        best[0][j] = cost(0, j, 0)
-    for s in range(1, stages):
-        for j in range(2, n + 1):
-            for i in range(2, j):  # stage s = atoms[i:j], starting at a block child (i < n - 1)
-                if i >= n - 1 or best[s - 1][i] == inf:
-                    continue
-                if s < stages - 1 and j == n:
-                    continue
-                c = max(best[s - 1][i], cost(i, j, s))
-                if c < best[s][j]:
-                    best[s][j], choice[s][j] = c, i
-    if best[stages - 1][n] == inf:
-        raise ValueError(f"fxmem.shard.pipeline: stages={stages} is more than the {n - 2} block children "
+    starts = [i for i, a in enumerate(atoms) if a.splittable]
+    if stages - 1 > len(starts):
+        raise ValueError(f"fxmem.shard.pipeline: stages={stages} is more than the {len(starts) + 1} block children "
                          "the model can be split between")
-    starts, j = [], n
-    for s in range(stages - 1, 0, -1):
-        i = choice[s][j]
-        starts.append(i)
-        j = i
-    return starts[::-1]
+    if stages == 1:
+        return []
+    inf = float("inf")
+    # best[s][b]: the smallest largest-stage bytes with stages 0..s covering atoms[:b] (b a start)
+    best = [{b: inf for b in starts} for _ in range(stages - 1)]
+    choice = [{b: 0 for b in starts} for _ in range(stages - 1)]
+    for b in starts:
+        best[0][b] = cost(0, b, 0)
+    for s in range(1, stages - 1):
+        for b in starts:
+            for a in starts:
+                if a < b and best[s - 1][a] < inf:
+                    c = max(best[s - 1][a], cost(a, b, s))
+                    if c < best[s][b]:
+                        best[s][b], choice[s][b] = c, a
+    last = min((b for b in starts if best[stages - 2][b] < inf),
+               key=lambda b: max(best[stages - 2][b], cost(b, n, stages - 1)))
+    out = [last]
+    for s in range(stages - 2, 0, -1):
+        out.append(choice[s][out[-1]])
+    return out[::-1]
 
 
-def pipeline(model: nn.Module, *args: Any, stages: int, schedule: str = "1f1b", microbatches: int | None = None) -> PipelinePlan:
+def _check_schedule(schedule: str, stages: int, microbatches: int) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"fxmem.shard.pipeline: schedule={schedule!r}; accepted: {' | '.join(SCHEDULES)}")
+    if schedule == "1f1b" and microbatches < stages:
+        raise ValueError(f"fxmem.shard.pipeline: 1f1b needs microbatches >= stages, got {microbatches} < {stages}")
+
+
+def _plan(atoms, saved, stages, schedule, microbatches, mb, loss_fn) -> PipelinePlan:
+    starts = balance(atoms, saved, stages, schedule, microbatches)
+    bounds = [0] + starts + [len(atoms)]
+    first, received = saved.table(False), saved.table(True)
+    out = []
+    for s in range(stages):
+        i, j = bounds[s], bounds[s + 1]
+        act = (first if s == 0 else received)[i][j]
+        out.append(Stage(s, atoms[i].module, atoms[j - 1].module, sum(a.param_bytes for a in atoms[i:j]), act,
+                         in_flight(schedule, s, stages, microbatches)))
+    return PipelinePlan(out, schedule, microbatches, [atoms[i].module for i in starts], atoms, mb, loss_fn, saved)
+
+
+def pipeline(model: nn.Module, *args: Any, stages: int, schedule: str = "1f1b", microbatches: int | None = None,
+             loss_fn: Callable | None = None, target: Any = None) -> PipelinePlan:
     """Plan ``stages`` pipeline stages balanced by memory (see the module docstring).
 
     ``args``: the whole batch (split into ``microbatches`` on dim 0, as the schedules split it;
-    default: ``stages``). ``schedule``: ``"gpipe"`` or ``"1f1b"``. Returns a
-    :class:`PipelinePlan`; print it for per-stage bytes, ``plan.build(model, rank)`` runs it.
+    default: ``stages``). ``schedule``: ``"gpipe"`` or ``"1f1b"``. ``loss_fn(output, target)``:
+    the loss the last stage runs (the schedule's ``loss_fn``), with ``target`` the whole batch's
+    target — its saved tensors are counted on the last stage. Returns a :class:`PipelinePlan`;
+    print it for per-stage bytes, ``plan.build(model, rank)`` runs it.
     """
     if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
         raise ValueError(f"fxmem.shard.pipeline: stages={stages!r}; accepted: a positive int")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"fxmem.shard.pipeline: schedule={schedule!r}; accepted: {' | '.join(SCHEDULES)}")
     microbatches = stages if microbatches is None else microbatches
-    if not isinstance(microbatches, int) or microbatches < 1:
+    if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
         raise ValueError(f"fxmem.shard.pipeline: microbatches={microbatches!r}; accepted: a positive int")
-    if schedule == "1f1b" and microbatches < stages:
-        raise ValueError(f"fxmem.shard.pipeline: 1f1b needs microbatches >= stages, got {microbatches} < {stages}")
+    _check_schedule(schedule, stages, microbatches)
+    if loss_fn is not None and not callable(loss_fn):
+        raise ValueError(f"fxmem.shard.pipeline: loss_fn={loss_fn!r}; accepted: None or a callable (output, target)")
+    if (loss_fn is None) != (target is None):
+        raise ValueError("fxmem.shard.pipeline: give loss_fn and target together (the loss the last stage runs and "
+                         "the whole batch's target), or neither")
     mb = _chunk(args, microbatches)
-    atoms = measure_atoms(model, mb)
-    starts = balance(atoms, stages, schedule, microbatches) if stages > 1 else []
-    bounds = [0] + starts + [len(atoms)]
-    out = []
-    for s in range(stages):
-        group = atoms[bounds[s]:bounds[s + 1]]
-        out.append(Stage(s, group[0].module, group[-1].module, sum(a.param_bytes for a in group),
-                         sum(a.activation_bytes for a in group), in_flight(schedule, s, stages, microbatches)))
-    return PipelinePlan(out, schedule, microbatches, [atoms[i].module for i in starts], atoms, mb)
+    target_mb = _chunk((target,), microbatches)[0] if loss_fn is not None else None
+    names = _atom_names(model, mb)
+    if stages - 1 > len(names[0]) - 1:  # checked before the (slower) export
+        raise ValueError(f"fxmem.shard.pipeline: stages={stages} is more than the {len(names[0])} block children "
+                         "the model can be split between")
+    atoms, saved = measure_atoms(model, mb, loss_fn, target_mb, names)
+    return _plan(atoms, saved, stages, schedule, microbatches, mb, loss_fn)

@@ -236,8 +236,11 @@ def _compiled_step(model, plan, mesh, xs, ys, reference) -> dict:
     return {"loss_error": abs(_dp_mean(loss, mesh) - reference["loss"]), "max_param_error": max(errors)}
 
 
-def run_pipeline(rank: int, world_size: int, case: str, schedule: str, *, layers: int = 4, microbatches: int = 2) -> dict:
-    """One rank's part of the pipeline check: its stage's bytes, the loss and gradients against one process."""
+def run_pipeline(rank: int, world_size: int, case: str, schedules: tuple[str, ...] = ("gpipe", "1f1b"), *,
+                 layers: int = 4, microbatches: int = 2) -> dict:
+    """One rank's part of the pipeline check, per schedule: its stage's bytes, the loss and gradients
+    against one process. The model is measured once (``fxmem.shard.pipeline`` with the loss) and
+    balanced for each schedule with :meth:`PipelinePlan.with_schedule`."""
     import fxmem
 
     model, vocab_size = build(case, layers=layers)
@@ -245,37 +248,43 @@ def run_pipeline(rank: int, world_size: int, case: str, schedule: str, *, layers
     single = copy.deepcopy(model)
     ref_loss = loss_fn(single(x), y)
     ref_loss.backward()
-    plan = fxmem.shard.pipeline(model, x, stages=world_size, schedule=schedule, microbatches=microbatches)
-    pipe, stage, sched = plan.build(copy.deepcopy(model), rank, "cpu", loss_fn=loss_fn)
-    losses: list[torch.Tensor] = []
-    saved = [0]
-    seen: set[int] = set()
-    keep: list[torch.Tensor] = []  # alive until the end: a freed storage's address is not reused and missed
-    params = {p.untyped_storage().data_ptr() for p in stage.submod.parameters()}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params and ptr not in seen:
-            seen.add(ptr)
-            keep.append(t)
-            saved[0] += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        if rank == 0:
-            sched.step(x)
-        elif rank == world_size - 1:
-            sched.step(target=y, losses=losses)
-        else:
-            sched.step()
     ref = dict(single.named_parameters())
-    grad_errors = [float((p.grad - ref[n].grad).abs().max()) for n, p in stage.submod.named_parameters()]
-    param_bytes = sum(tensor_bytes(p) for p in {id(p): p for p in stage.submod.parameters()}.values())
-    per_mb = saved[0] // microbatches
-    planned = plan.stages[rank]
-    return {"case": case, "schedule": schedule, "stage": rank, "table": plan.table(),
+    measured = fxmem.shard.pipeline(model, x, stages=world_size, schedule=schedules[0], microbatches=microbatches,
+                                    loss_fn=loss_fn, target=y)
+    out = {}
+    for schedule in schedules:
+        plan = measured.with_schedule(schedule)
+        pipe, stage, sched = plan.build(copy.deepcopy(model), rank, "cpu")
+        losses: list[torch.Tensor] = []
+        saved = [0]
+        seen: set[int] = set()
+        keep: list[torch.Tensor] = []  # alive until the end: a freed storage's address is not reused and missed
+        params = {p.untyped_storage().data_ptr() for p in stage.submod.parameters()}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params and ptr not in seen:
+                seen.add(ptr)
+                keep.append(t)
+                saved[0] += t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if rank == 0:
+                sched.step(x)
+            elif rank == world_size - 1:
+                sched.step(target=y, losses=losses)
+            else:
+                sched.step()
+        grad_errors = [float((p.grad - ref[n].grad).abs().max()) for n, p in stage.submod.named_parameters()]
+        param_bytes = sum(tensor_bytes(p) for p in {id(p): p for p in stage.submod.parameters()}.values())
+        per_mb = saved[0] // microbatches
+        planned = plan.stages[rank]
+        out[schedule] = {
+            "case": case, "schedule": schedule, "stage": rank, "table": plan.table(),
             "param_bytes": param_bytes, "activation_bytes": per_mb, "in_flight": planned.in_flight,
             "bytes": param_bytes + planned.in_flight * per_mb, "plan_bytes": planned.bytes,
             "plan_param_bytes": planned.param_bytes, "plan_activation_bytes": planned.activation_bytes,
             "loss_error": abs(float(sum(losses) / len(losses)) - float(ref_loss)) if losses else None,
             "max_grad_error": max(grad_errors), "grads_compared": len(grad_errors)}
+    return out
