@@ -10,9 +10,12 @@ bytes of parameters, gradients and AdamW state (local shards) against one proces
 loss and parameters after one AdamW step against one process on the global batch (1e-5),
 collectives of one forward and one backward counted by ``CommDebugMode`` against the plan's; the
 GPT once more compiled with ``backend="fxmem"``. 2 processes: ``fxmem.shard.pipeline(stages=2)``
-with GPipe and 1F1B on both models (8 layers; untied GPT): per-stage bytes (parameters + saved activations
-per microbatch × microbatches in flight, measured on each stage) and the loss and gradients
-against one process. Writes benchmarks/results/scale.json and scale.png.
+with GPipe and 1F1B on both models (8 layers, and 4 where the atoms are coarse; untied GPT), the
+loss counted on the last stage: per-stage bytes (parameters + saved activations per microbatch ×
+microbatches in flight, measured on each stage) against the plan's, and the loss and gradients
+against one process. 4 processes again: ``precision="bf16"`` on the 2 × 2 mesh (FSDP2
+``MixedPrecisionPolicy``) against one process computing in bf16. Writes
+benchmarks/results/scale.json and scale.png.
 """
 
 from __future__ import annotations
@@ -36,9 +39,18 @@ def _mesh_job(rank, world, tmp):
     return out
 
 
-def _pipe_job(rank, world):
-    return {f"{case} {schedule}": scale.run_pipeline(rank, world, case, schedule, layers=8)
-            for case in ("llama", "gpt_untied") for schedule in ("gpipe", "1f1b")}
+def _pipe_job(rank, world, layers):
+    # one measurement per model (the loss included), balanced for each schedule
+    out = {}
+    for case in ("llama", "gpt_untied"):
+        for schedule, r in scale.run_pipeline(rank, world, case, ("gpipe", "1f1b"), layers=layers).items():
+            out[f"{case} {schedule}"] = r
+    return out
+
+
+def _precision_job(rank, world):
+    # plan(mesh=..., precision="bf16"): FSDP2 MixedPrecisionPolicy against one process in bf16
+    return {case: scale.run_mesh_precision(rank, world, case, 2, 2, "bf16") for case in ("llama", "gpt")}
 
 
 def _plot(mesh_rows, pipe_rows, path):
@@ -75,7 +87,9 @@ def main() -> None:
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         mesh = tp.spawn(_mesh_job, 4, tmp)
-    pipe = tp.spawn(_pipe_job, 2)
+    precision = tp.spawn(_precision_job, 4)
+    pipe = tp.spawn(_pipe_job, 2, 8)
+    pipe4 = tp.spawn(_pipe_job, 2, 4)   # 4 layers: where atoms are too coarse for 1F1B (docs/shard.md)
     mesh_rows = []
     for case in ("llama", "gpt"):
         per_rank = [r[case] for r in mesh]
@@ -86,9 +100,12 @@ def main() -> None:
         r0["max_ill_conditioned_error"] = max(r["max_ill_conditioned_error"] for r in per_rank)
         mesh_rows.append(r0)
     pipe_rows = {name: [r[name] for r in pipe] for name in pipe[0]}
+    pipe4_rows = {name: [r[name] for r in pipe4] for name in pipe4[0]}
+    precision_rows = [_worst(precision, case) for case in ("llama", "gpt")]
     os.makedirs(opts.out, exist_ok=True)
     with open(os.path.join(opts.out, "scale.json"), "w") as f:
-        json.dump({"question": __doc__.split("\n\n")[0], "mesh": mesh_rows, "pipeline": pipe_rows}, f, indent=1, default=str)
+        json.dump({"question": __doc__.split("\n\n")[0], "mesh": mesh_rows, "pipeline": pipe_rows,
+                   "pipeline_4_layers": pipe4_rows, "precision_bf16": precision_rows}, f, indent=1, default=str)
     _plot(mesh_rows, pipe_rows, os.path.join(opts.out, "scale.png"))
     for r in mesh_rows:
         print(f"{r['case']:6s} 2x2: state/rank {r['bytes']['total']} B vs one process {r['single_bytes']['total']} B "
@@ -98,11 +115,28 @@ def main() -> None:
               f"bwd {r['backward']} (plan {r['plan_backward']}); checkpoint {r['checkpoint']}"
               + (f"; compiled: {r['compiled']}" if "compiled" in r else "")
               + (f"; compiled without the vocabulary split: {r['compiled_no_vocab_split']}" if "compiled_no_vocab_split" in r else ""))
-    for name, stages in pipe_rows.items():
-        sizes = [s["bytes"] for s in stages]
-        print(f"{name:18s} stages bytes {sizes} (plan {[s['plan_bytes'] for s in stages]}), "
-              f"largest/smallest {max(sizes) / min(sizes):.3f}; loss err {stages[-1]['loss_error']:.1e}, "
-              f"grad err {max(s['max_grad_error'] for s in stages):.1e}")
+    for layers, rows in ((8, pipe_rows), (4, pipe4_rows)):
+        for name, stages in rows.items():
+            sizes = [s["bytes"] for s in stages]
+            plan = [s["plan_bytes"] for s in stages]
+            print(f"{name:18s} {layers} layers: stages bytes {sizes} (plan {plan}), largest/smallest "
+                  f"{max(sizes) / min(sizes):.3f} (plan {max(plan) / min(plan):.3f}); activations/microbatch "
+                  f"{[s['activation_bytes'] for s in stages]} (plan {[s['plan_activation_bytes'] for s in stages]}); "
+                  f"loss err {stages[-1]['loss_error']:.1e}, grad err {max(s['max_grad_error'] for s in stages):.1e}")
+    for r in precision_rows:
+        print(f"{r['case']:6s} 2x2 bf16 (u = {r['unit_roundoff']:.2e}): loss rel err {r['loss_rel_error']:.1e}, "
+              f"gradients rel err {r['grad_rel_error']:.1e} (worst tensor {r['max_grad_rel_error']:.1e} "
+              f"{r['worst_grad']}), params after AdamW where |g| is clear of the noise {r['max_param_error_clear']:.1e} "
+              f"({1 - r['noisy_share']:.0%} of elements)")
+
+
+def _worst(results, case):
+    """The precision row of ``case`` with each error the largest over the ranks."""
+    rows = [r[case] for r in results]
+    out = dict(rows[0])
+    for key in ("loss_rel_error", "grad_rel_error", "max_grad_rel_error", "max_param_error_clear", "noisy_share"):
+        out[key] = max(r[key] for r in rows)
+    return out
 
 
 if __name__ == "__main__":

@@ -124,6 +124,24 @@ def run_mesh(rank: int, world_size: int, case: str, dp: int, tp: int, *, vocab: 
     d = mesh["dp"].get_local_rank()
     xs, ys = x[d * per_dp:(d + 1) * per_dp], y[d * per_dp:(d + 1) * per_dp]
     plan = fxmem.shard.plan(copy.deepcopy(model), xs, mesh={"dp": dp, "tp": tp}, vocab=vocab)
+    compiled, plans = {}, {}
+    if compile_check:
+        from fxmem.testing.tp import _describe_failure
+
+        # the plan as made, then without the vocabulary split: PyTorch's vocabulary-parallel
+        # embedding (``_MaskPartial``, whose mask lives in placement metadata) does not compile on
+        # torch 2.13 with any AOTAutograd backend (docs/shard.md, "Compile"). Compiled *before*
+        # the eager step on this mesh: on torch 2.13 a compile after it failed in Inductor
+        # (``device_mesh._get_submesh is not an OpOverload``, docs/shard.md)
+        plans = {"compiled": plan}
+        if plan.tp_plan is not None and plan.tp_plan.vocab:
+            plans["compiled_no_vocab_split"] = fxmem.shard.plan(copy.deepcopy(model), xs, mesh={"dp": dp, "tp": tp},
+                                                                vocab=False)
+        for key, p in plans.items():
+            try:
+                compiled[key] = _compiled_step(model, p, mesh, xs, ys, reference)
+            except Exception as exc:  # noqa: BLE001 - recorded: how torch.compile fails on this composition
+                compiled[key] = {"failure": _describe_failure(exc)}
     sharded = fxmem.shard.apply(copy.deepcopy(model), plan, mesh)
     opt = torch.optim.AdamW(sharded.parameters(), lr=LR)
     with CommDebugMode() as fwd:
@@ -171,20 +189,15 @@ def run_mesh(rank: int, world_size: int, case: str, dp: int, tp: int, *, vocab: 
     if checkpoint is not None:
         result["checkpoint"] = _checkpoint_roundtrip(model, plan, mesh, sharded, opt, checkpoint)
     if compile_check:
-        from fxmem.testing.tp import _describe_failure
-
-        # the plan as made, then without the vocabulary split: PyTorch's vocabulary-parallel
-        # embedding (``_MaskPartial``, whose mask lives in placement metadata) does not compile on
-        # torch 2.13 with any AOTAutograd backend (docs/shard.md, "Compile")
-        plans = {"compiled": plan}
-        if plan.tp_plan is not None and plan.tp_plan.vocab:
-            plans["compiled_no_vocab_split"] = fxmem.shard.plan(copy.deepcopy(model), xs, mesh={"dp": dp, "tp": tp},
-                                                                vocab=False)
-        for key, p in plans.items():
-            try:
-                result[key] = _compiled_step(model, p, mesh, xs, ys, reference)
-            except Exception as exc:  # noqa: BLE001 - recorded: how torch.compile fails on this composition
-                result[key] = {"failure": _describe_failure(exc)}
+        for key, c in compiled.items():
+            if "params" in c:
+                params, compiled_loss = c.pop("params"), c.pop("loss")
+                if plans[key] is plan:  # the uncompiled step of the same plan on this rank
+                    c["eager_loss_error"] = abs(compiled_loss - float(loss.detach()))
+                    c["eager_max_param_error"] = max(
+                        _masked_max((params[n] - _full(mine[n]).detach()).abs(), reference["grads"].get(n))
+                        for n in params)
+            result[key] = c
     return result
 
 
@@ -215,25 +228,112 @@ def _checkpoint_roundtrip(model, plan, mesh, sharded, opt, path: str) -> dict:
             "differs_from_untrained": changed}
 
 
-def _compiled_step(model, plan, mesh, xs, ys, reference) -> dict:
-    """``torch.compile(backend="fxmem")`` of the sharded model: one AdamW step, compared."""
+def _masked_max(diff: torch.Tensor, grad: torch.Tensor | None) -> float:
+    """Largest difference where Adam's first update is well conditioned (``|g| >= 1e-6``, run_mesh)."""
+    mask = grad.abs() >= ILL_CONDITIONED_GRAD if grad is not None else torch.ones_like(diff, dtype=torch.bool)
+    return float(diff[mask].max()) if mask.any() else 0.0
+
+
+def _compiled_step(model, plan, mesh, xs, ys, reference, **compile_kwargs) -> dict:
+    """``torch.compile(backend="fxmem")`` of the sharded model: one AdamW step, compared with one
+    process; also returns this rank's loss and the full parameters after the step (``loss``,
+    ``params``) for :func:`run_mesh` to compare with the uncompiled sharded step."""
     import fxmem
 
     sharded = fxmem.shard.apply(copy.deepcopy(model), plan, mesh)
     opt = torch.optim.AdamW(sharded.parameters(), lr=LR)
     torch._dynamo.reset()
-    compiled = torch.compile(sharded, backend="fxmem")
+    compiled = torch.compile(sharded, **({"backend": "fxmem"} | compile_kwargs))
     loss = loss_fn(compiled(xs), ys)
     loss.backward()
     opt.step()
-    mine = dict(sharded.named_parameters())
-    errors = []
-    for n, p in reference["params"].items():  # as in run_mesh: Adam's ill-conditioned elements apart
-        if n in mine:
-            mask = reference["grads"][n].abs() >= ILL_CONDITIONED_GRAD
-            diff = (_full(mine[n]).detach() - p).abs()
-            errors.append(float(diff[mask].max()) if mask.any() else 0.0)
-    return {"loss_error": abs(_dp_mean(loss, mesh) - reference["loss"]), "max_param_error": max(errors)}
+    mine = {n: _full(p).detach() for n, p in sharded.named_parameters()}
+    # as in run_mesh: Adam's ill-conditioned elements apart
+    errors = [_masked_max((mine[n] - p).abs(), reference["grads"].get(n)) for n, p in reference["params"].items()
+              if n in mine]
+    return {"loss_error": abs(_dp_mean(loss, mesh) - reference["loss"]), "max_param_error": max(errors),
+            "params_compared": len(errors), "loss": float(loss.detach()), "params": mine}
+
+
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}  # 8 / 11 significand bits
+
+
+def run_mesh_precision(rank: int, world_size: int, case: str, dp: int, tp: int, precision: str = "bf16") -> dict:
+    """``plan(mesh=..., precision=...)`` end to end against one process computing in the same dtypes.
+
+    The mesh: FSDP2's ``MixedPrecisionPolicy(param_dtype=low, reduce_dtype=float32)`` — parameters
+    all-gathered and cast low, forward and backward computed low (no autocast), gradients cast to
+    fp32 and reduced in fp32 onto fp32 master shards, AdamW in fp32. The reference does the same in
+    one process on the global batch: a copy whose *parameters* (not buffers: FSDP2 casts only
+    parameters) are cast low, its gradients cast to fp32 onto the fp32 model, AdamW in fp32. The
+    two round the same values; they differ where the order of operations differs (the batch split
+    over dp, tensor parallelism's partial sums rounded low before their all-reduce), each by a few
+    roundings of relative size u (``UNIT_ROUNDOFF``). Returned: the loss error (relative), each
+    parameter's gradient error ``|g - g_ref| / |g_ref|`` (norms), and after the step the largest
+    parameter error where the reference gradient is well above the rounding noise (there Adam's
+    first update is ``lr · sign(g)`` on both sides, so the fp32 masters must match) and the share of
+    elements below it.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import fxmem
+    from fxmem.shard.mesh import _PRECISIONS
+
+    dtype = _PRECISIONS[precision]
+    model, vocab_size = build(case)
+    per_dp = 2
+    x, y = batch(vocab_size, per_dp * dp)
+    # the reference: low-precision parameters, fp32 gradients and AdamW
+    single = copy.deepcopy(model)
+    low = copy.deepcopy(model)
+    for p in low.parameters():
+        p.data = p.data.to(dtype)
+    ref_loss = loss_fn(low(x), y)
+    ref_loss.backward()
+    for p, q in zip(single.parameters(), low.parameters()):
+        p.grad = q.grad.float()
+    ref_grads = {n: p.grad.clone() for n, p in single.named_parameters()}
+    torch.optim.AdamW(single.parameters(), lr=LR).step()
+    ref_params = {n: p.detach().clone() for n, p in single.named_parameters()}
+
+    mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
+    d = mesh["dp"].get_local_rank()
+    xs, ys = x[d * per_dp:(d + 1) * per_dp], y[d * per_dp:(d + 1) * per_dp]
+    plan = fxmem.shard.plan(copy.deepcopy(model), xs, mesh={"dp": dp, "tp": tp}, precision=precision)
+    sharded = fxmem.shard.apply(copy.deepcopy(model), plan, mesh)
+    opt = torch.optim.AdamW(sharded.parameters(), lr=LR)
+    out = sharded(xs)
+    loss = loss_fn(out, ys)
+    loss.backward()
+    grads = {n: _full(p.grad) for n, p in sharded.named_parameters()}
+    master_dtypes = {str(p.dtype) for p in sharded.parameters()} | {str(g.dtype) for g in grads.values()}
+    opt.step()
+    params = {n: _full(p).detach() for n, p in sharded.named_parameters()}
+    # a gradient that is zero or tiny in exact arithmetic (a key projection's bias: softmax ignores
+    # a per-row constant; the query bias's is small) is mostly rounding noise on both sides: such
+    # tensors (norm below 1e-3 of the largest) are compared only inside the global figure
+    norms = {n: float(g.norm()) for n, g in ref_grads.items()}
+    signal = {n for n, v in norms.items() if v >= 1e-3 * max(norms.values())}
+    diff_sq = sum(float((grads[n] - g).norm()) ** 2 for n, g in ref_grads.items())
+    grad_errors, param_errors, noisy, elements = {}, {}, 0, 0
+    for n in signal:
+        g_ref = ref_grads[n]
+        grad_errors[n] = float((grads[n] - g_ref).norm()) / norms[n]
+        # well above the noise: 2**-5 of the tensor's largest gradient (the noise is a few u = 2**-8 of it)
+        clear = g_ref.abs() >= 2.0 ** -5 * g_ref.abs().max()
+        diff = (params[n] - ref_params[n]).abs()
+        param_errors[n] = float(diff[clear].max())
+        noisy += int((~clear).sum())
+        elements += g_ref.numel()
+    global_loss = _dp_mean(loss, mesh)
+    return {"case": case, "dp": dp, "tp": tp, "precision": precision, "unit_roundoff": UNIT_ROUNDOFF[dtype],
+            "output_dtype": str(logits(out).dtype), "master_dtypes": sorted(master_dtypes),
+            "loss": global_loss, "ref_loss": float(ref_loss),
+            "loss_rel_error": abs(global_loss - float(ref_loss)) / abs(float(ref_loss)),
+            "grad_rel_error": diff_sq ** 0.5 / sum(v * v for v in norms.values()) ** 0.5,
+            "max_grad_rel_error": max(grad_errors.values()), "worst_grad": max((e, n) for n, e in grad_errors.items())[1],
+            "grads_compared": len(grad_errors), "params_expected": len(ref_grads), "structurally_zero": sorted(set(norms) - signal),
+            "max_param_error_clear": max(param_errors.values()), "noisy_share": noisy / elements}
 
 
 def run_pipeline(rank: int, world_size: int, case: str, schedules: tuple[str, ...] = ("gpipe", "1f1b"), *,
