@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -206,6 +207,56 @@ def capture_graphs(model: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[
     return count[0]
 
 
+def trace_device(model: torch.nn.Module) -> torch.device:
+    """The device whose kernels the estimate traces: the model's (the CPU for a model on ``meta``)."""
+    dev = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
+    return torch.device("cpu") if dev.type == "meta" else dev
+
+
+def on_device(gm: fx.GraphModule, example_inputs: Sequence[Any], device: torch.device
+              ) -> tuple[fx.GraphModule, list[Any]]:
+    """A copy of Dynamo's meta-device graph, and fake inputs on ``device``, for AOTAutograd to trace.
+
+    Why not the meta tensors themselves: AOTAutograd's joint trace of ``F.cross_entropy`` over
+    meta tensors records no backward (the loss comes out with no gradient path; torch 2.13 warns
+    "aten::nll_loss: an autograd kernel was not registered"), so every graph whose loss is the
+    plain ``cross_entropy`` was estimated as a forward with no backward at all. Fake tensors
+    (:class:`torch._subclasses.fake_tensor.FakeTensorMode`) on the model's own device allocate
+    nothing either, and trace the same graph, with its gradients, that the real device gets.
+    Device constants the trace baked in (``torch.arange(T, device=idx.device)``) are moved to
+    ``device`` too.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.node import map_aggregate
+
+    def move(value: Any) -> Any:
+        if isinstance(value, torch.device) and value.type == "meta":
+            return device
+        return value
+
+    new = fx.GraphModule(gm, copy_graph(gm.graph))
+    mode = FakeTensorMode()
+
+    def fake(t: torch.Tensor) -> torch.Tensor:
+        with mode:
+            out = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype,
+                                      device=device if t.device.type == "meta" else t.device)
+        return out.requires_grad_(t.requires_grad) if t.is_floating_point() or t.is_complex() else out
+
+    for node in new.graph.nodes:
+        node.args = map_aggregate(node.args, move)
+        node.kwargs = map_aggregate(node.kwargs, move)
+        if node.op == "get_attr":
+            owner_path, _, name = node.target.rpartition(".")
+            owner = new.get_submodule(owner_path) if owner_path else new
+            value = getattr(owner, name, None)
+            if isinstance(value, torch.Tensor) and value.device.type == "meta":
+                setattr(owner, name, fake(value))  # the copy's own attribute: Dynamo's graph keeps its tensor
+    new.recompile()
+    inputs = [fake(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+    return new, inputs
+
+
 # --------------------------------------------------------------------------------------------
 # Training estimates.
 # --------------------------------------------------------------------------------------------
@@ -237,12 +288,15 @@ def _with_inductor_estimates(config: FxmemConfig) -> FxmemConfig:
     return dataclasses.replace(config, remat=dataclasses.replace(config.remat, fused=True))
 
 
-def _estimate_training_graph(gm: fx.GraphModule, example_inputs: list, candidates: list[Candidate]) -> None:
-    """Add one Dynamo graph's activation peak and time cost to each training candidate."""
+def _estimate_training_graph(gm: fx.GraphModule, example_inputs: list, candidates: list[Candidate],
+                             device: torch.device) -> None:
+    """Add one Dynamo graph's activation peak and time cost to each training candidate (the joint
+    graph traced with fake tensors on ``device``: :func:`on_device`)."""
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import default_partition
 
     from fxmem.backend import DECOMPOSITIONS, parameter_inputs
+    from fxmem.codegen import inductor_training
     from fxmem.pipeline import Recorder, run_pipeline
 
     # Dynamo lifts parameters and buffers to graph inputs; AOTAutograd keeps their positions as
@@ -261,13 +315,14 @@ def _estimate_training_graph(gm: fx.GraphModule, example_inputs: list, candidate
             continue
         # the dynamo stage (chunk) rewrites the torch-level graph; the rest share one joint trace
         recorder = Recorder()
-        dynamo_gm = run_pipeline(fx.GraphModule(gm, copy_graph(gm.graph)), "dynamo",
+        device_gm, device_inputs = on_device(gm, example_inputs, device)
+        dynamo_gm = run_pipeline(device_gm, "dynamo",
                                  _with_inductor_estimates(parse_options(group[0].options)), recorder)
         if chunk:
             chunked = any(r.status == "changed" for r in recorder.records)
 
         def partition_fn(joint, joint_inputs, *, num_fwd_outputs, static_lifetime_input_indices=None,
-                         group=group, **kw):
+                         group=group, stop=False, **kw):
             for cand in group:
                 if cand.error:
                     continue
@@ -277,14 +332,32 @@ def _estimate_training_graph(gm: fx.GraphModule, example_inputs: list, candidate
                                         static_lifetime_input_indices or params)
                 except Exception as exc:  # noqa: BLE001 - a candidate that cannot compile is reported, not chosen
                     cand.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+            if stop:  # Inductor need not lower or generate code: the estimates are all fit wanted
+                raise _Estimated
             return default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs,
                                      static_lifetime_input_indices=static_lifetime_input_indices)
+
+        try:
+            # the joint graph Inductor would partition: its decompositions and joint-graph passes
+            # (pattern rewrites) applied, exactly as torch.compile(backend="fxmem") gets it
+            inductor_training(dynamo_gm, device_inputs, functools.partial(partition_fn, stop=True))
+        except _Estimated:
+            continue
+        except Exception:  # noqa: BLE001 - Inductor cannot trace this graph: AOTAutograd alone, fxmem's decompositions
+            for cand in group:
+                cand.parts.clear()
+                cand.error = ""
 
         def keep(g, _args):
             return g.forward
 
-        aot_module_simplified(dynamo_gm, example_inputs, fw_compiler=keep, bw_compiler=keep,
-                              partition_fn=partition_fn, decompositions=DECOMPOSITIONS)
+        aot_module_simplified(dynamo_gm, device_inputs,
+                              fw_compiler=keep, bw_compiler=keep, partition_fn=partition_fn,
+                              decompositions=DECOMPOSITIONS)
+
+
+class _Estimated(Exception):
+    """Raised by fit's partitioner inside Inductor once every candidate is estimated: stops the compile."""
 
 
 def _op_workspace(node: fx.Node) -> int:
@@ -309,6 +382,8 @@ def _op_workspace(node: fx.Node) -> int:
 
 def _peak_with_workspace(timeline, fw: fx.GraphModule, bw: fx.GraphModule | None) -> int:
     """The timeline's peak, or higher where an op's own workspace sits on top of the live bytes."""
+    from fxmem.analysis.sizes import tensor_bytes
+
     nodes = {("forward", n.name): n for n in fw.graph.nodes}
     if bw is not None:
         nodes.update({("backward", n.name): n for n in bw.graph.nodes})
@@ -316,7 +391,14 @@ def _peak_with_workspace(timeline, fw: fx.GraphModule, bw: fx.GraphModule | None
     for stage, name, live in timeline.points:
         node = nodes.get((stage, name))
         if node is not None:
-            peak = max(peak, live + _op_workspace(node))
+            workspace = _op_workspace(node)
+            if workspace:
+                # the timeline adds a multi-output op's outputs at their getitem nodes, after it;
+                # inside the op they already exist, under its workspace
+                val = node.meta.get("val")
+                outputs = sum(tensor_bytes(v) for v in val if isinstance(v, torch.Tensor)) \
+                    if isinstance(val, (tuple, list)) else 0
+                peak = max(peak, live + outputs + workspace)
     return peak
 
 
@@ -336,7 +418,7 @@ def _estimate_partition(cand: Candidate, joint: fx.GraphModule, joint_inputs, co
             node.meta[PARAM_META_KEY] = True
     fw = run_pipeline(fw, "forward", config, recorder)
     bw = run_pipeline(bw, "backward", config, recorder)
-    timeline = step_timeline(fw, bw, num_fwd_outputs, fused=True)
+    timeline = step_timeline(fw, bw, num_fwd_outputs, fused=True, reuse=True)
     fw_cost, bw_cost = graph_cost(fw), graph_cost(bw)
     parts = cand.parts
     parts["batch"] = max(parts.get("batch", 0), timeline.input_bytes)
@@ -429,7 +511,7 @@ def _weight_bytes(model: torch.nn.Module, options: Mapping[str, Any]) -> int:
     return int(total)
 
 
-def _estimate_inference_graph(gm: fx.GraphModule, example_inputs: list, sink: dict) -> None:
+def _estimate_inference_graph(gm: fx.GraphModule, example_inputs: list, sink: dict, device: torch.device) -> None:
     """The inference graph's activation peak (fused, as Inductor runs it) and its FLOPs and bytes."""
     from torch._functorch.aot_autograd import aot_module_simplified
 
@@ -452,8 +534,9 @@ def _estimate_inference_graph(gm: fx.GraphModule, example_inputs: list, sink: di
         sink["_bytes"] = sink.get("_bytes", 0) + cost.bytes_moved
         return aten_gm.forward
 
+    device_gm, device_inputs = on_device(gm, example_inputs, device)
     with torch.no_grad():
-        aot_module_simplified(gm, example_inputs, fw_compiler=compiler, decompositions=DECOMPOSITIONS)
+        aot_module_simplified(device_gm, device_inputs, fw_compiler=compiler, decompositions=DECOMPOSITIONS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -542,12 +625,13 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
     candidates = [Candidate(label, options, lossy=tuple(parse_options(options).lossy_options())
                             + (("precision",) if "precision" in options else ())) for label, options in specs]
     sink: dict[str, int] = {}
+    traced_on = trace_device(model)
     if training:
         capture_graphs(model, args, kwargs, training=True,
-                       on_graph=lambda gm, ex: _estimate_training_graph(gm, ex, candidates))
+                       on_graph=lambda gm, ex: _estimate_training_graph(gm, ex, candidates, traced_on))
     else:
         capture_graphs(model, args, kwargs, training=False,
-                       on_graph=lambda gm, ex: _estimate_inference_graph(gm, ex, sink))
+                       on_graph=lambda gm, ex: _estimate_inference_graph(gm, ex, sink, traced_on))
 
     candidates = [c for c in candidates if not c.same_as]
     state = _state_bytes(model)

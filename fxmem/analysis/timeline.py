@@ -167,19 +167,93 @@ def _pointwise(node: fx.Node) -> bool:
     return node.op == "call_function" and torch.Tag.pointwise in getattr(node.target, "tags", ())
 
 
-def _fused_away(gm: fx.GraphModule, keep: set) -> set[fx.Node]:
-    """Pointwise nodes whose every user is pointwise too: Inductor fuses them into their users'
-    kernel, so their output never exists (unless it leaves the graph: ``keep``)."""
+_REDUCTIONS = frozenset({"sum", "mean", "amax", "amin", "max", "min", "prod", "var", "var_mean", "std", "argmax",
+                         "argmin", "any", "all", "logsumexp"})
+"""ATen reductions Inductor generates as one kernel, with their pointwise producers inlined."""
+
+_SCATTERS = frozenset({"index_put", "_unsafe_index_put", "_unsafe_masked_index_put_accumulate", "scatter",
+                       "scatter_add", "scatter_reduce", "index_add", "slice_scatter", "select_scatter",
+                       "diagonal_scatter", "as_strided_scatter", "index_copy", "masked_scatter"})
+"""Functional scatters: Inductor writes them into their first argument's buffer when it dies there."""
+
+
+def _opname(node: fx.Node) -> str:
+    return str(getattr(getattr(node.target, "_schema", None), "name", "")).split("::")[-1]
+
+
+def _reduction(node: fx.Node) -> bool:
+    return node.op == "call_function" and not _pointwise(node) and _opname(node) in _REDUCTIONS
+
+
+def _fused_away(gm: fx.GraphModule, keep: set, *, into_reductions: bool = False) -> set[fx.Node]:
+    """Pointwise nodes whose every user is pointwise too (or, ``into_reductions``, a reduction):
+    Inductor fuses them into their users' kernel, so their output never exists (unless it leaves
+    the graph: ``keep``)."""
+    def fuses(user: fx.Node) -> bool:
+        return _pointwise(user) or (into_reductions and _reduction(user))
+
     return {n for n in gm.graph.nodes
-            if _pointwise(n) and n not in keep and n.users and all(_pointwise(u) for u in n.users)}
+            if _pointwise(n) and n not in keep and n.users and all(fuses(u) for u in n.users)}
+
+
+def _reuse_candidates(node: fx.Node) -> list[fx.Node]:
+    """Inputs whose buffer Inductor may write ``node``'s output into (in place) when they die at
+    ``node``: any input of a pointwise kernel, the first input of a functional scatter."""
+    if _pointwise(node):
+        return [a for a in node.all_input_nodes]
+    if node.op == "call_function" and _opname(node) in _SCATTERS and node.args and isinstance(node.args[0], fx.Node):
+        return [node.args[0]]
+    return []
+
+
+def _kernel_inputs(node: fx.Node, skip: set[fx.Node]) -> list[fx.Node]:
+    """The storages ``node``'s kernel reads: its reuse candidates, looking through the pointwise
+    ops fused into it (``skip``)."""
+    out, stack, seen = [], list(_reuse_candidates(node)), set()
+    while stack:
+        inp = stack.pop()
+        if inp in seen:
+            continue
+        seen.add(inp)
+        if inp in skip:
+            stack.extend(inp.all_input_nodes)
+        else:
+            out.append(storage_root(inp))
+    return out
+
+
+def _reuse_in_place(live: _Live, node: fx.Node, skip: set[fx.Node], dying) -> None:
+    """Free the first input buffer ``node``'s kernel can write its output into (``dying(root)``
+    gives its live-set key when it dies at ``node``, else None): the output takes its place."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return
+    size = node_bytes(node)
+    for root in _kernel_inputs(node, skip):
+        key = dying(root)
+        other = root.meta.get("val")
+        if key is not None and key in live.items and isinstance(other, torch.Tensor) and other.dtype == val.dtype \
+                and live.items[key].bytes == size:
+            live.drop(key)
+            return
 
 
 def step_timeline(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *,
-                  fused: bool = False) -> StepTimeline:
+                  fused: bool = False, reuse: bool = False) -> StepTimeline:
     """Walk ``fw`` then ``bw`` (a partition's two graphs) and record the live bytes after each node.
 
     ``fused``: model Inductor's code — a pointwise op feeding only pointwise ops allocates
-    nothing (it is fused into its users). Buffer reuse and reordering are not modelled.
+    nothing (it is fused into its users). ``reuse`` (with ``fused``): model two more things
+    Inductor's generated code does (its wrapper's ``buf2 = exp_2; del exp_2  # reuse``):
+
+    * a pointwise op feeding a reduction is inlined into the reduction's kernel too;
+    * a pointwise kernel (or a functional scatter, into its first argument) writes its output
+      into the buffer of an input that dies there, when dtype and size match — the input is
+      freed before the output is allocated, not after (the backward's logits gradient reuses the
+      saved ``exp`` of the softmax: one ``[N, V]`` buffer, not two). The kernel's inputs are
+      read through the pointwise ops fused into it.
+
+    Reordering is not modelled. ``fit`` uses ``reuse=True``; remat's peak guard does not (yet).
     """
     timeline = StepTimeline()
     live = _Live(timeline)
@@ -198,9 +272,16 @@ def step_timeline(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs
     for root, pos in last.items():
         if root.op in COMPUTING and root not in user_roots and root not in saved_roots:
             frees.setdefault(pos, []).append(root)
-    skip = _fused_away(fw, user_roots | saved_roots) if fused else set()
+    reuse = reuse and fused
+    skip = _fused_away(fw, user_roots | saved_roots, into_reductions=reuse) if fused else set()
+
+    def fw_dying(root: fx.Node, i: int) -> object | None:
+        return root if root in frees.get(i, ()) else None
+
     for i, node in enumerate(fw.graph.nodes):
         if node.op in COMPUTING and storage_root(node) is node and not is_parameter_node(node) and node not in skip:
+            if reuse:
+                _reuse_in_place(live, node, skip, lambda root, i=i: fw_dying(root, i))
             kind = "saved" if node in saved_roots else "output" if node in user_roots else "transient"
             live.add(node, _describe(node, "forward", kind))
         if node.op in COMPUTING:
@@ -238,9 +319,20 @@ def step_timeline(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs
             frees.setdefault(pos, []).append(root)
         elif root.op in COMPUTING:
             frees.setdefault(pos, []).append(root)
-    skip = _fused_away(bw, grad_roots) if fused else set()
+    skip = _fused_away(bw, grad_roots, into_reductions=reuse) if fused else set()
+
+    def bw_dying(root: fx.Node, i: int) -> object | None:
+        if root not in frees.get(i, ()):
+            return None
+        if root in placeholder_root:
+            key = placeholder_root[root]
+            return key if readers[key] == 1 and key not in held else None
+        return root
+
     for i, node in enumerate(bw_nodes):
         if node.op in COMPUTING and storage_root(node) is node and not is_parameter_node(node) and node not in skip:
+            if reuse:
+                _reuse_in_place(live, node, skip, lambda root, i=i: bw_dying(root, i))
             live.add(node, _describe(node, "backward", "gradient" if node in grad_roots else "transient"))
         if node.op in COMPUTING:
             live.mark("backward", node.name)
