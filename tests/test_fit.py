@@ -85,16 +85,33 @@ def measured_choice(step, fitted):
     return choice, limit, measure_options(model, *args, options=choice.options, steps=1)
 
 
-def test_choice_fits_when_measured(measured_choice):
-    choice, limit, measured = measured_choice
+@pytest.fixture(scope="module")
+def measured_tight(step, fitted):
+    """The tightest limit fit can answer (just above its smallest estimate): the choice is the
+    smallest candidate (here the chunked loss with remat), compiled and measured once."""
+    model, args = step
+    smallest = min(fitted.candidates, key=lambda c: c.estimate)
+    limit = int(smallest.estimate / (1 - fitted.headroom)) + 1
+    choice = fitted.refit(limit)
+    assert choice.chosen.label == smallest.label
+    torch._dynamo.reset()
+    return choice, limit, measure_options(model, *args, options=choice.options, steps=1)
+
+
+@pytest.mark.parametrize("which", ["measured_choice", "measured_tight"])
+def test_choice_fits_when_measured(which, request):
+    choice, limit, measured = request.getfixturevalue(which)
     assert measured["peak_bytes"] <= limit, (choice.options, measured, limit)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (docs/fit.md, 'Not done'): on this model the fused-timeline "
-                   "estimate of the cheapest choice is ~1.23x the measured peak; the issue's target is 10%")
-def test_estimate_within_tolerance_of_measured(measured_choice):
-    choice, _, measured = measured_choice
-    assert abs(choice.estimate / measured["peak_bytes"] - 1) <= TOLERANCE, (choice.estimate, measured)
+@pytest.mark.parametrize("which", ["measured_choice", "measured_tight"])
+def test_estimate_within_tolerance_of_measured(which, request):
+    """The issue's target: the whole step's estimate (parameters, batch, activations, gradients,
+    the backward's transients, the chunked loss's workspace) within 10% of the measured peak —
+    unchunked (the logits and their gradient) and chunked (the loss op's chunks)."""
+    choice, _, measured = request.getfixturevalue(which)
+    assert abs(choice.estimate / measured["peak_bytes"] - 1) <= TOLERANCE, (choice.chosen.label, choice.estimate,
+                                                                           measured)
 
 
 def test_impossible_limit_names_the_smallest_estimate_and_what_it_takes(fitted):

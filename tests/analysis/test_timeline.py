@@ -64,3 +64,36 @@ def test_estimate_matches_measured_peak_op_by_op(name):
     tl = backend.recorder.timelines[-1]
     estimate = tl.peak_bytes - tl.input_bytes
     assert abs(estimate - measured) <= 0.10 * measured, (estimate, measured)
+
+
+def _forward_graph(fn, *args):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    return make_fx(fn)(*args)
+
+
+def test_reuse_models_inductors_in_place_kernels_and_reductions():
+    """``reuse=True``: a pointwise kernel writes into an input buffer that dies there, and a
+    pointwise op feeding a reduction allocates nothing (Inductor inlines it)."""
+    x, w = torch.randn(256, 64), torch.randn(64, 512)
+    buf = 256 * 512 * 4
+
+    # mm → exp (the output): exp can take mm's buffer, which dies there
+    gm = _forward_graph(lambda x, w: torch.exp(x @ w), x, w)
+    plain = step_timeline(gm, None, 1, fused=True)
+    reused = step_timeline(gm, None, 1, fused=True, reuse=True)
+    inputs = plain.input_bytes
+    assert plain.peak_bytes - inputs == 2 * buf  # mm's and exp's buffers, both alive at exp
+    assert reused.peak_bytes - inputs == buf
+
+    # mm → exp → sum: exp is inlined into the sum's kernel and never exists
+    gm = _forward_graph(lambda x, w: torch.exp(x @ w).sum(dim=1), x, w)
+    plain = step_timeline(gm, None, 1, fused=True)
+    reused = step_timeline(gm, None, 1, fused=True, reuse=True)
+    assert plain.peak_bytes - inputs == 2 * buf
+    assert buf <= reused.peak_bytes - inputs <= buf + 256 * 4  # mm's buffer (and the row sums)
+
+    # an input still used later is not overwritten: mm is read again after exp
+    gm = _forward_graph(lambda x, w: (lambda m: torch.exp(m) @ m.t())(x @ w), x, w)
+    reused = step_timeline(gm, None, 1, fused=True, reuse=True)
+    assert reused.peak_bytes - inputs >= 2 * buf
