@@ -23,6 +23,7 @@ dominate; the saved tensors — what remat chooses — are the same in both.
 
 from __future__ import annotations
 
+import operator
 import os
 import re
 from dataclasses import dataclass, field
@@ -137,20 +138,45 @@ def _describe(node: fx.Node, stage: str, kind: str) -> LiveTensor:
 
 
 class _Live:
-    """The live set: storage key → (bytes, description)."""
+    """The live set: storage key → (bytes, description).
 
-    def __init__(self, timeline: StepTimeline):
+    ``pool``: Inductor's buffer pool (``(parked, reuse)`` from :func:`_pool_plan`). Inductor's
+    wrapper does not release a freed buffer that a later allocation of the same dtype and size
+    will reuse (``buf86 = buf26; del buf26  # reuse``): it stays allocated, parked, until then.
+    A drop of a parked key keeps it; the add that reuses it takes its place. ``events`` records
+    the pooled allocations and frees, in order, to make that plan from.
+    """
+
+    def __init__(self, timeline: StepTimeline, pool: tuple[set, dict] | None = None):
         self.timeline = timeline
         self.items: dict[object, LiveTensor] = {}
         self.total = 0
+        self.parked, self.reuse = pool if pool is not None else (set(), {})
+        self.events: list[tuple[str, str, object, tuple[str, int]]] = []
+        self.stage = "forward"
 
-    def add(self, key: object, tensor: LiveTensor) -> None:
+    def add(self, key: object, tensor: LiveTensor, *, pooled: bool = False) -> None:
         if key in self.items or tensor.bytes == 0:
             return
+        if pooled:
+            self.events.append((self.stage, "alloc", key, (tensor.dtype, tensor.bytes)))
+            old = self.reuse.get(key)
+            if old is not None:
+                self._remove(old)
         self.items[key] = tensor
         self.total += tensor.bytes
 
-    def drop(self, key: object) -> None:
+    def drop(self, key: object, *, pooled: bool = False) -> None:
+        tensor = self.items.get(key)
+        if tensor is None:
+            return
+        if pooled:
+            self.events.append((self.stage, "free", key, (tensor.dtype, tensor.bytes)))
+            if key in self.parked:
+                return  # still allocated: a later buffer of its dtype and size reuses it
+        self._remove(key)
+
+    def _remove(self, key: object) -> None:
         tensor = self.items.pop(key, None)
         if tensor is not None:
             self.total -= tensor.bytes
@@ -161,6 +187,38 @@ class _Live:
         if self.total > tl.peak_bytes or len(tl.points) == 1:
             tl.peak_bytes, tl.peak_index = self.total, len(tl.points) - 1
             tl.live_at_peak = sorted(self.items.values(), key=lambda t: -t.bytes)
+
+
+def _pool_plan(events: list[tuple[str, str, object, tuple[str, int]]]) -> tuple[set, dict]:
+    """Pair frees with later allocations of the same (dtype, bytes), graph by graph, as Inductor's
+    wrapper does (a stack per key: the latest freed buffer is reused first)."""
+    parked: set = set()
+    reuse: dict = {}
+    pool: dict[tuple[str, int], list] = {}
+    stage = None
+    for ev_stage, kind, key, rkey in events:
+        if ev_stage != stage:  # each graph plans its own buffers
+            pool, stage = {}, ev_stage
+        if kind == "free":
+            pool.setdefault(rkey, []).append(key)
+        elif pool.get(rkey):
+            old = pool[rkey].pop()
+            parked.add(old)
+            reuse[key] = old
+    return parked, reuse
+
+
+def _pooled(node: fx.Node) -> bool:
+    """A buffer Inductor's wrapper allocates (and pools): the output of an op it lowers (kernels,
+    and extern matmuls written with ``out=``), not of a fallback op (a custom op, a multi-output
+    op read by ``getitem``), which allocates its own outputs."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return False
+    from torch._inductor.lowering import lowerings
+
+    return node.target in lowerings or getattr(node.target, "overloadpacket", None) in lowerings
 
 
 def _pointwise(node: fx.Node) -> bool:
@@ -222,19 +280,40 @@ def _kernel_inputs(node: fx.Node, skip: set[fx.Node]) -> list[fx.Node]:
     return out
 
 
+def _kernel_last_uses(gm: fx.GraphModule, skip: set[fx.Node]) -> dict[fx.Node, int]:
+    """:func:`fxmem.analysis.liveness.last_uses` as Inductor's kernels read: a pointwise op fused
+    into its users (``skip``) reads its inputs where the kernel it is fused into runs, so an
+    input stays alive until then (``grad = saved_grad * tangent + embedding_grad``: the saved
+    gradient is read by the last kernel of the backward, not where the multiply stands)."""
+    nodes = list(gm.graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    runs_at: dict[fx.Node, int] = {}
+    for node in reversed(nodes):
+        runs_at[node] = max((runs_at[u] for u in node.users), default=position[node]) if node in skip \
+            else position[node]
+    last: dict[fx.Node, int] = {}
+    for node in nodes:
+        root = storage_root(node)
+        last[root] = max(last.get(root, position[root]), runs_at[node])
+        for user in node.users:
+            last[root] = max(last[root], runs_at[user])
+    return last
+
+
 def _reuse_in_place(live: _Live, node: fx.Node, skip: set[fx.Node], dying) -> None:
     """Free the first input buffer ``node``'s kernel can write its output into (``dying(root)``
-    gives its live-set key when it dies at ``node``, else None): the output takes its place."""
+    gives its live-set key when it dies at ``node``, else None, and whether it is pooled): the
+    output takes its place."""
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor):
         return
     size = node_bytes(node)
     for root in _kernel_inputs(node, skip):
-        key = dying(root)
+        key, pooled = dying(root)
         other = root.meta.get("val")
         if key is not None and key in live.items and isinstance(other, torch.Tensor) and other.dtype == val.dtype \
                 and live.items[key].bytes == size:
-            live.drop(key)
+            live.drop(key, pooled=pooled)
             return
 
 
@@ -253,10 +332,25 @@ def step_timeline(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs
       saved ``exp`` of the softmax: one ``[N, V]`` buffer, not two). The kernel's inputs are
       read through the pointwise ops fused into it.
 
+    * a freed buffer that a later buffer of the same dtype and size reuses stays allocated until
+      then (Inductor's buffer pool, :class:`_Live`), so reuse can *raise* the peak: the backward
+      of a recomputed layer keeps its recomputed buffers parked for the next layer's.
+
     Reordering is not modelled. ``fit`` uses ``reuse=True``; remat's peak guard does not (yet).
     """
+    reuse = reuse and fused
+    if not reuse:
+        return _walk(fw, bw, num_fwd_outputs, fused=fused, reuse=False, pool=None)[0]
+    # twice: the first walk lists the pooled allocations and frees, the second parks the reused
+    _, events = _walk(fw, bw, num_fwd_outputs, fused=True, reuse=True, pool=None)
+    return _walk(fw, bw, num_fwd_outputs, fused=True, reuse=True, pool=_pool_plan(events))[0]
+
+
+def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *, fused: bool, reuse: bool,
+          pool: tuple[set, dict] | None) -> tuple[StepTimeline, list]:
     timeline = StepTimeline()
-    live = _Live(timeline)
+    live = _Live(timeline, pool)
+    pooled = _pooled if reuse else (lambda node: False)
     fw_out = forward_outputs(fw)
     user_roots = {storage_root(n) for n in fw_out[:num_fwd_outputs] if isinstance(n, fx.Node)}
     saved = [n for n in fw_out[num_fwd_outputs:] if isinstance(n, fx.Node)]
@@ -267,33 +361,35 @@ def step_timeline(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs
             live.add(node, _describe(node, "forward", "input"))
     timeline.input_bytes = live.total
     held = set(live.items) | user_roots  # the caller holds these through the step
-    last = last_uses(fw)
+    skip = _fused_away(fw, user_roots | saved_roots, into_reductions=reuse) if fused else set()
+    last = _kernel_last_uses(fw, skip) if reuse else last_uses(fw)
     frees: dict[int, list[fx.Node]] = {}
     for root, pos in last.items():
         if root.op in COMPUTING and root not in user_roots and root not in saved_roots:
             frees.setdefault(pos, []).append(root)
-    reuse = reuse and fused
-    skip = _fused_away(fw, user_roots | saved_roots, into_reductions=reuse) if fused else set()
 
-    def fw_dying(root: fx.Node, i: int) -> object | None:
-        return root if root in frees.get(i, ()) else None
+    def fw_dying(root: fx.Node, i: int) -> tuple[object | None, bool]:
+        return (root, pooled(root)) if root in frees.get(i, ()) else (None, False)
 
     for i, node in enumerate(fw.graph.nodes):
         if node.op in COMPUTING and storage_root(node) is node and not is_parameter_node(node) and node not in skip:
             if reuse:
                 _reuse_in_place(live, node, skip, lambda root, i=i: fw_dying(root, i))
             kind = "saved" if node in saved_roots else "output" if node in user_roots else "transient"
-            live.add(node, _describe(node, "forward", kind))
+            live.add(node, _describe(node, "forward", kind), pooled=pooled(node))
         if node.op in COMPUTING:
             live.mark("forward", node.name)
         for root in frees.get(i, ()):
-            live.drop(root)
+            live.drop(root, pooled=pooled(root))
     if bw is None:
-        return timeline
+        return timeline, live.events
+    live.stage = "backward"
     # backward: saved tensors arrive by name; each is released after its last use -------------
     fw_by_name = {n.name: storage_root(n) for n in saved}
     bw_nodes = list(bw.graph.nodes)
-    last = last_uses(bw)
+    grad_roots = {storage_root(n) for n in forward_outputs(bw) if isinstance(n, fx.Node)}
+    skip = _fused_away(bw, grad_roots, into_reductions=reuse) if fused else set()
+    last = _kernel_last_uses(bw, skip) if reuse else last_uses(bw)
     placeholder_root: dict[fx.Node, object] = {}
     for node in bw_nodes:
         if node.op != "placeholder" or is_parameter_node(node):
@@ -310,7 +406,6 @@ def step_timeline(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs
     readers: dict[object, int] = {}
     for root in placeholder_root.values():
         readers[root] = readers.get(root, 0) + 1
-    grad_roots = {storage_root(n) for n in forward_outputs(bw) if isinstance(n, fx.Node)}
     frees = {}
     for root, pos in last.items():
         if root in grad_roots:
@@ -319,21 +414,21 @@ def step_timeline(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs
             frees.setdefault(pos, []).append(root)
         elif root.op in COMPUTING:
             frees.setdefault(pos, []).append(root)
-    skip = _fused_away(bw, grad_roots, into_reductions=reuse) if fused else set()
 
-    def bw_dying(root: fx.Node, i: int) -> object | None:
+    def bw_dying(root: fx.Node, i: int) -> tuple[object | None, bool]:
         if root not in frees.get(i, ()):
-            return None
+            return None, False
         if root in placeholder_root:
             key = placeholder_root[root]
-            return key if readers[key] == 1 and key not in held else None
-        return root
+            return (key, False) if readers[key] == 1 and key not in held else (None, False)
+        return root, pooled(root)
 
     for i, node in enumerate(bw_nodes):
         if node.op in COMPUTING and storage_root(node) is node and not is_parameter_node(node) and node not in skip:
             if reuse:
                 _reuse_in_place(live, node, skip, lambda root, i=i: bw_dying(root, i))
-            live.add(node, _describe(node, "backward", "gradient" if node in grad_roots else "transient"))
+            live.add(node, _describe(node, "backward", "gradient" if node in grad_roots else "transient"),
+                     pooled=pooled(node))
         if node.op in COMPUTING:
             live.mark("backward", node.name)
         for root in frees.get(i, ()):
@@ -343,5 +438,5 @@ def step_timeline(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs
                 if readers[key] == 0 and key not in held:
                     live.drop(key)
             else:
-                live.drop(root)
-    return timeline
+                live.drop(root, pooled=pooled(root))
+    return timeline, live.events
