@@ -14,10 +14,12 @@ How it works (docs/fit.md has the reasoning):
 2. **Candidates.** Training: ``chunk`` on / off × ``remat`` off, free recompute, budgets
    :data:`REMAT_BUDGETS` × ``precision`` (only where the user allows it). Inference: the
    weight passes the user allows (``precision``, ``int8``, ``quantize`` 4 bit, ``prune``).
-3. **Estimates.** Training: per ``chunk`` value AOTAutograd traces the joint graph once; per
-   candidate fxmem's own ``joint`` passes and partition run on a copy of it (exactly what
-   ``torch.compile(backend="fxmem")`` would run), and :func:`fxmem.analysis.timeline.step_timeline`
-   walks the forward and backward as Inductor's fused code has them. The estimate of a step is
+3. **Estimates.** Training: per ``chunk`` value Inductor's ``compile_fx`` traces the joint graph
+   once, with FakeTensors on the model's device (:func:`on_device`), and is stopped once fit's
+   partitioner has run; in it, per candidate, fxmem's own ``joint`` passes and partition run on
+   a copy of the joint (exactly what ``torch.compile(backend="fxmem")`` would run), and
+   :func:`fxmem.analysis.timeline.step_timeline` (``reuse=True``) walks the forward and backward
+   as Inductor's code has them: fused, buffers reused in place and pooled. The estimate of a step is
    parameters + buffers + that timeline's peak (batch, activations, the backward's transients,
    gradients) + optimizer state, plus the chunked-loss op's own workspace. Inference: the
    weights each pass would leave plus the inference graph's peak. How close this comes to
