@@ -24,9 +24,12 @@ def register() -> None:
     ``aten._scaled_dot_product_flash_attention_for_cpu`` (and its backward), which is what
     ``F.scaled_dot_product_attention`` runs on CPU. Attention is independent per head and per
     batch row, so ``Shard(0)``/``Shard(1)`` of q, k, v give the same shard of the output (and of
-    the gradients). Idempotent.
+    the gradients). Grouped-query attention with a single kv head (``enable_gqa``: k and v have
+    one head, which the CPU kernel uses for every q head) has one more: q split by heads, k and v
+    replicated; in backward the kv gradients are then ``Partial`` (each rank's q heads' share,
+    summed by DTensor where a replicated value is needed). Idempotent.
     """
-    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import Partial, Replicate, Shard
     from torch.distributed.tensor.experimental import register_sharding
 
     aten = torch.ops.aten
@@ -42,11 +45,19 @@ def register() -> None:
             return Replicate()  # a mask broadcast over heads (or batch) is the same on every rank
         return p
 
+    def shared_kv_head(q, k):
+        return len(q.shape) == 4 and len(k.shape) == 4 and k.shape[1] == 1 and q.shape[1] > 1
+
     @register_sharding(fwd)
     def _sdpa_cpu(q, k, v, dropout_p=0.0, is_causal=False, attn_mask=None, scale=None):
         rules = []
         for p in (Replicate(), Shard(0), Shard(1)):
             rules.append(([p, p], [p, p, p, None, None, mask_placement(attn_mask, p), None]))
+        if shared_kv_head(q, k):
+            # grouped-query attention with ONE kv head (the CPU kernel broadcasts it to every q
+            # head): q split by heads, k/v whole on every rank; each rank's q heads use that head
+            h = Shard(1)
+            rules.append(([h, h], [h, Replicate(), Replicate(), None, None, mask_placement(attn_mask, h), None]))
         return rules
 
     @register_sharding(bwd)
@@ -54,6 +65,11 @@ def register() -> None:
         rules = []
         for p in (Replicate(), Shard(0), Shard(1)):
             rules.append(([p, p, p], [p] * 6 + [None, None, mask_placement(attn_mask, p), None]))
+        if shared_kv_head(q, k):
+            # each rank's gradient of the shared kv head holds its own q heads' share: Partial (sum)
+            h = Shard(1)
+            rules.append(([h, Partial(), Partial()],
+                          [h, h, Replicate(), Replicate(), h, h, None, None, mask_placement(attn_mask, h), None]))
         return rules
 
 

@@ -67,7 +67,7 @@ class Row:
     """One row of the plan's table: a module and what happens to it."""
 
     module: str
-    style: str            # colwise | rowwise | vocab_embedding | vocab_head | replicate
+    style: str            # colwise | rowwise | replicated | vocab_embedding | vocab_head | replicate
     role: str
     placement: str
     param_bytes: int
@@ -88,6 +88,9 @@ class Group:
     # where ``parent`` receives the column-parallel layers' shared input: ("arg", i) or
     # ("kwarg", name); None when it does not (or there is one column-parallel layer)
     shared_input: tuple[str, Any] | None = None
+    # layers of the group computed whole on every rank (k/v of grouped-query attention with a
+    # single kv head): Replicate() weights, ReplicatedParallel
+    replicated: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -119,6 +122,8 @@ class ShardPlan:
         from torch.distributed.tensor import Replicate, Shard
         from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
 
+        from fxmem.shard.styles import ReplicatedParallel
+
         styles: dict[str, Any] = {}
         for g in self.groups:
             if g.shared_input is not None:
@@ -135,6 +140,8 @@ class ShardPlan:
                                                           use_local_output=False)
             for name in g.colwise:
                 styles[name] = ColwiseParallel(use_local_output=not g.global_views)
+            for name in g.replicated:
+                styles[name] = ReplicatedParallel(use_local_output=not g.global_views)
             styles[g.rowwise] = RowwiseParallel(input_layouts=Shard(-1), output_layouts=Replicate())
         for name, kind in self.vocab.items():
             if kind == "embedding":
@@ -363,6 +370,7 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
         return lin.weight.meta["val"].shape[dim] % world_size == 0
 
     pairs: list[tuple[list[Linear], Linear]] = []
+    replicated_kv: dict[str, list[Linear]] = {}  # row-parallel module → members computed whole on every rank
     for feeding, r in candidates:
         if not divisible(r, 1):
             fallbacks.append((r.module, f"input features {r.weight.meta['val'].shape[1]} not divisible by {world_size}"))
@@ -372,25 +380,13 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
             if f not in members:
                 fallbacks.append((f.module, f"output features {f.weight.meta['val'].shape[0]} not divisible by {world_size}"))
         if members:
-            seeds = _seeds([(members, r)], Shard, Replicate)
-            prop = propagate_placements(gm, seeds, world_size, force={r.out.name: Replicate()})
-            region = _descendants([m.out for m in members]) & _ancestors_until(r.x, set())
-            names = {n.name for n in region} | {r.mm.name}
-            # the all-reduce of R's own output (forced, as RowwiseParallel does) is the one expected
-            inside = [x for x in prop.redistributions if x.node in names and not (x.node == r.out.name and x.arg == "output")]
-            if not inside:
-                pairs.append((members, r))
-                continue
-            blamed = _blame(inside, members, gm)
-            if blamed:
-                # e.g. grouped-query k/v with fewer kv heads than ranks. Megatron would replicate
-                # k/v and split q, but the backward of the kv-head repeat then reshapes a
-                # heads-sharded gradient that DTensor cannot split; the whole pair stays replicated.
-                reason = (f"{', '.join(m.module for m in blamed)}: output cannot stay sharded on {world_size} ranks "
-                          f"(DTensor needs {inside[0].kind} at {inside[0].node}: fewer heads than ranks)")
+            kept, replicated, reason = _check_pair(gm, members, r, world_size, Shard, Replicate)
+            if kept:
+                pairs.append((kept, r))
+                if replicated:
+                    replicated_kv[r.module] = replicated
             else:
-                reason = f"DTensor needs {inside[0].kind} at {inside[0].node} ({inside[0].src} → {inside[0].dst})"
-            fallbacks.append((", ".join(m.module for m in members) + " → " + r.module, reason))
+                fallbacks.append((", ".join(m.module for m in members) + " → " + r.module, reason))
 
     # 3. vocabulary-parallel embeddings / LM head where it pays.
     embeddings = find_embeddings(gm, model, captured.originals)
@@ -454,7 +450,65 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
             force[lin.out.name] = Replicate()
     prop = propagate_placements(gm, seeds, world_size, force=force)
     prop.annotate(gm)  # the plan's graph shows the final placements (plan.graph)
-    return _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_module, fallbacks, prop, calls)
+    return _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_module, fallbacks, prop, calls,
+                  replicated_kv)
+
+
+def _check_pair(gm, members: list[Linear], r: Linear, world_size: int, Shard, Replicate):
+    """``(kept, replicated, reason)``: the members split column-wise, those computed whole, why not.
+
+    The pair is propagated with DTensor's rules; it is kept when no collective is needed between
+    the column-parallel outputs and the row-parallel input. When one is needed only because some
+    members cannot stay sharded — grouped-query k/v with a single kv head, which no split of the
+    heads can keep — those members are computed whole on every rank (``Replicate()`` weights,
+    :class:`fxmem.shard.styles.ReplicatedParallel`) and the rest (q) are checked again: each rank
+    then attends with its own q heads to the one kv head. With more kv heads than one but fewer
+    than ranks, the pair is not split: SDPA's ``enable_gqa`` runs the kernel on the kv heads
+    themselves, and rank r's q heads would need kv heads that no DTensor placement of k gives it
+    (``docs/shard.md``, "GQA").
+    """
+    kept, replicated = list(members), []
+    while True:
+        seeds = _seeds([(kept, r)], Shard, Replicate)
+        prop = propagate_placements(gm, seeds, world_size, force={r.out.name: Replicate()})
+        region = _descendants([m.out for m in members]) & _ancestors_until(r.x, set())
+        names = {n.name for n in region} | {r.mm.name}
+        # the all-reduce of R's own output (forced, as RowwiseParallel does) is the one expected
+        inside = [x for x in prop.redistributions if x.node in names and not (x.node == r.out.name and x.arg == "output")]
+        if not inside:
+            return kept, replicated, ""
+        blamed = _blame(inside, kept, gm)
+        if not blamed:
+            return [], [], f"DTensor needs {inside[0].kind} at {inside[0].node} ({inside[0].src} → {inside[0].dst})"
+        heads = _heads(blamed)
+        if heads != 1 or len(blamed) == len(kept):
+            # grouped-query k/v with 1 < kv heads < ranks (or nothing left to split): replicated
+            return [], [], (f"{', '.join(m.module for m in blamed)}: output cannot stay sharded on {world_size} ranks "
+                            f"(DTensor needs {inside[0].kind} at {inside[0].node}: fewer heads than ranks"
+                            + (f"; {heads} kv heads: only a single shared kv head is split around" if heads else "")
+                            + ")")
+        replicated += blamed
+        kept = [m for m in kept if m not in blamed]
+
+
+def _heads(members: list[Linear]) -> int | None:
+    """The heads count of these layers' outputs: ``H`` of the first ``view(B, T, H, head_dim)`` after each (one value for all)."""
+    found = set()
+    for m in members:
+        frontier, seen, heads = [m.out], set(), None
+        while frontier and heads is None:
+            node = frontier.pop(0)
+            for user in node.users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                val = user.meta.get("val")
+                if user.target in _VIEWS and isinstance(val, torch.Tensor) and val.dim() >= 4:
+                    heads = int(val.shape[-2])
+                    break
+                frontier.append(user)
+        found.add(heads)
+    return found.pop() if len(found) == 1 else None
 
 
 class _CallRecorder:
@@ -558,7 +612,8 @@ def _needs_grad(x: fx.Node, gm: fx.GraphModule) -> bool:
     return False
 
 
-def _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_module, fallbacks, prop, calls) -> ShardPlan:
+def _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_module, fallbacks, prop, calls,
+           replicated_kv) -> ShardPlan:
     rows: list[Row] = []
     groups: list[Group] = []
     sharded_params: dict[int, int] = {}  # id(tensor) -> shard dim
@@ -587,7 +642,8 @@ def _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_
     bwd_total: Counter = Counter()
     for members, r in pairs:
         names = [m.module for m in members]
-        region = _between(members, r)
+        whole = [m.module for m in replicated_kv.get(r.module, [])]
+        region = _between(members + replicated_kv.get(r.module, []), r)
         global_views = any(n.target in _SHAPE_OPS for n in region if n.op == "call_function") or \
             any(n.target not in _ELEMENTWISE_OK and n.op == "call_function" for n in region)
         role = "attention" if global_views else "mlp"
@@ -595,8 +651,8 @@ def _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_
         # Replicate in backward (the f operator of Megatron): one all-reduce, when that input
         # needs a gradient at all (it does inside a network; a model input does not)
         bwd = ["all_reduce"] if _needs_grad(members[0].x, gm) else []
-        parent = _parent(names + [r.module])
-        shared = calls.shared_input(parent, names)
+        parent = _parent(names + whole + [r.module])
+        shared = calls.shared_input(parent, names + whole)
         if shared is not None:
             # the group's input enters as one DTensor: its gradient is all-reduced once
             rows.append(Row(parent, "prepare_input", f"{role} input", f"{shared[0]} {shared[1]} Replicate()", 0, 0,
@@ -606,9 +662,15 @@ def _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_
         for name in names:
             add_row(name, "colwise", f"{role} in", {"weight": 0, "bias": 0}, [], list(bwd))
             bwd_total.update(bwd)
+        for name in whole:
+            # computed whole on every rank; its gradient arrives Partial (each rank's q heads'
+            # share, DTensor's SDPA rule for one kv head) and is all-reduced by the style
+            add_row(name, "replicated", f"{role} in (shared kv head)", {}, [], list(bwd) + ["all_reduce"],
+                    "whole on every rank: a single kv head serves every rank's q heads")
+            bwd_total.update(list(bwd) + ["all_reduce"])
         add_row(r.module, "rowwise", f"{role} out", {"weight": 1, "bias": None}, ["all_reduce"], [])
         fwd_total["all_reduce"] += 1
-        groups.append(Group(names, r.module, parent, global_views, shared))
+        groups.append(Group(names, r.module, parent, global_views, shared, whole))
     for name, kind in vocab_choice.items():
         if kind == "embedding":
             add_row(name, "vocab_embedding", "embedding", {"weight": 0}, ["all_reduce"], [])

@@ -54,15 +54,18 @@ def build(case: str) -> tuple[nn.Module, tuple]:
         kv = None if "mha" in case else 2  # gpt_mha: 4 kv heads (multi-head), else grouped-query
         cfg = GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=4, n_kv_head=kv, d_model=32, attention=attention)
         return GPT(cfg), (example_batch(cfg, 2, 8),)
-    if case in ("llama", "llama_sdpa"):
+    if case in ("llama", "llama_sdpa", "llama_kv1", "llama_kv1_sdpa"):
         import transformers
 
+        sdpa = case.endswith("sdpa")
+        # llama_kv1*: grouped-query attention with a single kv head (shared by every q head)
         cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
-                                       use_cache=False, attn_implementation="sdpa" if case == "llama_sdpa" else "eager")
+                                       num_attention_heads=4, num_key_value_heads=1 if "kv1" in case else 2,
+                                       max_position_embeddings=16, use_cache=False,
+                                       attn_implementation="sdpa" if sdpa else "eager")
         model = transformers.LlamaForCausalLM(cfg)
         idx = torch.randint(0, 64, (2, 8))
-        if case == "llama_sdpa":
+        if sdpa:
             return model, (idx,)  # planned through torch.export (transformers' mask code branches on data)
         # eager attention with an explicit mask traces with make_fx directly
         return model, (idx, torch.ones_like(idx))

@@ -1,0 +1,127 @@
+"""``ParallelStyle``\\ s that PyTorch does not ship, for what the 1-D plan splits: all DTensor, no communication of our own.
+
+* :class:`ReplicatedParallel` — a layer computed whole on every rank inside a tensor-parallel
+  region: the k/v projections of grouped-query attention with fewer kv heads than ranks. Its
+  parameters become ``Replicate()`` DTensors; its output is a ``Replicate()`` DTensor whose
+  gradient is brought back to ``Replicate()`` by DTensor (``DTensor.from_local``'s backward
+  redistributes to the forward placement: an all-reduce when the gradient arrives ``Partial``).
+  Without that the weight's gradient would be stored ``Partial`` (one rank's share) in
+  ``param.grad``::
+
+      before: k = k_proj(x)                          # x: Replicate DTensor; plain weight
+      after:  k = from_local(linear(x, W_R).to_local(), [Replicate()])   # W_R: Replicate DTensor
+              backward: grad_k Partial --all_reduce--> Replicate → grad W_R Replicate
+
+* :class:`Conv1DColwiseParallel` / :class:`Conv1DRowwiseParallel` — ``ColwiseParallel`` /
+  ``RowwiseParallel`` for ``transformers.pytorch_utils.Conv1D`` (GPT-2: weight ``[in, out]``,
+  ``y = x @ W + b``): the output features are dim 1 of the weight (column-wise: weight
+  ``Shard(1)``, bias ``Shard(0)``), the input features dim 0 (row-wise: weight ``Shard(0)``, bias
+  ``Replicate()``). ``fused=k`` splits a layer whose output is k blocks side by side (GPT-2's
+  ``c_attn`` = q | k | v) so that every rank gets its slice of *each* block: weight
+  ``_StridedShard(1, split_factor=k)``, bias ``_StridedShard(0, split_factor=k)`` — the placement
+  whose local tensor is ``[q_r | k_r | v_r]`` and whose ``full_tensor()`` (and state dict, and
+  ``torch.distributed.checkpoint``) is the original ``[in, 3d]`` weight.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch.nn as nn
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """``transformers.pytorch_utils.Conv1D`` (matched by class name: transformers is optional)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def strided_shard(dim: int, split_factor: int):
+    """``_StridedShard(dim, split_factor=k)`` (private in torch; present in 2.11 and 2.13), or ``Shard(dim)`` for k = 1."""
+    if split_factor == 1:
+        return Shard(dim)
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    return _StridedShard(dim, split_factor=split_factor)
+
+
+class ReplicatedParallel(ParallelStyle):
+    """Compute a layer whole on every rank, with DTensor input and output (see the module docstring)."""
+
+    def __init__(self, *, use_local_output: bool = False):
+        super().__init__()
+        self.use_local_output = use_local_output
+
+    @staticmethod
+    def _partition_fn(name, module, device_mesh):
+        for pname, param in list(module.named_parameters(recurse=False)):
+            module.register_parameter(pname, nn.Parameter(distribute_tensor(param, device_mesh, [Replicate()]),
+                                                          requires_grad=param.requires_grad))
+
+    @staticmethod
+    def _input_fn(mod, inputs, device_mesh):
+        x = inputs[0]
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, device_mesh, [Replicate()], run_check=False)
+        elif x.placements != (Replicate(),):
+            x = x.redistribute(placements=[Replicate()])
+        return (x, *inputs[1:])
+
+    @staticmethod
+    def _output_fn(use_local_output, mod, output, device_mesh):
+        # to_local / from_local: the forward is the same Replicate DTensor; in backward,
+        # from_local redistributes the gradient to Replicate (all-reduce of a Partial gradient)
+        output = DTensor.from_local(output.to_local(), device_mesh, [Replicate()], run_check=False)
+        return output.to_local() if use_local_output else output
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        return distribute_module(module, device_mesh, self._partition_fn, self._input_fn,
+                                 partial(self._output_fn, self.use_local_output))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(use_local_output={self.use_local_output})"
+
+
+class Conv1DColwiseParallel(ColwiseParallel):
+    """``ColwiseParallel`` for GPT-2's ``Conv1D``: weight ``Shard(1)`` (``_StridedShard`` when ``fused``)."""
+
+    def __init__(self, *, fused: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.fused = fused
+
+    def _partition_conv1d_fn(self, name, module, device_mesh):
+        for pname, param in list(module.named_parameters(recurse=False)):
+            dim = 1 if pname == "weight" else 0  # weight [in, out], bias [out]
+            module.register_parameter(pname, nn.Parameter(
+                distribute_tensor(param, device_mesh, [strided_shard(dim, self.fused)]),
+                requires_grad=param.requires_grad))
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        if not is_conv1d(module):
+            return super()._apply(module, device_mesh)
+        return distribute_module(module, device_mesh, self._partition_conv1d_fn,
+                                 partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+                                 partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", fused={self.fused})"
+
+
+class Conv1DRowwiseParallel(RowwiseParallel):
+    """``RowwiseParallel`` for GPT-2's ``Conv1D``: weight ``Shard(0)``, bias ``Replicate()``."""
+
+    def _partition_conv1d_fn(self, name, module, device_mesh):
+        module.register_parameter("weight", nn.Parameter(distribute_tensor(module.weight, device_mesh, [Shard(0)]),
+                                                         requires_grad=module.weight.requires_grad))
+        if getattr(module, "bias", None) is not None:
+            module.register_parameter("bias", nn.Parameter(distribute_tensor(module.bias, device_mesh, [Replicate()]),
+                                                           requires_grad=module.bias.requires_grad))
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        if not is_conv1d(module):
+            return super()._apply(module, device_mesh)
+        self.desired_input_layouts = (Shard(-1),)  # x @ W with W split on its input features
+        return distribute_module(module, device_mesh, self._partition_conv1d_fn,
+                                 partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+                                 partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
