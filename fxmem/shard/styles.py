@@ -100,9 +100,18 @@ class Conv1DColwiseParallel(ColwiseParallel):
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
         if not is_conv1d(module):
             return super()._apply(module, device_mesh)
+        output_fn = partial(self._prepare_output_fn, self.output_layouts, self.use_local_output)
+        if self.fused > 1:
+            # the output is _StridedShard(-1, split_factor=k): rank r holds [q_r | k_r | v_r];
+            # redistributing it to Shard(-1) would move data. Kept as it is.
+            output_fn = partial(self._fused_output_fn, self.use_local_output)
         return distribute_module(module, device_mesh, self._partition_conv1d_fn,
                                  partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
-                                 partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
+                                 output_fn)
+
+    @staticmethod
+    def _fused_output_fn(use_local_output, mod, outputs, device_mesh):
+        return outputs.to_local() if use_local_output else outputs
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", fused={self.fused})"

@@ -60,6 +60,25 @@ class Linear:
     x: fx.Node          # its input (before the 3-D → 2-D view)
     mm: fx.Node
     out: fx.Node        # its output (after the 2-D → 3-D view)
+    conv1d: bool = False  # GPT-2's Conv1D: weight [in, out] (nn.Linear: [out, in])
+    fused: int = 1        # output split into this many equal blocks right after (GPT-2 c_attn: q | k | v)
+
+    @property
+    def out_dim(self) -> int:
+        """The weight dim of the output features (column-parallel split)."""
+        return 1 if self.conv1d else 0
+
+    @property
+    def in_dim(self) -> int:
+        """The weight dim of the input features (row-parallel split)."""
+        return 0 if self.conv1d else 1
+
+    def split_outputs(self) -> list[fx.Node]:
+        """The ``getitem`` nodes of the fused output's split (empty when not fused)."""
+        if self.fused == 1:
+            return []
+        (split,) = self.out.users
+        return sorted(split.users, key=lambda n: n.args[1])
 
 
 @dataclass
@@ -91,6 +110,10 @@ class Group:
     # layers of the group computed whole on every rank (k/v of grouped-query attention with a
     # single kv head): Replicate() weights, ReplicatedParallel
     replicated: list[str] = field(default_factory=list)
+    conv1d: list[str] = field(default_factory=list)          # GPT-2 Conv1D layers of the group
+    fused: dict[str, int] = field(default_factory=dict)      # fused column-parallel layer → blocks (c_attn: 3)
+    # (module, attribute, whole value, per-rank value) that apply sets: the fused split size
+    local_attrs: list[tuple[str, str, int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -122,7 +145,7 @@ class ShardPlan:
         from torch.distributed.tensor import Replicate, Shard
         from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
 
-        from fxmem.shard.styles import ReplicatedParallel
+        from fxmem.shard.styles import Conv1DColwiseParallel, Conv1DRowwiseParallel, ReplicatedParallel
 
         styles: dict[str, Any] = {}
         for g in self.groups:
@@ -139,10 +162,14 @@ class ShardPlan:
                                                           desired_input_kwarg_layouts={where: Replicate()},
                                                           use_local_output=False)
             for name in g.colwise:
-                styles[name] = ColwiseParallel(use_local_output=not g.global_views)
+                if name in g.conv1d:
+                    styles[name] = Conv1DColwiseParallel(use_local_output=not g.global_views, fused=g.fused.get(name, 1))
+                else:
+                    styles[name] = ColwiseParallel(use_local_output=not g.global_views)
             for name in g.replicated:
                 styles[name] = ReplicatedParallel(use_local_output=not g.global_views)
-            styles[g.rowwise] = RowwiseParallel(input_layouts=Shard(-1), output_layouts=Replicate())
+            row_style = Conv1DRowwiseParallel if g.rowwise in g.conv1d else RowwiseParallel
+            styles[g.rowwise] = row_style(input_layouts=Shard(-1), output_layouts=Replicate())
         for name, kind in self.vocab.items():
             if kind == "embedding":
                 styles[name] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
@@ -211,17 +238,27 @@ def _param_names(gm: fx.GraphModule, node: fx.Node, captured_originals: dict, al
 
 
 def find_linears(gm: fx.GraphModule, model: nn.Module, originals: dict) -> list[Linear]:
-    """Every ``nn.Linear`` call in the graph: ``[view →] (add)mm(x, t(W)) [→ view]``."""
+    """Every ``nn.Linear`` call in the graph: ``[view →] (add)mm(x, t(W)) [→ view]``, and every
+    GPT-2 ``Conv1D`` call: ``view → addmm(b, x, W) → view`` (the weight is ``[in, out]``, not transposed)."""
+    from fxmem.shard.styles import is_conv1d
+
     aliases = _aliases(model)
     found = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default):
             continue
         x, wt = (node.args[0], node.args[1]) if node.target is aten.mm.default else (node.args[1], node.args[2])
-        if not (isinstance(wt, fx.Node) and wt.target is aten.t.default and wt.args[0].op == "get_attr"):
+        conv1d = False
+        if isinstance(wt, fx.Node) and wt.target is aten.t.default and wt.args[0].op == "get_attr":
+            weight = wt.args[0]
+            module = _owner(model, _param_names(gm, weight, originals, aliases), nn.Linear)
+        elif isinstance(wt, fx.Node) and wt.op == "get_attr":
+            weight = wt
+            module = _owner(model, _param_names(gm, weight, originals, aliases), nn.Module)
+            conv1d = module is not None and is_conv1d(model.get_submodule(module))
+            module = module if conv1d else None
+        else:
             continue
-        weight = wt.args[0]
-        module = _owner(model, _param_names(gm, weight, originals, aliases), nn.Linear)
         if module is None:
             continue
         bias = node.args[0] if node.target is aten.addmm.default and node.args[0].op == "get_attr" else None
@@ -231,8 +268,23 @@ def find_linears(gm: fx.GraphModule, model: nn.Module, originals: dict) -> list[
         users = list(node.users)
         if len(users) == 1 and users[0].target in _VIEWS:
             out = users[0]
-        found.append(Linear(module, weight, bias, x, node, out))
+        found.append(Linear(module, weight, bias, x, node, out, conv1d, _fused_blocks(out)))
     return found
+
+
+def _fused_blocks(out: fx.Node) -> int:
+    """k when the layer's output is split right away into k > 1 equal blocks on its last dim, else 1."""
+    users = list(out.users)
+    val = out.meta.get("val")
+    if len(users) != 1 or users[0].target is not aten.split.Tensor or not isinstance(val, torch.Tensor):
+        return 1
+    split = users[0]
+    size, dim = split.args[1], (split.args[2] if len(split.args) > 2 else 0)
+    if not isinstance(size, int) or dim not in (-1, val.dim() - 1) or val.shape[-1] % size:
+        return 1
+    if not all(u.target is operator.getitem for u in split.users):
+        return 1
+    return val.shape[-1] // size
 
 
 def _not_linear(gm: fx.GraphModule, model: nn.Module, linears: list[Linear]) -> list[tuple[str, str]]:
@@ -366,19 +418,20 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
         taken.add(r.module)
 
     # 2. keep a pair only if DTensor's rules need no collective inside it.
-    def divisible(lin: Linear, dim: int) -> bool:
-        return lin.weight.meta["val"].shape[dim] % world_size == 0
+    def divisible(lin: Linear, dim: int) -> bool:  # dim 0: output features, 1: input features
+        d = lin.out_dim if dim == 0 else lin.in_dim
+        return lin.weight.meta["val"].shape[d] // (lin.fused if dim == 0 else 1) % world_size == 0
 
     pairs: list[tuple[list[Linear], Linear]] = []
     replicated_kv: dict[str, list[Linear]] = {}  # row-parallel module → members computed whole on every rank
     for feeding, r in candidates:
         if not divisible(r, 1):
-            fallbacks.append((r.module, f"input features {r.weight.meta['val'].shape[1]} not divisible by {world_size}"))
+            fallbacks.append((r.module, f"input features {r.weight.meta['val'].shape[r.in_dim]} not divisible by {world_size}"))
             continue
         members = [f for f in feeding if divisible(f, 0)]
         for f in feeding:
             if f not in members:
-                fallbacks.append((f.module, f"output features {f.weight.meta['val'].shape[0]} not divisible by {world_size}"))
+                fallbacks.append((f.module, f"output features {f.weight.meta['val'].shape[f.out_dim]} not divisible by {world_size}"))
         if members:
             kept, replicated, reason = _check_pair(gm, members, r, world_size, Shard, Replicate)
             if kept:
@@ -395,7 +448,7 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
     mms = {lin.mm for lin in linears}
     # an LM head: a linear with no linear after it (its output goes to the outputs or the loss)
     heads = [lin for lin in linears if lin.module not in paired and len(by_module[lin.module]) == 1
-             and not (mms - {lin.mm}) & _descendants([lin.out]) and divisible(lin, 0)]
+             and not (mms - {lin.mm}) & _descendants([lin.out]) and divisible(lin, 0) and not lin.conv1d]
     # (module, kind, weight node, cost per rank): the activation bytes a split adds per rank —
     # the bytes its collective moves per rank, plus, for a head, the local logits [.., V/N] that
     # live beside the gathered ones
@@ -437,7 +490,7 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
 
     # 4. propagate the whole plan once, annotate every node.
     seeds = _seeds(pairs, Shard, Replicate)
-    force = {r.out.name: Replicate() for _, r in pairs}
+    force = _force(pairs, Shard, Replicate)
     for name, kind in vocab_choice.items():
         if kind == "embedding":
             for w in reads[tensor_key(embeddings[name].args[0])]:
@@ -470,7 +523,7 @@ def _check_pair(gm, members: list[Linear], r: Linear, world_size: int, Shard, Re
     kept, replicated = list(members), []
     while True:
         seeds = _seeds([(kept, r)], Shard, Replicate)
-        prop = propagate_placements(gm, seeds, world_size, force={r.out.name: Replicate()})
+        prop = propagate_placements(gm, seeds, world_size, force=_force([(kept, r)], Shard, Replicate))
         region = _descendants([m.out for m in members]) & _ancestors_until(r.x, set())
         names = {n.name for n in region} | {r.mm.name}
         # the all-reduce of R's own output (forced, as RowwiseParallel does) is the one expected
@@ -489,6 +542,17 @@ def _check_pair(gm, members: list[Linear], r: Linear, world_size: int, Shard, Re
                             + ")")
         replicated += blamed
         kept = [m for m in kept if m not in blamed]
+
+
+def _split_attribute(module: nn.Module, block: int) -> str:
+    """The int attribute of ``module`` its code splits a fused output by (GPT-2: ``split_size``)."""
+    found = [k for k, v in vars(module).items() if isinstance(v, int) and not isinstance(v, bool) and v == block]
+    named = [k for k in found if "split" in k]
+    if len(named) == 1 or len(found) == 1:
+        return (named or found)[0]
+    raise ShardPlanError(f"fxmem.shard.plan: {type(module).__name__} splits a fused projection into blocks of "
+                         f"{block}, but no single int attribute holds that size (found {found}); "
+                         "plan with the fused layer replicated (it is not split)")
 
 
 def _heads(members: list[Linear]) -> int | None:
@@ -584,11 +648,26 @@ def _seeds(pairs, Shard, Replicate) -> dict[str, Any]:
     seeds: dict[str, Any] = {}
     for members, r in pairs:
         for m in members:
-            seeds[m.weight.name] = Shard(0)
+            if m.fused > 1:
+                continue  # its blocks are placed by _force (DTensor's split would gather a split dim)
+            seeds[m.weight.name] = Shard(m.out_dim)
             if m.bias is not None:
                 seeds[m.bias.name] = Shard(0)
-        seeds[r.weight.name] = Shard(1)
+        seeds[r.weight.name] = Shard(r.in_dim)
     return seeds
+
+
+def _force(pairs, Shard, Replicate) -> dict[str, Any]:
+    """Placements forced at node outputs: the row-parallel output all-reduced to ``Replicate()``;
+    each block of a fused column-parallel output (GPT-2's q | k | v) ``Shard`` on its last dim —
+    what :class:`fxmem.shard.styles.Conv1DColwiseParallel` gives each rank (its heads of q, k and v)."""
+    force: dict[str, Any] = {}
+    for members, r in pairs:
+        for m in members:
+            for block in m.split_outputs():
+                force[block.name] = Shard(block.meta["val"].dim() - 1)
+        force[r.out.name] = Replicate()
+    return force
 
 
 def _blame(inside, members: list[Linear], gm: fx.GraphModule) -> list[Linear]:
@@ -622,7 +701,7 @@ def _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_
         module = model.get_submodule(module_name)
         return [(n, p) for n, p in module.named_parameters(recurse=False)]
 
-    def add_row(module_name, style, role, dims: dict[str, int | None], fwd, bwd, note=""):
+    def add_row(module_name, style, role, dims: dict[str, int | None], fwd, bwd, note="", strided=1):
         total = per_rank = 0
         parts = []
         for n, p in param_rows(module_name):
@@ -635,7 +714,7 @@ def _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_
             else:
                 per_rank += b // world_size
                 sharded_params[id(p)] = d
-                parts.append(f"{n} Shard({d})")
+                parts.append(f"{n} Shard({d})" if strided == 1 else f"{n} _StridedShard({d}, split_factor={strided})")
         rows.append(Row(module_name, style, role, ", ".join(parts), total, per_rank, fwd, bwd, note))
 
     fwd_total: Counter = Counter()
@@ -647,6 +726,18 @@ def _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_
         global_views = any(n.target in _SHAPE_OPS for n in region if n.op == "call_function") or \
             any(n.target not in _ELEMENTWISE_OK and n.op == "call_function" for n in region)
         role = "attention" if global_views else "mlp"
+        local_attrs: list[tuple[str, str, int, int]] = []
+        if any(m.fused > 1 for m in members):
+            # GPT-2's c_attn: its code splits the fused output by an attribute (split_size);
+            # DTensor's split rule gathers a split dimension, so this group runs on local
+            # tensors and the attribute is set to the local block size (docs/shard.md, "Conv1D")
+            global_views = False
+            parent_name = _parent(names + whole + [r.module])
+            for m in members:
+                if m.fused > 1:
+                    block = m.split_outputs()[0].meta["val"].shape[-1]
+                    attr = _split_attribute(model.get_submodule(parent_name), block)
+                    local_attrs.append((parent_name, attr, block, block // world_size))
         # each column-parallel layer turns its replicated input's gradient from Partial to
         # Replicate in backward (the f operator of Megatron): one all-reduce, when that input
         # needs a gradient at all (it does inside a network; a model input does not)
@@ -659,8 +750,8 @@ def _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_
                             [], list(bwd), "one DTensor input for the whole column-parallel group"))
             bwd_total.update(bwd)
             bwd = []
-        for name in names:
-            add_row(name, "colwise", f"{role} in", {"weight": 0, "bias": 0}, [], list(bwd))
+        for m in members:
+            add_row(m.module, "colwise", f"{role} in", {"weight": m.out_dim, "bias": 0}, [], list(bwd), strided=m.fused)
             bwd_total.update(bwd)
         for name in whole:
             # computed whole on every rank; its gradient arrives Partial (each rank's q heads'
@@ -668,9 +759,11 @@ def _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_
             add_row(name, "replicated", f"{role} in (shared kv head)", {}, [], list(bwd) + ["all_reduce"],
                     "whole on every rank: a single kv head serves every rank's q heads")
             bwd_total.update(list(bwd) + ["all_reduce"])
-        add_row(r.module, "rowwise", f"{role} out", {"weight": 1, "bias": None}, ["all_reduce"], [])
+        add_row(r.module, "rowwise", f"{role} out", {"weight": r.in_dim, "bias": None}, ["all_reduce"], [])
         fwd_total["all_reduce"] += 1
-        groups.append(Group(names, r.module, parent, global_views, shared, whole))
+        groups.append(Group(names, r.module, parent, global_views, shared, whole,
+                            conv1d=[m.module for m in members + [r] if m.conv1d],
+                            fused={m.module: m.fused for m in members if m.fused > 1}, local_attrs=local_attrs))
     for name, kind in vocab_choice.items():
         if kind == "embedding":
             add_row(name, "vocab_embedding", "embedding", {"weight": 0}, ["all_reduce"], [])
@@ -752,6 +845,14 @@ def apply(model: nn.Module, plan: ShardPlan, device_mesh) -> nn.Module:
         for n in names:
             module_name, _, leaf = n.rpartition(".")
             setattr(model.get_submodule(module_name) if module_name else model, leaf, keep)
+    # a fused projection's blocks are local: the code splitting it must use the local block size
+    for g in plan.groups:
+        for module_name, attr, whole, local in g.local_attrs:
+            module = model.get_submodule(module_name)
+            if getattr(module, attr) != whole:
+                raise ShardPlanError(f"fxmem.shard.apply: {module_name}.{attr} is {getattr(module, attr)}, the plan "
+                                     f"expects {whole} (applied twice, or the model changed since planning)")
+            setattr(module, attr, local)
     if plan.needs_dtensor_regions:
         DTensor._op_dispatcher._allow_implicit_replication = True
     return model

@@ -32,6 +32,14 @@ ILL_CONDITIONED_GRAD = 1e-6  # |gradient| below which Adam's first update amplif
 def build(case: str, layers: int = 2) -> tuple[nn.Module, int]:
     """A tiny model (same on every rank) and its vocabulary size."""
     torch.manual_seed(0)
+    if case == "gpt2":
+        import transformers
+
+        # HF GPT-2: Conv1D layers, fused c_attn (q | k | v); dropout off so ranks and one process agree
+        cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=layers, n_head=4, n_positions=16,
+                                      bos_token_id=0, eos_token_id=0, use_cache=False, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
+        return transformers.GPT2LMHeadModel(cfg), 64
     if case.startswith("gpt"):
         from fxmem.models.gpt import GPT, GPTConfig
 
@@ -41,8 +49,10 @@ def build(case: str, layers: int = 2) -> tuple[nn.Module, int]:
     if case.startswith("llama"):
         import transformers
 
+        # llama_kv1: grouped-query attention with one kv head (fewer kv heads than tp ranks)
+        kv = 4 if "mha" in case else 1 if "kv1" in case else 2
         cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                                       num_attention_heads=4, num_key_value_heads=4 if "mha" in case else 2,
+                                       num_attention_heads=4, num_key_value_heads=kv,
                                        max_position_embeddings=16, use_cache=False, attn_implementation="sdpa")
         return transformers.LlamaForCausalLM(cfg), 64
     raise ValueError(f"unknown case {case!r}")

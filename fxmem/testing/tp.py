@@ -69,6 +69,13 @@ def build(case: str) -> tuple[nn.Module, tuple]:
             return model, (idx,)  # planned through torch.export (transformers' mask code branches on data)
         # eager attention with an explicit mask traces with make_fx directly
         return model, (idx, torch.ones_like(idx))
+    if case == "gpt2":
+        import transformers
+
+        cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16, bos_token_id=0,
+                                      eos_token_id=0, use_cache=False, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                      attn_implementation="sdpa")
+        return transformers.GPT2LMHeadModel(cfg), (torch.randint(0, 64, (2, 8)),)
     raise ValueError(f"unknown case {case!r}")
 
 
