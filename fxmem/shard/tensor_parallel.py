@@ -361,7 +361,7 @@ def _parent(names: list[str]) -> str:
 
 
 def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: int, vocab: str | bool = "auto",
-         state_factor: float = 1.0) -> ShardPlan:
+         state_factor: float = 1.0, split_fused: str | None = None) -> ShardPlan:
     """Plan tensor parallelism for ``model`` over ``world_size`` ranks (no process group needed).
 
     ``vocab``: ``"auto"`` splits embeddings / the LM head over the vocabulary where the parameter
@@ -372,6 +372,9 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
     ``state_factor``: bytes of model state per rank each parameter byte saved by a split stands
     for — 1 for the weights alone; the mesh plan passes ``4 / dp`` (weights, gradients and two AdamW
     moments, further sharded over ``dp`` by FSDP2).
+
+    ``split_fused``: ``None`` splits fused projections (GPT-2's ``c_attn``) by blocks; a string
+    leaves them replicated with that string as the reason (the mesh plan does, under FSDP2).
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"fxmem.shard.plan: world_size must be a positive int, got {world_size!r}")
@@ -429,6 +432,10 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
             fallbacks.append((r.module, f"input features {r.weight.meta['val'].shape[r.in_dim]} not divisible by {world_size}"))
             continue
         members = [f for f in feeding if divisible(f, 0)]
+        if split_fused is not None:
+            for f in [f for f in members if f.fused > 1]:
+                fallbacks.append((f.module, split_fused))
+                members.remove(f)
         for f in feeding:
             if f not in members:
                 fallbacks.append((f.module, f"output features {f.weight.meta['val'].shape[f.out_dim]} not divisible by {world_size}"))
