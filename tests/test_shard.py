@@ -97,13 +97,32 @@ def _check(r, world):
         assert sum(mine["forward"].values()) <= sum(tpt["forward"].values()), name
 
 
+def _two(rank, world, cases, kwargs):
+    from fxmem.testing import scale
+
+    out = _cases(rank, world, cases, kwargs)
+    # one AdamW step on 2 tp ranks against one process: HF Llama with one kv head, HF GPT-2 (Conv1D)
+    out["steps"] = {case: scale.run_mesh(rank, world, case, 1, 2) for case in ("llama_kv1", "gpt2")}
+    return out
+
+
 @pytest.mark.distributed
 def test_two_ranks_mlp_mlp3d_llama_style_blocks():
     kwargs = {"mlp3d": {"tp_transform": True}, "gpt_sdpa": {"tp_transform": True, "vocab": "hand"}}
-    results = tp.spawn(_cases, 2, ["mlp3d", "gpt_sdpa"], kwargs)
+    results = tp.spawn(_two, 2, ["mlp3d", "gpt_sdpa"], kwargs)
     for rank_result in results:
+        steps = rank_result.pop("steps")
         for r in rank_result.values():
             _check(r, 2)
+        for case, r in steps.items():
+            assert r["loss_error"] <= 1e-5 and r["loss_after_error"] <= 1e-5, case
+            assert r["max_param_error"] <= 1e-5 and r["params_compared"] == r["params_expected"], case
+            assert r["max_ill_conditioned_error"] <= 1e-5, case  # even Adam's near-zero-gradient elements
+            assert r["forward"] == r["plan_forward"] and r["backward"] == r["plan_backward"], case
+            assert r["bytes"]["params"] == r["plan_bytes"]["params"] < 0.6 * r["single_bytes"]["params"], case
+            assert r["state_dict"]["keys_equal"] and r["state_dict"]["shapes_equal"], case
+            assert not any(line.strip().startswith("replicated:") and ("Conv1D" in line or "o_proj" in line)
+                           for line in r["table"].splitlines()), case
     r0 = results[0]
     # gpt block, same vocabulary split as the tutorial plan: embedding all-reduce, 1 attention +
     # 1 MLP all-reduce, logits all-gather; backward: one all-reduce per column-parallel group
@@ -178,8 +197,61 @@ def test_hf_models_are_planned_through_torch_export_when_make_fx_cannot_trace():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16,
                                                                bos_token_id=0, eos_token_id=0, use_cache=False))
     plan = fxmem.shard.plan(gpt2, idx, world_size=2)
-    assert plan.groups == []  # GPT-2's Conv1D: said so, not mis-split
-    assert any("Conv1D is not nn.Linear" in why for _, why in plan.fallbacks)
+    # GPT-2's Conv1D (weight [in, out]) is split too (issue 14): the fused c_attn by blocks of
+    # q | k | v, its split size set per rank at apply; the MLP's c_fc → c_proj as usual
+    groups = {g.rowwise: g for g in plan.groups}
+    attn = groups["transformer.h.0.attn.c_proj"]
+    assert attn.colwise == ["transformer.h.0.attn.c_attn"] and attn.fused == {"transformer.h.0.attn.c_attn": 3}
+    assert attn.local_attrs == [("transformer.h.0.attn", "split_size", 32, 16)] and not attn.global_views
+    assert groups["transformer.h.0.mlp.c_proj"].colwise == ["transformer.h.0.mlp.c_fc"]
+    assert not any("Conv1D" in why for _, why in plan.fallbacks)
+    rows = {r.module: r for r in plan.rows}
+    assert rows["transformer.h.0.attn.c_attn"].placement.startswith("weight _StridedShard(1, split_factor=3)")
+    assert rows["transformer.h.0.mlp.c_fc"].placement == "weight Shard(1), bias Shard(0)"
+    assert rows["transformer.h.0.mlp.c_proj"].placement == "weight Shard(0), bias Replicate()"
+    styles = plan.parallelize_plan()
+    from fxmem.shard.styles import Conv1DColwiseParallel, Conv1DRowwiseParallel
+    assert isinstance(styles["transformer.h.0.attn.c_attn"], Conv1DColwiseParallel)
+    assert styles["transformer.h.0.attn.c_attn"].fused == 3
+    assert isinstance(styles["transformer.h.0.mlp.c_proj"], Conv1DRowwiseParallel)
+
+
+def test_gqa_single_kv_head_splits_q_and_o_and_keeps_k_v_whole():
+    """HF Llama with one kv head on 4 (and 2) ranks: attention is split, not left replicated."""
+    import transformers
+
+    from fxmem.shard.styles import ReplicatedParallel
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=16,
+                                   use_cache=False, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model, idx = transformers.LlamaForCausalLM(cfg), torch.randint(0, 64, (2, 8))
+    for world in (4, 2):
+        plan = fxmem.shard.plan(model, idx, world_size=world, vocab=False)
+        attn = next(g for g in plan.groups if g.rowwise.endswith("o_proj"))
+        assert attn.colwise == ["model.layers.0.self_attn.q_proj"]
+        assert attn.replicated == ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]
+        assert not any("self_attn" in what for what, _ in plan.fallbacks), plan.fallbacks
+        assert isinstance(plan.parallelize_plan()["model.layers.0.self_attn.k_proj"], ReplicatedParallel)
+        rows = {r.module: r for r in plan.rows}
+        for name in ("q_proj", "o_proj"):
+            row = rows[f"model.layers.0.self_attn.{name}"]
+            assert row.per_rank_bytes == row.param_bytes // world
+        # the replicated fallback (issue 14's previous plan) holds q and o whole on every rank
+        fallback = plan.per_rank_param_bytes + sum(rows[f"model.layers.0.self_attn.{n}"].param_bytes * (world - 1) // world
+                                                   for n in ("q_proj", "o_proj"))
+        assert plan.per_rank_param_bytes < fallback
+        # forward: one all-reduce per attention and MLP; backward: the input's, and k's and v's
+        # Partial gradients (each rank's q heads' share of the one kv head)
+        assert plan.forward_collectives == {"all_reduce": 2} == plan.propagated_collectives
+        assert plan.backward_collectives == {"all_reduce": 4}
+    # two kv heads on 4 ranks: no DTensor placement gives rank r the kv head of its q heads
+    cfg.num_key_value_heads = 2
+    torch.manual_seed(0)
+    plan = fxmem.shard.plan(transformers.LlamaForCausalLM(cfg), idx, world_size=4, vocab=False)
+    reason = next(why for what, why in plan.fallbacks if "o_proj" in what)
+    assert "2 kv heads" in reason
 
 
 _EXPLAIN_SHARDED = """

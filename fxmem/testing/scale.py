@@ -184,8 +184,15 @@ def run_mesh(rank: int, world_size: int, case: str, dp: int, tp: int, *, vocab: 
         if (~mask).any():
             ill_errors.append(float(diff[~mask].max()))
             ill += int((~mask).sum())
+    # what a user saves: state_dict keys and (full) shapes as the model's own, values as one process
+    sd, own = sharded.state_dict(), model.state_dict()
+    full = {k: _full(v).detach() for k, v in sd.items()}
+    state_dict = {"keys_equal": set(sd) == set(own),
+                  "shapes_equal": all(tuple(full[k].shape) == tuple(own[k].shape) for k in own if k in full),
+                  "max_param_diff": max(float((full[n] - p).abs().max()) for n, p in reference["params"].items() if n in full),
+                  "params_compared": sum(1 for n in reference["params"] if n in full)}
     result = {
-        "case": case, "dp": dp, "tp": tp, "table": plan.table(),
+        "case": case, "dp": dp, "tp": tp, "table": plan.table(), "state_dict": state_dict,
         "loss_error": abs(_dp_mean(loss, mesh) - reference["loss"]),
         "loss_after_error": abs(_dp_mean(after, mesh) - reference["loss_after"]),
         "max_param_error": max(errors.values()), "worst_param": max((e, n) for n, e in errors.items())[1],

@@ -60,6 +60,10 @@ def _four(rank, world, tmp):
         "dp": scale.run_mesh(rank, world, "gpt", 4, 1),
         "tp": scale.run_mesh(rank, world, "gpt", 1, 4),
         "dp_tp": scale.run_mesh(rank, world, "gpt", 2, 2, vocab=True, checkpoint=f"{tmp}/ckpt"),
+        # issue 14's last 1-D limits: HF Llama with ONE kv head on 4 tp ranks, HF GPT-2's Conv1D
+        "kv1_tp": scale.run_mesh(rank, world, "llama_kv1", 1, 4),
+        "gpt2_tp": scale.run_mesh(rank, world, "gpt2", 1, 4),
+        "gpt2_dp_tp": scale.run_mesh(rank, world, "gpt2", 2, 2),
     }
 
 
@@ -70,7 +74,8 @@ def _check_step(r):
     # elements whose gradient is within 100 eps of zero (key biases: zero in exact arithmetic):
     # Adam's first update turns rounding noise there into at most lr; they are few
     assert r["max_ill_conditioned_error"] <= 2 * scale.LR, name
-    assert r["ill_conditioned_elements"] <= 0.02 * r["elements"], name
+    # (or, where more of them exist — HF Llama with one kv head: 7% — they are within 1e-5 anyway)
+    assert r["ill_conditioned_elements"] <= 0.02 * r["elements"] or r["max_ill_conditioned_error"] <= 1e-5, name
     assert r["params_compared"] == r["params_expected"], name
     # what CommDebugMode counts is what the plan says (tensor parallelism's + FSDP2's)
     assert r["forward"] == r["plan_forward"] and r["backward"] == r["plan_backward"], name
@@ -81,6 +86,10 @@ def _check_step(r):
     # vocabulary-split position embedding gets a whole gradient); FSDP2 reduce-scatters them all
     assert r["bytes"]["grads"] <= r["plan_bytes"]["grads"] * (1.05 if r["dp"] == 1 else 1), name
     assert r["single_bytes"]["total"] == r["plan_single_bytes"]["total"], name
+    # the state dict a user saves: the model's own keys and full shapes, the trained values
+    sd = r["state_dict"]
+    assert sd["keys_equal"] and sd["shapes_equal"] and sd["params_compared"] == r["params_expected"], name
+    assert sd["max_param_diff"] <= max(r["max_param_error"], r["max_ill_conditioned_error"]), name
 
 
 def _check_compiled(r):
@@ -136,6 +145,16 @@ def test_four_ranks_dp_tp_and_2x2_equal_one_process_and_checkpoint(tmp_path):
     assert r0["dp"]["bytes"]["total"] <= 0.3 * single              # ZeRO-3 over 4 ranks
     assert r0["tp"]["forward"].get("all_gather", 0) == 1 and "reduce_scatter" not in r0["tp"]["backward"]
     assert r0["dp"]["forward"] == {"all_gather": 3} and r0["dp"]["backward"] == {"all_gather": 2, "reduce_scatter": 3}
+    # one kv head, 4 ranks: attention split (q and o by heads, k/v whole), no attention fallback
+    kv1 = r0["kv1_tp"]
+    assert "self_attn.q_proj" in kv1["table"] and "replicated" in kv1["table"]
+    assert not any("o_proj" in line for line in kv1["table"].splitlines() if line.strip().startswith("replicated:"))
+    # GPT-2: Conv1D split; the fused c_attn by heads of q, k and v (tp alone; not under FSDP2)
+    gpt2 = r0["gpt2_tp"]
+    assert "c_attn" in gpt2["table"] and "_StridedShard(1, split_factor=3)" in gpt2["table"]
+    assert not any(line.strip().startswith("replicated:") and "Conv1D" in line for line in gpt2["table"].splitlines())
+    for key in ("kv1_tp", "gpt2_tp", "gpt2_dp_tp"):
+        assert r0[key]["bytes"]["total"] < 0.35 * r0[key]["single_bytes"]["total"], key
     for rank_result in results:
         ck = rank_result["dp_tp"]["checkpoint"]
         assert ck["param_diff"] == 0.0 and ck["moment_diff"] == 0.0 and ck["moments_compared"] > 0
