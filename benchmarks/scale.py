@@ -3,6 +3,7 @@ does each rank hold against one process, is one AdamW step the same, and which c
 step send; and do two pipeline stages split by memory hold equal bytes and give the same outputs?
 
     PYTHONPATH=. python benchmarks/scale.py            # 4 gloo processes, then 2
+    PYTHONPATH=. python benchmarks/scale.py --only tp_limits   # just the GQA-one-kv-head / GPT-2 Conv1D cases
 
 4 processes (gloo, this machine), ``fxmem.shard.plan(mesh={"dp": 2, "tp": 2})`` + ``apply`` on HF
 Llama (``LlamaForCausalLM`` from a tiny ``LlamaConfig``, grouped-query) and the built-in GPT: per-rank
@@ -14,8 +15,11 @@ with GPipe and 1F1B on both models (8 layers, and 4 where the atoms are coarse; 
 loss counted on the last stage: per-stage bytes (parameters + saved activations per microbatch ×
 microbatches in flight, measured on each stage) against the plan's, and the loss and gradients
 against one process. 4 processes again: ``precision="bf16"`` on the 2 × 2 mesh (FSDP2
-``MixedPrecisionPolicy``) against one process computing in bf16. Writes
-benchmarks/results/scale.json and scale.png.
+``MixedPrecisionPolicy``) against one process computing in bf16. ``tp_limits`` (4 processes): the
+1-D limits closed last — HF Llama with ONE kv head (4 q heads) and HF GPT-2 (``Conv1D``, fused
+``c_attn``) on tp = 4 and dp × tp = 2 × 2: per-rank model state against one process, one AdamW step
+against one process, collectives counted with ``CommDebugMode`` against the plan's. Writes
+benchmarks/results/scale.json (``--only tp_limits`` replaces that section alone) and scale.png.
 """
 
 from __future__ import annotations
@@ -37,6 +41,34 @@ def _mesh_job(rank, world, tmp):
                                    compile_check=True if case == "gpt" else "no_vocab_split")
         out[case]["seconds"] = time.perf_counter() - start
     return out
+
+
+TP_LIMITS = (("llama_kv1", 1, 4), ("gpt2", 1, 4), ("llama_kv1", 2, 2), ("gpt2", 2, 2))
+
+
+def _tp_limits_job(rank, world):
+    out = {}
+    for case, dp, tp_size in TP_LIMITS:
+        start = time.perf_counter()
+        r = scale.run_mesh(rank, world, case, dp, tp_size)
+        r["seconds"] = time.perf_counter() - start
+        out[f"{case} {dp}x{tp_size}"] = r
+    return out
+
+
+def _tp_limits_rows(results) -> list[dict]:
+    rows = []
+    for name in results[0]:
+        per_rank = [r[name] for r in results]
+        r0 = dict(per_rank[0])
+        r0["bytes"] = {k: max(r["bytes"][k] for r in per_rank) for k in r0["bytes"]}
+        r0["ratio"] = r0["bytes"]["total"] / r0["single_bytes"]["total"]
+        r0["max_param_error"] = max(r["max_param_error"] for r in per_rank)
+        r0["max_ill_conditioned_error"] = max(r["max_ill_conditioned_error"] for r in per_rank)
+        r0["fallbacks"] = [line.strip() for line in r0["table"].splitlines() if line.strip().startswith("replicated:")]
+        r0["name"] = name
+        rows.append(r0)
+    return rows
 
 
 def _pipe_job(rank, world, layers):
@@ -84,7 +116,23 @@ def _plot(mesh_rows, pipe_rows, path):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--only", choices=["tp_limits"], default=None)
     opts = parser.parse_args()
+    limits = _tp_limits_rows(tp.spawn(_tp_limits_job, 4))
+    for r in limits:
+        print(f"{r['name']:14s}: state/rank {r['bytes']['total']} B vs one process {r['single_bytes']['total']} B "
+              f"= {r['ratio']:.3f}x (plan {r['plan_bytes']['total']} B); loss err {r['loss_error']:.1e}, param err "
+              f"{r['max_param_error']:.1e} (ill-conditioned max {r['max_ill_conditioned_error']:.1e}); fwd {r['forward']} "
+              f"(plan {r['plan_forward']}) bwd {r['backward']} (plan {r['plan_backward']}); state dict {r['state_dict']}; "
+              f"fallbacks {r['fallbacks']}; {r['seconds']:.0f} s")
+    os.makedirs(opts.out, exist_ok=True)
+    path = os.path.join(opts.out, "scale.json")
+    if opts.only:
+        previous = json.load(open(path)) if os.path.exists(path) else {}
+        previous["tp_limits"] = limits
+        with open(path, "w") as f:
+            json.dump(previous, f, indent=1, default=str)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         mesh = tp.spawn(_mesh_job, 4, tmp)
     precision = tp.spawn(_precision_job, 4)
@@ -105,7 +153,8 @@ def main() -> None:
     os.makedirs(opts.out, exist_ok=True)
     with open(os.path.join(opts.out, "scale.json"), "w") as f:
         json.dump({"question": __doc__.split("\n\n")[0], "mesh": mesh_rows, "pipeline": pipe_rows,
-                   "pipeline_4_layers": pipe4_rows, "precision_bf16": precision_rows}, f, indent=1, default=str)
+                   "pipeline_4_layers": pipe4_rows, "precision_bf16": precision_rows,
+                   "tp_limits": limits}, f, indent=1, default=str)
     _plot(mesh_rows, pipe_rows, os.path.join(opts.out, "scale.png"))
     for r in mesh_rows:
         print(f"{r['case']:6s} 2x2: state/rank {r['bytes']['total']} B vs one process {r['single_bytes']['total']} B "

@@ -541,6 +541,12 @@ def _check_pair(gm, members: list[Linear], r: Linear, world_size: int, Shard, Re
         if not blamed:
             return [], [], f"DTensor needs {inside[0].kind} at {inside[0].node} ({inside[0].src} → {inside[0].dst})"
         heads = _heads(blamed)
+        if heads and heads % world_size == 0 and inside[0].kind == "all_gather":
+            # whole heads per rank, yet DTensor refuses: torch 2.11's view rule does not keep Shard
+            # through the heads view (2.12+ does) — say so, rather than fail later inside DTensor
+            return [], [], (f"DTensor of torch {torch.__version__} needs {inside[0].kind} at {inside[0].node} although "
+                            f"{heads} heads divide {world_size} ranks: its view rule does not keep Shard on the heads "
+                            "dim (attention tensor parallelism needs torch >= 2.12)")
         if heads != 1 or len(blamed) == len(kept):
             # grouped-query k/v with 1 < kv heads < ranks (or nothing left to split): replicated
             return [], [], (f"{', '.join(m.module for m in blamed)}: output cannot stay sharded on {world_size} ranks "

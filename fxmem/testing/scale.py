@@ -191,8 +191,12 @@ def run_mesh(rank: int, world_size: int, case: str, dp: int, tp: int, *, vocab: 
                   "shapes_equal": all(tuple(full[k].shape) == tuple(own[k].shape) for k in own if k in full),
                   "max_param_diff": max(float((full[n] - p).abs().max()) for n, p in reference["params"].items() if n in full),
                   "params_compared": sum(1 for n in reference["params"] if n in full)}
+    # parameters whose local gradient is larger than their local shard (DTensor keeps a
+    # vocabulary-split embedding's gradient whole under tensor parallelism alone)
+    wider = {n: (tensor_bytes(_local(p)), tensor_bytes(_local(p.grad))) for n, p in sharded.named_parameters()
+             if p.grad is not None and tensor_bytes(_local(p.grad)) > tensor_bytes(_local(p))}
     result = {
-        "case": case, "dp": dp, "tp": tp, "table": plan.table(), "state_dict": state_dict,
+        "case": case, "dp": dp, "tp": tp, "table": plan.table(), "state_dict": state_dict, "grads_wider": wider,
         "loss_error": abs(_dp_mean(loss, mesh) - reference["loss"]),
         "loss_after_error": abs(_dp_mean(after, mesh) - reference["loss_after"]),
         "max_param_error": max(errors.values()), "worst_param": max((e, n) for n, e in errors.items())[1],
