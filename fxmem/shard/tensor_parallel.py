@@ -432,13 +432,13 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
             fallbacks.append((r.module, f"input features {r.weight.meta['val'].shape[r.in_dim]} not divisible by {world_size}"))
             continue
         members = [f for f in feeding if divisible(f, 0)]
+        for f in feeding:
+            if f not in members:
+                fallbacks.append((f.module, f"output features {f.weight.meta['val'].shape[f.out_dim]} not divisible by {world_size}"))
         if split_fused is not None:
             for f in [f for f in members if f.fused > 1]:
                 fallbacks.append((f.module, split_fused))
                 members.remove(f)
-        for f in feeding:
-            if f not in members:
-                fallbacks.append((f.module, f"output features {f.weight.meta['val'].shape[f.out_dim]} not divisible by {world_size}"))
         if members:
             kept, replicated, reason = _check_pair(gm, members, r, world_size, Shard, Replicate)
             if kept:
@@ -541,12 +541,12 @@ def _check_pair(gm, members: list[Linear], r: Linear, world_size: int, Shard, Re
         if not blamed:
             return [], [], f"DTensor needs {inside[0].kind} at {inside[0].node} ({inside[0].src} → {inside[0].dst})"
         heads = _heads(blamed)
-        if heads and heads % world_size == 0 and inside[0].kind == "all_gather":
-            # whole heads per rank, yet DTensor refuses: torch 2.11's view rule does not keep Shard
-            # through the heads view (2.12+ does) — say so, rather than fail later inside DTensor
+        if heads and heads % world_size == 0 and inside[0].kind == "all_gather" and _torch_before(2, 12):
+            # whole heads per rank, yet DTensor refuses: torch 2.11's view rules do not keep Shard
+            # through the views of the heads dim (2.13's do) — say so, naming the version
             return [], [], (f"DTensor of torch {torch.__version__} needs {inside[0].kind} at {inside[0].node} although "
-                            f"{heads} heads divide {world_size} ranks: its view rule does not keep Shard on the heads "
-                            "dim (attention tensor parallelism needs torch >= 2.12)")
+                            f"{heads} heads divide {world_size} ranks: its view rules do not keep Shard through the "
+                            "views of the heads dim (attention is split with torch 2.13)")
         if heads != 1 or len(blamed) == len(kept):
             # grouped-query k/v with 1 < kv heads < ranks (or nothing left to split): replicated
             return [], [], (f"{', '.join(m.module for m in blamed)}: output cannot stay sharded on {world_size} ranks "
@@ -555,6 +555,11 @@ def _check_pair(gm, members: list[Linear], r: Linear, world_size: int, Shard, Re
                             + ")")
         replicated += blamed
         kept = [m for m in kept if m not in blamed]
+
+
+def _torch_before(major: int, minor: int) -> bool:
+    parts = torch.__version__.split("+")[0].split(".")
+    return (int(parts[0]), int(parts[1])) < (major, minor)
 
 
 def _split_attribute(module: nn.Module, block: int) -> str:
