@@ -11,9 +11,12 @@ being told module names:
   attention q/k/v → o. DTensor's sharding propagator (the rules DTensor itself runs) is asked for
   the placement of every node in between; the pair is kept only if no collective is needed
   inside it, so attention is split by whole heads (a ``view`` to ``[B, T, heads, head_dim]`` keeps
-  ``Shard`` on the heads dimension only if the world size divides the heads). A member of G whose
-  view cannot be split (grouped-query k/v with fewer kv heads than ranks) is left replicated, as
-  Megatron does, and the reason is recorded.
+  ``Shard`` on the heads dimension only if the world size divides the heads). Members of G whose
+  view cannot be split because they have a single head (grouped-query k/v with one kv head) are
+  computed whole on every rank and the rest is split (``ReplicatedParallel``); with 1 < kv heads <
+  ranks the pair is left replicated and the reason is recorded. GPT-2's ``Conv1D`` (weight
+  ``[in, out]``) is paired like ``nn.Linear``; its fused ``c_attn`` is split by blocks
+  (``_StridedShard``), see :mod:`fxmem.shard.styles`.
 * embeddings and a LM head are split over the vocabulary where it pays: when the parameter bytes
   saved per rank are at least the activation bytes the extra collective needs per rank.
 
