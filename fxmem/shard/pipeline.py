@@ -226,7 +226,8 @@ def measure_atoms(model: nn.Module, args: tuple, loss_fn: Callable | None = None
 
     ``names``: :func:`_atom_names`' answer, if the caller has it already.
     """
-    from torch.distributed.pipelining import SplitPoint, pipeline as split
+    from torch.distributed.pipelining import SplitPoint
+    from torch.distributed.pipelining import pipeline as split
 
     names, suffix = names or _atom_names(model, args)
     starts = names + ([suffix] if suffix else [])

@@ -397,7 +397,7 @@ def run_pipeline(rank: int, world_size: int, case: str, schedules: tuple[str, ..
         keep: list[torch.Tensor] = []  # alive until the end: a freed storage's address is not reused and missed
         params = {p.untyped_storage().data_ptr() for p in stage.submod.parameters()}
 
-        def pack(t):
+        def pack(t, params=params, seen=seen, keep=keep, saved=saved):  # this schedule's sets, bound now
             ptr = t.untyped_storage().data_ptr()
             if ptr not in params and ptr not in seen:
                 seen.add(ptr)

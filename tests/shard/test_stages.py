@@ -9,7 +9,6 @@ stages are within 10% of each other.
 """
 
 import pytest
-import torch
 
 import fxmem
 from fxmem.testing import scale, tp
