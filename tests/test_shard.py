@@ -20,12 +20,24 @@ def _gpt(**kw):
     return GPT(cfg), example_batch(cfg, 2, 8)
 
 
+def _attention_needs_torch_2_12(plan) -> None:
+    """On torch < 2.12 DTensor's view rules do not keep Shard through the attention's heads view:
+    the plan leaves attention replicated and says why, naming the version (docs/architecture.md,
+    "torch 2.11"). Checked there; the rest of the test needs 2.12+."""
+    parts = torch.__version__.split("+")[0].split(".")
+    if (int(parts[0]), int(parts[1])) >= (2, 12):
+        return
+    assert any(torch.__version__ in why and "heads dim" in why for _, why in plan.fallbacks), plan.fallbacks
+    pytest.skip(f"attention tensor parallelism needs torch >= 2.12 (torch {torch.__version__}: replicated, with the reason)")
+
+
 def test_pairs_layers_without_names_and_prints_a_table():
     model, x = _gpt(n_kv_head=2)
     plan = fxmem.shard.plan(model, x, world_size=2)
     groups = {(tuple(g.colwise), g.rowwise) for g in plan.groups}
-    assert (("blocks.0.attn.k_proj", "blocks.0.attn.q_proj", "blocks.0.attn.v_proj"), "blocks.0.attn.o_proj") in groups
     assert (("blocks.0.mlp.up_proj",), "blocks.0.mlp.down_proj") in groups
+    _attention_needs_torch_2_12(plan)
+    assert (("blocks.0.attn.k_proj", "blocks.0.attn.q_proj", "blocks.0.attn.v_proj"), "blocks.0.attn.o_proj") in groups
     attn = next(g for g in plan.groups if g.rowwise.endswith("o_proj"))
     assert attn.global_views and attn.parent == "blocks.0.attn"
     assert plan.forward_collectives == {"all_reduce": 2} == plan.propagated_collectives
@@ -189,6 +201,7 @@ def test_hf_models_are_planned_through_torch_export_when_make_fx_cannot_trace():
                                   intermediate_size=64, max_position_embeddings=16, attn_implementation="eager")
     idx = torch.randint(0, 64, (2, 8))
     plan = fxmem.shard.plan(transformers.BertModel(cfg).eval(), idx, world_size=2)
+    _attention_needs_torch_2_12(plan)
     groups = {g.rowwise: g for g in plan.groups}
     assert groups["encoder.layer.0.attention.output.dense"].colwise == [
         "encoder.layer.0.attention.self.key", "encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.value"]
