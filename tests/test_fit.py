@@ -73,29 +73,28 @@ def test_tight_limit_chooses_less_memory_at_more_cost(fitted):
     assert tight.estimate < fitted.estimate
 
 
+def _measure_choice_just_above(step, fitted, candidate):
+    """Refit at a limit just above ``candidate``'s estimate (it must be the choice), then compile
+    and measure that choice once."""
+    model, args = step
+    limit = int(candidate.estimate / (1 - fitted.headroom)) + 1
+    choice = fitted.refit(limit)
+    assert choice.chosen.label == candidate.label
+    torch._dynamo.reset()
+    return choice, limit, measure_options(model, *args, options=choice.options, steps=1)
+
+
 @pytest.fixture(scope="module")
 def measured_choice(step, fitted):
     """The choice for a limit just above the cheapest candidate's estimate, compiled and measured once."""
-    model, args = step
-    cheapest = min(fitted.candidates, key=lambda c: c.cost)
-    limit = int(cheapest.estimate / (1 - fitted.headroom)) + 1
-    choice = fitted.refit(limit)
-    assert choice.chosen.label == cheapest.label
-    torch._dynamo.reset()
-    return choice, limit, measure_options(model, *args, options=choice.options, steps=1)
+    return _measure_choice_just_above(step, fitted, min(fitted.candidates, key=lambda c: c.cost))
 
 
 @pytest.fixture(scope="module")
 def measured_tight(step, fitted):
     """The tightest limit fit can answer (just above its smallest estimate): the choice is the
     smallest candidate (here the chunked loss with remat), compiled and measured once."""
-    model, args = step
-    smallest = min(fitted.candidates, key=lambda c: c.estimate)
-    limit = int(smallest.estimate / (1 - fitted.headroom)) + 1
-    choice = fitted.refit(limit)
-    assert choice.chosen.label == smallest.label
-    torch._dynamo.reset()
-    return choice, limit, measure_options(model, *args, options=choice.options, steps=1)
+    return _measure_choice_just_above(step, fitted, min(fitted.candidates, key=lambda c: c.estimate))
 
 
 @pytest.mark.parametrize("which", ["measured_choice", "measured_tight"])

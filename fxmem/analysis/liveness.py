@@ -23,16 +23,21 @@ class PeakEstimate:
     input_bytes: int
 
 
-def last_uses(gm: fx.GraphModule) -> dict[fx.Node, int]:
-    """Position (in node order) of the last use of each storage root, over all aliases of it."""
+def last_uses(gm: fx.GraphModule, runs_at: dict[fx.Node, int] | None = None) -> dict[fx.Node, int]:
+    """Position (in node order) of the last use of each storage root, over all aliases of it.
+
+    ``runs_at``: where each node's reads really happen, when that is later than its own position
+    (a fused op reads its inputs in the kernel it is fused into); default: its position.
+    """
     nodes = list(gm.graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
+    at = runs_at if runs_at is not None else position
     last: dict[fx.Node, int] = {}
     for node in nodes:
         root = storage_root(node)
-        last[root] = max(last.get(root, position[root]), position[node])
+        last[root] = max(last.get(root, position[root]), at[node])
         for user in node.users:
-            last[root] = max(last[root], position[user])
+            last[root] = max(last[root], at[user])
     return last
 
 

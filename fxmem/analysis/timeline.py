@@ -293,13 +293,7 @@ def _kernel_last_uses(gm: fx.GraphModule, skip: set[fx.Node]) -> dict[fx.Node, i
     for node in reversed(nodes):
         runs_at[node] = max((runs_at[u] for u in node.users), default=position[node]) if node in skip \
             else position[node]
-    last: dict[fx.Node, int] = {}
-    for node in nodes:
-        root = storage_root(node)
-        last[root] = max(last.get(root, position[root]), runs_at[node])
-        for user in node.users:
-            last[root] = max(last[root], runs_at[user])
-    return last
+    return last_uses(gm, runs_at)
 
 
 def _reuse_in_place(live: _Live, node: fx.Node, skip: set[fx.Node], dying) -> None:
