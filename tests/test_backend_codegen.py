@@ -162,6 +162,34 @@ def test_releasing_call_frees_an_input_after_its_last_use():
     assert out[1].shape == (3,)
 
 
+def test_inductor_compiles_fxmems_graphs_without_its_buffer_pool(monkeypatch):
+    """fxmem turns Inductor's buffer pool off for its own compiles only (docs/architecture.md:
+    the pool held a dead 24 MiB buffer on the measured peak of four GPT-2 blocks); in-place
+    reuse stays on, and a plain torch.compile afterwards still gets Inductor's default."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.graph import GraphLowering
+
+    seen = []
+    codegen = GraphLowering.codegen
+
+    def recording(self, *args, **kwargs):
+        seen.append((inductor_config.allow_buffer_reuse, inductor_config.inplace_buffers))
+        return codegen(self, *args, **kwargs)
+
+    monkeypatch.setattr(GraphLowering, "codegen", recording)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    x = torch.randn(4, 8)
+    torch._dynamo.reset()
+    torch.compile(model, backend=fxmem.backend())(x).sum().backward()
+    assert seen and all(s == (False, True) for s in seen), seen  # forward and backward
+    assert inductor_config.allow_buffer_reuse is True  # nothing process-wide
+    with torch.no_grad(), inductor_config.patch(fx_graph_cache=False):  # a cache hit skips codegen
+        seen.clear()
+        torch._dynamo.reset()
+        torch.compile(model.eval(), backend=fxmem.backend())(x)
+    assert seen and all(s == (False, True) for s in seen), seen  # inference
+
+
 def test_codegen_option_errors_name_the_key_and_choices():
     assert parse_options().codegen == "inductor"
     assert parse_options(codegen="eager").codegen == "eager"

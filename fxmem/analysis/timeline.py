@@ -34,6 +34,7 @@ import torch.fx as fx
 from fxmem.analysis.liveness import last_uses
 from fxmem.analysis.saved import forward_outputs
 from fxmem.analysis.sizes import is_parameter_node, node_bytes, storage_root
+from fxmem.codegen import INDUCTOR_BUFFER_POOL
 
 COMPUTING = ("call_function", "call_module", "call_method")
 
@@ -314,7 +315,7 @@ def _reuse_in_place(live: _Live, node: fx.Node, skip: set[fx.Node], dying) -> No
 
 
 def step_timeline(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *,
-                  fused: bool = False, reuse: bool = False) -> StepTimeline:
+                  fused: bool = False, reuse: bool = False, pool: bool | None = None) -> StepTimeline:
     """Walk ``fw`` then ``bw`` (a partition's two graphs) and record the live bytes after each node.
 
     ``fused``: model Inductor's code — a pointwise op feeding only pointwise ops allocates
@@ -328,15 +329,17 @@ def step_timeline(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs
       saved ``exp`` of the softmax: one ``[N, V]`` buffer, not two). The kernel's inputs are
       read through the pointwise ops fused into it.
 
-    * a freed buffer that a later buffer of the same dtype and size reuses stays allocated until
-      then (Inductor's buffer pool, :class:`_Live`), so reuse can *raise* the peak: the backward
-      of a recomputed layer keeps its recomputed buffers parked for the next layer's.
+    * ``pool`` (default: :data:`fxmem.codegen.INDUCTOR_BUFFER_POOL`, off under fxmem): a freed
+      buffer that a later buffer of the same dtype and size reuses stays allocated until then
+      (Inductor's buffer pool, :class:`_Live`), so reuse can *raise* the peak: the backward of a
+      recomputed layer keeps its recomputed buffers parked for the next layer's.
 
     Reordering is not modelled. ``fit`` uses ``reuse=True``; remat's peak guard does not (yet).
     """
     reuse = reuse and fused
-    if not reuse:
-        return _walk(fw, bw, num_fwd_outputs, fused=fused, reuse=False, pool=None)[0]
+    pool = INDUCTOR_BUFFER_POOL if pool is None else pool
+    if not reuse or not pool:
+        return _walk(fw, bw, num_fwd_outputs, fused=fused, reuse=reuse, pool=None)[0]
     # twice: the first walk lists the pooled allocations and frees, the second parks the reused
     _, events = _walk(fw, bw, num_fwd_outputs, fused=True, reuse=True, pool=None)
     return _walk(fw, bw, num_fwd_outputs, fused=True, reuse=True, pool=_pool_plan(events))[0]

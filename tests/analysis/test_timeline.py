@@ -97,3 +97,29 @@ def test_reuse_models_inductors_in_place_kernels_and_reductions():
     gm = _forward_graph(lambda x, w: (lambda m: torch.exp(m) @ m.t())(x @ w), x, w)
     reused = step_timeline(gm, None, 1, fused=True, reuse=True)
     assert reused.peak_bytes - inputs >= 2 * buf
+
+
+def test_pool_keeps_a_freed_buffer_until_its_reuse_and_is_off_under_fxmem():
+    """``pool=True`` models Inductor's buffer pool: a dead matmul output stays allocated until a
+    later buffer of its size takes it over, across a larger allocation. fxmem turns the pool off
+    (``fxmem.codegen.INDUCTOR_BUFFER_POOL``), and the default follows that."""
+    from fxmem.codegen import INDUCTOR_BUFFER_POOL
+
+    def f(x, w, w2):
+        m1 = x @ w  # [256, 512], dies in its sum: pooled for m3
+        r = m1.sum(1)
+        m2 = x @ w2  # [256, 1024], allocated while m1 is parked
+        r2 = m2.sum(1)
+        m3 = (x * r2[:, None]) @ w  # [256, 512]: takes m1's buffer over
+        return m3 + r[:, None]
+
+    x, w, w2 = torch.randn(256, 64), torch.randn(64, 512), torch.randn(64, 1024)
+    gm = _forward_graph(f, x, w, w2)
+    pooled = step_timeline(gm, None, 1, fused=True, reuse=True, pool=True)
+    unpooled = step_timeline(gm, None, 1, fused=True, reuse=True, pool=False)
+    m1, m2 = 256 * 512 * 4, 256 * 1024 * 4
+    assert pooled.peak_bytes - unpooled.peak_bytes == m1  # m1 parked beside m2
+    assert unpooled.peak_bytes - unpooled.input_bytes < m1 + m2
+    assert INDUCTOR_BUFFER_POOL is False
+    default = step_timeline(gm, None, 1, fused=True, reuse=True)
+    assert default.peak_bytes == unpooled.peak_bytes
