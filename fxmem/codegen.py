@@ -166,17 +166,19 @@ def inductor_training(gm: fx.GraphModule, example_inputs: Sequence[Any],
                       partition_fn: Callable[..., tuple[fx.GraphModule, fx.GraphModule]]) -> Callable:
     """Compile a Dynamo graph for training with Inductor, fxmem's ``partition_fn`` as its partitioner."""
     from torch._functorch import config as functorch_config
-    from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
     # no caches for this compile: fxmem's partition depends on its options and must run (see
     # make_partitioner); Inductor cannot pickle a partitioner into its cache key anyway.
     # fallback_random: random ops draw from eager's generator, so a dropout mask is eager's
     # (fxmem's promise: gradients equal eager's), at the cost of not fusing them.
-    with inductor_config.patch(custom_partitioner_fn=make_partitioner(partition_fn), fx_graph_cache=False,
-                               fallback_random=True, allow_buffer_reuse=INDUCTOR_BUFFER_POOL), \
-            functorch_config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, list(example_inputs))
+    # Passed as compile_fx's config_patches, not only as a context: AOTAutograd may compile the
+    # backward lazily, at the first backward call (torch 2.11 does), and compile_fx re-applies its
+    # config_patches around that later compile too.
+    patches = dict(custom_partitioner_fn=make_partitioner(partition_fn), fx_graph_cache=False,
+                   fallback_random=True, allow_buffer_reuse=INDUCTOR_BUFFER_POOL)
+    with functorch_config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, list(example_inputs), config_patches=patches)
 
 
 def _decompose(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
