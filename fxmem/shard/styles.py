@@ -144,16 +144,20 @@ def _virtual_head_forward(module: nn.Linear, device_mesh, rows: slice, use_local
 class Conv1DColwiseParallel(ColwiseParallel):
     """``ColwiseParallel`` for GPT-2's ``Conv1D``: weight ``Shard(1)`` (``_StridedShard`` when ``fused``)."""
 
-    def __init__(self, *, fused: int = 1, **kwargs):
+    def __init__(self, *, fused: int = 1, replicate_bias: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.fused = fused
+        # the bias whole on every rank (Replicate): DTensor slices it for addmm (local) and gathers
+        # its gradient in backward. Used under FSDP2, whose dim-0 shard of a _StridedShard(0) bias
+        # does not compose (docs/shard.md, "GPT-2's Conv1D under FSDP2")
+        self.replicate_bias = replicate_bias
 
     def _partition_conv1d_fn(self, name, module, device_mesh):
         for pname, param in list(module.named_parameters(recurse=False)):
             dim = 1 if pname == "weight" else 0  # weight [in, out], bias [out]
-            module.register_parameter(pname, nn.Parameter(
-                distribute_tensor(param, device_mesh, [strided_shard(dim, self.fused)]),
-                requires_grad=param.requires_grad))
+            placement = Replicate() if pname == "bias" and self.replicate_bias else strided_shard(dim, self.fused)
+            module.register_parameter(pname, nn.Parameter(distribute_tensor(param, device_mesh, [placement]),
+                                                          requires_grad=param.requires_grad))
 
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
         if not is_conv1d(module):
@@ -172,7 +176,7 @@ class Conv1DColwiseParallel(ColwiseParallel):
         return outputs.to_local() if use_local_output else outputs
 
     def __repr__(self) -> str:
-        return super().__repr__()[:-1] + f", fused={self.fused})"
+        return super().__repr__()[:-1] + f", fused={self.fused}" + (", replicate_bias=True)" if self.replicate_bias else ")")
 
 
 class Conv1DRowwiseParallel(RowwiseParallel):

@@ -124,6 +124,7 @@ class Group:
     local_attrs: list[tuple[str, str, int, int]] = field(default_factory=list)
     # k/v with 1 < kv heads < ranks: module → (kv heads, head_dim); VirtualHeadsParallel
     virtual: dict[str, tuple[int, int]] = field(default_factory=dict)
+    replicate_bias: bool = False  # fused layers keep their bias whole on every rank (under FSDP2)
 
 
 @dataclass
@@ -174,7 +175,8 @@ class ShardPlan:
                                                           use_local_output=False)
             for name in g.colwise:
                 if name in g.conv1d:
-                    styles[name] = Conv1DColwiseParallel(use_local_output=not g.global_views, fused=g.fused.get(name, 1))
+                    styles[name] = Conv1DColwiseParallel(use_local_output=not g.global_views, fused=g.fused.get(name, 1),
+                                                         replicate_bias=g.replicate_bias and name in g.fused)
                 else:
                     styles[name] = ColwiseParallel(use_local_output=not g.global_views)
             for name in g.replicated:
@@ -388,7 +390,8 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
     moments, further sharded over ``dp`` by FSDP2).
 
     ``split_fused``: ``None`` splits fused projections (GPT-2's ``c_attn``) by blocks; a string
-    leaves them replicated with that string as the reason (the mesh plan does, under FSDP2).
+    leaves them replicated with that string as the reason; ``"replicate_bias"`` splits the weight by
+    blocks and keeps the bias whole on every rank (the mesh plan does, under FSDP2).
 
     ``_virtual`` (internal): k/v projections (module → (kv heads, head_dim)) to trace with one
     virtual kv head per rank — the second planning pass for grouped-query attention with
@@ -455,7 +458,7 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
         for f in feeding:
             if f not in members:
                 fallbacks.append((f.module, f"output features {f.weight.meta['val'].shape[f.out_dim]} not divisible by {world_size}"))
-        if split_fused is not None:
+        if split_fused not in (None, "replicate_bias"):
             for f in [f for f in members if f.fused > 1]:
                 fallbacks.append((f.module, split_fused))
                 members.remove(f)
@@ -534,7 +537,7 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
     prop = propagate_placements(gm, seeds, world_size, force=force)
     prop.annotate(gm)  # the plan's graph shows the final placements (plan.graph)
     result = _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_module, fallbacks, prop, calls,
-                    replicated_kv, _virtual)
+                    replicated_kv, _virtual, replicate_fused_bias=split_fused == "replicate_bias")
     if virtual_kv.layers:
         return _plan_virtual_heads(result, virtual_kv, model, args, kwargs, world_size=world_size, vocab=vocab,
                                    state_factor=state_factor, split_fused=split_fused)
@@ -901,7 +904,7 @@ def _needs_grad(x: fx.Node, gm: fx.GraphModule) -> bool:
 
 
 def _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_module, fallbacks, prop, calls,
-           replicated_kv, virtual: VirtualHeads | None = None) -> ShardPlan:
+           replicated_kv, virtual: VirtualHeads | None = None, replicate_fused_bias: bool = False) -> ShardPlan:
     rows: list[Row] = []
     groups: list[Group] = []
     sharded_params: dict[int, int] = {}  # id(tensor) -> shard dim
@@ -969,6 +972,13 @@ def _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_
                         f"whole on every rank; rank r computes kv head r // {world_size // kv}")
                 bwd_total.update(list(bwd) + ["all_reduce"] * n_params)
                 continue
+            if m.fused > 1 and replicate_fused_bias:
+                # the bias whole on every rank; DTensor slices it (local) and gathers its gradient
+                extra = ["all_gather"] if m.bias is not None else []
+                add_row(m.module, "colwise", f"{role} in", {"weight": m.out_dim}, [], list(bwd) + extra, strided=m.fused,
+                        note="bias whole on every tp rank (FSDP2 shards it over dp)")
+                bwd_total.update(list(bwd) + extra)
+                continue
             add_row(m.module, "colwise", f"{role} in", {"weight": m.out_dim, "bias": 0}, [], list(bwd), strided=m.fused)
             bwd_total.update(bwd)
         for name in whole:
@@ -984,7 +994,8 @@ def _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_
         groups.append(Group([m.module for m in members if not m.virtual], r.module, parent, global_views, shared, whole,
                             conv1d=[m.module for m in members + [r] if m.conv1d],
                             fused={m.module: m.fused for m in members if m.fused > 1}, local_attrs=local_attrs,
-                            virtual={m.module: m.virtual for m in members if m.virtual}))
+                            virtual={m.module: m.virtual for m in members if m.virtual},
+                            replicate_bias=replicate_fused_bias and any(m.fused > 1 for m in members)))
     for name, kind in vocab_choice.items():
         if kind == "embedding":
             add_row(name, "vocab_embedding", "embedding", {"weight": 0}, ["all_reduce"], [])
