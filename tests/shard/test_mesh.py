@@ -64,6 +64,8 @@ def _four(rank, world, tmp):
         "kv1_tp": scale.run_mesh(rank, world, "llama_kv1", 1, 4),
         "gpt2_tp": scale.run_mesh(rank, world, "gpt2", 1, 4),
         "gpt2_dp_tp": scale.run_mesh(rank, world, "gpt2", 2, 2),
+        # 2 kv heads on 4 tp ranks: one virtual kv head per rank
+        "kv2_tp": scale.run_mesh(rank, world, "llama", 1, 4),
     }
 
 
@@ -152,11 +154,19 @@ def test_four_ranks_dp_tp_and_2x2_equal_one_process_and_checkpoint(tmp_path):
     kv1 = r0["kv1_tp"]
     assert "self_attn.q_proj" in kv1["table"] and "replicated" in kv1["table"]
     assert not any("o_proj" in line for line in kv1["table"].splitlines() if line.strip().startswith("replicated:"))
-    # GPT-2: Conv1D split; the fused c_attn by heads of q, k and v (tp alone; not under FSDP2)
-    gpt2 = r0["gpt2_tp"]
-    assert "c_attn" in gpt2["table"] and "_StridedShard(1, split_factor=3)" in gpt2["table"]
-    assert not any(line.strip().startswith("replicated:") and "Conv1D" in line for line in gpt2["table"].splitlines())
-    for key in ("kv1_tp", "gpt2_tp", "gpt2_dp_tp"):
+    # GPT-2: Conv1D split; the fused c_attn by heads of q, k and v — under FSDP2 too, its bias
+    # whole over tp (FSDP2 shards it over dp): the step and the state dict equal one process
+    for key in ("gpt2_tp", "gpt2_dp_tp"):
+        gpt2 = r0[key]
+        assert "c_attn" in gpt2["table"] and "_StridedShard(1, split_factor=3)" in gpt2["table"]
+        assert not any(line.strip().startswith("replicated:") and ("Conv1D" in line or "c_attn" in line)
+                       for line in gpt2["table"].splitlines()), key
+    assert "bias Replicate()" in next(line for line in r0["gpt2_dp_tp"]["table"].splitlines() if "c_attn" in line)
+    # 2 kv heads, 4 ranks: attention split (q and o by heads, k/v one virtual head per rank)
+    kv2 = r0["kv2_tp"]
+    assert "virtual_heads" in kv2["table"]
+    assert not any("self_attn" in line for line in kv2["table"].splitlines() if line.strip().startswith("replicated:"))
+    for key in ("kv1_tp", "kv2_tp", "gpt2_tp", "gpt2_dp_tp"):
         assert r0[key]["bytes"]["total"] < 0.35 * r0[key]["single_bytes"]["total"], key
     for rank_result in results:
         ck = rank_result["dp_tp"]["checkpoint"]
