@@ -156,8 +156,7 @@ class ShardPlan:
         from torch.distributed.tensor import Replicate, Shard
         from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
 
-        from fxmem.shard.styles import (Conv1DColwiseParallel, Conv1DRowwiseParallel, ReplicatedParallel,
-                                        VirtualHeadsParallel)
+        from fxmem.shard.styles import Conv1DColwiseParallel, Conv1DRowwiseParallel, ReplicatedParallel, VirtualHeadsParallel
 
         styles: dict[str, Any] = {}
         for g in self.groups:
@@ -613,10 +612,16 @@ def _virtual_output_error(model, virtual: VirtualHeads, args, kwargs, world_size
     The repetition is exact in arithmetic; kernels may order sums differently (1e-5 relative)."""
     from torch.utils._pytree import tree_leaves
 
-    with torch.no_grad():
-        whole = [t for t in tree_leaves(model(*args, **(kwargs or {}))) if isinstance(t, torch.Tensor)]
-        with _virtual_forwards(model, virtual, world_size):
-            virt = [t for t in tree_leaves(model(*args, **(kwargs or {}))) if isinstance(t, torch.Tensor)]
+    modes = {m: m.training for m in model.modules()}
+    model.eval()  # dropout would make two runs differ for its own reasons
+    try:
+        with torch.no_grad():
+            whole = [t for t in tree_leaves(model(*args, **(kwargs or {}))) if isinstance(t, torch.Tensor)]
+            with _virtual_forwards(model, virtual, world_size):
+                virt = [t for t in tree_leaves(model(*args, **(kwargs or {}))) if isinstance(t, torch.Tensor)]
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
     if len(whole) != len(virt) or any(a.shape != b.shape for a, b in zip(whole, virt)):
         return float("inf")
     errors = [float((a.double() - b.double()).abs().max()) if a.numel() else 0.0 for a, b in zip(whole, virt)]
