@@ -457,6 +457,13 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
         for f in feeding:
             if f not in members:
                 fallbacks.append((f.module, f"output features {f.weight.meta['val'].shape[f.out_dim]} not divisible by {world_size}"))
+        if split_fused in (None, "replicate_bias") and _torch_before(2, 13):
+            # run on the 2.11 venv: DTensor's addmm with the _StridedShard(1, 3) weight raises
+            # "ValueError: use_strided_shard_as_shard_order is True, but placements:
+            # (_StridedShard(dim=1, sf=3),) is unable to be interpreted into a corresponding shard_order"
+            split_fused = (f"fused projection (q | k | v) not split: DTensor of torch {torch.__version__} cannot "
+                           "redistribute its _StridedShard blocks (ValueError: ... unable to be interpreted into a "
+                           "corresponding shard_order); split with torch 2.13")
         if split_fused not in (None, "replicate_bias"):
             for f in [f for f in members if f.fused > 1]:
                 fallbacks.append((f.module, split_fused))

@@ -52,6 +52,37 @@ def test_mesh_plan_rejects_bad_input():
         fxmem.shard.apply(model, {"dp": 2}, None)
 
 
+def _strided_shard_runs() -> bool:
+    """DTensor of torch 2.11 cannot redistribute ``_StridedShard`` (GPT-2's fused ``c_attn``): the
+    plan leaves it replicated there, naming the version; 2.13 splits it."""
+    parts = torch.__version__.split("+")[0].split(".")
+    return (int(parts[0]), int(parts[1])) >= (2, 13)
+
+
+def test_gpt2_fused_c_attn_under_fsdp2_is_split_with_its_bias_whole():
+    from fxmem.shard.styles import Conv1DColwiseParallel
+
+    model, vocab = scale.build("gpt2")
+    x, _ = scale.batch(vocab, 2)
+    plan = fxmem.shard.plan(model, x, mesh={"dp": 2, "tp": 2})
+    name = "transformer.h.0.attn.c_attn"
+    if not _strided_shard_runs():
+        assert any(name in what and torch.__version__ in why for what, why in plan.tp_plan.fallbacks)
+        return
+    row = next(r for r in plan.tp_plan.rows if r.module == name)
+    # the weight split by blocks of q | k | v over tp, the bias whole over tp (FSDP2 shards both over
+    # dp): DTensor's gather of a (_StridedShard(0, 2), _StridedShard(0, 3)) bias is wrong on 2.13
+    assert row.placement == "weight _StridedShard(1, split_factor=3), bias Replicate()"
+    assert row.backward == ["all_reduce", "all_gather"]  # the input's gradient; the bias's gradient gathered
+    style = plan.tp_plan.parallelize_plan()[name]
+    assert isinstance(style, Conv1DColwiseParallel) and style.fused == 3 and style.replicate_bias
+    assert not any(name in what for what, _ in plan.tp_plan.fallbacks)
+    # tp alone keeps the strided bias (no FSDP2 shard on top of it)
+    tp_only = fxmem.shard.plan(model, x, mesh={"tp": 2})
+    assert not tp_only.tp_plan.parallelize_plan()[name].replicate_bias
+    assert plan.per_rank.total <= 0.3 * plan.single.total
+
+
 def _four(rank, world, tmp):
     return {
         # first in the process: compiled before any eager step on a mesh (docs/shard.md, "Compile")
@@ -158,10 +189,16 @@ def test_four_ranks_dp_tp_and_2x2_equal_one_process_and_checkpoint(tmp_path):
     # whole over tp (FSDP2 shards it over dp): the step and the state dict equal one process
     for key in ("gpt2_tp", "gpt2_dp_tp"):
         gpt2 = r0[key]
-        assert "c_attn" in gpt2["table"] and "_StridedShard(1, split_factor=3)" in gpt2["table"]
-        assert not any(line.strip().startswith("replicated:") and ("Conv1D" in line or "c_attn" in line)
+        assert not any(line.strip().startswith("replicated:") and "Conv1D" in line for line in gpt2["table"].splitlines())
+        if not _strided_shard_runs():  # torch 2.11: c_attn replicated, the reason names the version
+            assert any(line.strip().startswith("replicated:") and "c_attn" in line and torch.__version__ in line
                        for line in gpt2["table"].splitlines()), key
-    assert "bias Replicate()" in next(line for line in r0["gpt2_dp_tp"]["table"].splitlines() if "c_attn" in line)
+            continue
+        assert "c_attn" in gpt2["table"] and "_StridedShard(1, split_factor=3)" in gpt2["table"]
+        assert not any(line.strip().startswith("replicated:") and "c_attn" in line
+                       for line in gpt2["table"].splitlines()), key
+    if _strided_shard_runs():
+        assert "bias Replicate()" in next(line for line in r0["gpt2_dp_tp"]["table"].splitlines() if "c_attn" in line)
     # 2 kv heads, 4 ranks: attention split (q and o by heads, k/v one virtual head per rank)
     kv2 = r0["kv2_tp"]
     assert "virtual_heads" in kv2["table"]
