@@ -12,6 +12,18 @@
       after:  k = from_local(linear(x, W_R).to_local(), [Replicate()])   # W_R: Replicate DTensor
               backward: grad_k Partial --all_reduce--> Replicate → grad W_R Replicate
 
+* :class:`VirtualHeadsParallel` — the k/v projections of grouped-query attention with 1 < kv
+  heads < ranks: the weight ``Replicate()``, each rank computing only the kv head its q heads use
+  (real head ``r // (N / kv)``), returned as its shard of a ``Shard(-1)`` DTensor — N *virtual*
+  heads, ``repeat_interleave(k, N / kv)`` globally. Both the weight's and the input's local
+  gradients are this rank's share and are declared ``Partial``; DTensor sums them (the weight's
+  by a ``from_local`` hop: one all-reduce in backward, so ``param.grad`` is ``Replicate()``)::
+
+      before: k = k_proj(x)                                   # [B, T, kv * hd], one process
+      after:  k_r = x_local @ W_local[rows of head r // (N/kv)].T   # [B, T, hd] on rank r
+              k = from_local(k_r, [Shard(-1)])                # global [B, T, N * hd]
+              backward: grad W (Partial) --all_reduce--> Replicate; grad x Partial (summed with q's)
+
 * :class:`Conv1DColwiseParallel` / :class:`Conv1DRowwiseParallel` — ``ColwiseParallel`` /
   ``RowwiseParallel`` for ``transformers.pytorch_utils.Conv1D`` (GPT-2: weight ``[in, out]``,
   ``y = x @ W + b``): the output features are dim 1 of the weight (column-wise: weight

@@ -14,7 +14,9 @@ being told module names:
   ``Shard`` on the heads dimension only if the world size divides the heads). Members of G whose
   view cannot be split because they have a single head (grouped-query k/v with one kv head) are
   computed whole on every rank and the rest is split (``ReplicatedParallel``); with 1 < kv heads <
-  ranks the pair is left replicated and the reason is recorded. GPT-2's ``Conv1D`` (weight
+  ranks the model is traced again with one virtual kv head per rank (``VirtualHeadsParallel``:
+  k/v weights whole, each rank computing the kv head its q heads use), or, where that does not
+  hold, the pair is left replicated and the reason is recorded. GPT-2's ``Conv1D`` (weight
   ``[in, out]``) is paired like ``nn.Linear``; its fused ``c_attn`` is split by blocks
   (``_StridedShard``), see :mod:`fxmem.shard.styles`.
 * embeddings and a LM head are split over the vocabulary where it pays: when the parameter bytes
@@ -392,9 +394,9 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
     leaves them replicated with that string as the reason; ``"replicate_bias"`` splits the weight by
     blocks and keeps the bias whole on every rank (the mesh plan does, under FSDP2).
 
-    ``_virtual`` (internal): k/v projections (module → (kv heads, head_dim)) to trace with one
-    virtual kv head per rank — the second planning pass for grouped-query attention with
-    1 < kv heads < ranks (see :func:`_plan_virtual_heads`).
+    ``_virtual`` (internal, :class:`VirtualHeads`): k/v projections to trace with one virtual kv
+    head per rank, and attributes to set meanwhile — the second planning pass for grouped-query
+    attention with 1 < kv heads < ranks (see :func:`_plan_virtual_heads`).
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"fxmem.shard.plan: world_size must be a positive int, got {world_size!r}")
@@ -589,9 +591,11 @@ def _plan_virtual_heads(first: ShardPlan, virtual: VirtualHeads, model, args, kw
     repeated per head (``repeat_interleave(W, N / kv)`` over heads: N virtual heads, the global
     value :class:`fxmem.shard.styles.VirtualHeadsParallel` computes) the attention code runs on
     N kv heads, which split by heads like any attention — DTensor's rules check it as for every
-    other pair, on the model's own code (eager attention that repeats k by its own
-    ``num_key_value_groups`` fails that trace, and the first plan, attention replicated, stands).
-    The virtual weight is placed ``Shard(0)``, a local slice of the ``Replicate()`` weight.
+    other pair, on the model's own code, with the attention's repeat attribute (HF's
+    ``num_key_value_groups``, the built-in GPT's ``n_kv_head``) at its per-rank value. The virtual
+    weight is placed ``Shard(0)``, a local slice of the ``Replicate()`` weight. Accepted only if
+    that trace and its check pass and the model's outputs on the example inputs are unchanged
+    (:func:`_virtual_output_error`); otherwise ``first`` (attention replicated) stands, with why.
     """
     names = ", ".join(virtual.layers)
     try:
