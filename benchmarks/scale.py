@@ -17,7 +17,8 @@ microbatches in flight, measured on each stage) against the plan's, and the loss
 against one process. 4 processes again: ``precision="bf16"`` on the 2 × 2 mesh (FSDP2
 ``MixedPrecisionPolicy``) against one process computing in bf16. ``tp_limits`` (4 processes): the
 1-D limits closed last — HF Llama with ONE kv head (4 q heads) and HF GPT-2 (``Conv1D``, fused
-``c_attn``) on tp = 4 and dp × tp = 2 × 2: per-rank model state against one process, one AdamW step
+``c_attn``, split under FSDP2 too) on tp = 4 and dp × tp = 2 × 2, and HF Llama with TWO kv heads on
+tp = 4 (one virtual kv head per rank): per-rank model state against one process, one AdamW step
 against one process, collectives counted with ``CommDebugMode`` against the plan's. Writes
 benchmarks/results/scale.json (``--only tp_limits`` replaces that section alone) and scale.png.
 """
@@ -43,7 +44,7 @@ def _mesh_job(rank, world, tmp):
     return out
 
 
-TP_LIMITS = (("llama_kv1", 1, 4), ("gpt2", 1, 4), ("llama_kv1", 2, 2), ("gpt2", 2, 2))
+TP_LIMITS = (("llama_kv1", 1, 4), ("gpt2", 1, 4), ("llama_kv1", 2, 2), ("gpt2", 2, 2), ("llama_kv2", 1, 4))
 
 
 def _tp_limits_job(rank, world):

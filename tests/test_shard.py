@@ -54,11 +54,12 @@ def test_pairs_layers_without_names_and_prints_a_table():
 
 
 def test_gqa_kv_heads_fewer_than_ranks_are_replicated_with_a_reason():
+    # 4 q heads, 2 kv heads on 8 ranks: q cannot be split by heads, so no virtual kv heads either
     model, x = _gpt(n_kv_head=2)
-    plan = fxmem.shard.plan(model, x, world_size=4)
+    plan = fxmem.shard.plan(model, x, world_size=8)
     assert [g.rowwise for g in plan.groups] == ["blocks.0.mlp.down_proj"]
     reason = next(why for what, why in plan.fallbacks if "o_proj" in what)
-    assert "cannot stay sharded on 4 ranks" in reason and "k_proj" in reason
+    assert "cannot stay sharded on 8 ranks" in reason
     assert plan.propagated_collectives == plan.forward_collectives
 
 
@@ -158,13 +159,16 @@ def test_four_ranks_mlp():
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_four_ranks_gqa_fallback():
+def test_four_ranks_gqa_virtual_kv_heads():
+    # 2 kv heads, 4 ranks: one virtual kv head per rank — the built-in GPT (n_kv_head set to 4 by
+    # apply) and HF Llama with eager attention (num_key_value_groups set to 1): outputs and
+    # gradients equal one process, collectives as planned
     results = tp.spawn(_cases, 4, ["mlp3d", "gpt_sdpa", "llama"], {})
     for rank_result in results:
         for r in rank_result.values():
             _check(r, 4)
     gpt = results[0]["gpt_sdpa"]
-    assert [g[1] for g in gpt["plan"]["groups"]] == ["blocks.0.mlp.down_proj"]  # 2 kv heads, 4 ranks
+    assert [g[1] for g in gpt["plan"]["groups"]] == ["blocks.0.attn.o_proj", "blocks.0.mlp.down_proj"]
 
 
 @pytest.mark.distributed
@@ -259,12 +263,43 @@ def test_gqa_single_kv_head_splits_q_and_o_and_keeps_k_v_whole():
         # Partial gradients (each rank's q heads' share of the one kv head)
         assert plan.forward_collectives == {"all_reduce": 2} == plan.propagated_collectives
         assert plan.backward_collectives == {"all_reduce": 4}
-    # two kv heads on 4 ranks: no DTensor placement gives rank r the kv head of its q heads
-    cfg.num_key_value_heads = 2
-    torch.manual_seed(0)
-    plan = fxmem.shard.plan(transformers.LlamaForCausalLM(cfg), idx, world_size=4, vocab=False)
-    reason = next(why for what, why in plan.fallbacks if "o_proj" in what)
-    assert "2 kv heads" in reason
+
+
+def test_gqa_two_kv_heads_on_four_ranks_get_one_virtual_kv_head_each():
+    """HF Llama with 2 kv heads on 4 ranks (and 8 q heads): q and o split by heads, k and v whole
+    on every rank with one virtual kv head computed per rank; no attention fallback."""
+    import transformers
+
+    from fxmem.shard.styles import VirtualHeadsParallel
+
+    for heads in (4, 8):
+        cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=16,
+                                       use_cache=False, attn_implementation="sdpa")
+        torch.manual_seed(0)
+        model, idx = transformers.LlamaForCausalLM(cfg), torch.randint(0, 64, (2, 8))
+        plan = fxmem.shard.plan(model, idx, world_size=4, vocab=False)
+        attn = next(g for g in plan.groups if g.rowwise.endswith("o_proj"))
+        a = "model.layers.0.self_attn"
+        assert attn.colwise == [f"{a}.q_proj"] and attn.replicated == []
+        assert attn.virtual == {f"{a}.k_proj": (2, 32 // heads), f"{a}.v_proj": (2, 32 // heads)}
+        # the repeat factor of HF's repeat_kv at its per-rank value: H / 4 q heads per virtual kv head
+        assert attn.local_attrs == [(a, "num_key_value_groups", heads // 2, heads // 4)]
+        assert not any("self_attn" in what for what, _ in plan.fallbacks), plan.fallbacks
+        styles = plan.parallelize_plan()
+        assert isinstance(styles[f"{a}.k_proj"], VirtualHeadsParallel) and styles[f"{a}.k_proj"].kv_heads == 2
+        rows = {r.module: r for r in plan.rows}
+        assert rows[f"{a}.k_proj"].per_rank_bytes == rows[f"{a}.k_proj"].param_bytes  # whole on every rank
+        # the replicated fallback (the previous plan) holds q and o whole on every rank too
+        fallback = plan.per_rank_param_bytes + sum(rows[f"{a}.{n}"].param_bytes * 3 // 4 for n in ("q_proj", "o_proj"))
+        assert plan.per_rank_param_bytes < fallback
+        # forward: one all-reduce per attention and MLP (DTensor's propagation agrees); backward:
+        # the shared input's, and the k and v weights' gradients (each rank's head's share)
+        assert plan.forward_collectives == {"all_reduce": 2} == plan.propagated_collectives
+        assert plan.backward_collectives == {"all_reduce": 4}
+        # planning left the model as it was: forwards and attributes restored
+        assert "forward" not in vars(model.get_submodule(f"{a}.k_proj"))
+        assert model.get_submodule(a).num_key_value_groups == heads // 2
 
 
 _EXPLAIN_SHARDED = """

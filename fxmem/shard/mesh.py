@@ -155,10 +155,10 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, mesh: dict, v
         except AttributeError:
             raise ValueError(f"fxmem.shard.plan: units names {n!r}, which is not a module of the model") from None
     # a vocabulary split saves parameters, gradients and both AdamW moments, each sharded over dp
-    # a fused projection (GPT-2 c_attn) is _StridedShard over tp; FSDP2 shards its dim 0 again over
-    # dp, which for the 1-D bias gave wrong updates on torch 2.13 (tested): not split under FSDP2
-    fused = None if dp == 1 else ("fused projection (q | k | v) not split under FSDP2: the bias's _StridedShard over tp, "
-                                  "sharded again over dp, gave wrong updates (torch 2.13); docs/shard.md")
+    # a fused projection (GPT-2 c_attn) is _StridedShard over tp; FSDP2 shards dim 0 again over dp,
+    # and DTensor's gather of a 1-D bias sharded that way ((_StridedShard(0, 2), _StridedShard(0, 3)))
+    # is wrong on torch 2.13 (full_tensor, state_dict, checkpoints): its bias stays whole over tp
+    fused = None if dp == 1 else "replicate_bias"
     tp_plan = plan_tp(model, *args, kwargs=kwargs, world_size=tp, vocab=vocab, state_factor=4 / dp,
                       split_fused=fused) if tp > 1 else None
     dims = tp_plan.param_shard_dims if tp_plan else {}

@@ -12,6 +12,18 @@
       after:  k = from_local(linear(x, W_R).to_local(), [Replicate()])   # W_R: Replicate DTensor
               backward: grad_k Partial --all_reduce--> Replicate → grad W_R Replicate
 
+* :class:`VirtualHeadsParallel` — the k/v projections of grouped-query attention with 1 < kv
+  heads < ranks: the weight ``Replicate()``, each rank computing only the kv head its q heads use
+  (real head ``r // (N / kv)``), returned as its shard of a ``Shard(-1)`` DTensor — N *virtual*
+  heads, ``repeat_interleave(k, N / kv)`` globally. Both the weight's and the input's local
+  gradients are this rank's share and are declared ``Partial``; DTensor sums them (the weight's
+  by a ``from_local`` hop: one all-reduce in backward, so ``param.grad`` is ``Replicate()``)::
+
+      before: k = k_proj(x)                                   # [B, T, kv * hd], one process
+      after:  k_r = x_local @ W_local[rows of head r // (N/kv)].T   # [B, T, hd] on rank r
+              k = from_local(k_r, [Shard(-1)])                # global [B, T, N * hd]
+              backward: grad W (Partial) --all_reduce--> Replicate; grad x Partial (summed with q's)
+
 * :class:`Conv1DColwiseParallel` / :class:`Conv1DRowwiseParallel` — ``ColwiseParallel`` /
   ``RowwiseParallel`` for ``transformers.pytorch_utils.Conv1D`` (GPT-2: weight ``[in, out]``,
   ``y = x @ W + b``): the output features are dim 1 of the weight (column-wise: weight
@@ -28,7 +40,8 @@ from __future__ import annotations
 from functools import partial
 
 import torch.nn as nn
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 
@@ -83,19 +96,80 @@ class ReplicatedParallel(ParallelStyle):
         return f"{type(self).__name__}(use_local_output={self.use_local_output})"
 
 
+class VirtualHeadsParallel(ParallelStyle):
+    """k/v of grouped-query attention with 1 < kv heads < ranks: one *virtual* kv head per rank.
+
+    The weight stays whole (``Replicate()``) on every rank; rank r computes only the head its q
+    heads use, real kv head ``r // (N / kv)``, and returns it as its shard of a ``Shard(-1)``
+    DTensor. Globally that output is ``repeat_interleave(k, N / kv)`` over heads — N virtual
+    heads — so q split by heads (q head h on rank ``h // (H / N)``) meets virtual head
+    ``h // (H / N)`` = real head ``h // (H / kv)``, what grouped-query attention (SDPA's
+    ``enable_gqa``) pairs it with in one process: exact. See the module docstring.
+    """
+
+    def __init__(self, *, kv_heads: int, head_dim: int, use_local_output: bool = False):
+        super().__init__()
+        self.kv_heads, self.head_dim, self.use_local_output = kv_heads, head_dim, use_local_output
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"VirtualHeadsParallel splits nn.Linear, got {type(module).__name__}")
+        n = device_mesh.size()
+        if n % self.kv_heads or module.out_features != self.kv_heads * self.head_dim:
+            raise ValueError(f"VirtualHeadsParallel: {module.out_features} output features are not {self.kv_heads} "
+                             f"kv heads of {self.head_dim}, or {n} ranks are not a multiple of {self.kv_heads} kv heads")
+        head = device_mesh.get_local_rank() // (n // self.kv_heads)
+        rows = slice(head * self.head_dim, (head + 1) * self.head_dim)
+        module = distribute_module(module, device_mesh, ReplicatedParallel._partition_fn,
+                                   ReplicatedParallel._input_fn, None)
+        # nn.Linear's forward computes the whole projection; this instance computes its head only
+        module.forward = partial(_virtual_head_forward, module, device_mesh, rows, self.use_local_output)
+        return module
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(kv_heads={self.kv_heads}, head_dim={self.head_dim}, " \
+               f"use_local_output={self.use_local_output})"
+
+
+def _partial_grad_local(param: DTensor, device_mesh):
+    """The local tensor of a ``Replicate()`` parameter whose gradient, one rank's share (``Partial``),
+    DTensor sums over the ranks before it reaches ``param.grad``.
+
+    ``to_local(grad_placements=[Partial()])`` says the gradient is a share; the ``from_local`` in
+    front of it brings it back to ``Replicate()`` in backward (its backward redistributes to the
+    forward placement: one all-reduce). Without that hop ``param.grad`` would hold a ``Partial``
+    DTensor and the optimizer would step on one rank's share.
+    """
+    whole = DTensor.from_local(param.to_local(), device_mesh, [Replicate()], run_check=False)
+    return whole.to_local(grad_placements=[Partial()])
+
+
+def _virtual_head_forward(module: nn.Linear, device_mesh, rows: slice, use_local_output: bool, x):
+    # x: a Replicate DTensor (the input hook); its gradient from this rank's head is a share too
+    x_local = x.to_local(grad_placements=[Partial()])
+    weight = _partial_grad_local(module.weight, device_mesh)[rows]
+    bias = _partial_grad_local(module.bias, device_mesh)[rows] if module.bias is not None else None
+    out = DTensor.from_local(F.linear(x_local, weight, bias), device_mesh, [Shard(-1)], run_check=False)
+    return out.to_local() if use_local_output else out
+
+
 class Conv1DColwiseParallel(ColwiseParallel):
     """``ColwiseParallel`` for GPT-2's ``Conv1D``: weight ``Shard(1)`` (``_StridedShard`` when ``fused``)."""
 
-    def __init__(self, *, fused: int = 1, **kwargs):
+    def __init__(self, *, fused: int = 1, replicate_bias: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.fused = fused
+        # the bias whole on every rank (Replicate): DTensor slices it for addmm (local) and gathers
+        # its gradient in backward. Used under FSDP2, whose dim-0 shard of a _StridedShard(0) bias
+        # does not compose (docs/shard.md, "GPT-2's Conv1D under FSDP2")
+        self.replicate_bias = replicate_bias
 
     def _partition_conv1d_fn(self, name, module, device_mesh):
         for pname, param in list(module.named_parameters(recurse=False)):
             dim = 1 if pname == "weight" else 0  # weight [in, out], bias [out]
-            module.register_parameter(pname, nn.Parameter(
-                distribute_tensor(param, device_mesh, [strided_shard(dim, self.fused)]),
-                requires_grad=param.requires_grad))
+            placement = Replicate() if pname == "bias" and self.replicate_bias else strided_shard(dim, self.fused)
+            module.register_parameter(pname, nn.Parameter(distribute_tensor(param, device_mesh, [placement]),
+                                                          requires_grad=param.requires_grad))
 
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
         if not is_conv1d(module):
@@ -114,7 +188,7 @@ class Conv1DColwiseParallel(ColwiseParallel):
         return outputs.to_local() if use_local_output else outputs
 
     def __repr__(self) -> str:
-        return super().__repr__()[:-1] + f", fused={self.fused})"
+        return super().__repr__()[:-1] + f", fused={self.fused}" + (", replicate_bias=True)" if self.replicate_bias else ")")
 
 
 class Conv1DRowwiseParallel(RowwiseParallel):

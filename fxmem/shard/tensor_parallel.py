@@ -14,7 +14,9 @@ being told module names:
   ``Shard`` on the heads dimension only if the world size divides the heads). Members of G whose
   view cannot be split because they have a single head (grouped-query k/v with one kv head) are
   computed whole on every rank and the rest is split (``ReplicatedParallel``); with 1 < kv heads <
-  ranks the pair is left replicated and the reason is recorded. GPT-2's ``Conv1D`` (weight
+  ranks the model is traced again with one virtual kv head per rank (``VirtualHeadsParallel``:
+  k/v weights whole, each rank computing the kv head its q heads use), or, where that does not
+  hold, the pair is left replicated and the reason is recorded. GPT-2's ``Conv1D`` (weight
   ``[in, out]``) is paired like ``nn.Linear``; its fused ``c_attn`` is split by blocks
   (``_StridedShard``), see :mod:`fxmem.shard.styles`.
 * embeddings and a LM head are split over the vocabulary where it pays: when the parameter bytes
@@ -28,6 +30,8 @@ how views of local heads are kept right without touching the model's attributes.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import operator
 from collections import Counter
 from dataclasses import dataclass, field
@@ -65,6 +69,9 @@ class Linear:
     out: fx.Node        # its output (after the 2-D → 3-D view)
     conv1d: bool = False  # GPT-2's Conv1D: weight [in, out] (nn.Linear: [out, in])
     fused: int = 1        # output split into this many equal blocks right after (GPT-2 c_attn: q | k | v)
+    # k/v of grouped-query attention with 1 < kv heads < ranks, traced with one virtual kv head
+    # per rank: (kv heads, head_dim); ``weight``/``bias`` are then the virtual (repeated) tensors
+    virtual: tuple[int, int] | None = None
 
     @property
     def out_dim(self) -> int:
@@ -117,6 +124,9 @@ class Group:
     fused: dict[str, int] = field(default_factory=dict)      # fused column-parallel layer → blocks (c_attn: 3)
     # (module, attribute, whole value, per-rank value) that apply sets: the fused split size
     local_attrs: list[tuple[str, str, int, int]] = field(default_factory=list)
+    # k/v with 1 < kv heads < ranks: module → (kv heads, head_dim); VirtualHeadsParallel
+    virtual: dict[str, tuple[int, int]] = field(default_factory=dict)
+    replicate_bias: bool = False  # fused layers keep their bias whole on every rank (under FSDP2)
 
 
 @dataclass
@@ -148,7 +158,7 @@ class ShardPlan:
         from torch.distributed.tensor import Replicate, Shard
         from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
 
-        from fxmem.shard.styles import Conv1DColwiseParallel, Conv1DRowwiseParallel, ReplicatedParallel
+        from fxmem.shard.styles import Conv1DColwiseParallel, Conv1DRowwiseParallel, ReplicatedParallel, VirtualHeadsParallel
 
         styles: dict[str, Any] = {}
         for g in self.groups:
@@ -166,11 +176,14 @@ class ShardPlan:
                                                           use_local_output=False)
             for name in g.colwise:
                 if name in g.conv1d:
-                    styles[name] = Conv1DColwiseParallel(use_local_output=not g.global_views, fused=g.fused.get(name, 1))
+                    styles[name] = Conv1DColwiseParallel(use_local_output=not g.global_views, fused=g.fused.get(name, 1),
+                                                         replicate_bias=g.replicate_bias and name in g.fused)
                 else:
                     styles[name] = ColwiseParallel(use_local_output=not g.global_views)
             for name in g.replicated:
                 styles[name] = ReplicatedParallel(use_local_output=not g.global_views)
+            for name, (kv, head_dim) in g.virtual.items():
+                styles[name] = VirtualHeadsParallel(kv_heads=kv, head_dim=head_dim, use_local_output=not g.global_views)
             row_style = Conv1DRowwiseParallel if g.rowwise in g.conv1d else RowwiseParallel
             styles[g.rowwise] = row_style(input_layouts=Shard(-1), output_layouts=Replicate())
         for name, kind in self.vocab.items():
@@ -364,7 +377,8 @@ def _parent(names: list[str]) -> str:
 
 
 def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: int, vocab: str | bool = "auto",
-         state_factor: float = 1.0, split_fused: str | None = None) -> ShardPlan:
+         state_factor: float = 1.0, split_fused: str | None = None,
+         _virtual: VirtualHeads | None = None) -> ShardPlan:
     """Plan tensor parallelism for ``model`` over ``world_size`` ranks (no process group needed).
 
     ``vocab``: ``"auto"`` splits embeddings / the LM head over the vocabulary where the parameter
@@ -377,7 +391,12 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
     moments, further sharded over ``dp`` by FSDP2).
 
     ``split_fused``: ``None`` splits fused projections (GPT-2's ``c_attn``) by blocks; a string
-    leaves them replicated with that string as the reason (the mesh plan does, under FSDP2).
+    leaves them replicated with that string as the reason; ``"replicate_bias"`` splits the weight by
+    blocks and keeps the bias whole on every rank (the mesh plan does, under FSDP2).
+
+    ``_virtual`` (internal, :class:`VirtualHeads`): k/v projections to trace with one virtual kv
+    head per rank, and attributes to set meanwhile — the second planning pass for grouped-query
+    attention with 1 < kv heads < ranks (see :func:`_plan_virtual_heads`).
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"fxmem.shard.plan: world_size must be a positive int, got {world_size!r}")
@@ -390,11 +409,12 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
     dtensor_rules.register()
     calls = _CallRecorder(model)
     try:
-        captured = _capture(model, args, kwargs, on_retry=calls.calls.clear)
+        with _virtual_forwards(model, _virtual, world_size):
+            captured = _capture(model, args, kwargs, on_retry=calls.calls.clear)
     finally:
         calls.remove()
     gm = captured.gm
-    linears = find_linears(gm, model, captured.originals)
+    linears = find_linears(gm, model, captured.originals) + _virtual_linears(gm, _virtual.layers if _virtual else {})
     fallbacks: list[tuple[str, str]] = _not_linear(gm, model, linears)
     by_out = {lin.out: lin for lin in linears}
     by_module: dict[str, list[Linear]] = {}
@@ -430,6 +450,7 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
 
     pairs: list[tuple[list[Linear], Linear]] = []
     replicated_kv: dict[str, list[Linear]] = {}  # row-parallel module → members computed whole on every rank
+    virtual_kv = VirtualHeads({}, [])  # k/v layers to plan again with one virtual kv head per rank
     for feeding, r in candidates:
         if not divisible(r, 1):
             fallbacks.append((r.module, f"input features {r.weight.meta['val'].shape[r.in_dim]} not divisible by {world_size}"))
@@ -438,18 +459,28 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
         for f in feeding:
             if f not in members:
                 fallbacks.append((f.module, f"output features {f.weight.meta['val'].shape[f.out_dim]} not divisible by {world_size}"))
-        if split_fused is not None:
+        if split_fused in (None, "replicate_bias") and _torch_before(2, 13):
+            # run on the 2.11 venv: DTensor's addmm with the _StridedShard(1, 3) weight raises
+            # "ValueError: use_strided_shard_as_shard_order is True, but placements:
+            # (_StridedShard(dim=1, sf=3),) is unable to be interpreted into a corresponding shard_order"
+            split_fused = (f"fused projection (q | k | v) not split: DTensor of torch {torch.__version__} cannot "
+                           "redistribute its _StridedShard blocks (ValueError: ... unable to be interpreted into a "
+                           "corresponding shard_order); split with torch 2.13")
+        if split_fused not in (None, "replicate_bias"):
             for f in [f for f in members if f.fused > 1]:
                 fallbacks.append((f.module, split_fused))
                 members.remove(f)
         if members:
-            kept, replicated, reason = _check_pair(gm, members, r, world_size, Shard, Replicate)
+            kept, replicated, reason, virtual = _check_pair(gm, members, r, world_size, Shard, Replicate,
+                                                            virtual_ok=_virtual is None)
             if kept:
                 pairs.append((kept, r))
                 if replicated:
                     replicated_kv[r.module] = replicated
             else:
                 fallbacks.append((", ".join(m.module for m in members) + " → " + r.module, reason))
+                if virtual:
+                    virtual_kv.add(model, virtual, members, r, world_size)
 
     # 3. vocabulary-parallel embeddings / LM head where it pays.
     embeddings = find_embeddings(gm, model, captured.originals)
@@ -513,12 +544,105 @@ def plan(model: nn.Module, *args: Any, kwargs: dict | None = None, world_size: i
             force[lin.out.name] = Replicate()
     prop = propagate_placements(gm, seeds, world_size, force=force)
     prop.annotate(gm)  # the plan's graph shows the final placements (plan.graph)
-    return _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_module, fallbacks, prop, calls,
-                  replicated_kv)
+    result = _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_module, fallbacks, prop, calls,
+                    replicated_kv, _virtual, replicate_fused_bias=split_fused == "replicate_bias")
+    if virtual_kv.layers:
+        return _plan_virtual_heads(result, virtual_kv, model, args, kwargs, world_size=world_size, vocab=vocab,
+                                   state_factor=state_factor, split_fused=split_fused)
+    return result
 
 
-def _check_pair(gm, members: list[Linear], r: Linear, world_size: int, Shard, Replicate):
-    """``(kept, replicated, reason)``: the members split column-wise, those computed whole, why not.
+@dataclass
+class VirtualHeads:
+    """Grouped-query k/v layers planned with one virtual kv head per rank, and the attention attributes
+    their code repeats k by (set to the per-rank value while tracing, and by ``apply``)."""
+
+    layers: dict[str, tuple[int, int]]                 # k/v module → (kv heads, head_dim)
+    attrs: list[tuple[str, str, int, int]]             # (attention module, attribute, whole, virtual value)
+
+    def add(self, model: nn.Module, virtual: dict[str, tuple[int, int]], members: list[Linear], r: Linear,
+            world_size: int) -> None:
+        (kv, head_dim), = set(virtual.values())
+        queries = [m for m in members if m.module not in virtual]
+        heads = sum(m.weight.meta["val"].shape[m.out_dim] for m in queries) // head_dim if len(queries) == 1 else 0
+        if not heads or heads % world_size:
+            return  # q heads must split over the ranks
+        self.layers.update(virtual)
+        parent = _parent([m.module for m in members] + [r.module])
+        module = model.get_submodule(parent)
+        ints = {k: v for k, v in vars(module).items() if isinstance(v, int) and not isinstance(v, bool)}
+        # HF: num_key_value_groups = H / kv (repeat_kv's factor) → H / N; the built-in GPT:
+        # n_kv_head = kv (its views of k) → N. Which attribute is which is verified by the trace
+        # and by comparing the virtual model's outputs with the model's (_plan_virtual_heads).
+        groups = [k for k, v in ints.items() if v == heads // kv and ("group" in k or "rep" in k)]
+        kv_heads = [k for k, v in ints.items() if v == kv and ("kv" in k or "key_value" in k) and "head" in k
+                    and "group" not in k]
+        if len(groups) == 1:
+            self.attrs.append((parent, groups[0], heads // kv, heads // world_size))
+        if len(kv_heads) == 1:
+            self.attrs.append((parent, kv_heads[0], kv, world_size))
+
+
+def _plan_virtual_heads(first: ShardPlan, virtual: VirtualHeads, model, args, kwargs, **options) -> ShardPlan:
+    """Plan again with the k/v projections of ``virtual`` traced as one *virtual* kv head per rank.
+
+    Grouped-query attention with 1 < kv heads < ranks: rank r's q heads use real kv head
+    ``r // (N / kv)``, which no split of k's ``kv`` heads gives it. Traced with the weight
+    repeated per head (``repeat_interleave(W, N / kv)`` over heads: N virtual heads, the global
+    value :class:`fxmem.shard.styles.VirtualHeadsParallel` computes) the attention code runs on
+    N kv heads, which split by heads like any attention — DTensor's rules check it as for every
+    other pair, on the model's own code, with the attention's repeat attribute (HF's
+    ``num_key_value_groups``, the built-in GPT's ``n_kv_head``) at its per-rank value. The virtual
+    weight is placed ``Shard(0)``, a local slice of the ``Replicate()`` weight. Accepted only if
+    that trace and its check pass and the model's outputs on the example inputs are unchanged
+    (:func:`_virtual_output_error`); otherwise ``first`` (attention replicated) stands, with why.
+    """
+    names = ", ".join(virtual.layers)
+    try:
+        second = plan(model, *args, kwargs=kwargs, _virtual=virtual, **options)
+        error = _virtual_output_error(model, virtual, args, kwargs, options["world_size"])
+    except Exception as exc:  # noqa: BLE001 - the first plan stands, with the reason
+        first.fallbacks.append((names, f"virtual kv heads: the model does not run with its k/v repeated per rank "
+                                       f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})"))
+        return first
+    if error is not None:
+        first.fallbacks.append((names, f"virtual kv heads: the model's outputs change with its k/v repeated per rank "
+                                       f"(max error {error:.2e}; attributes set: {virtual.attrs})"))
+        return first
+    done = {name for g in second.groups for name in g.virtual}
+    if set(virtual.layers) <= done:
+        return second
+    first.fallbacks.extend((what, "virtual kv heads: " + why) for what, why in second.fallbacks
+                           if any(name in what for name in virtual.layers))
+    return first
+
+
+def _virtual_output_error(model, virtual: VirtualHeads, args, kwargs, world_size: int) -> float | None:
+    """None when the model computes the same outputs with one virtual kv head per rank (the
+    repeated weights and the attributes set) as without, on the example inputs; else the error.
+    The repetition is exact in arithmetic; kernels may order sums differently (1e-5 relative)."""
+    from torch.utils._pytree import tree_leaves
+
+    modes = {m: m.training for m in model.modules()}
+    model.eval()  # dropout would make two runs differ for its own reasons
+    try:
+        with torch.no_grad():
+            whole = [t for t in tree_leaves(model(*args, **(kwargs or {}))) if isinstance(t, torch.Tensor)]
+            with _virtual_forwards(model, virtual, world_size):
+                virt = [t for t in tree_leaves(model(*args, **(kwargs or {}))) if isinstance(t, torch.Tensor)]
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    if len(whole) != len(virt) or any(a.shape != b.shape for a, b in zip(whole, virt)):
+        return float("inf")
+    errors = [float((a.double() - b.double()).abs().max()) if a.numel() else 0.0 for a, b in zip(whole, virt)]
+    ok = all(torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6) for a, b in zip(whole, virt))
+    return None if ok else max(errors)
+
+
+def _check_pair(gm, members: list[Linear], r: Linear, world_size: int, Shard, Replicate, *, virtual_ok: bool = False):
+    """``(kept, replicated, reason, virtual)``: the members split column-wise, those computed whole,
+    why not, and (pair refused) the k/v members worth planning again with virtual kv heads.
 
     The pair is propagated with DTensor's rules; it is kept when no collective is needed between
     the column-parallel outputs and the row-parallel input. When one is needed only because some
@@ -526,9 +650,11 @@ def _check_pair(gm, members: list[Linear], r: Linear, world_size: int, Shard, Re
     heads can keep — those members are computed whole on every rank (``Replicate()`` weights,
     :class:`fxmem.shard.styles.ReplicatedParallel`) and the rest (q) are checked again: each rank
     then attends with its own q heads to the one kv head. With more kv heads than one but fewer
-    than ranks, the pair is not split: SDPA's ``enable_gqa`` runs the kernel on the kv heads
-    themselves, and rank r's q heads would need kv heads that no DTensor placement of k gives it
-    (``docs/shard.md``, "GQA").
+    than ranks, the pair is not split as traced: SDPA's ``enable_gqa`` runs the kernel on the kv
+    heads themselves, and rank r's q heads would need kv heads that no DTensor placement of k gives
+    it (``docs/shard.md``, "GQA"). When the kv heads divide the ranks, those k/v members are
+    returned as ``virtual`` (module → (kv heads, head_dim)) and ``plan`` tries again with one
+    virtual kv head per rank (:func:`_plan_virtual_heads`).
     """
     kept, replicated = list(members), []
     while True:
@@ -539,23 +665,33 @@ def _check_pair(gm, members: list[Linear], r: Linear, world_size: int, Shard, Re
         # the all-reduce of R's own output (forced, as RowwiseParallel does) is the one expected
         inside = [x for x in prop.redistributions if x.node in names and not (x.node == r.out.name and x.arg == "output")]
         if not inside:
-            return kept, replicated, ""
+            return kept, replicated, "", {}
         blamed = _blame(inside, kept, gm)
         if not blamed:
-            return [], [], f"DTensor needs {inside[0].kind} at {inside[0].node} ({inside[0].src} → {inside[0].dst})"
+            return [], [], f"DTensor needs {inside[0].kind} at {inside[0].node} ({inside[0].src} → {inside[0].dst})", {}
         heads = _heads(blamed)
         if heads and heads % world_size == 0 and inside[0].kind == "all_gather" and _torch_before(2, 12):
             # whole heads per rank, yet DTensor refuses: torch 2.11's view rules do not keep Shard
             # through the views of the heads dim (2.13's do) — say so, naming the version
             return [], [], (f"DTensor of torch {torch.__version__} needs {inside[0].kind} at {inside[0].node} although "
                             f"{heads} heads divide {world_size} ranks: its view rules do not keep Shard through the "
-                            "views of the heads dim (attention is split with torch 2.13)")
+                            "views of the heads dim (attention is split with torch 2.13)"), {}
         if heads != 1 or len(blamed) == len(kept):
-            # grouped-query k/v with 1 < kv heads < ranks (or nothing left to split): replicated
+            # grouped-query k/v with 1 < kv heads < ranks (or nothing left to split): not as traced;
+            # where the kv heads divide the ranks, plan tries one virtual kv head per rank
+            virtual = {}
+            if (virtual_ok and heads and 1 < heads < world_size and world_size % heads == 0
+                    and len(blamed) < len(kept) and not replicated
+                    and all(not m.conv1d and m.fused == 1 for m in blamed)):
+                # k and v both (the first collective blames the one that reaches it first)
+                shape = blamed[0].weight.meta["val"].shape
+                same = [m for m in kept if m.weight.meta["val"].shape == shape and _heads([m]) == heads]
+                if len(same) < len(kept):
+                    virtual = {m.module: (heads, shape[0] // heads) for m in same}
             return [], [], (f"{', '.join(m.module for m in blamed)}: output cannot stay sharded on {world_size} ranks "
                             f"(DTensor needs {inside[0].kind} at {inside[0].node}: fewer heads than ranks"
                             + (f"; {heads} kv heads: only a single shared kv head is split around" if heads else "")
-                            + ")")
+                            + ")"), virtual
         replicated += blamed
         kept = [m for m in kept if m not in blamed]
 
@@ -665,12 +801,77 @@ def _capture(model: nn.Module, args: tuple, kwargs: dict | None, on_retry=lambda
         return capture_inference(exported, args, kwargs, decompositions={})
 
 
+@contextlib.contextmanager
+def _virtual_forwards(model: nn.Module, virtual: VirtualHeads | None, world_size: int):
+    """While planning: the k/v layers of ``virtual`` compute one virtual kv head per rank.
+
+    Their forward (an instance attribute, removed on exit) repeats each kv head's rows of the
+    weight ``world_size / kv`` times — ``repeat_interleave`` over heads as a view, an expand and a
+    reshape — so the model runs its attention on ``world_size`` kv heads; the attention's
+    attributes that say how to repeat k (``virtual.attrs``) hold the per-rank values meanwhile,
+    as ``apply`` sets them. Everything is restored on exit; no parameter is replaced.
+    """
+    patched, saved = [], []
+    try:
+        if virtual is not None:
+            for name, (kv, head_dim) in virtual.layers.items():
+                module = model.get_submodule(name)
+                module.forward = functools.partial(_repeated_heads_forward, module, kv, head_dim, world_size // kv)
+                patched.append(module)
+            for parent, attr, _, value in virtual.attrs:
+                module = model.get_submodule(parent)
+                saved.append((module, attr, getattr(module, attr)))
+                setattr(module, attr, value)
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+        for module, attr, value in saved:
+            setattr(module, attr, value)
+
+
+def _repeated_heads_forward(module: nn.Linear, kv: int, head_dim: int, repeat: int, x):
+    w = module.weight.unflatten(0, (kv, 1, head_dim)).expand(kv, repeat, head_dim, module.in_features)
+    b = None if module.bias is None else module.bias.unflatten(0, (kv, 1, head_dim)).expand(kv, repeat, head_dim)
+    return torch.nn.functional.linear(x, w.reshape(kv * repeat * head_dim, module.in_features),
+                                      None if b is None else b.reshape(kv * repeat * head_dim))
+
+
+def _virtual_linears(gm: fx.GraphModule, virtual: dict[str, tuple[int, int]]) -> list[Linear]:
+    """The k/v layers traced by :func:`_repeated_heads_forward`: ``t(reshape(expand(W))) → (add)mm``;
+    their ``weight`` / ``bias`` are the repeated tensors (the reshape outputs)."""
+    found = []
+    for name, kv_dim in virtual.items():
+        params = {n.meta.get("fxmem_fqn"): n for n in gm.graph.find_nodes(op="get_attr")}
+        chain = params.get(f"{name}.weight")
+        # the weight's own chain: view → expand → (clone →) reshape, each used once, then aten.t
+        for _ in range(8):
+            if chain is None or len(chain.users) != 1:
+                chain = None
+                break
+            (user,) = chain.users
+            if user.target is aten.t.default:
+                break
+            chain = user
+        t = next(iter(chain.users)) if chain is not None else None
+        mm = next((u for u in t.users if u.target in (aten.mm.default, aten.addmm.default)), None) if t else None
+        if mm is None:
+            raise ShardPlanError(f"fxmem.shard.plan: {name} traced with virtual kv heads is not (add)mm(x, t(W))")
+        bias = mm.args[0] if mm.target is aten.addmm.default else None
+        x = mm.args[0] if mm.target is aten.mm.default else mm.args[1]
+        x = x.args[0] if isinstance(x, fx.Node) and x.target in _VIEWS else x
+        users = list(mm.users)
+        out = users[0] if len(users) == 1 and users[0].target in _VIEWS else mm
+        found.append(Linear(name, chain, bias, x, mm, out, virtual=kv_dim))
+    return found
+
+
 def _seeds(pairs, Shard, Replicate) -> dict[str, Any]:
     seeds: dict[str, Any] = {}
     for members, r in pairs:
         for m in members:
-            if m.fused > 1:
-                continue  # its blocks are placed by _force (DTensor's split would gather a split dim)
+            if m.fused > 1 or m.virtual:
+                continue  # placed by _force (fused: DTensor's split would gather a split dim; virtual: not a parameter)
             seeds[m.weight.name] = Shard(m.out_dim)
             if m.bias is not None:
                 seeds[m.bias.name] = Shard(0)
@@ -687,6 +888,12 @@ def _force(pairs, Shard, Replicate) -> dict[str, Any]:
         for m in members:
             for block in m.split_outputs():
                 force[block.name] = Shard(block.meta["val"].dim() - 1)
+            if m.virtual:
+                # the repeated weight [N * head_dim, in] is Replicate; rank r's rows are its slice
+                # (Replicate → Shard: local, no collective) — what VirtualHeadsParallel computes
+                force[m.weight.name] = Shard(0)
+                if m.bias is not None:
+                    force[m.bias.name] = Shard(0)
         force[r.out.name] = Replicate()
     return force
 
@@ -713,7 +920,7 @@ def _needs_grad(x: fx.Node, gm: fx.GraphModule) -> bool:
 
 
 def _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_module, fallbacks, prop, calls,
-           replicated_kv) -> ShardPlan:
+           replicated_kv, virtual: VirtualHeads | None = None, replicate_fused_bias: bool = False) -> ShardPlan:
     rows: list[Row] = []
     groups: list[Group] = []
     sharded_params: dict[int, int] = {}  # id(tensor) -> shard dim
@@ -772,6 +979,22 @@ def _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_
             bwd_total.update(bwd)
             bwd = []
         for m in members:
+            if m.virtual:
+                # whole weight on every rank, one head computed; the weight's (and bias's) gradient is
+                # each rank's share, summed over the ranks by DTensor: one all-reduce per parameter
+                kv, _ = m.virtual
+                n_params = len(param_rows(m.module))
+                add_row(m.module, "virtual_heads", f"{role} in (virtual kv head)", {}, [], list(bwd) + ["all_reduce"] * n_params,
+                        f"whole on every rank; rank r computes kv head r // {world_size // kv}")
+                bwd_total.update(list(bwd) + ["all_reduce"] * n_params)
+                continue
+            if m.fused > 1 and replicate_fused_bias:
+                # the bias whole on every rank; DTensor slices it (local) and gathers its gradient
+                extra = ["all_gather"] if m.bias is not None else []
+                add_row(m.module, "colwise", f"{role} in", {"weight": m.out_dim}, [], list(bwd) + extra, strided=m.fused,
+                        note="bias whole on every tp rank (FSDP2 shards it over dp)")
+                bwd_total.update(list(bwd) + extra)
+                continue
             add_row(m.module, "colwise", f"{role} in", {"weight": m.out_dim, "bias": 0}, [], list(bwd), strided=m.fused)
             bwd_total.update(bwd)
         for name in whole:
@@ -782,9 +1005,13 @@ def _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_
             bwd_total.update(list(bwd) + ["all_reduce"])
         add_row(r.module, "rowwise", f"{role} out", {"weight": r.in_dim, "bias": None}, ["all_reduce"], [])
         fwd_total["all_reduce"] += 1
-        groups.append(Group(names, r.module, parent, global_views, shared, whole,
+        if any(m.virtual for m in members) and virtual is not None:
+            local_attrs += [a for a in virtual.attrs if a[0] == parent]
+        groups.append(Group([m.module for m in members if not m.virtual], r.module, parent, global_views, shared, whole,
                             conv1d=[m.module for m in members + [r] if m.conv1d],
-                            fused={m.module: m.fused for m in members if m.fused > 1}, local_attrs=local_attrs))
+                            fused={m.module: m.fused for m in members if m.fused > 1}, local_attrs=local_attrs,
+                            virtual={m.module: m.virtual for m in members if m.virtual},
+                            replicate_bias=replicate_fused_bias and any(m.fused > 1 for m in members)))
     for name, kind in vocab_choice.items():
         if kind == "embedding":
             add_row(name, "vocab_embedding", "embedding", {"weight": 0}, ["all_reduce"], [])
