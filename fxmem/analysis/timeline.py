@@ -257,6 +257,76 @@ def _fused_away(gm: fx.GraphModule, keep: set, *, into_reductions: bool = False)
             if _pointwise(n) and n not in keep and n.users and all(fuses(u) for u in n.users)}
 
 
+def _is_view(node: fx.Node) -> bool:
+    # torch._inductor.utils.is_view: an overload whose arguments alias
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and any(a.alias_info is not None for a in schema.arguments)
+
+
+def _pointwise_use(user: fx.Node) -> bool:
+    # torch._inductor.utils.is_pointwise_use: a pointwise op, looking through views
+    if user.op != "call_function":
+        return False
+    if user.target is operator.getitem or _is_view(user):
+        return all(_pointwise_use(u) for u in user.users)
+    return _pointwise(user)
+
+
+def _addmm_fused(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
+    """``mm`` nodes Inductor rewrites into an ``addmm`` with the ``add`` that is their only user
+    (its post-grad pattern ``add(mm(a, b), c) → addmm(c, a, b)``, ``is_valid_addmm_fusion``):
+    mm → add. The ``mm`` then runs where the ``add`` stands, so its inputs live until there, and
+    the ``add`` is no pointwise kernel (``addmm`` writes a fresh buffer, in place of nothing).
+
+    The tied embedding of a GPT: its gradient is the embedding's scatter plus the head's
+    ``logitsᵀ @ hidden``, which Inductor runs as one ``addmm`` at the end of the backward — the
+    ``[N, V]`` logits gradient stays alive through the whole backward, not until the head's
+    ``mm`` in graph order. The conditions are Inductor's: ``c`` a tensor of the ``mm``'s dtype,
+    expandable to its shape; on a GPU, not where every use of the sum is pointwise
+    (``should_prefer_unfused_addmm``: there the bias add is fused into the consumer instead).
+    """
+    out: dict[fx.Node, fx.Node] = {}
+    add = torch.ops.aten.add.Tensor
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not add or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+            continue
+        for mm, inp in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+            # the pattern matcher's default: the inner mm has this add as its one user
+            if not (isinstance(mm, fx.Node) and mm.op == "call_function" and mm.target is torch.ops.aten.mm.default
+                    and len(mm.users) == 1 and isinstance(inp, fx.Node)):
+                continue
+            val, a, b = inp.meta.get("val"), mm.args[0].meta.get("val"), mm.args[1].meta.get("val")
+            if not all(isinstance(t, torch.Tensor) for t in (val, a, b)) or not val.dtype == a.dtype == b.dtype:
+                continue
+            shape = (a.shape[0], b.shape[1])
+            try:
+                if torch.broadcast_shapes(tuple(val.shape), shape) != shape:
+                    continue  # c must expand to the mm's shape, not the other way
+            except RuntimeError:
+                continue
+            if val.device.type != "cpu" and node.users and all(_pointwise_use(u) for u in node.users):
+                continue
+            out[mm] = node
+            break
+    return out
+
+
+def _fusion(gm: fx.GraphModule, keep: set, *, fused: bool, reuse: bool) -> tuple[set[fx.Node], set[fx.Node]]:
+    """(nodes whose output never exists: fused into a later kernel, ``add`` nodes that become an
+    ``addmm``). With ``reuse``: pointwise producers inlined into reductions too, and the ``mm``
+    of each :func:`_addmm_fused` pair runs inside its ``add`` — which is then an extern kernel
+    whose inputs (its bias too) exist as buffers."""
+    if not fused:
+        return set(), set()
+    skip = _fused_away(gm, keep, into_reductions=reuse)
+    if not reuse:
+        return skip, set()
+    pairs = _addmm_fused(gm)
+    adds = set(pairs.values())
+    skip = {n for n in skip - adds if not any(u in adds for u in n.users)} | set(pairs)
+    return skip, adds
+
+
 def _reuse_candidates(node: fx.Node) -> list[fx.Node]:
     """Inputs whose buffer Inductor may write ``node``'s output into (in place) when they die at
     ``node``: any input of a pointwise kernel, the first input of a functional scatter."""
@@ -333,6 +403,9 @@ def step_timeline(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs
       buffer that a later buffer of the same dtype and size reuses stays allocated until then
       (Inductor's buffer pool, :class:`_Live`), so reuse can *raise* the peak: the backward of a
       recomputed layer keeps its recomputed buffers parked for the next layer's.
+    * ``add(mm(a, b), c)`` is one ``addmm`` where the ``add`` stands (:func:`_addmm_fused`):
+      ``a`` and ``b`` live until then (a tied head's ``[N, V]`` logits gradient, read by the
+      weight gradient's ``addmm`` at the end of the backward).
 
     Reordering is not modelled. ``fit`` uses ``reuse=True``; remat's peak guard does not (yet).
     """
@@ -360,7 +433,7 @@ def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *
             live.add(node, _describe(node, "forward", "input"))
     timeline.input_bytes = live.total
     held = set(live.items) | user_roots  # the caller holds these through the step
-    skip = _fused_away(fw, user_roots | saved_roots, into_reductions=reuse) if fused else set()
+    skip, externs = _fusion(fw, user_roots | saved_roots, fused=fused, reuse=reuse)
     last = _kernel_last_uses(fw, skip) if reuse else last_uses(fw)
     frees: dict[int, list[fx.Node]] = {}
     for root, pos in last.items():
@@ -372,7 +445,7 @@ def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *
 
     for i, node in enumerate(fw.graph.nodes):
         if node.op in COMPUTING and storage_root(node) is node and not is_parameter_node(node) and node not in skip:
-            if reuse:
+            if reuse and node not in externs:
                 _reuse_in_place(live, node, skip, lambda root, i=i: fw_dying(root, i))
             kind = "saved" if node in saved_roots else "output" if node in user_roots else "transient"
             live.add(node, _describe(node, "forward", kind), pooled=pooled(node))
@@ -387,7 +460,7 @@ def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *
     fw_by_name = {n.name: storage_root(n) for n in saved}
     bw_nodes = list(bw.graph.nodes)
     grad_roots = {storage_root(n) for n in forward_outputs(bw) if isinstance(n, fx.Node)}
-    skip = _fused_away(bw, grad_roots, into_reductions=reuse) if fused else set()
+    skip, externs = _fusion(bw, grad_roots, fused=fused, reuse=reuse)
     last = _kernel_last_uses(bw, skip) if reuse else last_uses(bw)
     placeholder_root: dict[fx.Node, object] = {}
     for node in bw_nodes:
@@ -424,7 +497,7 @@ def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *
 
     for i, node in enumerate(bw_nodes):
         if node.op in COMPUTING and storage_root(node) is node and not is_parameter_node(node) and node not in skip:
-            if reuse:
+            if reuse and node not in externs:
                 _reuse_in_place(live, node, skip, lambda root, i=i: bw_dying(root, i))
             live.add(node, _describe(node, "backward", "gradient" if node in grad_roots else "transient"),
                      pooled=pooled(node))

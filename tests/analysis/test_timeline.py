@@ -123,3 +123,34 @@ def test_pool_keeps_a_freed_buffer_until_its_reuse_and_is_off_under_fxmem():
     assert INDUCTOR_BUFFER_POOL is False
     default = step_timeline(gm, None, 1, fused=True, reuse=True)
     assert default.peak_bytes == unpooled.peak_bytes
+
+
+def test_reuse_models_inductors_addmm_fusion():
+    """``reuse=True``: ``mm(a, b) + c`` is one ``addmm`` where the add stands (Inductor's
+    post-grad pattern), so ``a`` lives until then — a tied head's logits gradient, read by the
+    weight gradient at the end of the backward, coexists with everything the backward makes
+    after its own ``mm``."""
+    x, w, h, c = torch.randn(256, 64), torch.randn(64, 512), torch.randn(256, 64), torch.randn(512, 64)
+    buf = 256 * 512 * 4
+
+    def fn(x, w, h, c):
+        g = torch.exp(x @ w)                 # [256, 512]
+        gw = g.t() @ h                       # its only user is the add below: addmm(c, gᵀ, h) there
+        s = torch.exp(x @ w * 2).sum()       # another [256, 512] buffer, made after the mm
+        return s, gw + c
+
+    gm = _forward_graph(fn, x, w, h, c)
+    reused = step_timeline(gm, None, 2, fused=True, reuse=True)
+    # g alive beside the second buffer, until the addmm
+    assert 2 * buf <= reused.peak_bytes - reused.input_bytes < 3 * buf
+
+    # the pattern needs the mm's only user to be the add: a second user keeps the mm where it is
+    def two_users(x, w, h, c):
+        g = torch.exp(x @ w)
+        gw = g.t() @ h
+        s = torch.exp(x @ w * 2).sum()
+        return s, gw + c, gw * 2
+
+    gm = _forward_graph(two_users, x, w, h, c)
+    reused = step_timeline(gm, None, 3, fused=True, reuse=True)
+    assert reused.peak_bytes - reused.input_bytes < 2 * buf  # g dies at its mm, before the second buffer
