@@ -504,21 +504,44 @@ def _weight_bytes(model: torch.nn.Module, options: Mapping[str, Any]) -> int:
                 lin is not None or (config.quantize.embeddings and id(t) in embeddings)):
             group = config.quantize.group_size or t.shape[-1]
             quantized = numel * config.quantize.bits / 8 + numel / group * 4
-        if quantized and id(t) in embeddings and lin is not None and config.int8 is not None:
-            total += numel * low + quantized  # a tied table: the lookup keeps its copy, the head gets int8
-        elif quantized:
+        if quantized:  # a tied table too: its lookup reads the int8 rows (fxmem::int8_embedding)
             total += quantized
         else:
             total += numel * low
     return int(total)
 
 
+@dataclass
+class _InferenceGraph:
+    """One inference graph's timeline, kept so that each candidate can add its own ops' workspace."""
+
+    peak: int                                   # the timeline's peak (with the batch)
+    input_bytes: int
+    linears: list[tuple[int, int, int]]         # (live bytes after the Linear, its output bytes, weight elements)
+    end: int = 0                                # live bytes after the last node (the outputs, the batch)
+    outputs: int = 0                            # bytes of the floating-point outputs
+
+
+def _linear_weight(node: fx.Node) -> fx.Node | None:
+    """The parameter a ``mm``/``addmm`` multiplies by (through its transpose), i.e. a Linear's
+    weight — what the int8 and quantize passes replace by their own op; else None."""
+    from fxmem.analysis.sizes import is_parameter_node, storage_root
+
+    aten = torch.ops.aten
+    if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default):
+        return None
+    weight = node.args[-1]
+    return storage_root(weight) if isinstance(weight, fx.Node) and is_parameter_node(weight) else None
+
+
 def _estimate_inference_graph(gm: fx.GraphModule, example_inputs: list, sink: dict, device: torch.device) -> None:
-    """The inference graph's activation peak (fused, as Inductor runs it) and its FLOPs and bytes."""
+    """The inference graph's timeline as Inductor runs it (its decompositions; fused, buffers
+    reused: ``step_timeline(reuse=True)``, as for training), its Linears, and its FLOPs and bytes."""
     from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._inductor.decomposition import select_decomp_table
 
     from fxmem.analysis.saved import forward_outputs
-    from fxmem.analysis.sizes import PARAM_META_KEY
+    from fxmem.analysis.sizes import PARAM_META_KEY, node_bytes, unique_storage_bytes
     from fxmem.backend import DECOMPOSITIONS, parameter_inputs
 
     params = set(parameter_inputs(gm, example_inputs))
@@ -528,17 +551,97 @@ def _estimate_inference_graph(gm: fx.GraphModule, example_inputs: list, sink: di
             if i in params:
                 node.meta[PARAM_META_KEY] = True
         outputs = [n for n in forward_outputs(aten_gm) if isinstance(n, fx.Node)]
-        timeline = step_timeline(aten_gm, None, len(outputs), fused=True)
+        timeline = step_timeline(aten_gm, None, len(outputs), fused=True, reuse=True)
+        live_after = {name: live for _, name, live in timeline.points}
+        linears = []
+        for node in aten_gm.graph.nodes:
+            weight = _linear_weight(node)
+            if weight is not None and node.name in live_after:
+                linears.append((live_after[node.name], node_bytes(node), weight.meta["val"].numel()))
+        floats = {n for n in outputs if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].is_floating_point()}
+        end = timeline.points[-1][2] if timeline.points else timeline.input_bytes
+        sink.setdefault("_graphs", []).append(_InferenceGraph(timeline.peak_bytes, timeline.input_bytes, linears, end,
+                                                              unique_storage_bytes(floats)))
         cost = graph_cost(aten_gm)
-        sink["batch"] = max(sink.get("batch", 0), timeline.input_bytes)
-        sink["activations"] = sink.get("activations", 0) + timeline.peak_bytes - timeline.input_bytes
         sink["_flops"] = sink.get("_flops", 0) + cost.flops
         sink["_bytes"] = sink.get("_bytes", 0) + cost.bytes_moved
         return aten_gm.forward
 
     device_gm, device_inputs = on_device(gm, example_inputs, device)
+    # the graph Inductor compiles: the backend traces with fxmem's decompositions, then
+    # codegen.inductor_inference retraces with Inductor's (``_unsafe_view`` becomes a view there,
+    # where fxmem's trace alone would count it as a copy)
     with torch.no_grad():
-        aot_module_simplified(device_gm, device_inputs, fw_compiler=compiler, decompositions=DECOMPOSITIONS)
+        aot_module_simplified(device_gm, device_inputs, fw_compiler=compiler,
+                              decompositions={**DECOMPOSITIONS, **select_decomp_table()})
+
+
+def _weight_format(options: Mapping[str, Any], numel: int) -> str:
+    """What a Linear weight of ``numel`` elements becomes under ``options``: ``"quantize"``,
+    ``"int8"`` or ``"dense"`` (fp32, or bf16 under ``precision``)."""
+    config = parse_options(dict(options))
+    if config.quantize is not None and numel >= config.quantize.min_numel:
+        return "quantize"
+    if config.int8 is not None and numel >= config.int8.min_numel:
+        return "int8"
+    return "dense"
+
+
+def _linear_workspace(options: Mapping[str, Any], device: torch.device, out_bytes: int, numel: int) -> int:
+    """Bytes a Linear rewritten by ``options`` allocates inside its op on top of its output (the
+    CPU paths of :mod:`fxmem.kernels`; on CUDA the Triton kernels dequantize in registers: 0).
+
+    * ``int8`` weight-only (``weight_only_linear_aten``): ``x @ qweight.t().float()`` holds the
+      dequantized fp32 weight beside the product, then ``* scales`` a second output-sized buffer
+      beside the first: ``max(weight fp32, output)``. Its input stays fp32 under ``precision``
+      too (the precision pass leaves fxmem's int8 ops as they are; measured), so never the
+      bf16 ``_weight_int8pack_mm`` path.
+    * ``quantize`` (``lowbit_linear_aten``): the dequantized fp32 weight lives through the ``mm``;
+      before it, unpacking and scaling hold the codes and two fp32 copies of the weight.
+    """
+    if device.type != "cpu":
+        return 0
+    fmt = _weight_format(options, numel)
+    if fmt == "quantize":
+        return max(4 * numel, numel + 8 * numel - out_bytes)
+    if fmt == "int8":
+        return max(4 * numel, out_bytes)
+    return 0
+
+
+def _linear_traffic(options: Mapping[str, Any], device: torch.device, out_bytes: int, numel: int) -> int:
+    """Bytes a Linear rewritten by ``options`` moves beyond reading its stored weight once (the
+    cost model's ``bytes_moved`` counts that read from the weights' formats): on the CPU, writing
+    and reading back the fp32 dequantized weight (and, for int8, the ``* scales`` pass over the
+    output; for 4 bit, unpacking and two scaling passes). On CUDA the kernels read the codes
+    once: 0. Without this, int8 looked cheaper than fp32 on the CPU, where it measured ~2× slower."""
+    if device.type != "cpu":
+        return 0
+    fmt = _weight_format(options, numel)
+    if fmt == "int8":
+        return 8 * numel + 2 * out_bytes
+    if fmt == "quantize":
+        return numel + 4 * (4 * numel) + 4 * numel
+    return 0
+
+
+def _inference_activations(graphs: list[_InferenceGraph], options: Mapping[str, Any], device: torch.device) -> int:
+    """Activation bytes of a candidate: per graph, the timeline's peak or a Linear's op workspace
+    on top of the bytes live there, whichever is higher (graphs added: an upper bound).
+
+    ``precision``: activations in bf16 take half the bytes, but the graph's outputs are cast back
+    to their fp32 dtype (the precision pass keeps the caller's dtypes): at the end of the graph
+    the bf16 outputs and their fp32 copies are both alive. With ``int8`` or ``quantize`` the
+    activations stay fp32 (measured: the precision pass leaves their ops' fp32 inputs)."""
+    low = "precision" in options and not any(k in options for k in ("int8", "quantize"))  # see _linear_workspace
+    total = 0
+    for g in graphs:
+        peak = max([g.peak] + [live + _linear_workspace(options, device, out, numel) for live, out, numel in g.linears])
+        acts = peak - g.input_bytes
+        if low:
+            acts = max(acts // 2, (g.end - g.input_bytes - g.outputs) // 2 + g.outputs // 2 + g.outputs)
+        total += acts
+    return total
 
 
 # --------------------------------------------------------------------------------------------
@@ -649,10 +752,13 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
                    # the timeline holds every gradient; FSDP keeps 1/ranks of them after each reduce-scatter
                    "activations+gradients": parts.get("activations", 0) - grads + grads // ranks}
         else:
-            scale = 0.5 if "precision" in cand.options else 1.0
-            new = {"parameters": _weight_bytes(model, cand.options) // ranks, "batch": parts.get("batch", 0),
-                   "activations": int(parts.get("activations", 0) * scale)}
+            graphs = parts.pop("_graphs", [])
+            new = {"parameters": _weight_bytes(model, cand.options) // ranks,
+                   "batch": max((g.input_bytes for g in graphs), default=0),
+                   "activations": _inference_activations(graphs, cand.options, traced_on)}
             moved = moved - state + new["parameters"] * ranks  # the weights read are the stored ones
+            moved += sum(_linear_traffic(cand.options, torch.device(dev_type), out, numel)
+                         for g in graphs for _, out, numel in g.linears)
         if ranks > 1:  # FSDP all-gathers one unit's parameters (and its gradients before reduce-scatter)
             new["fsdp unit"] = 2 * _largest_unit_bytes(model) // tp if training else _largest_unit_bytes(model) // tp
         cand.parts = new
@@ -728,15 +834,34 @@ def default_loss(out: Any) -> torch.Tensor:
     return out.float().pow(2).mean()
 
 
+def training_step(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = None,
+                  options: Mapping[str, Any] | None, loss_of=default_loss):
+    """A training step of ``model`` compiled with ``backend="fxmem"`` and ``options`` (``None``:
+    plain ``torch.compile``): gradients set to None, forward, backward — the output held through
+    the backward, as a training loop holds it (and fit assumes). Compiles on its first call."""
+    kwargs = dict(kwargs or {})
+    fn = torch.compile(model) if options is None else torch.compile(model, backend="fxmem", options=dict(options))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        out = fn(*args, **kwargs)
+        loss_of(out).backward()
+
+    return step
+
+
 def measure_options(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = None,
                     options: Mapping[str, Any] | None, loss_of=default_loss, steps: int = 3,
-                    device: str | torch.device | None = None) -> dict[str, float]:
+                    device: str | torch.device | None = None, keep: dict | None = None) -> dict[str, float]:
     """Compile ``model`` with ``backend="fxmem"`` and ``options`` (``None``: plain ``torch.compile``),
     run training steps, and measure what :func:`fit` estimates: the whole step's peak in bytes
     (``peak_bytes``: parameters, buffers and the batch that exist before the step, plus the peak
     above them measured by :func:`fxmem.measure.peak_memory`) and the median step time
     (``step_s``). Gradients are set to None before each step, as ``optimizer.zero_grad()`` does.
-    The model is compiled in place of nothing: the caller's module is left as it was."""
+    The model is compiled in place of nothing: the caller's module is left as it was. ``keep``: a
+    dict that receives the compiled step (``keep["step"]``), to time it again later."""
     import statistics
     import time
 
@@ -744,18 +869,14 @@ def measure_options(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any
 
     kwargs = dict(kwargs or {})
     dev = torch.device(device) if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
-    fn = torch.compile(model) if options is None else torch.compile(model, backend="fxmem", options=dict(options))
+    step = training_step(model, *args, kwargs=kwargs, options=options, loss_of=loss_of)
+    if keep is not None:
+        keep["step"] = step
     params = [p for p in model.parameters() if p.requires_grad]
 
     def sync() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-
-    def step() -> None:
-        for p in params:
-            p.grad = None
-        out = fn(*args, **kwargs)  # held through the backward, as a training loop holds it (and fit assumes)
-        loss_of(out).backward()
 
     step()
     step()  # compiled, and no recompilation left to hide in the measured step
@@ -774,3 +895,65 @@ def measure_options(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any
     for p in params:
         p.grad = None
     return {"peak_bytes": float(before + peak.peak_bytes), "step_s": statistics.median(times)}
+
+
+def measure_inference(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = None,
+                      options: Mapping[str, Any] | None, steps: int = 3,
+                      device: str | torch.device | None = None) -> dict[str, Any]:
+    """What :func:`fit` estimates for ``mode="inference"``, measured: the weights the options leave
+    plus the batch plus the peak of a no-grad forward.
+
+    * ``weights_bytes``: the distinct storages of the weights the transformed graph reads
+      (``fxmem.optimize(model, *args, **options)``: the module whose weights fit estimates, the
+      fp32 originals not counted) — counted from the tensors, not from their formats;
+    * ``forward_peak_bytes``: :func:`fxmem.measure.peak_memory` of the third no-grad call of
+      ``torch.compile(model, backend="fxmem", options=options)`` (``None``: plain
+      ``torch.compile``), above what was allocated before it (its output included);
+    * ``peak_bytes``: their sum with the batch; ``step_s``: the median of ``steps`` calls;
+      ``warnings``: what the compile warned (a pass that was skipped, say).
+    """
+    import statistics
+    import time
+    import warnings
+
+    from fxmem.freeze import frozen_tensors
+    from fxmem.measure import peak_memory
+    from fxmem.report import optimize
+
+    kwargs = dict(kwargs or {})
+    dev = torch.device(device) if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
+    if options is None:
+        weights = _state_bytes(model)
+        fn = torch.compile(model)
+    else:
+        module = optimize(model, *args, kwargs=kwargs, **dict(options))
+        seen, weights = set(), 0
+        for t in frozen_tensors(module.graph_module).values():
+            key = (t.untyped_storage().data_ptr(), t.device)
+            if key not in seen:
+                seen.add(key)
+                weights += t.untyped_storage().nbytes()
+        del module
+        fn = torch.compile(model, backend="fxmem", options=dict(options))
+    batch = sum(t.numel() * t.element_size() for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor))
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn(*args, **kwargs)
+        fn(*args, **kwargs)
+        peak, out = peak_memory(lambda: fn(*args, **kwargs), device=dev)
+        del out
+        times = []
+        for _ in range(steps):
+            sync()
+            start = time.perf_counter()
+            fn(*args, **kwargs)
+            sync()
+            times.append(time.perf_counter() - start)
+    notes = sorted({str(w.message).splitlines()[0][:200] for w in caught if "fxmem" in str(w.message)})
+    return {"peak_bytes": float(weights + batch + peak.peak_bytes), "weights_bytes": weights,
+            "forward_peak_bytes": peak.peak_bytes, "step_s": statistics.median(times), "warnings": notes}
