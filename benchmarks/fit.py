@@ -35,7 +35,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fxmem  # noqa: E402
-from fxmem.fit import FitError, measure_options  # noqa: E402
+from fxmem.fit import FitError, measure_inference, measure_options  # noqa: E402
 from fxmem.models.gpt import GPT, GPTConfig, example_batch  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -82,6 +82,30 @@ def make_case(name: str, quick: bool) -> tuple[nn.Module, tuple, str]:
     return HFLoss(model), (ids, ids), f"HF Llama, 2 layers, d {d}, GQA 8/2, vocab 32000, B {batch} x T {seq}, loss inside"
 
 
+def interleaved_times(steps: dict[str, Any], *, rounds: int, device: torch.device) -> dict[str, dict[str, float]]:
+    """Each compiled step timed once per round, the candidates in a new random order each round
+    (on a shared CPU the load drifts over minutes: candidates timed one after the other would
+    each see a different machine); per candidate the median, and the min and max, over rounds."""
+    import random
+    import statistics
+
+    rng = random.Random(0)
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    labels = list(steps)
+    for _ in range(rounds):
+        rng.shuffle(labels)
+        for label in labels:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            steps[label]()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[label].append(time.perf_counter() - start)
+    return {k: {"step_s": statistics.median(v), "step_s_min": min(v), "step_s_max": max(v), "rounds": len(v)}
+            for k, v in times.items()}
+
+
 def run_case(name: str, quick: bool, device: torch.device, steps: int, reuse: dict | None = None) -> dict[str, Any]:
     """``reuse``: a previous run's case (same shapes, same device): its measured peaks and step
     times are kept and only the estimates and choices are computed again (after a change to
@@ -92,7 +116,12 @@ def run_case(name: str, quick: bool, device: torch.device, steps: int, reuse: di
     print(f"{name}: {desc}", flush=True)
     torch._dynamo.reset()
     old = {r["label"]: r for r in reuse["candidates"]} if reuse else {}
-    anchor = reuse["anchor"] if reuse else measure_options(model, *args, options=None, steps=steps, device=device)
+    compiled: dict[str, Any] = {}  # label → the compiled step, timed again, interleaved, at the end
+    keep: dict[str, Any] = {}
+    anchor = reuse["anchor"] if reuse else measure_options(model, *args, options=None, steps=steps, device=device,
+                                                           keep=keep)
+    if keep:
+        compiled["torch.compile"] = keep["step"]
     print(f"  torch.compile: peak {anchor['peak_bytes'] / 2**20:.1f} MiB, step {anchor['step_s'] * 1e3:.1f} ms", flush=True)
     start = time.perf_counter()
     result = fxmem.fit(model, *args, memory=2**50, device=device.type)
@@ -105,16 +134,28 @@ def run_case(name: str, quick: bool, device: torch.device, steps: int, reuse: di
             row.update(peak_bytes=old[cand.label]["peak_bytes"], step_s=old[cand.label]["step_s"], reused=True)
             row["estimate_vs_measured"] = cand.estimate / row["peak_bytes"]
         elif not cand.error:
-            torch._dynamo.reset()
+            keep = {}
             try:
-                row.update(measure_options(model, *args, options=cand.options, steps=steps, device=device))
+                row.update(measure_options(model, *args, options=cand.options, steps=steps, device=device, keep=keep))
                 row["estimate_vs_measured"] = cand.estimate / row["peak_bytes"]
+                compiled[cand.label] = keep["step"]
             except Exception as exc:  # noqa: BLE001 - a failing candidate is a result too
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
         rows.append(row)
         print(f"  {cand.label:28s} est {cand.estimate / 2**20:8.1f} MiB  " + (
             f"measured {row['peak_bytes'] / 2**20:8.1f} MiB ({row['estimate_vs_measured']:.3f})  "
             f"step {row['step_s'] * 1e3:7.1f} ms" if "peak_bytes" in row else row["error"][:100]), flush=True)
+    if compiled:
+        times = interleaved_times(compiled, rounds=max(steps, 5), device=device)
+        for row in rows:
+            if row["label"] in times:
+                row["step_s_sequential"] = row["step_s"]
+                row.update(times[row["label"]])
+        if "torch.compile" in times:
+            anchor = {**anchor, "step_s_sequential": anchor["step_s"], **times["torch.compile"]}
+        print("  step times, interleaved (median of rounds): " + ", ".join(
+            f"{k} {v['step_s'] * 1e3:.1f} ms" for k, v in sorted(times.items(), key=lambda kv: kv[1]["step_s"])),
+            flush=True)
     measured = {r["label"]: r for r in rows if "peak_bytes" in r}
     limits = []
     for frac in LIMITS:
@@ -145,6 +186,90 @@ def run_case(name: str, quick: bool, device: torch.device, steps: int, reuse: di
             "limits": limits, "table": result.table}
 
 
+INFERENCE_ALLOW = ((), ("int8", "quantize", "prune", "precision"))
+INFERENCE_LIMITS = (0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+SINGLES = ("defaults (tie_weights)", "int8 weight_only", "quantize 4 bit, group 64", "prune 0.3", "bf16")
+
+
+def inference_case(name: str, quick: bool) -> tuple[nn.Module, tuple, dict, str]:
+    """The same models, for a no-grad forward that returns the logits, on one short sequence
+    (B 1 × T 32 quick, 1 × 128 full): serving, where the weights are most of the peak (at the
+    training batch the fp32 logits are, and no weight option could move the peak much)."""
+    step, args, desc = make_case(name, quick)
+    model = step.model.eval()
+    ids = args[0][:1, :32 if quick else 128].contiguous()
+    base = desc.split(", B")[0]
+    if name == "gpt":
+        return model, (ids,), {}, f"{base}, B 1 x T {ids.shape[1]}, logits out"
+    return model, (), {"input_ids": ids}, f"{base}, B 1 x T {ids.shape[1]}, logits out"
+
+
+def run_inference_case(name: str, quick: bool, device: torch.device, steps: int) -> dict[str, Any]:
+    """Inference: ``fxmem.fit(mode="inference")`` with nothing lossy allowed and with everything
+    allowed; every single-option candidate and every candidate chosen at some limit is measured
+    (:func:`fxmem.fit.measure_inference`: the weights the options leave, the batch, and the peak
+    of a no-grad forward compiled with ``backend="fxmem"``); limits are fractions of plain
+    ``torch.compile``'s measured inference peak (its weights are the fp32 originals)."""
+    model, args, kwargs, desc = inference_case(name, quick)
+    model = model.to(device)
+    args = tuple(a.to(device) for a in args)
+    kwargs = {k: v.to(device) for k, v in kwargs.items()}
+    print(f"{name} inference: {desc}", flush=True)
+    torch._dynamo.reset()
+    anchor = measure_inference(model, *args, kwargs=kwargs, options=None, steps=steps, device=device)
+    print(f"  torch.compile: peak {anchor['peak_bytes'] / 2**20:.1f} MiB, forward {anchor['step_s'] * 1e3:.1f} ms", flush=True)
+    out: dict[str, Any] = {"case": name, "mode": "inference", "description": desc, "anchor": anchor, "fits": []}
+    measured: dict[str, dict] = {}
+
+    def measure(cand) -> dict:
+        if cand.label not in measured:
+            torch._dynamo.reset()
+            row: dict[str, Any] = {"label": cand.label, "options": cand.options, "estimate_bytes": cand.estimate,
+                                   "parts": cand.parts}
+            try:
+                row.update(measure_inference(model, *args, kwargs=kwargs, options=cand.options, steps=steps,
+                                             device=device))
+                row["estimate_vs_measured"] = cand.estimate / row["peak_bytes"]
+            except Exception as exc:  # noqa: BLE001 - a failing candidate is a result too
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            measured[cand.label] = row
+            print(f"  {cand.label:44s} est {cand.estimate / 2**20:7.2f} MiB  " + (
+                f"measured {row['peak_bytes'] / 2**20:7.2f} MiB ({row['estimate_vs_measured']:.3f})  "
+                f"forward {row['step_s'] * 1e3:6.1f} ms" + (f"  warned: {row['warnings']}" if row["warnings"] else "")
+                if "peak_bytes" in row else row["error"][:100]), flush=True)
+        return measured[cand.label]
+
+    for allow in INFERENCE_ALLOW:
+        start = time.perf_counter()
+        result = fxmem.fit(model, *args, kwargs=kwargs, memory=2**50, mode="inference", allow=list(allow),
+                           device=device.type)
+        entry: dict[str, Any] = {"allow": list(allow), "fit_s": time.perf_counter() - start, "table": result.table,
+                                 "limits": []}
+        for cand in result.candidates:
+            if cand.label in SINGLES:
+                measure(cand)
+        for frac in INFERENCE_LIMITS:
+            limit = int(frac * anchor["peak_bytes"])
+            row: dict[str, Any] = {"fraction": frac, "limit_bytes": limit}
+            try:
+                choice = result.refit(limit)
+            except FitError as err:
+                row["error"] = str(err)
+                print(f"  allow={list(allow)} limit {frac:.1f}x = {limit / 2**20:6.1f} MiB: no fit", flush=True)
+            else:
+                got = measure(choice.chosen)
+                row.update(chosen=choice.chosen.label, options=choice.options, estimate_bytes=choice.estimate)
+                if "peak_bytes" in got:
+                    row.update(measured_bytes=got["peak_bytes"], fits_measured=got["peak_bytes"] <= limit,
+                               estimate_vs_measured=choice.estimate / got["peak_bytes"])
+                print(f"  allow={list(allow)} limit {frac:.1f}x = {limit / 2**20:6.1f} MiB: {choice.chosen.label}, "
+                      f"measured {got.get('peak_bytes', 0) / 2**20:.2f} MiB, fits {row.get('fits_measured')}", flush=True)
+            entry["limits"].append(row)
+        out["fits"].append(entry)
+    out["candidates"] = list(measured.values())
+    return out
+
+
 def plot(results: dict, path: str) -> None:
     try:
         import matplotlib
@@ -153,7 +278,9 @@ def plot(results: dict, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    cases = results["cases"]
+    cases = [c for c in results["cases"] if c.get("mode") != "inference"]
+    if not cases:
+        return
     fig, axes = plt.subplots(1, len(cases), figsize=(5.5 * len(cases), 4.2), squeeze=False)
     for ax, case in zip(axes[0], cases):
         anchor = case["anchor"]["peak_bytes"]
@@ -188,11 +315,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes (CPU)")
     parser.add_argument("--cases", nargs="*", default=["gpt", "hf_llama"], choices=["gpt", "hf_llama"])
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on the CPU, 20 on CUDA)")
+    parser.add_argument("--modes", nargs="*", default=["training", "inference"], choices=["training", "inference"])
     parser.add_argument("--out", default=None)
     parser.add_argument("--reuse-measured", default=None, metavar="JSON",
                         help="keep the measurements of this earlier run; estimate and choose again")
     opts = parser.parse_args()
     device = torch.device(opts.device)
+    # every candidate's compiled step stays alive to be timed interleaved at the end: one Dynamo
+    # cache entry each (their backends differ), beyond the default limit of 8 per frame
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
     steps = opts.steps or (20 if device.type == "cuda" else 5)
     out = opts.out or os.path.join(RESULTS, f"fit{'_quick' if opts.quick else ''}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -205,7 +338,10 @@ def main() -> None:
         reuse = {c["case"]: c for c in previous["cases"]}
         results["measured_in"] = opts.reuse_measured
     for name in opts.cases:
-        results["cases"].append(run_case(name, opts.quick, device, steps, reuse.get(name)))
+        if "training" in opts.modes:
+            results["cases"].append(run_case(name, opts.quick, device, steps, reuse.get(name)))
+        if "inference" in opts.modes:
+            results["cases"].append(run_inference_case(name, opts.quick, device, steps))
         with open(out, "w") as f:
             json.dump(results, f, indent=2, default=str)
     plot(results, out)
