@@ -20,12 +20,16 @@ def _gpt(**kw):
     return GPT(cfg), example_batch(cfg, 2, 8)
 
 
+def _before(major: int, minor: int) -> bool:
+    parts = torch.__version__.split("+")[0].split(".")
+    return (int(parts[0]), int(parts[1])) < (major, minor)
+
+
 def _attention_needs_torch_2_12(plan) -> None:
     """On torch < 2.12 DTensor's view rules do not keep Shard through the attention's heads view:
     the plan leaves attention replicated and says why, naming the version (docs/architecture.md,
     "torch 2.11"). Checked there; the rest of the test needs 2.12+."""
-    parts = torch.__version__.split("+")[0].split(".")
-    if (int(parts[0]), int(parts[1])) >= (2, 12):
+    if not _before(2, 12):
         return
     assert any(torch.__version__ in why and "heads dim" in why for _, why in plan.fallbacks), plan.fallbacks
     pytest.skip(f"attention tensor parallelism needs torch >= 2.12 (torch {torch.__version__}: replicated, with the reason)")
@@ -74,6 +78,17 @@ def test_tied_vocabulary_split_together_and_options_checked():
         fxmem.shard.plan(model, x, world_size=2, vocab="yes")
 
 
+def _attention_split_here(fallbacks) -> bool:
+    """False where torch < 2.12 left attention replicated (the reason naming the version is
+    checked): the hand plan splits it with its head-count fix, so it holds fewer bytes there."""
+    refused = [why for _, why in fallbacks if "heads dim" in why]
+    if not _before(2, 12):
+        assert not refused, refused
+        return True
+    assert all(torch.__version__ in why for why in refused), refused
+    return not refused
+
+
 def _cases(rank, world, cases, kwargs):
     out = {}
     for c in cases:
@@ -101,7 +116,8 @@ def _check(r, world):
             assert per_rank <= full / world + full / 10, (name, module)  # ~1/N (a replicated bias aside)
     hand = r.get("hand")
     if hand and "failure" not in hand:
-        if r["vocab_as_hand"]:  # same embedding/head decision as the hand plan: bytes comparable
+        if r["vocab_as_hand"] and _attention_split_here(plan["fallbacks"]):
+            # same embedding/head decision as the hand plan: bytes comparable
             assert mine["bytes_per_rank"] <= hand["bytes_per_rank"], name
         assert sum(mine["forward"].values()) <= sum(hand["forward"].values()), name
         assert sum(mine["backward"].values()) <= sum(hand["backward"].values()), name
@@ -132,10 +148,17 @@ def test_two_ranks_mlp_mlp3d_llama_style_blocks():
             assert r["max_param_error"] <= 1e-5 and r["params_compared"] == r["params_expected"], case
             assert r["max_ill_conditioned_error"] <= 1e-5, case  # even Adam's near-zero-gradient elements
             assert r["forward"] == r["plan_forward"] and r["backward"] == r["plan_backward"], case
-            assert r["bytes"]["params"] == r["plan_bytes"]["params"] < 0.6 * r["single_bytes"]["params"], case
             assert r["state_dict"]["keys_equal"] and r["state_dict"]["shapes_equal"], case
-            assert not any(line.strip().startswith("replicated:") and ("Conv1D" in line or "o_proj" in line)
-                           for line in r["table"].splitlines()), case
+            replicated = [line for line in r["table"].splitlines() if line.strip().startswith("replicated:")]
+            if case == "gpt2" and _before(2, 13):
+                # torch 2.11's DTensor cannot redistribute _StridedShard: GPT-2's fused c_attn stays
+                # replicated, the reason naming the version (c_fc → c_proj and c_proj still split)
+                assert any("c_attn" in line and torch.__version__ in line for line in replicated), r["table"]
+                assert r["bytes"]["params"] == r["plan_bytes"]["params"] < r["single_bytes"]["params"], case
+                assert not any("Conv1D" in line or "o_proj" in line for line in replicated if "c_attn" not in line)
+                continue
+            assert r["bytes"]["params"] == r["plan_bytes"]["params"] < 0.6 * r["single_bytes"]["params"], case
+            assert not any("Conv1D" in line or "o_proj" in line for line in replicated), case
     r0 = results[0]
     # gpt block, same vocabulary split as the tutorial plan: embedding all-reduce, 1 attention +
     # 1 MLP all-reduce, logits all-gather; backward: one all-reduce per column-parallel group

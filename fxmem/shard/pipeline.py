@@ -148,6 +148,8 @@ class PipelinePlan:
             raise RuntimeError(f"fxmem.shard.pipeline: torch.distributed.pipelining made {pipe.num_stages} stages "
                                f"from split points {self.split_points}, the plan has {len(self.stages)}")
         stage = pipe.build_stage(stage_index, torch.device(device), group)
+        if _torch_before(2, 13):
+            _only_floating_recv_buffers_require_grad(stage)
         cls = ScheduleGPipe if self.schedule == "gpipe" else Schedule1F1B
         return pipe, stage, cls(stage, n_microbatches=self.microbatches, loss_fn=loss_fn or self.loss_fn)
 
@@ -166,6 +168,74 @@ class PipelinePlan:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _torch_before(major: int, minor: int) -> bool:
+    parts = torch.__version__.split("+")[0].split(".")
+    return (int(parts[0]), int(parts[1])) < (major, minor)
+
+
+def _only_floating_recv_buffers_require_grad(stage) -> None:
+    """Let integer tensors cross a stage boundary on torch 2.11, as they do on 2.13.
+
+    HF Llama passes its int64 ``position_ids`` / ``cache_position`` from the embeddings to every
+    layer, so a later stage receives them. torch 2.11's graph-based ``_PipelineStage`` assumes
+    every received tensor gets a gradient: it calls ``requires_grad_(True)`` on each receive
+    buffer ("only Tensors of floating point dtype can require gradients" at the first
+    ``schedule.step``), sends a gradient back for each received input ("has gradients None and is
+    expecting to send gradients to stage 0") and waits for one for each output it sent. 2.13 makes
+    only floating buffers require grad and sends and waits for no gradient where there is none.
+    Here four 2.11 methods are wrapped to give 2.13's result: receive buffers made with
+    backward off, the floating ones then marked; no gradient sent for a non-floating input; no
+    gradient awaited for a non-floating output (its gradient None in backward). Only this stage object is changed (attributes on
+    the instance, not the class): nothing process-wide.
+    """
+    from torch.distributed.pipelining.stage import _RecvInfo
+
+    create_recv, create_send, create_grad_recv = (stage._create_act_recv_info, stage._create_grad_send_info,
+                                                  stage._create_grad_recv_info)
+
+    def create_act_recv_info():
+        has_backward = stage.has_backward
+        stage.has_backward = False
+        try:
+            infos = create_recv()
+        finally:
+            stage.has_backward = has_backward
+        if has_backward:
+            for info in infos:
+                if isinstance(info, _RecvInfo) and info.buffer.is_floating_point():
+                    info.buffer.requires_grad_(True)
+        return infos
+
+    def create_grad_send_info(args_recv_info):
+        dests = create_send(args_recv_info)  # one entry per received input, in order
+        return [None if isinstance(a, _RecvInfo) and not a.buffer.is_floating_point() else d
+                for a, d in zip(args_recv_info, dests)]
+
+    def create_grad_recv_info(act_send_info):
+        # one entry per output that has a receiver, in act_send_info's order; an integer output's
+        # entry becomes None: no recv op is posted for it (_get_recv_ops skips what is not a
+        # _RecvInfo) and its gradient is None in backward (stage_backward skips such outputs)
+        outputs = [v.meta["val"] for v in _flat_output_args(stage)]
+        sent = [i for i, dsts in act_send_info.items() if dsts]
+        return tuple(None if not outputs[i].is_floating_point() else info
+                     for i, info in zip(sent, create_grad_recv(act_send_info), strict=True))
+
+    def retrieve_recv_grads(bwd_chunk_id):
+        return tuple(info.buffer if isinstance(info, _RecvInfo) else None
+                     for info in stage.grad_recv_info[bwd_chunk_id])
+
+    stage._create_act_recv_info = create_act_recv_info
+    stage._create_grad_send_info = create_grad_send_info
+    stage._create_grad_recv_info = create_grad_recv_info
+    stage._retrieve_recv_grads = retrieve_recv_grads
+
+
+def _flat_output_args(stage) -> list:
+    from torch.distributed.pipelining._utils import flatten_args
+
+    return flatten_args(stage._get_output_node().args)
 
 
 def _chunk(args: tuple, microbatches: int) -> tuple:

@@ -296,23 +296,22 @@ def _compiled(model, plan, mesh, args, reference) -> dict:
 def _worker(rank: int, world_size: int, init_file: str, fn: Callable, fn_args: tuple, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        result = fn(rank, world_size, *fn_args)
-    except Exception:  # noqa: BLE001 - sent back to the parent, which raises it
-        result = {"error": traceback.format_exc()}
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+    # A rank that raises does not wait at the barrier: the other ranks may be waiting on it in a
+    # collective or a pipeline recv and would never get there (a hang, not an error). The exception
+    # leaves this process; mp.spawn then terminates the other ranks and raises it in the parent.
+    result = fn(rank, world_size, *fn_args)
+    dist.barrier()
+    dist.destroy_process_group()
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def spawn(fn: Callable, world_size: int, *fn_args: Any) -> list:
-    """Run ``fn(rank, world_size, *fn_args)`` on ``world_size`` gloo processes; their results."""
+    """Run ``fn(rank, world_size, *fn_args)`` on ``world_size`` gloo processes; their results.
+
+    A rank's exception ends the spawn (``torch.multiprocessing.ProcessRaisedException``, with that
+    rank's traceback), the other ranks terminated."""
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         mp.spawn(_worker, args=(world_size, init_file, fn, fn_args, tmp), nprocs=world_size, join=True)
         results = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
-    for r in results:
-        if isinstance(r, dict) and "error" in r:
-            raise RuntimeError("a rank failed:\n" + r["error"])
     return results

@@ -204,6 +204,10 @@ def test_four_ranks_dp_tp_and_2x2_equal_one_process_and_checkpoint(tmp_path):
     assert "virtual_heads" in kv2["table"]
     assert not any("self_attn" in line for line in kv2["table"].splitlines() if line.strip().startswith("replicated:"))
     for key in ("kv1_tp", "kv2_tp", "gpt2_tp", "gpt2_dp_tp"):
+        if key.startswith("gpt2") and not _strided_shard_runs():
+            # torch 2.11: c_attn whole on every rank (reason checked above); the rest still split
+            assert r0[key]["bytes"]["total"] < 0.6 * r0[key]["single_bytes"]["total"], key
+            continue
         assert r0[key]["bytes"]["total"] < 0.35 * r0[key]["single_bytes"]["total"], key
     for rank_result in results:
         ck = rank_result["dp_tp"]["checkpoint"]
