@@ -17,8 +17,8 @@ of peak (issue 11)::
 ``codegen="inductor"``: fxmem's partition and passes run *inside* Inductor through its extension
 points (:class:`FxmemPartitioner`, a ``torch._inductor.custom_graph_pass.CustomPartitionerFn``),
 so Inductor's fusion, re-inplacing, buffer reuse and peak-memory reordering apply to the graphs
-fxmem chose. Inductor's config is patched only around fxmem's own compile
-(``torch._inductor.config.patch``), never process-wide.
+fxmem chose. Inductor's config is patched only for fxmem's own compile (``compile_fx``'s
+``config_patches``), never process-wide.
 
 One of Inductor's defaults is turned off there: its buffer pool (``allow_buffer_reuse``, see
 :data:`INDUCTOR_BUFFER_POOL`). In-place reuse (``inplace_buffers``) stays on.

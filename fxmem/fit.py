@@ -834,6 +834,12 @@ def default_loss(out: Any) -> torch.Tensor:
     return out.float().pow(2).mean()
 
 
+def _sync(dev: torch.device) -> None:
+    """Wait for the device, so that a timing covers the work it launched."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
 def training_step(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = None,
                   options: Mapping[str, Any] | None, loss_of=default_loss):
     """A training step of ``model`` compiled with ``backend="fxmem"`` and ``options`` (``None``:
@@ -874,10 +880,6 @@ def measure_options(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any
         keep["step"] = step
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
     step()
     step()  # compiled, and no recompilation left to hide in the measured step
     for p in params:
@@ -887,10 +889,10 @@ def measure_options(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any
     peak, _ = peak_memory(step, device=dev)
     times = []
     for _ in range(steps):
-        sync()
+        _sync(dev)
         start = time.perf_counter()
         step()
-        sync()
+        _sync(dev)
         times.append(time.perf_counter() - start)
     for p in params:
         p.grad = None
@@ -937,10 +939,6 @@ def measure_inference(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, A
         fn = torch.compile(model, backend="fxmem", options=dict(options))
     batch = sum(t.numel() * t.element_size() for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor))
 
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fn(*args, **kwargs)
@@ -949,10 +947,10 @@ def measure_inference(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, A
         del out
         times = []
         for _ in range(steps):
-            sync()
+            _sync(dev)
             start = time.perf_counter()
             fn(*args, **kwargs)
-            sync()
+            _sync(dev)
             times.append(time.perf_counter() - start)
     notes = sorted({str(w.message).splitlines()[0][:200] for w in caught if "fxmem" in str(w.message)})
     return {"peak_bytes": float(weights + batch + peak.peak_bytes), "weights_bytes": weights,

@@ -257,21 +257,6 @@ def _fused_away(gm: fx.GraphModule, keep: set, *, into_reductions: bool = False)
             if _pointwise(n) and n not in keep and n.users and all(fuses(u) for u in n.users)}
 
 
-def _is_view(node: fx.Node) -> bool:
-    # torch._inductor.utils.is_view: an overload whose arguments alias
-    schema = getattr(node.target, "_schema", None)
-    return schema is not None and any(a.alias_info is not None for a in schema.arguments)
-
-
-def _pointwise_use(user: fx.Node) -> bool:
-    # torch._inductor.utils.is_pointwise_use: a pointwise op, looking through views
-    if user.op != "call_function":
-        return False
-    if user.target is operator.getitem or _is_view(user):
-        return all(_pointwise_use(u) for u in user.users)
-    return _pointwise(user)
-
-
 def _addmm_fused(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
     """``mm`` nodes Inductor rewrites into an ``addmm`` with the ``add`` that is their only user
     (its post-grad pattern ``add(mm(a, b), c) → addmm(c, a, b)``, ``is_valid_addmm_fusion``):
@@ -304,8 +289,11 @@ def _addmm_fused(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
                     continue  # c must expand to the mm's shape, not the other way
             except RuntimeError:
                 continue
-            if val.device.type != "cpu" and node.users and all(_pointwise_use(u) for u in node.users):
-                continue
+            if val.device.type != "cpu" and node.users:
+                from torch._inductor.utils import is_pointwise_use  # the rule's own helper (2.11 too)
+
+                if all(is_pointwise_use(u) for u in node.users):
+                    continue
             out[mm] = node
             break
     return out
