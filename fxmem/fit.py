@@ -55,6 +55,7 @@ from fxmem.analysis.cost import graph_cost
 from fxmem.analysis.timeline import step_timeline
 from fxmem.config import FxmemConfig, parse_options
 from fxmem.passes.base import copy_graph
+from fxmem.passes.remat import shared_cuts
 
 MODES = ("training", "inference")
 ALLOWABLE = ("precision", "int8", "quantize", "prune")
@@ -325,15 +326,9 @@ def _estimate_training_graph(gm: fx.GraphModule, example_inputs: list, candidate
 
         def partition_fn(joint, joint_inputs, *, num_fwd_outputs, static_lifetime_input_indices=None,
                          group=group, stop=False, **kw):
-            for cand in group:
-                if cand.error:
-                    continue
-                config = _with_inductor_estimates(parse_options(cand.options))
-                try:
-                    _estimate_partition(cand, joint, joint_inputs, config, num_fwd_outputs,
-                                        static_lifetime_input_indices or params)
-                except Exception as exc:  # noqa: BLE001 - a candidate that cannot compile is reported, not chosen
-                    cand.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+            with shared_cuts():  # the budgets' peak guards compare the same cuts: build each once
+                _estimate_group(group, joint, joint_inputs, num_fwd_outputs,
+                                static_lifetime_input_indices or params)
             if stop:  # Inductor need not lower or generate code: the estimates are all fit wanted
                 raise _Estimated
             return default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs,
@@ -402,6 +397,19 @@ def _peak_with_workspace(timeline, fw: fx.GraphModule, bw: fx.GraphModule | None
                     if isinstance(val, (tuple, list)) else 0
                 peak = max(peak, live + outputs + workspace)
     return peak
+
+
+def _estimate_group(group: list[Candidate], joint: fx.GraphModule, joint_inputs, num_fwd_outputs: int,
+                    static) -> None:
+    """Each candidate of ``group`` partitions (a copy of) the same joint graph; its estimate is added."""
+    for cand in group:
+        if cand.error:
+            continue
+        config = _with_inductor_estimates(parse_options(cand.options))
+        try:
+            _estimate_partition(cand, joint, joint_inputs, config, num_fwd_outputs, static)
+        except Exception as exc:  # noqa: BLE001 - a candidate that cannot compile is reported, not chosen
+            cand.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
 
 
 def _estimate_partition(cand: Candidate, joint: fx.GraphModule, joint_inputs, config: FxmemConfig,

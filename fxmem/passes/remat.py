@@ -50,7 +50,10 @@ joint graph's own ops on the same values; recomputation repeats deterministic op
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
+import hashlib
 import operator
 import time
 from collections.abc import Sequence
@@ -90,7 +93,8 @@ by more than this fraction: equal peaks keep the budget's choice."""
 POLISH_SECONDS = 10.0
 """Time limit of the exact ILP that follows the λ search under a budget (0 disables it)."""
 
-__all__ = ["RematConfig", "RematResult", "rematerialize", "partition", "partition_with_info", "trace_joint"]
+__all__ = ["RematConfig", "RematResult", "rematerialize", "partition", "partition_with_info", "shared_cuts",
+           "trace_joint"]
 
 
 @dataclass
@@ -179,6 +183,57 @@ class _Problem:
     static: set[fx.Node]
     eager_saved: list[fx.Node]
     eager_bytes: int
+    key: str | None = None             # fingerprint inside :func:`shared_cuts`, else None
+
+
+# --------------------------------------------------------------------------------------------
+# Cuts and peaks shared between calls on equal joint graphs (fxmem.fit).
+# --------------------------------------------------------------------------------------------
+
+_SHARED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fxmem_remat_shared", default=None)
+
+
+@contextlib.contextmanager
+def shared_cuts():
+    """Within this block, :func:`rematerialize` calls on equal joint graphs share their min-cut
+    solves and step-peak estimates.
+
+    ``fxmem.fit`` partitions one joint graph once per remat budget; every budget's peak guard
+    compares the same λ-ladder cuts, and building a cut's two graphs to estimate its peak is
+    most of a partition's time. Equal graphs (same nodes, targets, arguments, shapes, dtypes,
+    checkpoint tags, parameters) give equal cuts and equal peaks, so each is computed once. The
+    cache lives only for the block (a context variable): nothing is shared outside it.
+    """
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def _fingerprint(joint: fx.GraphModule, num_fwd_outputs: int, static_indices: Sequence[int]) -> str:
+    """A digest of everything a cut or a peak estimate reads from the joint graph."""
+    digest = hashlib.sha1(f"{num_fwd_outputs}|{sorted(static_indices)}".encode())
+    for node in joint.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            val_desc = f"{tuple(val.shape)}{val.dtype}{val.stride()}{val.device}"
+        else:
+            val_desc = type(val).__name__
+        digest.update(f"{node.name}|{node.op}|{node.target}|{node.args}|{node.kwargs}|{val_desc}|"
+                      f"{node.meta.get('recompute')}|{node.meta.get(PARAM_META_KEY, False)}\n".encode())
+    return digest.hexdigest()
+
+
+def _shared(prob: _Problem, key: tuple, compute):
+    """``compute()``, or the value an equal graph already computed for ``key`` in :func:`shared_cuts`."""
+    cache = _SHARED.get()
+    if cache is None or prob.key is None:
+        return compute()
+    full = (prob.key, *key)
+    if full not in cache:
+        cache[full] = compute()
+    return cache[full]
 
 
 def _eager_saved(joint: fx.GraphModule, info: Any) -> list[fx.Node]:
@@ -289,6 +344,19 @@ class _Choice:
 def _solve(prob: _Problem, lam: float | None, *, allow_compute: bool) -> _Choice:
     """The exact minimiser of saved bytes + λ·cost (``lam=None``: λ → 0⁺, i.e. fewest bytes, then
     least recompute; ``lam=inf``: nothing with a cost is recomputed)."""
+    # shared by node *names*: an equal graph in another call has other node objects
+    names = _shared(prob, ("solve", lam, allow_compute), lambda: _named(_solve_once(prob, lam, allow_compute)))
+    by_name = {n.name: n for n in prob.nodes}
+    saved, recomputed, *rest = names
+    return _Choice([by_name[n] for n in saved], [by_name[n] for n in recomputed], *rest)
+
+
+def _named(choice: _Choice) -> tuple:
+    return ([n.name for n in choice.saved], [n.name for n in choice.recomputed], choice.saved_bytes, choice.cost,
+            choice.flops, choice.lam)
+
+
+def _solve_once(prob: _Problem, lam: float | None, allow_compute: bool) -> _Choice:
     n = len(prob.nodes)
     net = FlowNetwork.empty(2 + 2 * n)
     # Recomputing a node costs at most "save everything eager saves", beyond which a cut that
@@ -460,6 +528,11 @@ def _build(joint: fx.GraphModule, prob: _Problem, saved: list[fx.Node], num_fwd_
 
 def _step_peak(prob: _Problem, choice: _Choice, num_fwd_outputs: int, fused: bool = False) -> int:
     """Estimated peak of a training step (forward then backward) under ``choice``'s split."""
+    key = ("peak", frozenset(n.name for n in choice.saved), num_fwd_outputs, fused)
+    return _shared(prob, key, lambda: _step_peak_once(prob, choice, num_fwd_outputs, fused))
+
+
+def _step_peak_once(prob: _Problem, choice: _Choice, num_fwd_outputs: int, fused: bool) -> int:
     from torch.fx._lazy_graph_module import _use_lazy_graph_module
 
     with _use_lazy_graph_module(True):  # the graphs are read, never run: skip generating their code
@@ -550,6 +623,8 @@ def rematerialize(joint_gm: fx.GraphModule, config: RematConfig = RematConfig(),
     if P.has_recomputable_ops(joint_gm):
         joint_gm = P.cleanup_recompute_tags(joint_gm, is_default_partition=False)
     prob = _classify(joint_gm, num_fwd_outputs, static_lifetime_input_indices)
+    if _SHARED.get() is not None:
+        prob.key = _fingerprint(joint_gm, num_fwd_outputs, static_lifetime_input_indices)
     if not prob.sinks:  # nothing reaches the backward: nothing to save
         fw, bw = P.default_partition(joint_gm, joint_inputs, **kwargs)
         return RematResult(fw, bw, _default_stats(fw, num_fwd_outputs, "default_partition (no backward)", t0))

@@ -356,6 +356,46 @@ def test_peak_guard_lower_budgets_never_raise_the_estimated_peak():
     assert stats[0.0]["peak_guard_taken"] and stats[0.0]["budget_met"] is False
 
 
+def test_shared_cuts_give_the_same_partitions_and_build_each_peak_once(monkeypatch):
+    """fit partitions one joint graph once per budget: inside ``shared_cuts`` equal graphs share
+    their cuts and peak estimates — the same saved sets, stats and gradients as without, and no
+    saved set's graphs are built twice. Outside the block nothing is shared."""
+    from fxmem.models.gpt import Block, GPTConfig
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(d_model=64, n_head=4, block_size=32, n_layer=1)
+    j = remat.trace_joint(nn.Sequential(Block(cfg), Block(cfg)), torch.randn(2, 32, 64))
+    built = []
+    once = remat._step_peak_once
+    monkeypatch.setattr(remat, "_step_peak_once", lambda prob, choice, *a: built.append(
+        frozenset(n.name for n in choice.saved)) or once(prob, choice, *a))
+
+    def run(budgets):
+        out = {}
+        for b in budgets:
+            r = remat.rematerialize(copy.deepcopy(j.graph_module), remat.RematConfig(budget=b),
+                                    num_fwd_outputs=j.num_fwd_outputs,
+                                    static_lifetime_input_indices=j.static_lifetime_input_indices)
+            out[b] = r
+        return out
+
+    budgets = (0.75, 0.5, 0.0)
+    alone = run(budgets)
+    built_alone = list(built)
+    built.clear()
+    with remat.shared_cuts():
+        shared = run(budgets)
+    assert len(built) == len(set(built)) < len(built_alone)  # each saved set built once, fewer than alone
+    keys = ("saved_bytes", "peak_estimate_bytes", "budget_cut_peak_bytes", "peak_guard_taken", "lambda", "recomputed")
+    for b in budgets:
+        assert {k: shared[b].stats[k] for k in keys} == {k: alone[b].stats[k] for k in keys}
+        assert shared[b].backward.code == alone[b].backward.code
+        _assert_same(_run(shared[b].forward, shared[b].backward, j)[1], _run(alone[b].forward, alone[b].backward, j)[1])
+    built.clear()
+    run((0.5,))  # outside the block: computed again
+    assert built
+
+
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
 @given(random_graphs(max_ops=10), st.sampled_from([0.9, 0.7, 0.5, 0.3]))
 def test_budget_search_within_two_percent_of_ilp(graph, budget):
