@@ -525,7 +525,7 @@ class _InferenceGraph:
 
     peak: int                                   # the timeline's peak (with the batch)
     input_bytes: int
-    linears: list[tuple[int, int, int]]         # (live bytes after the Linear, its output bytes, weight elements)
+    linears: list[tuple[int, int, tuple[int, int]]]  # (live bytes after the Linear, its output bytes, weight [N, K])
     end: int = 0                                # live bytes after the last node (the outputs, the batch)
     outputs: int = 0                            # bytes of the floating-point outputs
 
@@ -565,7 +565,7 @@ def _estimate_inference_graph(gm: fx.GraphModule, example_inputs: list, sink: di
         for node in aten_gm.graph.nodes:
             weight = _linear_weight(node)
             if weight is not None and node.name in live_after:
-                linears.append((live_after[node.name], node_bytes(node), weight.meta["val"].numel()))
+                linears.append((live_after[node.name], node_bytes(node), tuple(weight.meta["val"].shape)))
         floats = {n for n in outputs if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].is_floating_point()}
         end = timeline.points[-1][2] if timeline.points else timeline.input_bytes
         sink.setdefault("_graphs", []).append(_InferenceGraph(timeline.peak_bytes, timeline.input_bytes, linears, end,
@@ -595,41 +595,54 @@ def _weight_format(options: Mapping[str, Any], numel: int) -> str:
     return "dense"
 
 
-def _linear_workspace(options: Mapping[str, Any], device: torch.device, out_bytes: int, numel: int) -> int:
+def _linear_workspace(options: Mapping[str, Any], device: torch.device, out_bytes: int, shape: tuple[int, int]) -> int:
     """Bytes a Linear rewritten by ``options`` allocates inside its op on top of its output (the
-    CPU paths of :mod:`fxmem.kernels`; on CUDA the Triton kernels dequantize in registers: 0).
+    CPU paths of :mod:`fxmem.kernels`, which dequantize a block of weight rows at a time:
+    :func:`fxmem.kernels.row_blocks.workspace_bytes`; on CUDA the Triton kernels dequantize in
+    registers: 0). Per weight element of a block:
 
-    * ``int8`` weight-only (``weight_only_linear_aten``): ``x @ qweight.t().float()`` holds the
-      dequantized fp32 weight beside the product, then ``* scales`` a second output-sized buffer
-      beside the first: ``max(weight fp32, output)``. Its input stays fp32 under ``precision``
-      too (the precision pass leaves fxmem's int8 ops as they are; measured), so never the
-      bf16 ``_weight_int8pack_mm`` path.
-    * ``quantize`` (``lowbit_linear_aten``): the dequantized fp32 weight lives through the ``mm``;
-      before it, unpacking and scaling hold the codes and two fp32 copies of the weight.
+    * ``int8`` weight-only (``weight_only_linear_aten``): ``qweight.t().float()``, one fp32 copy
+      through the ``mm`` (the scales and bias are applied in place on the product). Its input
+      stays fp32 under ``precision`` too (the precision pass leaves fxmem's int8 ops as they
+      are; measured), so never the bf16 ``_weight_int8pack_mm`` path. Per group: the fp32 codes
+      and their scaled copy (8 bytes) while dequantizing.
+    * ``quantize`` (``lowbit_linear_aten``): unpacking and scaling hold the codes and two fp32
+      copies (9 bytes), then one fp32 copy through the ``mm``.
     """
-    if device.type != "cpu":
+    from fxmem.kernels.row_blocks import workspace_bytes
+
+    n, k = shape
+    if device.type != "cpu" or not n or not k:
         return 0
-    fmt = _weight_format(options, numel)
+    fmt = _weight_format(options, n * k)
+    m = out_bytes // (4 * n)  # the activations stay fp32 around these ops (see above)
     if fmt == "quantize":
-        return max(4 * numel, numel + 8 * numel - out_bytes)
+        return workspace_bytes(m, n, k, 4, dequant_peak=9, matmul_weight=4)
     if fmt == "int8":
-        return max(4 * numel, out_bytes)
+        group = parse_options(dict(options)).int8.granularity != "per_channel"
+        return workspace_bytes(m, n, k, 4, dequant_peak=8 if group else 4, matmul_weight=4)
     return 0
 
 
-def _linear_traffic(options: Mapping[str, Any], device: torch.device, out_bytes: int, numel: int) -> int:
+def _linear_traffic(options: Mapping[str, Any], device: torch.device, out_bytes: int, shape: tuple[int, int]) -> int:
     """Bytes a Linear rewritten by ``options`` moves beyond reading its stored weight once (the
     cost model's ``bytes_moved`` counts that read from the weights' formats): on the CPU, writing
     and reading back the fp32 dequantized weight (and, for int8, the ``* scales`` pass over the
     output; for 4 bit, unpacking and two scaling passes). On CUDA the kernels read the codes
     once: 0. Without this, int8 looked cheaper than fp32 on the CPU, where it measured 1.4–2.9× slower on HF Llama's 32000×128 head."""
+    from fxmem.kernels.row_blocks import rows_per_block
+
+    n, k = shape
+    numel = n * k
     if device.type != "cpu":
         return 0
     fmt = _weight_format(options, numel)
+    # a weight dequantized in several row blocks also copies each block's product into the output
+    blocks = 2 * out_bytes if rows_per_block(n, k) < n else 0
     if fmt == "int8":
-        return 8 * numel + 2 * out_bytes
+        return 8 * numel + 2 * out_bytes + blocks
     if fmt == "quantize":
-        return numel + 4 * (4 * numel) + 4 * numel
+        return numel + 4 * (4 * numel) + 4 * numel + blocks
     return 0
 
 
@@ -644,7 +657,7 @@ def _inference_activations(graphs: list[_InferenceGraph], options: Mapping[str, 
     low = "precision" in options and not any(k in options for k in ("int8", "quantize"))  # see _linear_workspace
     total = 0
     for g in graphs:
-        peak = max([g.peak] + [live + _linear_workspace(options, device, out, numel) for live, out, numel in g.linears])
+        peak = max([g.peak] + [live + _linear_workspace(options, device, out, shape) for live, out, shape in g.linears])
         acts = peak - g.input_bytes
         if low:
             acts = max(acts // 2, (g.end - g.input_bytes - g.outputs) // 2 + g.outputs // 2 + g.outputs)
@@ -765,8 +778,8 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
                    "batch": max((g.input_bytes for g in graphs), default=0),
                    "activations": _inference_activations(graphs, cand.options, traced_on)}
             moved = moved - state + new["parameters"] * ranks  # the weights read are the stored ones
-            moved += sum(_linear_traffic(cand.options, torch.device(dev_type), out, numel)
-                         for g in graphs for _, out, numel in g.linears)
+            moved += sum(_linear_traffic(cand.options, torch.device(dev_type), out, shape)
+                         for g in graphs for _, out, shape in g.linears)
         if ranks > 1:  # FSDP all-gathers one unit's parameters (and its gradients before reduce-scatter)
             new["fsdp unit"] = 2 * _largest_unit_bytes(model) // tp if training else _largest_unit_bytes(model) // tp
         cand.parts = new

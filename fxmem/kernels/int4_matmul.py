@@ -44,6 +44,7 @@ import torch
 
 from fxmem.kernels import int8_matmul, interpreter
 from fxmem.kernels.int8_matmul import interpreting, sqnr_db  # noqa: F401 - sqnr_db re-exported for the pass
+from fxmem.kernels.row_blocks import blocked_linear
 
 try:  # Triton is optional: without it the ops run their ATen paths everywhere.
     import triton
@@ -455,16 +456,25 @@ def lowbit_dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.
 def lowbit_linear_aten(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                        codebook: torch.Tensor | None, act_scale: torch.Tensor | None, bias: torch.Tensor | None,
                        bits: int) -> torch.Tensor:
-    """Dequantize the weight (folding ``1 / act_scale`` into its columns), then ``torch.mm``."""
-    w = dequantize_lowbit(qweight, scales, zeros, codebook, bits, torch.float32)
-    if act_scale is not None:
-        w = w / act_scale.to(torch.float32)[None, :]
+    """Dequantize the weight (folding ``1 / act_scale`` into its columns), then ``torch.mm`` — a
+    block of weight rows at a time (:mod:`fxmem.kernels.row_blocks`), so a large head is never
+    held dequantized whole."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    out = torch.mm(x2, w.to(x.dtype).t())
+    n = qweight.shape[0]
+    inv = None if act_scale is None else act_scale.to(torch.float32)[None, :]
+
+    def block(r0: int, r1: int) -> torch.Tensor:
+        w = dequantize_lowbit(qweight[r0:r1], scales[r0:r1], None if zeros is None else zeros[r0:r1], codebook,
+                              bits, torch.float32)
+        if inv is not None:
+            w = w / inv
+        return torch.mm(x2, w.to(x.dtype).t())
+
+    out = blocked_linear(x2, n, block)
     if bias is not None:
-        out = out + bias.to(out.dtype)
-    return out.reshape(*lead, w.shape[0])
+        out = out.add_(bias.to(out.dtype))  # the op's own fresh output: no second output-sized buffer
+    return out.reshape(*lead, n)
 
 
 def _check_bits(bits: int) -> None:

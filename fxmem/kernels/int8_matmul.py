@@ -38,6 +38,7 @@ import inspect
 import torch
 
 from fxmem.kernels import interpreter
+from fxmem.kernels.row_blocks import blocked_linear
 
 try:  # Triton is optional: without it the ops run their ATen paths everywhere.
     import triton
@@ -282,16 +283,20 @@ def weight_only_linear_aten(x: torch.Tensor, qweight: torch.Tensor, scales: torc
     """``x @ (qweight * scales).T + bias`` with ATen ops, in ``x``'s dtype."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    n = qweight.shape[0]
     if _int8pack_applies(x2, qweight, scales):
         out = torch._weight_int8pack_mm(x2, qweight, scales.to(x.dtype))
     elif scales.dim() == 1:
-        # torchao Int8WeightOnlyConfig's form: the scale factors out of the K sum
-        out = torch.mm(x2, qweight.t().to(x.dtype)) * scales.to(x.dtype)
+        # torchao Int8WeightOnlyConfig's form: the scale factors out of the K sum. A block of
+        # weight rows at a time (row_blocks): never a whole dequantized copy of a large head.
+        s = scales.to(x.dtype)
+        out = blocked_linear(x2, n, lambda r0, r1: torch.mm(x2, qweight[r0:r1].t().to(x.dtype)).mul_(s[r0:r1]))
     else:
-        out = torch.mm(x2, dequantize_weight(qweight, scales, x.dtype).t())
+        out = blocked_linear(x2, n, lambda r0, r1: torch.mm(
+            x2, dequantize_weight(qweight[r0:r1], scales[r0:r1], x.dtype).t()))
     if bias is not None:
-        out = out + bias.to(out.dtype)
-    return out.reshape(*lead, qweight.shape[0])
+        out = out.add_(bias.to(out.dtype))  # the op's own fresh output: no second output-sized buffer
+    return out.reshape(*lead, n)
 
 
 def _int_mm_applies(a: torch.Tensor, b: torch.Tensor) -> bool:
