@@ -34,6 +34,7 @@ over the atoms). The chosen split points become ``SplitPoint.BEGINNING`` entries
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -44,6 +45,7 @@ from fxmem.shard.mesh import blocks
 
 SCHEDULES = ("gpipe", "1f1b")
 PREFIX, SUFFIX, LOSS = "<prefix>", "<suffix>", "<loss>"
+END = ":end"   # an atom ``m:end`` begins right after module ``m`` returns (SplitPoint.END)
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Atom:
     activation_bytes: int
     received_activation_bytes: int = 0
     splittable: bool = False   # a stage may begin here
+    boundary_bytes: int = 0    # what a stage beginning here receives per microbatch
 
 
 @dataclass
@@ -122,9 +125,18 @@ class PipelinePlan:
         return max(sizes) / max(min(sizes), 1) - 1
 
     def split_spec(self) -> dict:
+        """The split points as ``pipeline(split_spec=...)`` takes them: ``m`` → ``SplitPoint.BEGINNING``,
+        ``m:end`` → ``SplitPoint.END`` (:meth:`build` marks them itself, which also allows both on one module)."""
         from torch.distributed.pipelining import SplitPoint
 
-        return {name: SplitPoint.BEGINNING for name in self.split_points}
+        spec = {}
+        for point in self.split_points:
+            name = point.removesuffix(END)
+            if name in spec:
+                raise ValueError(f"fxmem.shard.pipeline: stages begin both before and after {name}: split_spec "
+                                 "holds one split point per module (PipelinePlan.build splits there)")
+            spec[name] = SplitPoint.END if point.endswith(END) else SplitPoint.BEGINNING
+        return spec
 
     def with_schedule(self, schedule: str) -> PipelinePlan:
         """The same measurement balanced for another schedule (same stages and microbatches)."""
@@ -141,9 +153,9 @@ class PipelinePlan:
         ``schedule.step(target=y, losses=losses)`` on the last (with ``loss_fn``, by default the
         one the plan measured), plain ``schedule.step()`` in between.
         """
-        from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, pipeline
+        from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
 
-        pipe = pipeline(model, mb_args=self.microbatch_args, split_spec=self.split_spec())
+        pipe = _pipe(model, self.microbatch_args, self.split_points)
         if pipe.num_stages != len(self.stages):
             raise RuntimeError(f"fxmem.shard.pipeline: torch.distributed.pipelining made {pipe.num_stages} stages "
                                f"from split points {self.split_points}, the plan has {len(self.stages)}")
@@ -160,7 +172,9 @@ class PipelinePlan:
             span = f"{s.first} .. {s.last}"
             out.append(f"{s.index:<5d}  {span:<44s} {s.param_bytes:<9d} {s.activation_bytes:<25d} "
                        f"{s.in_flight:<10d} {s.bytes}")
-        out.append(f"split points (SplitPoint.BEGINNING): {', '.join(self.split_points) or 'none'}; "
+        crossing = {a.module: a.boundary_bytes for a in self.atoms}
+        points = [f"{p} ({crossing[p]} B/microbatch cross)" for p in self.split_points]
+        out.append(f"split points (m: before module m, m:end: after it): {', '.join(points) or 'none'}; "
                    f"largest / smallest stage: {1 + self.imbalance:.3f}")
         if self.loss_fn is None:
             out.append("loss not counted (no loss_fn given): the last stage holds its saved tensors too")
@@ -253,13 +267,22 @@ def _chunk(args: tuple, microbatches: int) -> tuple:
     return tuple(out)
 
 
-def _atom_names(model: nn.Module, args: tuple) -> tuple[list[str], str | None]:
-    """Block children in call order, and the first module with parameters after the last block."""
-    names = [f"{b}.{c}" for b in blocks(model) for c, _ in model.get_submodule(b).named_children()]
-    names = [n for n in names if any(True for _ in model.get_submodule(n).parameters())]
-    if not names:
+def _atom_names(model: nn.Module, args: tuple, refine: bool = True) -> tuple[list[str], str | None]:
+    """Atoms in call order, and the first module with parameters after the last block.
+
+    The atoms are the block children with parameters (an error unless each runs exactly once per
+    forward) and, between them (unless ``refine=False``), the *inner* atoms: the children with parameters of a block child
+    (``attn.k_proj``, ``attn.o_proj``, ``mlp.down_proj``, ...) that run exactly once, in call
+    order, after that child's first one (a stage beginning at the first inner child would begin
+    where the child itself begins). An inner candidate that runs twice or not at all is left out.
+    """
+    coarse = [f"{b}.{c}" for b in blocks(model) for c, _ in model.get_submodule(b).named_children()]
+    coarse = [n for n in coarse if any(True for _ in model.get_submodule(n).parameters())]
+    if not coarse:
         raise ValueError("fxmem.shard.pipeline: the model has no repeated blocks (modules held by an nn.ModuleList) "
                          "to split between")
+    inner = [f"{n}.{c}" for n in coarse for c, m in model.get_submodule(n).named_children()
+             if any(True for _ in m.parameters())] if refine else []
     by_module = {id(m): n for n, m in model.named_modules()}
     order: list[str] = []
     calls: list[str] = []
@@ -273,7 +296,7 @@ def _atom_names(model: nn.Module, args: tuple) -> tuple[list[str], str | None]:
     def leave(module, args, output):
         done[0] = len(calls)
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(enter(n)) for n in names]
+    handles = [model.get_submodule(n).register_forward_pre_hook(enter(n)) for n in coarse + inner]
     handles.append(model.get_submodule(blocks(model)[-1]).register_forward_hook(leave))
     handles += [m.register_forward_pre_hook(lambda m, a: calls.append(by_module[id(m)])) for m in model.modules()]
     try:
@@ -282,12 +305,28 @@ def _atom_names(model: nn.Module, args: tuple) -> tuple[list[str], str | None]:
     finally:
         for h in handles:
             h.remove()
-    if sorted(order) != sorted(names):
+    ran = [n for n in order if n in set(coarse)]
+    if sorted(ran) != sorted(coarse):
         raise ValueError("fxmem.shard.pipeline: every block's children must run exactly once per forward to be "
-                         f"split points; ran {order}")
+                         f"split points; ran {ran}")
+    # a child whose inner children do not each run exactly once is not split inside: a boundary
+    # between two calls of one module would put its parameters on two stages
+    inside = {n for n in coarse if all(order.count(c) == 1 for c in inner if c.rsplit(".", 1)[0] == n)}
+    names: list[str] = []
+    parent: str | None = None
+    seen_inner = False
+    for n in order:  # call order (a layer may define its children in another order: HF Llama does)
+        if n in set(coarse):
+            names.append(n)
+            parent, seen_inner = n, False
+        elif n.rsplit(".", 1)[0] == parent and parent in inside:
+            if seen_inner:
+                names.append(n)
+            names.append(n + END)
+            seen_inner = True
     suffix = next((n for n in calls[done[0]:] if n and any(True for _ in model.get_submodule(n).parameters(recurse=False))),
                   None)
-    return order, suffix  # call order (a layer may define its children in another order: HF Llama does)
+    return names, suffix
 
 
 def measure_atoms(model: nn.Module, args: tuple, loss_fn: Callable | None = None, target: Any = None,
@@ -296,19 +335,18 @@ def measure_atoms(model: nn.Module, args: tuple, loss_fn: Callable | None = None
 
     ``names``: :func:`_atom_names`' answer, if the caller has it already.
     """
-    from torch.distributed.pipelining import SplitPoint
-    from torch.distributed.pipelining import pipeline as split
-
     names, suffix = names or _atom_names(model, args)
-    starts = names + ([suffix] if suffix else [])
-    # pipeline() marks split points on the modules it is given: a copy keeps the user's model as is
-    pipe = split(copy.deepcopy(model), mb_args=args, split_spec={n: SplitPoint.BEGINNING for n in starts})
-    if pipe.num_stages != len(starts) + 1:
-        raise RuntimeError(f"fxmem.shard.pipeline: splitting at every block child gave {pipe.num_stages} pieces, "
-                           f"expected {len(starts) + 1}")
+    try:
+        pipe = _split(model, args, names, suffix)
+    except Exception as exc:  # noqa: BLE001 - export / split_module refused some inner split point
+        names, suffix = _drop_refused(model, args, names, suffix, exc)
+        pipe = _split(model, args, names, suffix)
     pieces = [pipe.get_stage_module(k) for k in range(pipe.num_stages)]
     params = {p.untyped_storage().data_ptr() for p in pipe.split_gm.parameters()}
     labels = [PREFIX] + names + ([SUFFIX] if suffix else []) + ([LOSS] if loss_fn is not None else [])
+    # per piece, the tensors it takes: {key: (producing piece, bytes, contiguous)}; -1 = a root input
+    produced: dict[tuple, int] = {}
+    taken: list[dict[tuple, tuple[int, int, bool]]] = [{} for _ in pieces]
 
     def run(received: bool) -> list[dict[int, int]]:
         saved: list[dict[int, int]] = [{} for _ in labels]
@@ -325,13 +363,27 @@ def measure_atoms(model: nn.Module, args: tuple, loss_fn: Callable | None = None
         def enter(k):
             def hook(module, inputs):
                 region[0] = k
+                if not received:
+                    for a in inputs:
+                        if isinstance(a, torch.Tensor):
+                            taken[k][_key(a)] = (produced.get(_key(a), -1), a.numel() * a.element_size(), a.is_contiguous())
                 if received and k:  # as PipelineStage makes its received activations
                     return tuple(a.detach().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point()
                                  else a for a in inputs)
                 return None
             return hook
 
+        def leave(k):
+            def hook(module, inputs, output):
+                if not received:
+                    for t in (output if isinstance(output, (tuple, list)) else (output,)):
+                        if isinstance(t, torch.Tensor):
+                            keep.append(t)  # its storage's address stays its own until the end
+                            produced[_key(t)] = k
+            return hook
+
         handles = [m.register_forward_pre_hook(enter(k)) for k, m in enumerate(pieces)]
+        handles += [m.register_forward_hook(leave(k)) for k, m in enumerate(pieces)]
         try:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 out = pipe(*args)  # its interpreter calls the pieces in order (split_gm refuses to run)
@@ -348,9 +400,103 @@ def measure_atoms(model: nn.Module, args: tuple, loss_fn: Callable | None = None
     atoms = []
     for k, label in enumerate(labels):
         p = sum(t.numel() * t.element_size() for t in pieces[k].parameters()) if k < len(pieces) else 0
+        # what a stage beginning at piece k receives: tensors made before it, taken by it or later
+        crossing = {i: v for j in range(k, len(pieces)) for i, v in taken[j].items() if v[0] < k} if k else {}
         atoms.append(Atom(label, p, sum(saved.first[k].values()), sum(saved.received[k].values()),
-                          splittable=label in names[1:]))
+                          # a stage cannot begin where a non-contiguous tensor would cross (a p2p
+                          # send takes contiguous tensors)
+                          splittable=label in names[1:] and all(c for _, _, c in crossing.values()),
+                          boundary_bytes=sum(b for _, b, _ in crossing.values())))
     return atoms, saved
+
+
+def _key(t: torch.Tensor) -> tuple:
+    """One tensor's identity across the pipe's interpreter (the pieces pass other Python objects
+    for the same tensor): its storage, offset, shape and strides."""
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride()
+
+
+def _split(model: nn.Module, args: tuple, names: list[str], suffix: str | None):
+    """``torch.distributed.pipelining.pipeline`` of a copy of ``model`` split before every atom."""
+    starts = names + ([suffix] if suffix else [])
+    # pipeline() exports the modules it is given: a copy keeps the user's model as is
+    pipe = _pipe(copy.deepcopy(model), args, starts)
+    if pipe.num_stages != len(starts) + 1:
+        raise RuntimeError(f"fxmem.shard.pipeline: splitting before every atom gave {pipe.num_stages} pieces, "
+                           f"expected {len(starts) + 1}")
+    return pipe
+
+
+def _pipe(model: nn.Module, args: tuple, points: list[str]):
+    """``torch.distributed.pipelining.pipeline(model)`` split at ``points`` (``m``: before module
+    ``m``, ``m:end``: after it).
+
+    What ``split_spec={m: SplitPoint.BEGINNING / END}`` does — ``pipe_split()`` called before or
+    after the module's forward — done here so that one module can have both (``split_spec`` is a
+    dict: one kind per module); the model's ``forward`` attributes are restored after the export.
+    """
+    from torch.distributed.pipelining import pipe_split, pipeline
+
+    where: dict[str, set[bool]] = {}
+    for point in points:
+        where.setdefault(point.removesuffix(END), set()).add(point.endswith(END))
+
+    def bracket(forward, before: bool, after: bool):
+        def split_forward(*a, **k):
+            if before:
+                pipe_split()
+            out = forward(*a, **k)
+            if after:
+                pipe_split()
+            return out
+        return split_forward
+
+    marked = []
+    try:
+        for name, ends in where.items():
+            module = model.get_submodule(name)
+            marked.append((module, module.__dict__.get("forward")))
+            module.forward = bracket(module.forward, False in ends, True in ends)
+        return pipeline(model, mb_args=args)
+    finally:
+        for module, own in reversed(marked):
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
+
+
+def _drop_refused(model: nn.Module, args: tuple, names: list[str], suffix: str | None,
+                  exc: Exception) -> tuple[list[str], str | None]:
+    """The atoms without the inner split points ``torch.distributed.pipelining`` refuses.
+
+    Inner split points are tried in groups, one per name inside a block (``attn.o_proj`` of every
+    layer together: the layers are alike), each beside the block children; a group whose split
+    fails is dropped with a warning. Block children that cannot be split between raise as before.
+    """
+    coarse, _ = _atom_names(model, args, refine=False)
+    if names == coarse:
+        raise exc
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        if n not in coarse:
+            groups.setdefault(_in_block(model, n), []).append(n)
+    kept: set[str] = set()
+    for key, members in groups.items():
+        try:
+            _split(model, args, [n for n in names if n in coarse or n in members], suffix)
+            kept.update(members)
+        except Exception as err:  # noqa: BLE001 - this group is left out, the others are tried
+            warnings.warn(f"fxmem.shard.pipeline: no stage begins at {key} (inside a block child): "
+                          f"torch.distributed.pipelining refused the split ({type(err).__name__}: {err})",
+                          stacklevel=4)
+    return [n for n in names if n in coarse or n in kept], suffix
+
+
+def _in_block(model: nn.Module, name: str) -> str:
+    """``blocks.3.attn.o_proj`` → ``attn.o_proj``: the name inside its block."""
+    block = max((b for b in blocks(model) if name.startswith(b + ".")), key=len)
+    return name[len(block) + 1:]
 
 
 def in_flight(schedule: str, stage: int, stages: int, microbatches: int) -> int:

@@ -56,10 +56,13 @@ def test_a_later_stage_counts_what_it_receives_as_requiring_grad():
     model, vocab = scale.build("llama", layers=2)
     x, y = scale.batch(vocab, 4)
     plan = fxmem.shard.pipeline(model, x, stages=2, schedule="gpipe", loss_fn=scale.loss_fn, target=y)
-    attn = next(a for a in plan.atoms if a.module == "model.layers.1.self_attn")
-    assert attn.received_activation_bytes > attn.activation_bytes
-    mlp = next(a for a in plan.atoms if a.module == "model.layers.1.mlp")
-    assert mlp.received_activation_bytes == mlp.activation_bytes
+    # the attention is several atoms now (stages may begin inside it); the one applying the rotary
+    # tables saves more on a later stage, the MLP's atoms save the same
+    attn = [a for a in plan.atoms if a.module.startswith("model.layers.1.self_attn")]
+    assert any(a.received_activation_bytes > a.activation_bytes for a in attn)
+    assert all(a.received_activation_bytes >= a.activation_bytes for a in attn)
+    mlp = [a for a in plan.atoms if a.module.startswith("model.layers.1.mlp")]
+    assert len(mlp) > 1 and all(a.received_activation_bytes == a.activation_bytes for a in mlp)
     assert sum(s.param_bytes for s in plan.stages) == sum(p.numel() * 4 for p in model.parameters())
 
 
