@@ -4,6 +4,7 @@ step send; and do two pipeline stages split by memory hold equal bytes and give 
 
     PYTHONPATH=. python benchmarks/scale.py            # 4 gloo processes, then 2
     PYTHONPATH=. python benchmarks/scale.py --only tp_limits   # just the GQA-one-kv-head / GPT-2 Conv1D cases
+    PYTHONPATH=. python benchmarks/scale.py --only pipeline    # just the pipeline rows (8 and 4 layers)
 
 4 processes (gloo, this machine), ``fxmem.shard.plan(mesh={"dp": 2, "tp": 2})`` + ``apply`` on HF
 Llama (``LlamaForCausalLM`` from a tiny ``LlamaConfig``, grouped-query) and the built-in GPT: per-rank
@@ -11,7 +12,7 @@ bytes of parameters, gradients and AdamW state (local shards) against one proces
 loss and parameters after one AdamW step against one process on the global batch (1e-5),
 collectives of one forward and one backward counted by ``CommDebugMode`` against the plan's; the
 GPT once more compiled with ``backend="fxmem"``. 2 processes: ``fxmem.shard.pipeline(stages=2)``
-with GPipe and 1F1B on both models (8 layers, and 4 where the atoms are coarse; untied GPT), the
+with GPipe and 1F1B on both models (8 layers, and 4 where stages begin inside block children; untied GPT), the
 loss counted on the last stage: per-stage bytes (parameters + saved activations per microbatch ×
 microbatches in flight, measured on each stage) against the plan's, and the loss and gradients
 against one process. 4 processes again: ``precision="bf16"`` on the 2 × 2 mesh (FSDP2
@@ -20,7 +21,8 @@ against one process. 4 processes again: ``precision="bf16"`` on the 2 × 2 mesh 
 ``c_attn``, split under FSDP2 too) on tp = 4 and dp × tp = 2 × 2, and HF Llama with TWO kv heads on
 tp = 4 (one virtual kv head per rank): per-rank model state against one process, one AdamW step
 against one process, collectives counted with ``CommDebugMode`` against the plan's. Writes
-benchmarks/results/scale.json (``--only tp_limits`` replaces that section alone) and scale.png.
+benchmarks/results/scale.json (``--only tp_limits`` / ``--only pipeline`` replace those sections
+alone) and scale.png.
 """
 
 from __future__ import annotations
@@ -117,8 +119,13 @@ def _plot(mesh_rows, pipe_rows, path):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    parser.add_argument("--only", choices=["tp_limits"], default=None)
+    parser.add_argument("--only", choices=["tp_limits", "pipeline"], default=None)
     opts = parser.parse_args()
+    os.makedirs(opts.out, exist_ok=True)
+    path = os.path.join(opts.out, "scale.json")
+    if opts.only == "pipeline":
+        _pipeline_only(opts.out, path)
+        return
     limits = _tp_limits_rows(tp.spawn(_tp_limits_job, 4))
     for r in limits:
         print(f"{r['name']:14s}: state/rank {r['bytes']['total']} B vs one process {r['single_bytes']['total']} B "
@@ -126,8 +133,6 @@ def main() -> None:
               f"{r['max_param_error']:.1e} (ill-conditioned max {r['max_ill_conditioned_error']:.1e}); fwd {r['forward']} "
               f"(plan {r['plan_forward']}) bwd {r['backward']} (plan {r['plan_backward']}); state dict {r['state_dict']}; "
               f"fallbacks {r['fallbacks']}; {r['seconds']:.0f} s")
-    os.makedirs(opts.out, exist_ok=True)
-    path = os.path.join(opts.out, "scale.json")
     if opts.only:
         previous = json.load(open(path)) if os.path.exists(path) else {}
         previous["tp_limits"] = limits
@@ -137,8 +142,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         mesh = tp.spawn(_mesh_job, 4, tmp)
     precision = tp.spawn(_precision_job, 4)
-    pipe = tp.spawn(_pipe_job, 2, 8)
-    pipe4 = tp.spawn(_pipe_job, 2, 4)   # 4 layers: where atoms are too coarse for 1F1B (docs/shard.md)
+    pipe_rows, pipe4_rows = _pipeline_rows()
     mesh_rows = []
     for case in ("llama", "gpt"):
         per_rank = [r[case] for r in mesh]
@@ -148,8 +152,6 @@ def main() -> None:
         r0["max_param_error"] = max(r["max_param_error"] for r in per_rank)
         r0["max_ill_conditioned_error"] = max(r["max_ill_conditioned_error"] for r in per_rank)
         mesh_rows.append(r0)
-    pipe_rows = {name: [r[name] for r in pipe] for name in pipe[0]}
-    pipe4_rows = {name: [r[name] for r in pipe4] for name in pipe4[0]}
     precision_rows = [_worst(precision, case) for case in ("llama", "gpt")]
     os.makedirs(opts.out, exist_ok=True)
     with open(os.path.join(opts.out, "scale.json"), "w") as f:
@@ -165,19 +167,47 @@ def main() -> None:
               f"bwd {r['backward']} (plan {r['plan_backward']}); checkpoint {r['checkpoint']}"
               + (f"; compiled: {r['compiled']}" if "compiled" in r else "")
               + (f"; compiled without the vocabulary split: {r['compiled_no_vocab_split']}" if "compiled_no_vocab_split" in r else ""))
-    for layers, rows in ((8, pipe_rows), (4, pipe4_rows)):
-        for name, stages in rows.items():
-            sizes = [s["bytes"] for s in stages]
-            plan = [s["plan_bytes"] for s in stages]
-            print(f"{name:18s} {layers} layers: stages bytes {sizes} (plan {plan}), largest/smallest "
-                  f"{max(sizes) / min(sizes):.3f} (plan {max(plan) / min(plan):.3f}); activations/microbatch "
-                  f"{[s['activation_bytes'] for s in stages]} (plan {[s['plan_activation_bytes'] for s in stages]}); "
-                  f"loss err {stages[-1]['loss_error']:.1e}, grad err {max(s['max_grad_error'] for s in stages):.1e}")
+    _print_pipeline(pipe_rows, pipe4_rows)
     for r in precision_rows:
         print(f"{r['case']:6s} 2x2 bf16 (u = {r['unit_roundoff']:.2e}): loss rel err {r['loss_rel_error']:.1e}, "
               f"gradients rel err {r['grad_rel_error']:.1e} (worst tensor {r['max_grad_rel_error']:.1e} "
               f"{r['worst_grad']}), params after AdamW where |g| is clear of the noise {r['max_param_error_clear']:.1e} "
               f"({1 - r['noisy_share']:.0%} of elements)")
+
+
+def _pipeline_rows() -> tuple[dict, dict]:
+    """Two stages on 2 processes, 8 layers and 4 (where one MLP is ~30% of a stage, so the stages
+    begin inside block children: docs/shard.md)."""
+    pipe, pipe4 = tp.spawn(_pipe_job, 2, 8), tp.spawn(_pipe_job, 2, 4)
+    return ({name: [r[name] for r in pipe] for name in pipe[0]},
+            {name: [r[name] for r in pipe4] for name in pipe4[0]})
+
+
+def _pipeline_only(out: str, path: str) -> None:
+    """``--only pipeline``: rerun the pipeline rows, keep the rest of scale.json."""
+    start = time.perf_counter()
+    pipe_rows, pipe4_rows = _pipeline_rows()
+    previous = json.load(open(path)) if os.path.exists(path) else {}
+    previous["pipeline"], previous["pipeline_4_layers"] = pipe_rows, pipe4_rows
+    with open(path, "w") as f:
+        json.dump(previous, f, indent=1, default=str)
+    if previous.get("mesh"):
+        _plot(previous["mesh"], pipe_rows, os.path.join(out, "scale.png"))
+    _print_pipeline(pipe_rows, pipe4_rows)
+    print(f"{time.perf_counter() - start:.0f} s")
+
+
+def _print_pipeline(pipe_rows: dict, pipe4_rows: dict) -> None:
+    for layers, rows in ((8, pipe_rows), (4, pipe4_rows)):
+        for name, stages in rows.items():
+            sizes = [s["bytes"] for s in stages]
+            plan = [s["plan_bytes"] for s in stages]
+            split = next(line for line in stages[0]["table"].splitlines() if line.startswith("split points"))
+            print(f"{name:18s} {layers} layers: stages bytes {sizes} (plan {plan}), largest/smallest "
+                  f"{max(sizes) / min(sizes):.3f} (plan {max(plan) / min(plan):.3f}); activations/microbatch "
+                  f"{[s['activation_bytes'] for s in stages]} (plan {[s['plan_activation_bytes'] for s in stages]}); "
+                  f"loss err {stages[-1]['loss_error']:.1e}, grad err {max(s['max_grad_error'] for s in stages):.1e}; "
+                  f"{split.split(';')[0].split(': ', 1)[1]}")
 
 
 def _worst(results, case):

@@ -4,9 +4,21 @@
 measures what each stage will hold and splits the model where the largest stage is smallest.
 
 Atoms. A stage boundary may fall before any child of a repeated block (the modules an
-``nn.ModuleList`` holds — for a transformer layer: norm, attention, norm, MLP); everything before
-the first block (embeddings) is the *prefix*, the code after the last block (final norm, head) the
-*suffix*, and the pipeline's ``loss_fn`` on the output the *loss* — always on the last stage.
+``nn.ModuleList`` holds — for a transformer layer: norm, attention, norm, MLP) and, inside such a
+child, before or after each of its own children with parameters (the projections) that run once
+in order: ``blocks.1.mlp.down_proj`` (before it), ``blocks.1.mlp.up_proj:end`` (after it).
+Everything before the first block (embeddings) is the *prefix*, the code after the last block
+(final norm, head) the *suffix*, and the pipeline's ``loss_fn`` on the output the *loss* — always
+on the last stage::
+
+    block children only:  [ln_1 | attn | ln_2 | mlp]                      one MLP ~30% of a stage (4 layers)
+    with inner atoms:     [ln_1 | attn | attn.q_proj:end | attn.k_proj | ... | attn.o_proj | attn.o_proj:end
+                           | ln_2 | mlp | mlp.up_proj:end | mlp.down_proj | mlp.down_proj:end]
+
+A stage may begin at an atom only where every tensor that crosses the boundary is contiguous (a
+point-to-point send takes contiguous tensors): after the attention's heads are viewed and
+transposed (before ``k_proj``, ``v_proj``) it may not. What crosses is measured and reported
+(:attr:`Atom.boundary_bytes`; a boundary inside the MLP sends its wide hidden activation).
 
 Measured on the graphs that will run. The stages ``torch.distributed.pipelining`` builds are
 pieces of the graph ``torch.export`` makes of the model, and they save for backward what *that*
@@ -15,7 +27,7 @@ than the eager ones). So the model is split once at *every* atom with the same
 ``torch.distributed.pipelining.pipeline`` the stages come from, and the pieces run one microbatch
 under ``saved_tensors_hooks`` twice::
 
-    before:  model ──export──▶ [prefix | layers.0.input_layernorm | layers.0.self_attn | ... | suffix]
+    before:  model ──export──▶ [prefix | layers.0.input_layernorm | layers.0.self_attn | layers.0.self_attn.q_proj:end | ... | suffix]
     run A:   as stage 0 runs them: autograd flows from the parameters only
     run B:   as a later stage runs them: every floating input of a piece requires grad —
              ``PipelineStage`` makes each received floating activation a leaf that requires grad,
@@ -26,9 +38,11 @@ activations are the storages any of its atoms saves, counted once (run A for sta
 the others). A stage holds its parameters plus its activations for every microbatch in flight:
 GPipe runs all M forwards before any backward (M on every stage); 1F1B keeps ``min(S - s, M)`` on
 stage ``s``. The contiguous split that minimizes the largest stage is exact (dynamic programming
-over the atoms). The chosen split points become ``SplitPoint.BEGINNING`` entries of
-``pipeline(split_spec=...)``; :meth:`PipelinePlan.build` makes this rank's ``PipelineStage`` and
-``ScheduleGPipe`` / ``Schedule1F1B``. fxmem implements no communication.
+over the atoms). The chosen split points are where ``pipe_split()`` runs, as
+``pipeline(split_spec={m: SplitPoint.BEGINNING / END})`` places it (:meth:`PipelinePlan.split_spec`
+gives that dict); :meth:`PipelinePlan.build` makes this rank's ``PipelineStage`` and
+``ScheduleGPipe`` / ``Schedule1F1B``. An inner split point ``torch.distributed.pipelining``
+refuses is left out with a warning (never a crash). fxmem implements no communication.
 """
 
 from __future__ import annotations
@@ -50,11 +64,13 @@ END = ":end"   # an atom ``m:end`` begins right after module ``m`` returns (Spli
 
 @dataclass
 class Atom:
-    """A unit a stage boundary may fall before (a block's child), or the prefix / suffix / loss.
+    """A unit a stage boundary may fall before (a block's child, or a point before or after a
+    projection inside one: ``m`` / ``m:end``), or the prefix / suffix / loss.
 
     ``activation_bytes``: saved for backward per microbatch when it runs on the first stage;
     ``received_activation_bytes``: on a later stage (floating inputs require grad). Storages two
-    atoms both save are in both figures; a stage counts them once.
+    atoms both save are in both figures; a stage counts them once. ``boundary_bytes``: what a stage
+    beginning here receives per microbatch (every tensor made before it and used from it on).
     """
 
     module: str
@@ -112,7 +128,7 @@ class PipelinePlan:
     stages: list[Stage]
     schedule: str
     microbatches: int
-    split_points: list[str]   # module names: a stage begins at each
+    split_points: list[str]   # a stage begins at each: ``m`` before module m, ``m:end`` after it
     atoms: list[Atom]
     microbatch_args: tuple
     loss_fn: Callable | None = None
@@ -271,10 +287,11 @@ def _atom_names(model: nn.Module, args: tuple, refine: bool = True) -> tuple[lis
     """Atoms in call order, and the first module with parameters after the last block.
 
     The atoms are the block children with parameters (an error unless each runs exactly once per
-    forward) and, between them (unless ``refine=False``), the *inner* atoms: the children with parameters of a block child
-    (``attn.k_proj``, ``attn.o_proj``, ``mlp.down_proj``, ...) that run exactly once, in call
-    order, after that child's first one (a stage beginning at the first inner child would begin
-    where the child itself begins). An inner candidate that runs twice or not at all is left out.
+    forward) and, between them (unless ``refine=False``), the *inner* atoms: for each child with
+    parameters of a block child (``attn.q_proj``, ``mlp.down_proj``, ...), in call order, a point
+    before it (not for the first: that is where the block child begins) and one after it
+    (``attn.q_proj:end``). A block child is not split inside unless each of its children with
+    parameters runs exactly once.
     """
     coarse = [f"{b}.{c}" for b in blocks(model) for c, _ in model.get_submodule(b).named_children()]
     coarse = [n for n in coarse if any(True for _ in model.get_submodule(n).parameters())]
@@ -507,9 +524,9 @@ def in_flight(schedule: str, stage: int, stages: int, microbatches: int) -> int:
 def balance(atoms: list[Atom], saved: _Saved, stages: int, schedule: str, microbatches: int) -> list[int]:
     """Start indices of stages 1..S-1 (into ``atoms``) minimizing the largest stage's bytes.
 
-    Exact: dynamic programming over (stage, start atom); stages begin at splittable atoms (block
-    children after the first), so stage 0 holds the prefix and a block child, the last the suffix
-    and the loss.
+    Exact: dynamic programming over (stage, start atom); stages begin at splittable atoms (after
+    the first block child, where only contiguous tensors cross), so stage 0 holds the prefix and
+    a block child, the last the suffix and the loss.
     """
     n = len(atoms)
     cum_p = [0]
@@ -523,8 +540,8 @@ def balance(atoms: list[Atom], saved: _Saved, stages: int, schedule: str, microb
 
     starts = [i for i, a in enumerate(atoms) if a.splittable]
     if stages - 1 > len(starts):
-        raise ValueError(f"fxmem.shard.pipeline: stages={stages} is more than the {len(starts) + 1} block children "
-                         "the model can be split between")
+        raise ValueError(f"fxmem.shard.pipeline: stages={stages} is more than the {len(starts) + 1} pieces the model "
+                         "can be split into (at block children and the projections inside them)")
     if stages == 1:
         return []
     inf = float("inf")
@@ -593,7 +610,7 @@ def pipeline(model: nn.Module, *args: Any, stages: int, schedule: str = "1f1b", 
     target_mb = _chunk((target,), microbatches)[0] if loss_fn is not None else None
     names = _atom_names(model, mb)
     if stages - 1 > len(names[0]) - 1:  # checked before the (slower) export
-        raise ValueError(f"fxmem.shard.pipeline: stages={stages} is more than the {len(names[0])} block children "
-                         "the model can be split between")
+        raise ValueError(f"fxmem.shard.pipeline: stages={stages} is more than the {len(names[0])} pieces the model "
+                         "can be split into (at block children and the projections inside them)")
     atoms, saved = measure_atoms(model, mb, loss_fn, target_mb, names)
     return _plan(atoms, saved, stages, schedule, microbatches, mb, loss_fn)
