@@ -202,7 +202,7 @@ def _print_pipeline(pipe_rows: dict, pipe4_rows: dict) -> None:
         for name, stages in rows.items():
             sizes = [s["bytes"] for s in stages]
             plan = [s["plan_bytes"] for s in stages]
-            split = next(line for line in stages[0]["table"].splitlines() if line.startswith("split points"))
+            split = next(line for line in stages[0]["table"].splitlines() if line.startswith("split points:"))
             print(f"{name:18s} {layers} layers: stages bytes {sizes} (plan {plan}), largest/smallest "
                   f"{max(sizes) / min(sizes):.3f} (plan {max(plan) / min(plan):.3f}); activations/microbatch "
                   f"{[s['activation_bytes'] for s in stages]} (plan {[s['plan_activation_bytes'] for s in stages]}); "

@@ -190,8 +190,8 @@ class PipelinePlan:
                        f"{s.in_flight:<10d} {s.bytes}")
         crossing = {a.module: a.boundary_bytes for a in self.atoms}
         points = [f"{p} ({crossing[p]} B/microbatch cross)" for p in self.split_points]
-        out.append(f"split points (m: before module m, m:end: after it): {', '.join(points) or 'none'}; "
-                   f"largest / smallest stage: {1 + self.imbalance:.3f}")
+        out.append(f"split points: {', '.join(points) or 'none'}; largest / smallest stage: {1 + self.imbalance:.3f}")
+        out.append("(a stage begins before module m at split point m, after it at m:end)")
         if self.loss_fn is None:
             out.append("loss not counted (no loss_fn given): the last stage holds its saved tensors too")
         return "\n".join(out)
