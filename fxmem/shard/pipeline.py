@@ -526,7 +526,8 @@ def balance(atoms: list[Atom], saved: _Saved, stages: int, schedule: str, microb
 
     Exact: dynamic programming over (stage, start atom); stages begin at splittable atoms (after
     the first block child, where only contiguous tensors cross), so stage 0 holds the prefix and
-    a block child, the last the suffix and the loss.
+    a block child, the last the suffix and the loss. Among splits with the same largest stage,
+    the one whose boundaries send the fewest bytes.
     """
     n = len(atoms)
     cum_p = [0]
@@ -544,21 +545,23 @@ def balance(atoms: list[Atom], saved: _Saved, stages: int, schedule: str, microb
                          "can be split into (at block children and the projections inside them)")
     if stages == 1:
         return []
-    inf = float("inf")
-    # best[s][b]: the smallest largest-stage bytes with stages 0..s covering atoms[:b] (b a start)
+    inf = (float("inf"), 0)
+    # best[s][b]: (the smallest largest-stage bytes, then the fewest bytes crossing boundaries)
+    # with stages 0..s covering atoms[:b] (b a start). Ties are common with fine atoms (after
+    # ``o_proj`` and before the next norm hold the same bytes): the boundary that sends less wins.
     best = [{b: inf for b in starts} for _ in range(stages - 1)]
     choice = [{b: 0 for b in starts} for _ in range(stages - 1)]
     for b in starts:
-        best[0][b] = cost(0, b, 0)
+        best[0][b] = (cost(0, b, 0), atoms[b].boundary_bytes)
     for s in range(1, stages - 1):
         for b in starts:
             for a in starts:
                 if a < b and best[s - 1][a] < inf:
-                    c = max(best[s - 1][a], cost(a, b, s))
+                    c = (max(best[s - 1][a][0], cost(a, b, s)), best[s - 1][a][1] + atoms[b].boundary_bytes)
                     if c < best[s][b]:
                         best[s][b], choice[s][b] = c, a
     last = min((b for b in starts if best[stages - 2][b] < inf),
-               key=lambda b: max(best[stages - 2][b], cost(b, n, stages - 1)))
+               key=lambda b: (max(best[stages - 2][b][0], cost(b, n, stages - 1)), best[stages - 2][b][1]))
     out = [last]
     for s in range(stages - 2, 0, -1):
         out.append(choice[s][out[-1]])
