@@ -253,7 +253,34 @@ class FxmemBackend:
         name = self.recorder.new_graph_name("dynamo")
         new = run_pipeline(gm, "dynamo", self.config, self.recorder, graph_name=name)
         changed = any(r.graph == name and r.status == "changed" for r in self.recorder.records)
-        return new if changed else gm
+        if not changed:
+            return gm
+        keep_dynamo_metadata(gm, new)
+        return new
+
+
+def keep_dynamo_metadata(dynamo_gm: fx.GraphModule, new: fx.GraphModule) -> None:
+    """Carry what AOTAutograd reads from a Dynamo graph over to a rewritten copy of it.
+
+    AOTAutograd tells the partitioner which inputs are parameters and buffers
+    (``static_lifetime_input_indices``) only for a graph it recognises as Dynamo's: one with
+    ``_param_name_to_source`` and a ``_dynamo_source`` on every placeholder (torch's
+    ``_try_get_metadata_from_dynamo``). A copy keeps ``meta`` but not those attributes, so after
+    the chunk pass rewrote a graph the partitioner saw no parameters at all: remat then counted
+    them as activations (its budget measured against an inflated eager split) and did not
+    recompute parameter-derived values from them. The placeholders are matched by name; a
+    rewrite that changed the inputs keeps nothing (the partitioner then gets no static inputs,
+    as before).
+    """
+    old = {n.name: n for n in dynamo_gm.graph.find_nodes(op="placeholder")}
+    placeholders = list(new.graph.find_nodes(op="placeholder"))
+    if [n.name for n in placeholders] != list(old):
+        return
+    for node in placeholders:
+        if hasattr(old[node.name], "_dynamo_source"):
+            node._dynamo_source = old[node.name]._dynamo_source
+    if hasattr(dynamo_gm, "_param_name_to_source"):
+        new._param_name_to_source = dynamo_gm._param_name_to_source
 
 
 def partition(joint_gm: fx.GraphModule, joint_inputs, config: FxmemConfig, recorder: Recorder | None = None, *,

@@ -187,3 +187,36 @@ def test_an_inductor_failure_raises_under_strict(monkeypatch):
     torch._dynamo.reset()
     with pytest.raises(Exception, match="simulated Inductor failure"):
         torch.compile(model, backend="fxmem", options={"strict": True})(torch.randn(2, 8)).sum().backward()
+
+
+@pytest.mark.parametrize("codegen", ["eager", "inductor"])
+def test_partition_knows_the_parameters_after_the_chunk_pass_rewrote_the_graph(codegen, monkeypatch):
+    """AOTAutograd passes the partitioner the parameters' positions only for a graph it knows as
+    Dynamo's. The chunk pass rewrites a copy of Dynamo's graph; before the copy kept Dynamo's
+    metadata, remat got no parameters after it and counted them as activations."""
+    import importlib
+
+    backend_module = importlib.import_module("fxmem.backend")
+    from fxmem.models.gpt import GPT, GPTConfig, example_batch
+
+    seen = []
+    partition = backend_module.partition
+
+    def spy(joint_gm, joint_inputs, config, recorder=None, **kw):
+        seen.append(set(kw.get("static_lifetime_input_indices") or ()))
+        return partition(joint_gm, joint_inputs, config, recorder, **kw)
+
+    monkeypatch.setattr(backend_module, "partition", spy)
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=1, d_model=32, n_head=2, block_size=32, vocab_size=2048)
+    model = GPT(cfg)
+    idx, targets = example_batch(cfg, batch=2), example_batch(cfg, batch=2, seed=1)
+    be = fxmem.backend(codegen=codegen, remat={"budget": 0.5})
+    loss = torch.compile(model, backend=be)(idx, targets)[1]
+    loss.backward()
+    assert any(r.name == "chunk" and r.status == "changed" for r in be.recorder.records)
+    n_params = sum(1 for _ in model.parameters()) + sum(1 for _ in model.buffers())
+    assert len(seen) == 1 and len(seen[0]) == n_params  # every parameter and buffer, none else
+    stats = be.recorder.partitions[-1]
+    params_saved = [row for row in stats["saved"] if row["name"] in {f"primals_{i + 1}" for i in seen[0]}]
+    assert params_saved and all(row["parameter"] for row in params_saved)  # at zero activation cost
