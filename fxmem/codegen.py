@@ -166,7 +166,9 @@ def inductor_training(gm: fx.GraphModule, example_inputs: Sequence[Any],
                       partition_fn: Callable[..., tuple[fx.GraphModule, fx.GraphModule]]) -> Callable:
     """Compile a Dynamo graph for training with Inductor, fxmem's ``partition_fn`` as its partitioner."""
     from torch._functorch import config as functorch_config
-    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    from fxmem.fusion_guard import guarded_inner_compile
 
     # no caches for this compile: fxmem's partition depends on its options and must run (see
     # make_partitioner); Inductor cannot pickle a partitioner into its cache key anyway.
@@ -177,8 +179,11 @@ def inductor_training(gm: fx.GraphModule, example_inputs: Sequence[Any],
     # config_patches around that later compile too.
     patches = dict(custom_partitioner_fn=make_partitioner(partition_fn), fx_graph_cache=False,
                    fallback_random=True, allow_buffer_reuse=INDUCTOR_BUFFER_POOL)
+    # the fusion guard (fxmem.fusion_guard) wraps inner_compile, the call compile_fx makes for
+    # the forward and, possibly later and lazily, the backward: active for fxmem's graphs only
     with functorch_config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, list(example_inputs), config_patches=patches)
+        return compile_fx(gm, list(example_inputs), inner_compile=guarded_inner_compile(compile_fx_inner),
+                          config_patches=patches)
 
 
 def _decompose(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:

@@ -36,6 +36,10 @@ graph before partitioning; ``forward`` / ``backward``: the two halves after it."
 # Node meta keys that cross module boundaries (written by one module, read by another).
 FQN_KEY = "fxmem_fqn"
 """On a frozen weight's ``get_attr`` node: its qualified name in the user's model."""
+RECOMPUTED_KEY = "fxmem_recomputed"
+"""On a node of a backward graph that remat produced: True when the node computes a forward value
+again (rematerialization). Read by the Inductor code generator's fusion guard
+(:mod:`fxmem.fusion_guard`)."""
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,8 @@ from fxmem.analysis.sizes import PARAM_META_KEY, is_alias_op, node_bytes, unique
 from fxmem.analysis.timeline import step_timeline
 from fxmem.config import RematConfig
 from fxmem.passes._flow import INF, SINK, SOURCE, FlowNetwork, min_cut
-from fxmem.passes.base import UnsupportedGraph
+from fxmem.passes._sink import sink_compute
+from fxmem.passes.base import RECOMPUTED_KEY, UnsupportedGraph
 
 BYTE_COST = 1.0
 """Recompute cost of one byte moved by a memory-bound op, in FLOPs. Matmuls dominate at 1; the
@@ -523,6 +524,9 @@ def _build(joint: fx.GraphModule, prob: _Problem, saved: list[fx.Node], num_fwd_
     fw.recompile()
     bw.recompile()
     bw = P.reordering_to_mimic_autograd_engine(bw)
+    static = {n.name for n in prob.static}
+    if sink_compute(bw.graph, {n for n in bw.graph.nodes if n.op == "placeholder" and n.name in static}):
+        bw.recompile()
     return raise_getitems(fw), raise_getitems(bw)
 
 
@@ -598,6 +602,13 @@ def _recomputed_rows(prob: _Problem, bw: fx.GraphModule) -> list[dict[str, Any]]
     return rows
 
 
+def _mark_recomputed(bw: fx.GraphModule, names: set[str]) -> None:
+    """Tag the backward's recomputing nodes (``meta[RECOMPUTED_KEY]``): code generators read it."""
+    for node in bw.graph.nodes:
+        if node.name in names:
+            node.meta[RECOMPUTED_KEY] = True
+
+
 def rematerialize(joint_gm: fx.GraphModule, config: RematConfig = RematConfig(), *, num_fwd_outputs: int | None = None,
                   static_lifetime_input_indices: Sequence[int] | None = None, joint_inputs: Any = None) -> RematResult:
     """Partition ``joint_gm`` by ``config``; returns the graphs and the statistics explain shows.
@@ -646,6 +657,7 @@ def rematerialize(joint_gm: fx.GraphModule, config: RematConfig = RematConfig(),
         saved = saved_activation_bytes(fw, num_fwd_outputs)
         partitioner = "default_partition (min-cut above eager)"
     rows = _recomputed_rows(prob, bw) if partitioner == "fxmem min-cut" else []
+    _mark_recomputed(bw, {r["name"] for r in rows})
     stats = {
         "partitioner": partitioner,
         "budget": config.budget,
