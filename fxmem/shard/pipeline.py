@@ -35,9 +35,12 @@ under ``saved_tensors_hooks`` twice::
 
 Each saved storage (parameters excluded) is recorded with the atoms that save it; a stage's
 activations are the storages any of its atoms saves, counted once (run A for stage 0, run B for
-the others). A stage holds its parameters plus its activations for every microbatch in flight:
-GPipe runs all M forwards before any backward (M on every stage); 1F1B keeps ``min(S - s, M)`` on
-stage ``s``. The contiguous split that minimizes the largest stage is exact (dynamic programming
+the others). A stage's bytes are its peak during ``schedule.step`` (:attr:`Stage.bytes`):
+parameters + what its boundaries hold (:func:`boundary_bytes`: receive buffers, outputs kept
+until their backward, gradient receive buffers, the last stage's outputs) + the larger of its
+activations for every microbatch in flight (GPipe runs all M forwards before any backward: M;
+1F1B keeps ``min(S - s, M)`` on stage ``s``) and its parameter gradients beside the microbatches
+it still holds after the first backward (:func:`with_grads`). The contiguous split that minimizes the largest stage is exact (dynamic programming
 over the atoms). The chosen split points are where ``pipe_split()`` runs, as
 ``pipeline(split_spec={m: SplitPoint.BEGINNING / END})`` places it (:meth:`PipelinePlan.split_spec`
 gives that dict); :meth:`PipelinePlan.build` makes this rank's ``PipelineStage`` and
