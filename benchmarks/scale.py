@@ -106,7 +106,7 @@ def _plot(mesh_rows, pipe_rows, path):
     ax1.legend(fontsize=8)
     names = list(pipe_rows)
     for s in (0, 1):
-        ax2.bar([j + (s - 0.5) * 0.35 for j in range(len(names))], [pipe_rows[n][s]["bytes"] for n in names], 0.35,
+        ax2.bar([j + (s - 0.5) * 0.35 for j in range(len(names))], [pipe_rows[n][s]["peak_bytes"] for n in names], 0.35,
                 label=f"stage {s}")
     ax2.set_xticks(range(len(names)), names, fontsize=8)
     ax2.set_ylabel("bytes (params + activations in flight)")
@@ -200,10 +200,11 @@ def _pipeline_only(out: str, path: str) -> None:
 def _print_pipeline(pipe_rows: dict, pipe4_rows: dict) -> None:
     for layers, rows in ((8, pipe_rows), (4, pipe4_rows)):
         for name, stages in rows.items():
-            sizes = [s["bytes"] for s in stages]
-            plan = [s["plan_bytes"] for s in stages]
+            sizes = [s["peak_bytes"] for s in stages]   # each rank's measured peak in its first step
+            plan = [s["plan_total_bytes"] for s in stages]
             split = next(line for line in stages[0]["table"].splitlines() if line.startswith("split points:"))
-            print(f"{name:18s} {layers} layers: stages bytes {sizes} (plan {plan}), largest/smallest "
+            print(f"{name:18s} {layers} layers: measured peak {sizes} (plan {plan}, measured/plan "
+                  f"{[round(a / b, 3) for a, b in zip(sizes, plan)]}), largest/smallest "
                   f"{max(sizes) / min(sizes):.3f} (plan {max(plan) / min(plan):.3f}); activations/microbatch "
                   f"{[s['activation_bytes'] for s in stages]} (plan {[s['plan_activation_bytes'] for s in stages]}); "
                   f"loss err {stages[-1]['loss_error']:.1e}, grad err {max(s['max_grad_error'] for s in stages):.1e}; "

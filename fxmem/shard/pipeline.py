@@ -35,9 +35,12 @@ under ``saved_tensors_hooks`` twice::
 
 Each saved storage (parameters excluded) is recorded with the atoms that save it; a stage's
 activations are the storages any of its atoms saves, counted once (run A for stage 0, run B for
-the others). A stage holds its parameters plus its activations for every microbatch in flight:
-GPipe runs all M forwards before any backward (M on every stage); 1F1B keeps ``min(S - s, M)`` on
-stage ``s``. The contiguous split that minimizes the largest stage is exact (dynamic programming
+the others). A stage's bytes are its peak during ``schedule.step`` (:attr:`Stage.bytes`):
+parameters + what its boundaries hold (:func:`boundary_bytes`: receive buffers, outputs kept
+until their backward, gradient receive buffers, the last stage's outputs) + the larger of its
+activations for every microbatch in flight (GPipe runs all M forwards before any backward: M;
+1F1B keeps ``min(S - s, M)`` on stage ``s``) and its parameter gradients beside the microbatches
+it still holds after the first backward (:func:`with_grads`). The contiguous split that minimizes the largest stage is exact (dynamic programming
 over the atoms). The chosen split points are where ``pipe_split()`` runs, as
 ``pipeline(split_spec={m: SplitPoint.BEGINNING / END})`` places it (:meth:`PipelinePlan.split_spec`
 gives that dict); :meth:`PipelinePlan.build` makes this rank's ``PipelineStage`` and
@@ -79,6 +82,7 @@ class Atom:
     received_activation_bytes: int = 0
     splittable: bool = False   # a stage may begin here
     boundary_bytes: int = 0    # what a stage beginning here receives per microbatch
+    output_bytes: int = 0      # on the last atom: the model's output per microbatch (the last stage keeps it)
 
 
 @dataclass
@@ -91,10 +95,17 @@ class Stage:
     param_bytes: int
     activation_bytes: int   # per microbatch
     in_flight: int          # microbatches whose activations the stage holds at once
+    grad_bytes: int = 0     # its parameters' gradients (made by the first backward, kept to the optimizer step)
+    boundary_bytes: int = 0  # what it holds because of its boundaries (:func:`boundary_bytes`)
+    with_grads: int = 0     # microbatches whose activations it holds beside the gradients (:func:`with_grads`)
 
     @property
     def bytes(self) -> int:
-        return self.param_bytes + self.in_flight * self.activation_bytes
+        """The peak: before the first backward ``in_flight`` microbatches' activations; from it on
+        the gradients beside ``with_grads`` microbatches' (a backward frees a microbatch's saved
+        tensors as it makes the gradients, so the two do not add up)."""
+        held = max(self.in_flight * self.activation_bytes, self.grad_bytes + self.with_grads * self.activation_bytes)
+        return self.param_bytes + held + self.boundary_bytes
 
 
 @dataclass
@@ -183,11 +194,12 @@ class PipelinePlan:
 
     def table(self) -> str:
         out = [f"fxmem.shard pipeline: {len(self.stages)} stages, {self.schedule}, {self.microbatches} microbatches"]
-        out.append("stage  first .. last                                params B  activations B/microbatch  in flight  bytes")
+        out.append("stage  first .. last                                params B  grads B   activations B/microbatch  "
+                   "in flight  boundary B  bytes")
         for s in self.stages:
             span = f"{s.first} .. {s.last}"
-            out.append(f"{s.index:<5d}  {span:<44s} {s.param_bytes:<9d} {s.activation_bytes:<25d} "
-                       f"{s.in_flight:<10d} {s.bytes}")
+            out.append(f"{s.index:<5d}  {span:<44s} {s.param_bytes:<9d} {s.grad_bytes:<9d} {s.activation_bytes:<25d} "
+                       f"{s.in_flight:<10d} {s.boundary_bytes:<11d} {s.bytes}")
         crossing = {a.module: a.boundary_bytes for a in self.atoms}
         points = [f"{p} ({crossing[p]} B/microbatch cross)" for p in self.split_points]
         out.append(f"split points: {', '.join(points) or 'none'}; largest / smallest stage: {1 + self.imbalance:.3f}")
@@ -364,6 +376,7 @@ def measure_atoms(model: nn.Module, args: tuple, loss_fn: Callable | None = None
     # per piece, the tensors it takes: {key: (producing piece, bytes, contiguous)}; -1 = a root input
     produced: dict[tuple, int] = {}
     taken: list[dict[tuple, tuple[int, int, bool]]] = [{} for _ in pieces]
+    out_bytes = [0]
 
     def run(received: bool) -> list[dict[int, int]]:
         saved: list[dict[int, int]] = [{} for _ in labels]
@@ -404,6 +417,9 @@ def measure_atoms(model: nn.Module, args: tuple, loss_fn: Callable | None = None
         try:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 out = pipe(*args)  # its interpreter calls the pieces in order (split_gm refuses to run)
+                out_bytes[0] = sum(t.numel() * t.element_size()
+                                   for t in (out if isinstance(out, (tuple, list)) else (out,))
+                                   if isinstance(t, torch.Tensor))
                 if loss_fn is not None:
                     region[0] = len(labels) - 1
                     out = out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
@@ -424,6 +440,7 @@ def measure_atoms(model: nn.Module, args: tuple, loss_fn: Callable | None = None
                           # send takes contiguous tensors)
                           splittable=label in names[1:] and all(c for _, _, c in crossing.values()),
                           boundary_bytes=sum(b for _, b, _ in crossing.values())))
+    atoms[-1].output_bytes = out_bytes[0]
     return atoms, saved
 
 
@@ -521,6 +538,33 @@ def in_flight(schedule: str, stage: int, stages: int, microbatches: int) -> int:
     return microbatches if schedule == "gpipe" else min(stages - stage, microbatches)
 
 
+def with_grads(schedule: str, stage: int, stages: int, microbatches: int) -> int:
+    """Microbatches whose activations stage ``stage`` holds beside its parameter gradients: GPipe
+    runs every backward after every forward, so one fewer than in flight; 1F1B runs a forward
+    between backwards once it has more microbatches than in flight, so as many as in flight."""
+    f = in_flight(schedule, stage, stages, microbatches)
+    return f if schedule == "1f1b" and microbatches > f else f - 1
+
+
+def boundary_bytes(atoms: list[Atom], i: int, j: int, s: int, stages: int, schedule: str, microbatches: int) -> int:
+    """What stage ``s`` (atoms[i:j]) holds at its peak because of its boundaries, beyond its
+    parameters, their gradients and its saved activations (read from ``PipelineStage``):
+
+    * a later stage: one receive buffer per microbatch (``args_recv_info[chunk]``, made for every
+      chunk before the first forward and kept), ``microbatches × atoms[i].boundary_bytes``;
+    * a stage that sends: its outputs, kept in ``fwd_cache`` until their backward
+      (``in flight × atoms[j].boundary_bytes``), and one gradient receive buffer per microbatch
+      (``grad_recv_info[chunk]``, all made before the first backward), ``microbatches × ...``;
+    * the last stage: the model's output per microbatch (``output_chunks``, merged for the caller).
+    """
+    held = microbatches * atoms[i].boundary_bytes if s > 0 else 0
+    if s < stages - 1:
+        held += (in_flight(schedule, s, stages, microbatches) + microbatches) * atoms[j].boundary_bytes
+    else:
+        held += microbatches * atoms[-1].output_bytes
+    return held
+
+
 def balance(atoms: list[Atom], saved: _Saved, stages: int, schedule: str, microbatches: int) -> list[int]:
     """Start indices of stages 1..S-1 (into ``atoms``) minimizing the largest stage's bytes.
 
@@ -537,7 +581,10 @@ def balance(atoms: list[Atom], saved: _Saved, stages: int, schedule: str, microb
 
     def cost(i, j, s):  # atoms[i:j] as stage s
         act = (first if s == 0 else received)[i][j]
-        return cum_p[j] - cum_p[i] + in_flight(schedule, s, stages, microbatches) * act
+        p = cum_p[j] - cum_p[i]
+        return Stage(s, "", "", p, act, in_flight(schedule, s, stages, microbatches), grad_bytes=p,
+                     boundary_bytes=boundary_bytes(atoms, i, j, s, stages, schedule, microbatches),
+                     with_grads=with_grads(schedule, s, stages, microbatches)).bytes
 
     starts = [i for i, a in enumerate(atoms) if a.splittable]
     if stages - 1 > len(starts):
@@ -583,8 +630,10 @@ def _plan(atoms, saved, stages, schedule, microbatches, mb, loss_fn) -> Pipeline
     for s in range(stages):
         i, j = bounds[s], bounds[s + 1]
         act = (first if s == 0 else received)[i][j]
-        out.append(Stage(s, atoms[i].module, atoms[j - 1].module, sum(a.param_bytes for a in atoms[i:j]), act,
-                         in_flight(schedule, s, stages, microbatches)))
+        p = sum(a.param_bytes for a in atoms[i:j])
+        out.append(Stage(s, atoms[i].module, atoms[j - 1].module, p, act, in_flight(schedule, s, stages, microbatches),
+                         grad_bytes=p, boundary_bytes=boundary_bytes(atoms, i, j, s, stages, schedule, microbatches),
+                         with_grads=with_grads(schedule, s, stages, microbatches)))
     return PipelinePlan(out, schedule, microbatches, [atoms[i].module for i in starts], atoms, mb, loss_fn, saved)
 
 

@@ -15,6 +15,7 @@ Processes are started by :func:`fxmem.testing.tp.spawn`.
 from __future__ import annotations
 
 import copy
+import gc
 from typing import Any
 
 import torch
@@ -391,6 +392,22 @@ def run_pipeline(rank: int, world_size: int, case: str, schedules: tuple[str, ..
     for schedule in schedules:
         plan = measured.with_schedule(schedule)
         pipe, stage, sched = plan.build(copy.deepcopy(model), rank, "cpu")
+        del pipe  # the other stages' modules: not this rank's memory
+
+        def step(losses):
+            if rank == 0:
+                sched.step(x)
+            elif rank == world_size - 1:
+                sched.step(target=y, losses=losses)
+            else:
+                sched.step()
+
+        # The first step, on the fresh stage, measured by the CPU allocator's events: parameter
+        # gradients, receive buffers and fwd_cache are made in it (the parameters exist before).
+        gc.collect()
+        peak, _ = fxmem.measure.peak_memory(lambda: step([]), device="cpu")
+        for p in stage.submod.parameters():
+            p.grad = None
         losses: list[torch.Tensor] = []
         saved = [0]
         seen: set[int] = set()
@@ -406,12 +423,7 @@ def run_pipeline(rank: int, world_size: int, case: str, schedules: tuple[str, ..
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            if rank == 0:
-                sched.step(x)
-            elif rank == world_size - 1:
-                sched.step(target=y, losses=losses)
-            else:
-                sched.step()
+            step(losses)
         grad_errors = [float((p.grad - ref[n].grad).abs().max()) for n, p in stage.submod.named_parameters()]
         param_bytes = sum(tensor_bytes(p) for p in {id(p): p for p in stage.submod.parameters()}.values())
         per_mb = saved[0] // microbatches
@@ -421,6 +433,8 @@ def run_pipeline(rank: int, world_size: int, case: str, schedules: tuple[str, ..
             "param_bytes": param_bytes, "activation_bytes": per_mb, "in_flight": planned.in_flight,
             "bytes": param_bytes + planned.in_flight * per_mb, "plan_bytes": planned.bytes,
             "plan_param_bytes": planned.param_bytes, "plan_activation_bytes": planned.activation_bytes,
+            "peak_bytes": param_bytes + peak.peak_bytes, "plan_total_bytes": planned.bytes,
+            "plan_grad_bytes": planned.grad_bytes, "plan_boundary_bytes": planned.boundary_bytes,
             "loss_error": abs(float(sum(losses) / len(losses)) - float(ref_loss)) if losses else None,
             "max_grad_error": max(grad_errors), "grads_compared": len(grad_errors)}
     return out

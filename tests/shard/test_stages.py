@@ -7,7 +7,9 @@ children (where only contiguous tensors cross), an inner split point pipelining 
 with a warning, bad input rejected. On 2 processes (one spawn, 4-layer HF Llama with both
 schedules from one measurement, 4-layer untied GPT with 1F1B; every boundary inside a block
 child): the single process's loss and gradients (1e-5), each stage holds the parameter and
-saved-activation bytes the plan says, and the measured stages are within 10% of each other.
+saved-activation bytes the plan says, each rank's measured peak (parameters, gradients, boundary
+buffers; CPU allocator events) is between the plan's stage bytes and 1.10 x them, and the
+measured peaks are within 10% of each other (both models, both schedules).
 """
 
 import pytest
@@ -32,9 +34,16 @@ def test_stages_balanced_by_memory_and_cover_every_parameter(gpt_plan):
     one_f_one_b = plan.with_schedule("1f1b")   # the same measurement, balanced for 1F1B
     assert one_f_one_b.imbalance <= 0.10
     assert [s.in_flight for s in one_f_one_b.stages] == [2, 1]  # stage 0 holds more microbatches
-    # 1F1B moves the boundary towards the first stage: it holds two microbatches' activations
+    # 1F1B never moves the boundary away from the first stage (it holds more microbatches); with
+    # 2 microbatches the peaks agree (both hold the gradients beside one microbatch's activations)
     first = [a.module for a in one_f_one_b.atoms].index(one_f_one_b.split_points[0])
-    assert first < [a.module for a in plan.atoms].index(plan.split_points[0])
+    assert first <= [a.module for a in plan.atoms].index(plan.split_points[0])
+    assert [s.with_grads for s in plan.stages] == [1, 1] and [s.with_grads for s in one_f_one_b.stages] == [1, 1]
+    four = fxmem.shard.pipeline(model, *scale.batch(64, 8)[:1], stages=2, schedule="1f1b", microbatches=4)
+    # 1F1B with more microbatches than in flight runs a forward between backwards: stage 0 holds
+    # its 2 in flight beside the gradients, GPipe one fewer than all 4
+    assert [s.with_grads for s in four.stages] == [2, 1]
+    assert [s.with_grads for s in four.with_schedule("gpipe").stages] == [3, 3]
     assert "stage" in str(plan) and "in flight" in str(plan)
 
 
@@ -80,8 +89,11 @@ def test_four_layers_balanced_within_10_percent_by_splitting_inside_block_childr
         assert plan.imbalance <= 0.10, plan
         assert sum(s.param_bytes for s in plan.stages) == sum(p.numel() * 4 for p in model.parameters())
     one_f_one_b = gpipe.with_schedule("1f1b")
-    # the boundary that balances 1F1B lies inside a block child (in the MLP, on both models)
-    assert ".mlp." in one_f_one_b.split_points[0], one_f_one_b.split_points
+    for plan in (gpipe, one_f_one_b):
+        for s in plan.stages:
+            # the fuller definition: gradients as big as the parameters, boundary buffers counted
+            assert s.grad_bytes == s.param_bytes
+            assert s.boundary_bytes > 0
     atoms = {a.module: a for a in gpipe.atoms}
     block = "blocks.1" if case == "gpt_untied" else "model.layers.1"
     attn = "attn" if case == "gpt_untied" else "self_attn"
@@ -140,20 +152,17 @@ def test_pipeline_rejects_bad_input():
 
 
 def _two(rank, world):
-    # 4 layers: every boundary the plans choose lies inside a block child (Llama: after the query
-    # projection for GPipe, after the MLP's up projection for 1F1B; GPT: before its down projection)
-    return {f"llama {k}": v for k, v in scale.run_pipeline(rank, world, "llama", ("gpipe", "1f1b"), layers=4).items()} | {
-        "gpt_untied 1f1b": scale.run_pipeline(rank, world, "gpt_untied", ("1f1b",), layers=4)["1f1b"]}
+    # 4 layers, both models, both schedules (GPT's boundary after the MLP's down projection, inside
+    # a block child; Llama's before layer 2's attention)
+    return {f"{case} {k}": v for case in ("llama", "gpt_untied")
+            for k, v in scale.run_pipeline(rank, world, case, ("gpipe", "1f1b"), layers=4).items()}
 
 
 @pytest.mark.distributed
 def test_two_stages_gpipe_and_1f1b_equal_one_process_and_hold_what_the_plan_says():
     results = tp.spawn(_two, 2)
-    for schedule in ("llama gpipe", "llama 1f1b", "gpt_untied 1f1b"):
+    for schedule in ("llama gpipe", "llama 1f1b", "gpt_untied gpipe", "gpt_untied 1f1b"):
         stages = [r[schedule] for r in results]
-        points = next(line for line in stages[0]["table"].splitlines() if line.startswith("split points:"))
-        points = points.split(";")[0]
-        assert ":end" in points or ".mlp.down_proj" in points, (schedule, points)
         assert stages[-1]["loss_error"] <= 1e-5, schedule
         for s in stages:
             assert s["max_grad_error"] <= 1e-5 and s["grads_compared"] > 0, (schedule, s["stage"])
@@ -161,5 +170,11 @@ def test_two_stages_gpipe_and_1f1b_equal_one_process_and_hold_what_the_plan_says
             # what autograd saved per microbatch on this stage (the loss included on the last) is
             # what the plan measured on the exported pieces
             assert abs(s["activation_bytes"] - s["plan_activation_bytes"]) <= 0.01 * s["plan_activation_bytes"], (schedule, s)
-        measured = [s["bytes"] for s in stages]
-        assert max(measured) <= 1.1 * min(measured), (schedule, measured)
+            # each rank's peak in its first step (parameters, gradients, receive buffers, fwd_cache
+            # and the backward's own temporaries, by the CPU allocator's events) is what the plan
+            # says, up to the backward's temporaries the plan does not count (1.5-8% measured)
+            assert s["plan_total_bytes"] <= s["peak_bytes"] <= 1.10 * s["plan_total_bytes"], (schedule, s)
+        # balanced as the ranks really hold it (parameters + saved activations alone is no longer
+        # what is balanced: Llama 4-layer GPipe is 1.12 on that narrower definition)
+        peaks = [s["peak_bytes"] for s in stages]
+        assert max(peaks) <= 1.1 * min(peaks), (schedule, peaks)
