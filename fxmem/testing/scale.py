@@ -394,7 +394,7 @@ def run_pipeline(rank: int, world_size: int, case: str, schedules: tuple[str, ..
         pipe, stage, sched = plan.build(copy.deepcopy(model), rank, "cpu")
         del pipe  # the other stages' modules: not this rank's memory
 
-        def step(losses):
+        def step(losses, sched=sched):
             if rank == 0:
                 sched.step(x)
             elif rank == world_size - 1:
