@@ -201,7 +201,7 @@ def _print_pipeline(pipe_rows: dict, pipe4_rows: dict) -> None:
     for layers, rows in ((8, pipe_rows), (4, pipe4_rows)):
         for name, stages in rows.items():
             sizes = [s["peak_bytes"] for s in stages]   # each rank's measured peak in its first step
-            plan = [s["plan_total_bytes"] for s in stages]
+            plan = [s["plan_bytes"] for s in stages]
             split = next(line for line in stages[0]["table"].splitlines() if line.startswith("split points:"))
             print(f"{name:18s} {layers} layers: measured peak {sizes} (plan {plan}, measured/plan "
                   f"{[round(a / b, 3) for a, b in zip(sizes, plan)]}), largest/smallest "

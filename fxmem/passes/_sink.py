@@ -52,6 +52,11 @@ def sink_compute(graph: fx.Graph, parameters: set[fx.Node]) -> int:
     """
     moved = 0
     candidates = [n for n in graph.nodes if n.op == "call_function" and is_compute_bound(n) and not _impure(n)]
+    # who reads each storage: moving nodes changes the order, never the edges
+    readers: dict[fx.Node, list[fx.Node]] = {}
+    for other in graph.nodes:
+        for inp in other.all_input_nodes:
+            readers.setdefault(storage_root(inp), []).append(other)
     for node in reversed(candidates):  # later nodes first: an earlier one may then sink past them
         order = {n: i for i, n in enumerate(graph.nodes)}
         group = _with_views(node)
@@ -61,17 +66,12 @@ def sink_compute(graph: fx.Graph, parameters: set[fx.Node]) -> int:
             continue
         # the storages the group reads must stay alive down to the new place anyway: it goes just
         # before its first consumer, or before the last read of an input if that comes sooner
-        last_read: dict[fx.Node, int] = {}
-        for other in graph.nodes:
-            if other in members:
-                continue
-            for inp in other.all_input_nodes:
-                root = storage_root(inp)
-                last_read[root] = max(last_read.get(root, -1), order[other])
         inputs = {storage_root(i) for m in group for i in m.all_input_nodes
                   if i not in members and isinstance(i.meta.get("val"), torch.Tensor)}
+        last_reads = [max((order[u] for u in readers.get(r, ()) if u not in members), default=-1)
+                      for r in inputs if r not in parameters]
         start = order[node]
-        stop = min([order[u] for u in consumers] + [last_read.get(r, -1) for r in inputs if r not in parameters])
+        stop = min([order[u] for u in consumers] + last_reads)
         nodes = list(graph.nodes)
         between = [n for n in nodes[start + 1:max(stop, start + 1)] if n not in members]
         if not between or any(_impure(n) for n in between):

@@ -345,6 +345,8 @@ class _Choice:
 def _solve(prob: _Problem, lam: float | None, *, allow_compute: bool) -> _Choice:
     """The exact minimiser of saved bytes + λ·cost (``lam=None``: λ → 0⁺, i.e. fewest bytes, then
     least recompute; ``lam=inf``: nothing with a cost is recomputed)."""
+    if prob.key is None or _SHARED.get() is None:
+        return _solve_once(prob, lam, allow_compute)
     # shared by node *names*: an equal graph in another call has other node objects
     names = _shared(prob, ("solve", lam, allow_compute), lambda: _named(_solve_once(prob, lam, allow_compute)))
     by_name = {n.name: n for n in prob.nodes}

@@ -334,7 +334,8 @@ def _atom_names(model: nn.Module, args: tuple, refine: bool = True) -> tuple[lis
     finally:
         for h in handles:
             h.remove()
-    ran = [n for n in order if n in set(coarse)]
+    coarse_set = set(coarse)
+    ran = [n for n in order if n in coarse_set]
     if sorted(ran) != sorted(coarse):
         raise ValueError("fxmem.shard.pipeline: every block's children must run exactly once per forward to be "
                          f"split points; ran {ran}")
@@ -345,7 +346,7 @@ def _atom_names(model: nn.Module, args: tuple, refine: bool = True) -> tuple[lis
     parent: str | None = None
     seen_inner = False
     for n in order:  # call order (a layer may define its children in another order: HF Llama does)
-        if n in set(coarse):
+        if n in coarse_set:
             names.append(n)
             parent, seen_inner = n, False
         elif n.rsplit(".", 1)[0] == parent and parent in inside:

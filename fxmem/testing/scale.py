@@ -433,7 +433,7 @@ def run_pipeline(rank: int, world_size: int, case: str, schedules: tuple[str, ..
             "param_bytes": param_bytes, "activation_bytes": per_mb, "in_flight": planned.in_flight,
             "bytes": param_bytes + planned.in_flight * per_mb, "plan_bytes": planned.bytes,
             "plan_param_bytes": planned.param_bytes, "plan_activation_bytes": planned.activation_bytes,
-            "peak_bytes": param_bytes + peak.peak_bytes, "plan_total_bytes": planned.bytes,
+            "peak_bytes": param_bytes + peak.peak_bytes,
             "plan_grad_bytes": planned.grad_bytes, "plan_boundary_bytes": planned.boundary_bytes,
             "loss_error": abs(float(sum(losses) / len(losses)) - float(ref_loss)) if losses else None,
             "max_grad_error": max(grad_errors), "grads_compared": len(grad_errors)}
