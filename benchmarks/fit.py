@@ -86,7 +86,8 @@ def make_case(name: str, quick: bool) -> tuple[nn.Module, tuple, str]:
 def interleaved_times(steps: dict[str, Any], *, rounds: int, device: torch.device) -> dict[str, dict[str, float]]:
     """Each compiled step timed once per round, the candidates in a new random order each round
     (on a shared CPU the load drifts over minutes: candidates timed one after the other would
-    each see a different machine); per candidate the median, and the min and max, over rounds."""
+    each see a different machine); per candidate the median, and the min and max, over rounds, and
+    every round's time (``step_s_each``, round by round: ratios per round compare one moment)."""
     import random
     import statistics
 
@@ -103,7 +104,8 @@ def interleaved_times(steps: dict[str, Any], *, rounds: int, device: torch.devic
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times[label].append(time.perf_counter() - start)
-    return {k: {"step_s": statistics.median(v), "step_s_min": min(v), "step_s_max": max(v), "rounds": len(v)}
+    return {k: {"step_s": statistics.median(v), "step_s_min": min(v), "step_s_max": max(v), "rounds": len(v),
+                "step_s_each": v}
             for k, v in times.items()}
 
 
