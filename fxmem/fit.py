@@ -435,7 +435,8 @@ def _estimate_partition(cand: Candidate, joint: fx.GraphModule, joint_inputs, co
     fw = run_pipeline(fw, "forward", config, recorder)
     bw = run_pipeline(bw, "backward", config, recorder)
     timeline = step_timeline(fw, bw, num_fwd_outputs, fused=True, reuse=True)
-    fw_cost, bw_cost = graph_cost(fw), graph_cost(bw)
+    # Inductor generates the code: the bytes its kernels move, not the ATen graph's op by op
+    fw_cost, bw_cost = graph_cost(fw, fused=True), graph_cost(bw, fused=True)
     parts = cand.parts
     parts["batch"] = max(parts.get("batch", 0), timeline.input_bytes)
     parts["activations"] = parts.get("activations", 0) + _peak_with_workspace(timeline, fw, bw) - timeline.input_bytes

@@ -6,10 +6,19 @@ its backward, the CUDA attention kernels), plus the CPU flash attention forward 
 partitioner that trusts it thinks CPU attention is free to recompute. Every other op counts 0
 FLOPs here: its cost is the bytes it moves (inputs read + outputs written), which is what bounds
 pointwise and reduction ops on real hardware.
+
+Bytes are counted two ways. ``graph_cost(gm)`` charges every ATen node its inputs and outputs, as
+the graph runs op by op (``codegen="eager"``). ``graph_cost(gm, fused=True)`` charges what
+Inductor's kernels move: a pointwise op fused into its users (the fusion model of
+:mod:`fxmem.analysis.timeline`) moves nothing, a view moves nothing, and every other node reads
+the buffers its kernel reads (through the ops fused into it, each storage once) and writes its
+output. An op whose own implementation moves more than its inputs and outputs (a custom op that
+loops over chunks) says how much through :func:`register_internal_bytes`.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -88,8 +97,24 @@ def is_compute_bound(node: fx.Node) -> bool:
     return packet in COMPUTE_BOUND_PACKETS or packet in flop_counter.flop_registry
 
 
+_INTERNAL_BYTES: dict = {}
+
+
+def register_internal_bytes(op, fn) -> None:
+    """``fn(node) -> int``: the bytes ``op`` moves inside itself beyond reading its inputs and
+    writing its outputs once (the intermediates of a chunked loop: each chunk's logits written
+    and read again). Like ``flop_counter.register_flop_formula``, called where the op is defined."""
+    _INTERNAL_BYTES[getattr(op, "default", op)] = fn
+
+
+def internal_bytes(node: fx.Node) -> int:
+    fn = _INTERNAL_BYTES.get(node.target) if node.op == "call_function" else None
+    return int(fn(node)) if fn is not None else 0
+
+
 def node_bytes_moved(node: fx.Node) -> int:
-    """Bytes read (tensor inputs) plus bytes written (outputs) by one node."""
+    """Bytes read (tensor inputs) plus bytes written (outputs) by one node, plus what it moves
+    inside itself (:func:`register_internal_bytes`)."""
     if node.op != "call_function":
         return 0
     read = 0
@@ -98,8 +123,41 @@ def node_bytes_moved(node: fx.Node) -> int:
         if isinstance(val, torch.Tensor):
             read += tensor_bytes(val)
     val = node.meta.get("val")
-    written = sum(tensor_bytes(v) for v in (val if isinstance(val, (list, tuple)) else [val]) if isinstance(v, torch.Tensor))
-    return read + written
+    return read + _written(node) + internal_bytes(node)
+
+
+def _written(node: fx.Node) -> int:
+    val = node.meta.get("val")
+    return sum(tensor_bytes(v) for v in (val if isinstance(val, (list, tuple)) else [val]) if isinstance(v, torch.Tensor))
+
+
+def _fused_bytes_moved(gm: fx.GraphModule) -> int:
+    """Bytes Inductor's kernels move for ``gm`` (see the module docstring)."""
+    from fxmem.analysis.saved import forward_outputs
+    from fxmem.analysis.sizes import is_alias_op, storage_root
+    from fxmem.analysis.timeline import inductor_fusion
+
+    outputs = {storage_root(n) for n in forward_outputs(gm) if isinstance(n, fx.Node)}
+    skip, _ = inductor_fusion(gm, outputs)
+    moved = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node in skip or is_alias_op(node) or node.target is operator.getitem:
+            continue
+        # the buffers this node's kernel reads: through the pointwise ops fused into it and
+        # through views, down to storages that exist; each once
+        reads, stack, seen = set(), list(node.all_input_nodes), set()
+        while stack:
+            arg = stack.pop()
+            if arg in seen:
+                continue
+            seen.add(arg)
+            if arg in skip:
+                stack.extend(arg.all_input_nodes)
+            else:
+                reads.add(storage_root(arg))
+        moved += sum(tensor_bytes(r.meta.get("val")) for r in reads if isinstance(r.meta.get("val"), torch.Tensor))
+        moved += _written(node) + internal_bytes(node)
+    return moved
 
 
 @dataclass(frozen=True)
@@ -109,14 +167,17 @@ class GraphCost:
     matmul_nodes: int
 
 
-def graph_cost(gm: fx.GraphModule) -> GraphCost:
-    """Total FLOPs and bytes moved by a graph, and how many compute-bound nodes it has."""
+def graph_cost(gm: fx.GraphModule, *, fused: bool = False) -> GraphCost:
+    """Total FLOPs and bytes moved by a graph, and how many compute-bound nodes it has.
+    ``fused``: bytes as Inductor's kernels move them, not op by op (module docstring)."""
     flops = moved = mm = 0
     for node in gm.graph.nodes:
         flops += node_flops(node)
-        moved += node_bytes_moved(node)
+        moved += 0 if fused else node_bytes_moved(node)
         mm += is_compute_bound(node)
+    if fused:
+        moved = _fused_bytes_moved(gm)
     return GraphCost(flops, moved, mm)
 
 
-__all__ = ["node_flops", "node_bytes_moved", "is_compute_bound", "graph_cost", "GraphCost", "node_bytes"]
+__all__ = ["node_flops", "node_bytes_moved", "register_internal_bytes", "internal_bytes", "is_compute_bound", "graph_cost", "GraphCost", "node_bytes"]

@@ -315,6 +315,13 @@ def _fusion(gm: fx.GraphModule, keep: set, *, fused: bool, reuse: bool) -> tuple
     return skip, adds
 
 
+def inductor_fusion(gm: fx.GraphModule, keep: set) -> tuple[set[fx.Node], set[fx.Node]]:
+    """The fusion model of ``step_timeline(fused=True, reuse=True)`` (what fit assumes of
+    Inductor's code): the nodes whose output never exists, and the ``add`` nodes that run as an
+    ``addmm``. ``keep``: storages that must exist (the graph's outputs)."""
+    return _fusion(gm, keep, fused=True, reuse=True)
+
+
 def _reuse_candidates(node: fx.Node) -> list[fx.Node]:
     """Inputs whose buffer Inductor may write ``node``'s output into (in place) when they die at
     ``node``: any input of a pointwise kernel, the first input of a functional scatter."""

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 from torch.utils import flop_counter
 
+from fxmem.analysis.cost import register_internal_bytes
 from fxmem.kernels import linear_ce_triton
 
 REDUCTIONS = ("mean", "sum")
@@ -229,6 +230,67 @@ def _flops(hidden_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
     vocab = weight_shape[0]
     need_hidden, need_weight = args[7], args[8]
     return 2 * n * d * vocab * (1 + int(need_hidden) + int(need_weight))
+
+
+def internal_bytes_moved(n: int, vocab: int, d: int, *, hidden_itemsize: int, upcast: bool, label_smoothing: float,
+                         chunk_tokens: int, need_hidden: bool, need_weight: bool, need_bias: bool,
+                         triton: bool) -> int:
+    """Bytes :func:`_forward_impl` moves beyond reading its inputs and writing its outputs once:
+    what a cost model must charge for the loop (its logits never leave it, but each chunk's
+    ``[chunk, V]`` logits are written and read again by every step below). Counted pass by pass
+    from the loop above, in units of one chunk's logits (``L``, in the compute dtype):
+
+    ATen (CPU): linear writes ``L``; upcast reads and writes; amax reads; ``sub_`` and ``exp_``
+    read and write in place; sum reads (7 passes: the loss); with gradients ``div_`` and ``mul_``
+    read and write, the cast to the hidden dtype reads and writes when it differs, the two
+    gradient matmuls read (13 passes in fp32). Triton (CUDA): linear writes; the row kernel reads
+    and writes in place; the same cast and matmul reads. Per chunk the weight is read by the
+    linear and by the ``grad_hidden`` matmul, and the fp32 ``grad_weight`` accumulator is read and
+    written by its ``addmm_``.
+    """
+    chunk = chunk_tokens if chunk_tokens > 0 else auto_chunk_tokens(n, vocab, d)
+    chunks = -(-n // max(chunk, 1))
+    itemsize = 4 if upcast else hidden_itemsize
+    logits = n * vocab * itemsize                     # all chunks' logits together, in the compute dtype
+    passes = 1.0                                      # the linear writes them
+    if upcast and hidden_itemsize != 4:
+        passes += hidden_itemsize / 4 + 1             # .float(): read the low-precision copy, write fp32
+    any_grad = need_hidden or need_weight or need_bias
+    if triton:
+        passes += 2                                   # one program per row: read, write the gradient in place
+    else:
+        passes += 1 + 2 + 2 + 1                       # amax; sub_; exp_; sum
+        passes += 1 if label_smoothing else 0         # logits.sum for the smoothing term
+        if any_grad:
+            passes += 2 + 2 + (2 if label_smoothing else 0)   # div_; mul_; sub_ (smoothing)
+    if any_grad:
+        if itemsize != hidden_itemsize:
+            passes += 1 + hidden_itemsize / itemsize  # dlogits.to(hidden.dtype)
+        low = hidden_itemsize / itemsize
+        passes += low * (int(need_hidden) + int(need_weight) + int(need_bias))  # the gradient matmuls (and sum) read
+        if need_weight and hidden_itemsize != 4:
+            passes += low + 4 / itemsize              # dlogits.t().float() for the fp32 accumulation
+    weight = vocab * d * hidden_itemsize
+    per_chunk = weight * (1 + int(need_hidden)) + (2 * vocab * d * 4 if need_weight else 0)
+    return int(passes * logits) + chunks * per_chunk
+
+
+def _internal_bytes(node) -> int:
+    """:func:`internal_bytes_moved` for a ``fxmem::linear_cross_entropy`` node of an FX graph."""
+    hidden, weight = (a.meta.get("val") for a in node.args[:2])
+    if not isinstance(hidden, Tensor) or not isinstance(weight, Tensor):
+        return 0
+    args = list(node.args) + [None] * (12 - len(node.args))
+    (label_smoothing, upcast, chunk_tokens, need_hidden, need_weight, need_bias) = args[6:12]
+    return internal_bytes_moved(int(hidden.shape[0]), int(weight.shape[0]), int(hidden.shape[-1]),
+                                hidden_itemsize=hidden.element_size(), upcast=bool(upcast),
+                                label_smoothing=float(label_smoothing or 0.0), chunk_tokens=int(chunk_tokens or 0),
+                                need_hidden=bool(need_hidden), need_weight=bool(need_weight),
+                                need_bias=bool(need_bias) and args[2] is not None,
+                                triton=hidden.device.type == "cuda" and linear_ce_triton.triton is not None)
+
+
+register_internal_bytes(torch.ops.fxmem.linear_cross_entropy, _internal_bytes)
 
 
 def chunked_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None, *,

@@ -51,3 +51,30 @@ def test_pointwise_ops_cost_bytes_not_flops():
     assert node_bytes_moved(relu) == 2 * 32 * 32 * 4
     cost = graph_cost(gm)
     assert cost.flops == 0 and cost.matmul_nodes == 0 and cost.bytes_moved == 4 * 32 * 32 * 4
+
+
+def test_fused_cost_charges_what_inductors_kernels_move():
+    """A pointwise chain is one kernel: it reads x once and writes its output once; a view moves
+    nothing; a matmul reads its inputs (through the views in front of it) and writes its output."""
+    x, w = torch.randn(64, 32), torch.randn(16, 32)
+    n = 64 * 32 * 4
+    gm = inference_graph(lambda x: (torch.relu(x) * 2 + 1).sin(), x)
+    assert graph_cost(gm).bytes_moved == 4 * 2 * n  # op by op: four ops, each reads and writes
+    assert graph_cost(gm, fused=True).bytes_moved == 2 * n
+    gm = inference_graph(lambda x, w: (x.exp() @ w.t()).t().contiguous(), x, w)
+    out = 64 * 16 * 4
+    # exp: reads x, writes its buffer (the matmul is an extern kernel: its input must exist);
+    # mm: reads exp's buffer and w through the transpose, writes; the copy after .t(): reads, writes
+    assert graph_cost(gm, fused=True).bytes_moved == 2 * n + (n + w.nbytes + out) + 2 * out
+
+
+def test_an_op_that_moves_more_inside_itself_says_so():
+    from fxmem.analysis.cost import internal_bytes
+    from fxmem.kernels.linear_ce import chunked_linear_cross_entropy
+
+    h, w, t = torch.randn(128, 16), torch.randn(512, 16), torch.randint(0, 512, (128,))
+    gm = inference_graph(lambda h, w, t: chunked_linear_cross_entropy(h, w, t), h, w, t)
+    (op,) = [n for n in gm.graph.nodes if "linear_cross_entropy" in str(n.target)]
+    assert internal_bytes(op) > 128 * 512 * 4  # at least the logits written once
+    assert node_bytes_moved(op) > internal_bytes(op)
+    assert graph_cost(gm, fused=True).bytes_moved >= internal_bytes(op)

@@ -117,3 +117,43 @@ def test_auto_chunk_floor_keeps_small_models_off_the_launch_bound_but_still_chun
     # small shapes: the floor never leaves fewer than 8 chunks (512 rows of vocab 4096: 64)
     assert auto_chunk_tokens(512, 4096, 32) == 64
     assert 2048 // auto_chunk_tokens(2048, 50257, 256) >= 8
+
+
+class _Traffic(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes each ATen op reads and writes (views move nothing; a gather or scatter touches its
+    index-sized part of the big operand, not all of it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            tensors = [a for a in torch.utils._pytree.tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+            if func.overloadpacket in (torch.ops.aten.gather, torch.ops.aten.scatter_add_):
+                tensors = tensors[1:]  # the [rows, V] operand: one element per row is touched
+            else:
+                tensors += [o for o in torch.utils._pytree.tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+            self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_internal_bytes_formula_matches_the_loops_traffic(dtype, label_smoothing):
+    """fit's cost model charges the chunked loss :func:`internal_bytes_moved`: it must be the
+    traffic the loop really has (counted op by op), or fit picks chunking for speed wrongly."""
+    from fxmem.kernels.linear_ce import _forward_impl, internal_bytes_moved
+
+    n, vocab, d, chunk = 256, 1024, 32, 64
+    h, w = torch.randn(n, d, dtype=dtype), torch.randn(vocab, d, dtype=dtype)
+    target = torch.randint(0, vocab, (n,))
+    with _Traffic() as traffic:
+        _forward_impl(h, w, None, target, -100, "mean", label_smoothing, True, chunk, True, True, False,
+                      use_kernel=False)
+    inputs_and_outputs = 2 * h.nbytes + 2 * w.nbytes + target.nbytes  # hidden, weight, target; their gradients
+    formula = internal_bytes_moved(n, vocab, d, hidden_itemsize=h.element_size(), upcast=True,
+                                   label_smoothing=label_smoothing, chunk_tokens=chunk, need_hidden=True,
+                                   need_weight=True, need_bias=False, triton=False)
+    assert formula == pytest.approx(traffic.bytes - inputs_and_outputs, rel=0.05)
