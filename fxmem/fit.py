@@ -64,10 +64,6 @@ ALLOWABLE = ("precision", "int8", "quantize", "prune")
 REMAT_BUDGETS = (0.75, 0.5, 0.25, 0.0)
 """Remat budgets tried in training, beside ``remat=False`` and ``remat=True`` (free recompute)."""
 
-PRECISION_UNCHUNKED_WITHHELD = "bf16 without chunking is estimated up to 31% low (measured; docs/fit.md)"
-"""Training with ``precision`` and the loss left unchunked: measured at 0.69–0.92 of the estimate's
-peak on the built-in GPT and HF Llama (the cause is not found), so fit lists these candidates
-but never chooses one — a choice must fit when run. Their chunked twins measure 0.93–1.00."""
 
 OPTIMIZER_STATE = {None: 0, "sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
 """fp32 state tensors per parameter the optimizer keeps (``optimizer=``)."""
@@ -119,7 +115,6 @@ class Candidate:
     lossy: tuple[str, ...] = ()
     error: str = ""
     same_as: bool = False  # "chunk off" where chunk rewrites nothing: identical to "chunk on", not listed
-    withheld: str = ""  # estimated and listed, but never chosen: why (an estimate known to be low)
 
 
 @dataclass
@@ -156,7 +151,7 @@ class FitResult:
                 lines.append(f"{mark} {c.label:44} {'—':>12} {'—':>15}  error: {c.error[:60]}")
             else:
                 lines.append(f"{mark} {c.label:44} {_gib(c.estimate):>12} {c.cost / fastest:>15.3f}  "
-                             f"{'yes' if c.fits else 'no'}" + (f"  not chosen: {c.withheld}" if c.withheld else ""))
+                             f"{'yes' if c.fits else 'no'}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -767,9 +762,6 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
                        on_graph=lambda gm, ex: _estimate_inference_graph(gm, ex, sink, traced_on))
 
     candidates = [c for c in candidates if not c.same_as]
-    for cand in candidates:
-        if training and "precision" in cand.options and cand.options.get("chunk") is False:
-            cand.withheld = PRECISION_UNCHUNKED_WITHHELD
     state = _state_bytes(model)
     grads = _gradient_bytes(model)
     for cand in candidates:
@@ -804,7 +796,7 @@ def choose(candidates: list[Candidate], memory: int | float | str, *, headroom: 
     cheapest (:class:`FitError` if none fits)."""
     limit = parse_memory(memory)
     effective = limit * (1 - headroom)
-    candidates = [dataclasses.replace(c, fits=not c.error and not c.withheld and c.estimate <= effective)
+    candidates = [dataclasses.replace(c, fits=not c.error and c.estimate <= effective)
                   for c in candidates]
     fitting = [c for c in candidates if c.fits]
     if not fitting:
@@ -819,7 +811,7 @@ def choose(candidates: list[Candidate], memory: int | float | str, *, headroom: 
 def _impossible_message(candidates: list[Candidate], limit: int, headroom: float, mode: str, allow: tuple,
                         ranks: int, dp: int, tp: int) -> str:
     """What an impossible limit tells the user: the smallest estimate, and what would make it fit."""
-    valid = [c for c in candidates if not c.error and not c.withheld]
+    valid = [c for c in candidates if not c.error]
     if not valid:
         errors = "; ".join(f"{c.label}: {c.error}" for c in candidates[:3])
         return f"fxmem.fit: no candidate could be estimated ({errors})"

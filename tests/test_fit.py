@@ -114,6 +114,23 @@ def test_recomputed_logits_estimate_within_tolerance(measured_recompute):
     assert abs(cand.estimate / measured["peak_bytes"] - 1) <= TOLERANCE, (cand.estimate, measured)
 
 
+@pytest.fixture(scope="module")
+def measured_bf16_unchunked(step):
+    """``precision="bf16"`` with the loss unchunked: the backward's fp32 logits gradient and its two
+    bf16 casts are one Inductor kernel (three ``[N, V]`` outputs beside the recomputed logits);
+    estimated at 0.69–0.92 of measured before the timeline modelled casts as Inductor does."""
+    model, args = step
+    fitted = fxmem.fit(model, *args, memory="1GiB", allow=["precision"], budgets=())
+    cand = next(c for c in fitted.candidates if c.label == "remat off, bf16, no chunk")
+    torch._dynamo.reset()
+    return cand, measure_options(model, *args, options=cand.options, steps=1)
+
+
+def test_bf16_unchunked_estimate_within_tolerance(measured_bf16_unchunked):
+    cand, measured = measured_bf16_unchunked
+    assert abs(cand.estimate / measured["peak_bytes"] - 1) <= TOLERANCE, (cand.estimate, measured)
+
+
 @pytest.mark.parametrize("which", ["measured_choice", "measured_tight"])
 def test_choice_fits_when_measured(which, request):
     choice, limit, measured = request.getfixturevalue(which)
@@ -220,18 +237,3 @@ def test_cli_fit_prints_the_choice_and_fails_clearly(capsys):
     assert "options={'int8': 'weight_only'}" in out and "backend='fxmem'" in out
     assert main([*args, "--memory", "30KiB"]) == 1
     assert "smallest estimate" in capsys.readouterr().err
-
-
-def test_a_withheld_candidate_is_listed_but_never_chosen():
-    """Training bf16 without chunking is estimated low (measured 0.69–0.92): fit lists it with
-    why, and chooses the next candidate even where the withheld one is cheaper and fits."""
-    from fxmem.fit import Candidate, choose
-
-    cheap = Candidate("remat off, bf16, no chunk", {"precision": "bf16", "chunk": False}, estimate=100, cost=1.0,
-                      lossy=("precision",), withheld="estimated low")
-    exact = Candidate("remat off, bf16", {"precision": "bf16"}, estimate=200, cost=2.0, lossy=("precision",))
-    result = choose([cheap, exact], memory=1000, headroom=0.1, mode="training", allow=("precision",))
-    assert result.chosen.label == "remat off, bf16"
-    assert "not chosen: estimated low" in result.table
-    with pytest.raises(FitError, match=r"options=\{'precision': 'bf16'\}"):  # the smallest *reachable* one
-        choose([cheap, exact], memory=210, headroom=0.1, mode="training", allow=("precision",))

@@ -33,7 +33,7 @@ import torch.fx as fx
 
 from fxmem.analysis.liveness import last_uses
 from fxmem.analysis.saved import forward_outputs
-from fxmem.analysis.sizes import is_parameter_node, node_bytes, storage_root
+from fxmem.analysis.sizes import is_alias_op, is_parameter_node, node_bytes, storage_root
 from fxmem.codegen import INDUCTOR_BUFFER_POOL
 
 COMPUTING = ("call_function", "call_module", "call_method")
@@ -225,7 +225,14 @@ def _pooled(node: fx.Node) -> bool:
 
 
 def _pointwise(node: fx.Node) -> bool:
-    return node.op == "call_function" and torch.Tag.pointwise in getattr(node.target, "tags", ())
+    if node.op != "call_function":
+        return False
+    if node.target is torch.ops.aten._to_copy.default:
+        # a cast: Inductor lowers it as a pointwise op (prims.convert_element_type, tagged
+        # pointwise; aten._to_copy is not), unless it moves the tensor to another device
+        return set(node.kwargs) <= {"dtype", "layout", "memory_format"} or all(
+            node.kwargs.get(k) is None for k in ("device", "pin_memory"))
+    return torch.Tag.pointwise in getattr(node.target, "tags", ())
 
 
 _REDUCTIONS = frozenset({"sum", "mean", "amax", "amin", "max", "min", "prod", "var", "var_mean", "std", "argmax",
@@ -348,18 +355,82 @@ def _kernel_inputs(node: fx.Node, skip: set[fx.Node]) -> list[fx.Node]:
     return out
 
 
-def _kernel_last_uses(gm: fx.GraphModule, skip: set[fx.Node]) -> dict[fx.Node, int]:
+def _kernel_last_uses(gm: fx.GraphModule, skip: set[fx.Node],
+                      joins: dict[fx.Node, fx.Node] | None = None) -> dict[fx.Node, int]:
     """:func:`fxmem.analysis.liveness.last_uses` as Inductor's kernels read: a pointwise op fused
     into its users (``skip``) reads its inputs where the kernel it is fused into runs, so an
     input stays alive until then (``grad = saved_grad * tangent + embedding_grad``: the saved
-    gradient is read by the last kernel of the backward, not where the multiply stands)."""
+    gradient is read by the last kernel of the backward, not where the multiply stands). A node
+    that ``joins`` an earlier kernel (:func:`_joined_kernels`) reads its inputs there, and a view
+    reads where its users read."""
+    joins = joins or {}
     nodes = list(gm.graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
     runs_at: dict[fx.Node, int] = {}
     for node in reversed(nodes):
-        runs_at[node] = max((runs_at[u] for u in node.users), default=position[node]) if node in skip \
-            else position[node]
+        if node in joins:
+            runs_at[node] = position[joins[node]]
+        elif node in skip or (joins and is_alias_op(node) and node.users):
+            runs_at[node] = max((runs_at[u] for u in node.users), default=position[node])
+        else:
+            runs_at[node] = position[node]
     return last_uses(gm, runs_at)
+
+
+def _numel(node: fx.Node) -> int | None:
+    val = node.meta.get("val")
+    return val.numel() if isinstance(val, torch.Tensor) else None
+
+
+def _is_cast(node: fx.Node) -> bool:
+    return node.target in (torch.ops.aten._to_copy.default, torch.ops.prims.convert_element_type.default)
+
+
+def _joined_kernels(gm: fx.GraphModule, skip: set[fx.Node], externs: set[fx.Node]) -> dict[fx.Node, fx.Node]:
+    """Pointwise nodes that Inductor computes in an earlier node's kernel: ``{joiner: host}``.
+
+    Inductor's scheduler fuses a pointwise consumer into its producer's kernel when they iterate
+    over the same elements, wherever the consumer stands in the graph, as long as everything else
+    it reads already exists. The producer's buffer still exists when another reader needs it
+    (a view feeding a matmul), and the consumer's output is written by the same kernel — so both
+    outputs, and the kernel's inputs, are alive together. Seen in a bf16 training step's
+    backward (the unchunked loss): ``sub_9`` (the fp32 logits gradient, [N, V]) and its two bf16
+    casts, one per gradient matmul, are one kernel (three ``[N, V]`` outputs beside the
+    recomputed logits), where the graph order has the second cast after the first matmul.
+    Only materialized pointwise nodes join (``skip``: fused into their users anyway; ``externs``:
+    run as ``addmm``), and only into a materialized pointwise host.
+    """
+    nodes = list(gm.graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+
+    def materialized_pointwise(n: fx.Node) -> bool:
+        return _pointwise(n) and n not in skip and n not in externs and storage_root(n) is n
+
+    host_of: dict[fx.Node, fx.Node] = {}
+    for node in nodes:
+        if not materialized_pointwise(node) or node in host_of:
+            continue
+        host, size = node, _numel(node)
+        frontier = [node]
+        while frontier:
+            producer = frontier.pop()
+            # the consumers of producer, through views and the pointwise ops fused into them
+            consumers, stack = [], list(producer.users)
+            while stack:
+                user = stack.pop()
+                if is_alias_op(user) or user in skip:
+                    stack.extend(user.users)
+                elif materialized_pointwise(user) and _is_cast(user) and position[user] > position[host] \
+                        and user not in host_of:
+                    consumers.append(user)
+            for user in consumers:
+                if _numel(user) != size:
+                    continue
+                reads = _kernel_inputs(user, skip)
+                if all(position[r] <= position[host] or host_of.get(r) is host for r in reads):
+                    host_of[user] = host
+                    frontier.append(user)
+    return host_of
 
 
 def _reuse_in_place(live: _Live, node: fx.Node, skip: set[fx.Node], dying) -> None:
@@ -429,7 +500,8 @@ def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *
     timeline.input_bytes = live.total
     held = set(live.items) | user_roots  # the caller holds these through the step
     skip, externs = _fusion(fw, user_roots | saved_roots, fused=fused, reuse=reuse)
-    last = _kernel_last_uses(fw, skip) if reuse else last_uses(fw)
+    joins = _joined_kernels(fw, skip, externs) if reuse else {}
+    last = _kernel_last_uses(fw, skip, joins) if reuse else last_uses(fw)
     frees: dict[int, list[fx.Node]] = {}
     for root, pos in last.items():
         if root.op in COMPUTING and root not in user_roots and root not in saved_roots:
@@ -438,12 +510,18 @@ def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *
     def fw_dying(root: fx.Node, i: int) -> tuple[object | None, bool]:
         return (root, pooled(root)) if root in frees.get(i, ()) else (None, False)
 
+    def fw_add(node: fx.Node) -> None:
+        kind = "saved" if node in saved_roots else "output" if node in user_roots else "transient"
+        live.add(node, _describe(node, "forward", kind), pooled=pooled(node))
+
     for i, node in enumerate(fw.graph.nodes):
-        if node.op in COMPUTING and storage_root(node) is node and not is_parameter_node(node) and node not in skip:
+        if node.op in COMPUTING and storage_root(node) is node and not is_parameter_node(node) and node not in skip \
+                and node not in joins:
             if reuse and node not in externs:
                 _reuse_in_place(live, node, skip, lambda root, i=i: fw_dying(root, i))
-            kind = "saved" if node in saved_roots else "output" if node in user_roots else "transient"
-            live.add(node, _describe(node, "forward", kind), pooled=pooled(node))
+            fw_add(node)
+            for joiner in (j for j, host in joins.items() if host is node):  # outputs of the same kernel
+                fw_add(joiner)
         if node.op in COMPUTING:
             live.mark("forward", node.name)
         for root in frees.get(i, ()):
@@ -456,7 +534,8 @@ def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *
     bw_nodes = list(bw.graph.nodes)
     grad_roots = {storage_root(n) for n in forward_outputs(bw) if isinstance(n, fx.Node)}
     skip, externs = _fusion(bw, grad_roots, fused=fused, reuse=reuse)
-    last = _kernel_last_uses(bw, skip) if reuse else last_uses(bw)
+    joins = _joined_kernels(bw, skip, externs) if reuse else {}
+    last = _kernel_last_uses(bw, skip, joins) if reuse else last_uses(bw)
     placeholder_root: dict[fx.Node, object] = {}
     for node in bw_nodes:
         if node.op != "placeholder" or is_parameter_node(node):
@@ -490,12 +569,18 @@ def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *
             return (key, False) if readers[key] == 1 and key not in held else (None, False)
         return root, pooled(root)
 
+    def bw_add(node: fx.Node) -> None:
+        live.add(node, _describe(node, "backward", "gradient" if node in grad_roots else "transient"),
+                 pooled=pooled(node))
+
     for i, node in enumerate(bw_nodes):
-        if node.op in COMPUTING and storage_root(node) is node and not is_parameter_node(node) and node not in skip:
+        if node.op in COMPUTING and storage_root(node) is node and not is_parameter_node(node) and node not in skip \
+                and node not in joins:
             if reuse and node not in externs:
                 _reuse_in_place(live, node, skip, lambda root, i=i: bw_dying(root, i))
-            live.add(node, _describe(node, "backward", "gradient" if node in grad_roots else "transient"),
-                     pooled=pooled(node))
+            bw_add(node)
+            for joiner in (j for j, host in joins.items() if host is node):  # outputs of the same kernel
+                bw_add(joiner)
         if node.op in COMPUTING:
             live.mark("backward", node.name)
         for root in frees.get(i, ()):
