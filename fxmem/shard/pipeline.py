@@ -98,14 +98,44 @@ class Stage:
     grad_bytes: int = 0     # its parameters' gradients (made by the first backward, kept to the optimizer step)
     boundary_bytes: int = 0  # what it holds because of its boundaries (:func:`boundary_bytes`)
     with_grads: int = 0     # microbatches whose activations it holds beside the gradients (:func:`with_grads`)
+    dp: int = 1             # FSDP2 over this many data-parallel ranks (PipelinePlan.build(dp_mesh=...))
+    gathered_bytes: int = 0  # with dp: the stage root's unit plus its largest block unit, whole (all-gathered)
 
     @property
     def bytes(self) -> int:
         """The peak: before the first backward ``in_flight`` microbatches' activations; from it on
         the gradients beside ``with_grads`` microbatches' (a backward frees a microbatch's saved
-        tensors as it makes the gradients, so the two do not add up)."""
-        held = max(self.in_flight * self.activation_bytes, self.grad_bytes + self.with_grads * self.activation_bytes)
-        return self.param_bytes + held + self.boundary_bytes
+        tensors as it makes the gradients, so the two do not add up).
+
+        With ``dp > 1`` (FSDP2 on the stage, see :meth:`PipelinePlan.build`) the rank keeps its
+        shard of the parameters (``param_bytes / dp``). Before the first backward it holds one
+        block unit gathered at a time beside the root's (FSDP2 keeps the root unsharded). Every
+        backward runs with resharding and gradient sync off
+        (``_PipelineStageBase.backward_maybe_with_nosync``, torch 2.11 and 2.13): from the first
+        backward on every unit stays gathered and the gradients accumulate unsharded, whole. After
+        the last microbatch ``perform_reduce_grad`` reshards and reduce-scatters unit by unit: the
+        activations are freed by then, a unit's reduce-scatter input (a flat copy of its
+        gradients, counted as :attr:`gathered_bytes`) is made beside the whole gradients.
+        """
+        if self.dp == 1:
+            held = max(self.in_flight * self.activation_bytes,
+                       self.grad_bytes + self.with_grads * self.activation_bytes)
+            return self.param_bytes + held + self.boundary_bytes
+        whole = self.param_bytes + self.grad_bytes
+        held = max(self.gathered_bytes + self.in_flight * self.activation_bytes,
+                   whole + max(self.with_grads * self.activation_bytes, self.gathered_bytes))
+        return self.shard_bytes + held + self.boundary_bytes
+
+    @property
+    def shard_bytes(self) -> int:
+        """This rank's parameters at rest: ``param_bytes / dp`` (FSDP2's dim-0 padding not counted)."""
+        return -(-self.param_bytes // self.dp)
+
+    @property
+    def state_bytes(self) -> int:
+        """Model state at rest per rank after the optimizer step: parameters, gradients and both
+        AdamW moments, each ``/ dp`` (the gradients are reduce-scattered by the last backward)."""
+        return 4 * self.shard_bytes
 
 
 @dataclass
@@ -144,6 +174,8 @@ class PipelinePlan:
     microbatch_args: tuple
     loss_fn: Callable | None = None
     _saved: _Saved | None = field(default=None, repr=False)
+    dp: int = 1                       # data-parallel ranks per stage (FSDP2 over ``dp_mesh``)
+    block_names: list[str] = field(default_factory=list)   # the model's FSDP2 block units
 
     @property
     def imbalance(self) -> float:
@@ -169,23 +201,43 @@ class PipelinePlan:
         """The same measurement balanced for another schedule (same stages and microbatches)."""
         _check_schedule(schedule, len(self.stages), self.microbatches)
         return _plan(self.atoms, self._saved, len(self.stages), schedule, self.microbatches, self.microbatch_args,
-                     self.loss_fn)
+                     self.loss_fn, self.dp, self.block_names)
 
     def build(self, model: nn.Module, stage_index: int, device: torch.device | str = "cpu", group=None,
-              loss_fn=None):
+              loss_fn=None, dp_mesh=None):
         """This rank's ``PipelineStage`` and schedule: ``(pipe, stage, schedule)``.
 
         ``torch.distributed.pipelining.pipeline`` exports the model on one microbatch and splits
         the graph at :attr:`split_points`; ``schedule.step(x)`` on the first stage,
         ``schedule.step(target=y, losses=losses)`` on the last (with ``loss_fn``, by default the
         one the plan measured), plain ``schedule.step()`` in between.
+
+        ``dp_mesh`` (a plan made with ``dp=D``): the 1-D ``"dp"`` sub-mesh of a
+        ``("pp", "dp")`` mesh this rank is in, ``group`` the ``"pp"`` one's process group
+        (torchtitan's recipe). The stage's module is wrapped in FSDP2's ``fully_shard`` over
+        ``dp_mesh`` before the ``PipelineStage`` is made: its block units (the model's
+        :func:`fxmem.shard.mesh.blocks` it holds, resharded after forward) and the stage root.
+        Each dp rank gives the schedule its own slice of the global batch
+        (``x.chunk(D)[dp_rank]``); ``PipelineStage`` syncs the gradients on the last
+        microbatch's backward.
         """
         from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
 
+        if (dp_mesh is None) != (self.dp == 1):
+            raise ValueError(f"fxmem.shard.pipeline: the plan is for dp={self.dp}; give dp_mesh= a 1-D DeviceMesh of "
+                             f"{self.dp} ranks (mesh['dp'] of init_device_mesh(device, (stages, dp), "
+                             "mesh_dim_names=('pp', 'dp')))" if self.dp > 1 else
+                             "fxmem.shard.pipeline: dp_mesh= needs a plan made with dp=D "
+                             "(fxmem.shard.pipeline(model, x, stages=S, dp=D, ...))")
+        if dp_mesh is not None and (dp_mesh.ndim != 1 or dp_mesh.size() != self.dp):
+            raise ValueError(f"fxmem.shard.pipeline: dp_mesh has shape {tuple(dp_mesh.shape)}; accepted: a 1-D "
+                             f"DeviceMesh of dp={self.dp} ranks (mesh['dp'])")
         pipe = _pipe(model, self.microbatch_args, self.split_points)
         if pipe.num_stages != len(self.stages):
             raise RuntimeError(f"fxmem.shard.pipeline: torch.distributed.pipelining made {pipe.num_stages} stages "
                                f"from split points {self.split_points}, the plan has {len(self.stages)}")
+        if dp_mesh is not None:
+            _fully_shard_stage(pipe.get_stage_module(stage_index), self.block_names, dp_mesh)
         stage = pipe.build_stage(stage_index, torch.device(device), group)
         if _torch_before(2, 13):
             _only_floating_recv_buffers_require_grad(stage)
@@ -193,13 +245,21 @@ class PipelinePlan:
         return pipe, stage, cls(stage, n_microbatches=self.microbatches, loss_fn=loss_fn or self.loss_fn)
 
     def table(self) -> str:
-        out = [f"fxmem.shard pipeline: {len(self.stages)} stages, {self.schedule}, {self.microbatches} microbatches"]
+        dp = (f" x FSDP2 over dp={self.dp} (bytes per rank; microbatches of the dp rank's slice of the batch)"
+              if self.dp > 1 else "")
+        out = [f"fxmem.shard pipeline: {len(self.stages)} stages, {self.schedule}, {self.microbatches} microbatches{dp}"]
         out.append("stage  first .. last                                params B  grads B   activations B/microbatch  "
                    "in flight  boundary B  bytes")
         for s in self.stages:
             span = f"{s.first} .. {s.last}"
             out.append(f"{s.index:<5d}  {span:<44s} {s.param_bytes:<9d} {s.grad_bytes:<9d} {s.activation_bytes:<25d} "
                        f"{s.in_flight:<10d} {s.boundary_bytes:<11d} {s.bytes}")
+        if self.dp > 1:
+            out.append("per rank with FSDP2: stage  params shard B  gathered B  state at rest B (params+grads+AdamW)")
+            for s in self.stages:
+                out.append(f"                     {s.index:<5d}  {s.shard_bytes:<14d} {s.gathered_bytes:<11d} {s.state_bytes}")
+            out.append("(the bytes column holds whole parameters and gradients from the first backward on: pipelining "
+                       "defers resharding and the reduce-scatter to after the last microbatch)")
         crossing = {a.module: a.boundary_bytes for a in self.atoms}
         points = [f"{p} ({crossing[p]} B/microbatch cross)" for p in self.split_points]
         out.append(f"split points: {', '.join(points) or 'none'}; largest / smallest stage: {1 + self.imbalance:.3f}")
@@ -623,7 +683,36 @@ def _check_schedule(schedule: str, stages: int, microbatches: int) -> None:
         raise ValueError(f"fxmem.shard.pipeline: 1f1b needs microbatches >= stages, got {microbatches} < {stages}")
 
 
-def _plan(atoms, saved, stages, schedule, microbatches, mb, loss_fn) -> PipelinePlan:
+def _gathered(atoms: list[Atom], block_names: list[str]) -> int:
+    """FSDP2 on a stage of ``atoms``: its root unit (parameters no block holds: embeddings, head)
+    and its largest block unit, whole — what is all-gathered at once before the first backward."""
+    units: dict[str, int] = {}
+    for a in atoms:
+        name = a.module.removesuffix(END)
+        holders = [b for b in block_names if name == b or name.startswith(b + ".")]
+        key = max(holders, key=len) if holders else ""
+        units[key] = units.get(key, 0) + a.param_bytes
+    root = units.pop("", 0)
+    return root + max(units.values(), default=0)
+
+
+def _fully_shard_stage(module: nn.Module, block_names: list[str], dp_mesh) -> None:
+    """``fully_shard`` the stage's block units, then its root, over ``dp_mesh`` (the units
+    :func:`fxmem.shard.mesh.blocks` chose on the whole model, as far as this stage holds them —
+    the stage's ``GraphModule`` rebuilds ``nn.ModuleList`` as plain modules)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for name in block_names:
+        try:
+            unit = module.get_submodule(name)
+        except AttributeError:
+            continue  # on another stage
+        if any(True for _ in unit.parameters()):
+            fully_shard(unit, mesh=dp_mesh, reshard_after_forward=True)
+    fully_shard(module, mesh=dp_mesh)
+
+
+def _plan(atoms, saved, stages, schedule, microbatches, mb, loss_fn, dp=1, block_names=()) -> PipelinePlan:
     starts = balance(atoms, saved, stages, schedule, microbatches)
     bounds = [0] + starts + [len(atoms)]
     first, received = saved.table(False), saved.table(True)
@@ -634,12 +723,14 @@ def _plan(atoms, saved, stages, schedule, microbatches, mb, loss_fn) -> Pipeline
         p = sum(a.param_bytes for a in atoms[i:j])
         out.append(Stage(s, atoms[i].module, atoms[j - 1].module, p, act, in_flight(schedule, s, stages, microbatches),
                          grad_bytes=p, boundary_bytes=boundary_bytes(atoms, i, j, s, stages, schedule, microbatches),
-                         with_grads=with_grads(schedule, s, stages, microbatches)))
-    return PipelinePlan(out, schedule, microbatches, [atoms[i].module for i in starts], atoms, mb, loss_fn, saved)
+                         with_grads=with_grads(schedule, s, stages, microbatches), dp=dp,
+                         gathered_bytes=_gathered(atoms[i:j], list(block_names)) if dp > 1 else 0))
+    return PipelinePlan(out, schedule, microbatches, [atoms[i].module for i in starts], atoms, mb, loss_fn, saved,
+                        dp, list(block_names))
 
 
 def pipeline(model: nn.Module, *args: Any, stages: int, schedule: str = "1f1b", microbatches: int | None = None,
-             loss_fn: Callable | None = None, target: Any = None) -> PipelinePlan:
+             loss_fn: Callable | None = None, target: Any = None, dp: int = 1) -> PipelinePlan:
     """Plan ``stages`` pipeline stages balanced by memory (see the module docstring).
 
     ``args``: the whole batch (split into ``microbatches`` on dim 0, as the schedules split it;
@@ -647,7 +738,14 @@ def pipeline(model: nn.Module, *args: Any, stages: int, schedule: str = "1f1b", 
     the loss the last stage runs (the schedule's ``loss_fn``), with ``target`` the whole batch's
     target — its saved tensors are counted on the last stage. Returns a :class:`PipelinePlan`;
     print it for per-stage bytes, ``plan.build(model, rank)`` runs it.
+
+    ``dp``: each stage data-parallel over ``dp`` ranks with FSDP2 (a ``("pp", "dp")`` mesh;
+    ``plan.build(..., group=mesh["pp"].get_group(), dp_mesh=mesh["dp"])``). ``args`` stay the
+    *global* batch: it splits over dp first, then each dp rank's slice into ``microbatches``, so
+    the batch size must be divisible by ``dp × microbatches``; bytes are per rank.
     """
+    if not isinstance(dp, int) or isinstance(dp, bool) or dp < 1:
+        raise ValueError(f"fxmem.shard.pipeline: dp={dp!r}; accepted: a positive int (data-parallel ranks per stage)")
     if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
         raise ValueError(f"fxmem.shard.pipeline: stages={stages!r}; accepted: a positive int")
     microbatches = stages if microbatches is None else microbatches
@@ -659,11 +757,16 @@ def pipeline(model: nn.Module, *args: Any, stages: int, schedule: str = "1f1b", 
     if (loss_fn is None) != (target is None):
         raise ValueError("fxmem.shard.pipeline: give loss_fn and target together (the loss the last stage runs and "
                          "the whole batch's target), or neither")
-    mb = _chunk(args, microbatches)
-    target_mb = _chunk((target,), microbatches)[0] if loss_fn is not None else None
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.shape[0] % (dp * microbatches):
+            raise ValueError(f"fxmem.shard.pipeline: batch size {a.shape[0]} is not divisible by dp x microbatches = "
+                             f"{dp} x {microbatches}; accepted: a global batch that splits over dp={dp} ranks, "
+                             f"each slice into {microbatches} microbatches")
+    mb = _chunk(args, dp * microbatches)   # one microbatch of one dp rank's slice
+    target_mb = _chunk((target,), dp * microbatches)[0] if loss_fn is not None else None
     names = _atom_names(model, mb)
     if stages - 1 > len(names[0]) - 1:  # checked before the (slower) export
         raise ValueError(f"fxmem.shard.pipeline: stages={stages} is more than the {len(names[0])} pieces the model "
                          "can be split into (at block children and the projections inside them)")
     atoms, saved = measure_atoms(model, mb, loss_fn, target_mb, names)
-    return _plan(atoms, saved, stages, schedule, microbatches, mb, loss_fn)
+    return _plan(atoms, saved, stages, schedule, microbatches, mb, loss_fn, dp, blocks(model))

@@ -438,3 +438,64 @@ def run_pipeline(rank: int, world_size: int, case: str, schedules: tuple[str, ..
             "loss_error": abs(float(sum(losses) / len(losses)) - float(ref_loss)) if losses else None,
             "max_grad_error": max(grad_errors), "grads_compared": len(grad_errors)}
     return out
+
+
+def run_pipeline_dp(rank: int, world_size: int, case: str, schedule: str = "1f1b", *, dp: int = 2,
+                    layers: int = 2, microbatches: int = 2) -> dict:
+    """One rank's part of the pipeline × FSDP2 check on a ``("pp", "dp")`` mesh of ``world_size``
+    ranks (``world_size / dp`` stages): the plan (``fxmem.shard.pipeline(..., dp=dp)``) built with
+    ``dp_mesh=mesh["dp"]``, one schedule step on this dp rank's slice of the global batch and one
+    AdamW step, against one process taking one AdamW step on the global batch: the loss (mean over
+    microbatches and dp), the gradients and the parameters after the step (whole tensors), and the
+    rank's peak in ``schedule.step`` (CPU allocator events) against the plan's per-rank bytes."""
+    import fxmem
+    from torch.distributed.device_mesh import init_device_mesh
+
+    stages = world_size // dp
+    mesh = init_device_mesh("cpu", (stages, dp), mesh_dim_names=("pp", "dp"))
+    stage_index, dp_rank = mesh.get_local_rank("pp"), mesh.get_local_rank("dp")
+    model, vocab_size = build(case, layers=layers)
+    x, y = batch(vocab_size, 2 * dp * microbatches)
+    single = copy.deepcopy(model)
+    reference = single_step(single, x, y)
+    plan = fxmem.shard.pipeline(model, x, stages=stages, schedule=schedule, microbatches=microbatches,
+                                loss_fn=loss_fn, target=y, dp=dp)
+    pipe, stage, sched = plan.build(copy.deepcopy(model), stage_index, "cpu", group=mesh["pp"].get_group(),
+                                    dp_mesh=mesh["dp"])
+    del pipe
+    xs, ys = x.chunk(dp)[dp_rank], y.chunk(dp)[dp_rank]
+    losses: list[torch.Tensor] = []
+
+    def step():
+        if stage_index == 0:
+            sched.step(xs)
+        elif stage_index == stages - 1:
+            sched.step(target=ys, losses=losses)
+        else:
+            sched.step()
+
+    params = {id(p): p for p in stage.submod.parameters()}
+    shard = sum(tensor_bytes(_local(p)) for p in params.values())
+    gc.collect()
+    peak, _ = fxmem.measure.peak_memory(step, device="cpu")
+    grads = {n: _full(p.grad) for n, p in stage.submod.named_parameters()}
+    opt = torch.optim.AdamW(stage.submod.parameters(), lr=LR)
+    opt.step()
+    state = state_bytes(stage.submod, opt)
+    out = {n: _full(p.detach()) for n, p in stage.submod.named_parameters()}
+    loss = None
+    if losses:
+        loss = torch.stack([t.detach() for t in losses]).mean()
+        loss = _dp_mean(loss, mesh)
+    planned = plan.stages[stage_index]
+    from torch.distributed.fsdp import FSDPModule
+
+    return {"case": case, "schedule": schedule, "stage": stage_index, "dp_rank": dp_rank, "table": plan.table(),
+            "fsdp": isinstance(stage.submod, FSDPModule),
+            "loss_error": abs(loss - reference["loss"]) if loss is not None else None,
+            "max_grad_error": max(float((g - reference["grads"][n]).abs().max()) for n, g in grads.items()),
+            "max_param_error": max(float((p - reference["params"][n]).abs().max()) for n, p in out.items()),
+            "params_compared": len(out), "shard_bytes": shard, "plan_shard_bytes": planned.shard_bytes,
+            "state_bytes": state["total"], "plan_state_bytes": planned.state_bytes,
+            "single_stage_param_bytes": planned.param_bytes,
+            "peak_bytes": shard + peak.peak_bytes, "plan_bytes": planned.bytes}
