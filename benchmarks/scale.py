@@ -5,6 +5,7 @@ step send; and do two pipeline stages split by memory hold equal bytes and give 
     PYTHONPATH=. python benchmarks/scale.py            # 4 gloo processes, then 2
     PYTHONPATH=. python benchmarks/scale.py --only tp_limits   # just the GQA-one-kv-head / GPT-2 Conv1D cases
     PYTHONPATH=. python benchmarks/scale.py --only pipeline    # just the pipeline rows (8 and 4 layers)
+    PYTHONPATH=. python benchmarks/scale.py --only pipeline_dp # pp 2 x dp 2 (FSDP2 on each stage), 4 processes
 
 4 processes (gloo, this machine), ``fxmem.shard.plan(mesh={"dp": 2, "tp": 2})`` + ``apply`` on HF
 Llama (``LlamaForCausalLM`` from a tiny ``LlamaConfig``, grouped-query) and the built-in GPT: per-rank
@@ -21,8 +22,11 @@ against one process. 4 processes again: ``precision="bf16"`` on the 2 × 2 mesh 
 ``c_attn``, split under FSDP2 too) on tp = 4 and dp × tp = 2 × 2, and HF Llama with TWO kv heads on
 tp = 4 (one virtual kv head per rank): per-rank model state against one process, one AdamW step
 against one process, collectives counted with ``CommDebugMode`` against the plan's. Writes
-benchmarks/results/scale.json (``--only tp_limits`` / ``--only pipeline`` replace those sections
-alone) and scale.png.
+benchmarks/results/scale.json (``--only tp_limits`` / ``--only pipeline`` / ``--only pipeline_dp``
+replace those sections alone) and scale.png. ``pipeline_dp`` (4 processes, a ``("pp", "dp")`` mesh of
+2 × 2): ``fxmem.shard.pipeline(stages=2, dp=2)`` built with ``dp_mesh=``: each rank's peak in
+``schedule.step`` against the plan's per-rank bytes, its parameter shard and model state at rest,
+and the loss, gradients and parameters after one AdamW step against one process on the global batch.
 """
 
 from __future__ import annotations
@@ -83,6 +87,30 @@ def _pipe_job(rank, world, layers):
     return out
 
 
+PP_DP_CASES = (("gpt_untied", "1f1b"), ("gpt_untied", "gpipe"), ("llama", "1f1b"), ("llama", "gpipe"))
+
+
+def _pipe_dp_job(rank, world):
+    return {f"{case} {schedule}": scale.run_pipeline_dp(rank, world, case, schedule, dp=2, layers=4)
+            for case, schedule in PP_DP_CASES}
+
+
+def _pipeline_dp_rows() -> dict:
+    results = tp.spawn(_pipe_dp_job, 4)
+    return {name: sorted((r[name] for r in results), key=lambda r: (r["stage"], r["dp_rank"])) for name in results[0]}
+
+
+def _print_pipeline_dp(rows: dict) -> None:
+    for name, ranks in rows.items():
+        print(f"{name:18s} pp 2 x dp 2, 4 layers: measured peak {[r['peak_bytes'] for r in ranks]} "
+              f"(plan {[r['plan_bytes'] for r in ranks]}, measured/plan "
+              f"{[round(r['peak_bytes'] / r['plan_bytes'], 3) for r in ranks]}); params/rank "
+              f"{[r['shard_bytes'] for r in ranks]} of the stage's {[r['single_stage_param_bytes'] for r in ranks]}; "
+              f"state at rest {[r['state_bytes'] for r in ranks]} (plan {[r['plan_state_bytes'] for r in ranks]}); "
+              f"loss err {max(r['loss_error'] or 0 for r in ranks):.1e}, grad err "
+              f"{max(r['max_grad_error'] for r in ranks):.1e}, param err {max(r['max_param_error'] for r in ranks):.1e}")
+
+
 def _precision_job(rank, world):
     # plan(mesh=..., precision="bf16"): FSDP2 MixedPrecisionPolicy against one process in bf16
     return {case: scale.run_mesh_precision(rank, world, case, 2, 2, "bf16") for case in ("llama", "gpt")}
@@ -119,12 +147,22 @@ def _plot(mesh_rows, pipe_rows, path):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    parser.add_argument("--only", choices=["tp_limits", "pipeline"], default=None)
+    parser.add_argument("--only", choices=["tp_limits", "pipeline", "pipeline_dp"], default=None)
     opts = parser.parse_args()
     os.makedirs(opts.out, exist_ok=True)
     path = os.path.join(opts.out, "scale.json")
     if opts.only == "pipeline":
         _pipeline_only(opts.out, path)
+        return
+    if opts.only == "pipeline_dp":
+        start = time.perf_counter()
+        rows = _pipeline_dp_rows()
+        previous = json.load(open(path)) if os.path.exists(path) else {}
+        previous["pipeline_dp"] = rows
+        with open(path, "w") as f:
+            json.dump(previous, f, indent=1, default=str)
+        _print_pipeline_dp(rows)
+        print(f"{time.perf_counter() - start:.0f} s")
         return
     limits = _tp_limits_rows(tp.spawn(_tp_limits_job, 4))
     for r in limits:
@@ -143,6 +181,7 @@ def main() -> None:
         mesh = tp.spawn(_mesh_job, 4, tmp)
     precision = tp.spawn(_precision_job, 4)
     pipe_rows, pipe4_rows = _pipeline_rows()
+    pipe_dp_rows = _pipeline_dp_rows()
     mesh_rows = []
     for case in ("llama", "gpt"):
         per_rank = [r[case] for r in mesh]
@@ -157,7 +196,7 @@ def main() -> None:
     with open(os.path.join(opts.out, "scale.json"), "w") as f:
         json.dump({"question": __doc__.split("\n\n")[0], "mesh": mesh_rows, "pipeline": pipe_rows,
                    "pipeline_4_layers": pipe4_rows, "precision_bf16": precision_rows,
-                   "tp_limits": limits}, f, indent=1, default=str)
+                   "pipeline_dp": pipe_dp_rows, "tp_limits": limits}, f, indent=1, default=str)
     _plot(mesh_rows, pipe_rows, os.path.join(opts.out, "scale.png"))
     for r in mesh_rows:
         print(f"{r['case']:6s} 2x2: state/rank {r['bytes']['total']} B vs one process {r['single_bytes']['total']} B "
@@ -168,6 +207,7 @@ def main() -> None:
               + (f"; compiled: {r['compiled']}" if "compiled" in r else "")
               + (f"; compiled without the vocabulary split: {r['compiled_no_vocab_split']}" if "compiled_no_vocab_split" in r else ""))
     _print_pipeline(pipe_rows, pipe4_rows)
+    _print_pipeline_dp(pipe_dp_rows)
     for r in precision_rows:
         print(f"{r['case']:6s} 2x2 bf16 (u = {r['unit_roundoff']:.2e}): loss rel err {r['loss_rel_error']:.1e}, "
               f"gradients rel err {r['grad_rel_error']:.1e} (worst tensor {r['max_grad_rel_error']:.1e} "
