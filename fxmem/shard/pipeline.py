@@ -626,7 +626,8 @@ def boundary_bytes(atoms: list[Atom], i: int, j: int, s: int, stages: int, sched
     return held
 
 
-def balance(atoms: list[Atom], saved: _Saved, stages: int, schedule: str, microbatches: int) -> list[int]:
+def balance(atoms: list[Atom], saved: _Saved, stages: int, schedule: str, microbatches: int, dp: int = 1,
+            block_names: list[str] | tuple = ()) -> list[int]:
     """Start indices of stages 1..S-1 (into ``atoms``) minimizing the largest stage's bytes.
 
     Exact: dynamic programming over (stage, start atom); stages begin at splittable atoms (after
@@ -645,7 +646,8 @@ def balance(atoms: list[Atom], saved: _Saved, stages: int, schedule: str, microb
         p = cum_p[j] - cum_p[i]
         return Stage(s, "", "", p, act, in_flight(schedule, s, stages, microbatches), grad_bytes=p,
                      boundary_bytes=boundary_bytes(atoms, i, j, s, stages, schedule, microbatches),
-                     with_grads=with_grads(schedule, s, stages, microbatches)).bytes
+                     with_grads=with_grads(schedule, s, stages, microbatches), dp=dp,
+                     gathered_bytes=_gathered(atoms[i:j], list(block_names)) if dp > 1 else 0).bytes  # per rank
 
     starts = [i for i, a in enumerate(atoms) if a.splittable]
     if stages - 1 > len(starts):
@@ -713,7 +715,7 @@ def _fully_shard_stage(module: nn.Module, block_names: list[str], dp_mesh) -> No
 
 
 def _plan(atoms, saved, stages, schedule, microbatches, mb, loss_fn, dp=1, block_names=()) -> PipelinePlan:
-    starts = balance(atoms, saved, stages, schedule, microbatches)
+    starts = balance(atoms, saved, stages, schedule, microbatches, dp, block_names)
     bounds = [0] + starts + [len(atoms)]
     first, received = saved.table(False), saved.table(True)
     out = []
