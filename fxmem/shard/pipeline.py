@@ -46,6 +46,14 @@ over the atoms). The chosen split points are where ``pipe_split()`` runs, as
 gives that dict); :meth:`PipelinePlan.build` makes this rank's ``PipelineStage`` and
 ``ScheduleGPipe`` / ``Schedule1F1B``. An inner split point ``torch.distributed.pipelining``
 refuses is left out with a warning (never a crash). fxmem implements no communication.
+
+pp × dp (``pipeline(..., dp=D)``, ``build(..., group=mesh["pp"].get_group(), dp_mesh=mesh["dp"])``):
+each stage's module is ``fully_shard``-ed over its dp ranks before its ``PipelineStage`` is made —
+the block units of :func:`fxmem.shard.mesh.blocks`, then the stage root — and the bytes are per
+rank (:attr:`Stage.bytes`; docs/shard.md, "Pipeline stages × FSDP2 over dp")::
+
+    before:  stage module (GraphModule)  ──▶  PipelineStage
+    after:   stage module ──fully_shard(blocks.i over dp), fully_shard(root over dp)──▶ FSDPModule ──▶ PipelineStage
 """
 
 from __future__ import annotations
