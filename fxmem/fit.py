@@ -132,12 +132,14 @@ class FitResult:
     allow: tuple = ()
     dp: int = 1
     tp: int = 1
+    # where the per-rank state figures come from (a line naming fxmem.shard.plan, or why not)
+    per_rank_source: str = ""
 
     def refit(self, memory: int | float | str) -> FitResult:
         """The choice for another limit among the same candidates, without tracing again
         (:class:`FitError` if none fits it)."""
         return choose(self.candidates, memory, headroom=self.headroom, mode=self.mode, allow=self.allow,
-                      dp=self.dp, tp=self.tp)
+                      dp=self.dp, tp=self.tp, per_rank_source=self.per_rank_source)
 
     @property
     def table(self) -> str:
@@ -159,7 +161,8 @@ class FitResult:
         parts = ", ".join(f"{k} {_gib(v)}" for k, v in self.chosen.parts.items() if v)
         return (f"fxmem.fit ({self.mode}): limit {_gib(self.memory)}{per_rank}, headroom {self.headroom:.0%}\n"
                 f"chosen: {self.chosen.label} → options={self.options}\n"
-                f"estimated peak {_gib(self.estimate)} ({parts})\n\n{self.table}")
+                f"estimated peak {_gib(self.estimate)} ({parts})\n"
+                + (f"per rank: {self.per_rank_source}\n" if self.per_rank_source else "") + f"\n{self.table}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -688,6 +691,42 @@ def _ranks(world_size: int | None, mesh: Mapping[str, int] | None) -> tuple[int,
     return world_size, 1
 
 
+@dataclass
+class _PerRank:
+    """Per-rank model-state bytes under a mesh, and where they come from."""
+
+    params: int
+    grads: int
+    unit: int      # the largest FSDP unit as all-gathered on one rank (tensor-parallel local shard)
+    source: str
+
+
+def _mesh_state(model: torch.nn.Module, args: tuple, kwargs: dict, dp: int, tp: int) -> _PerRank | None:
+    """Per-rank state from :func:`fxmem.shard.plan` with ``mesh={"dp": dp, "tp": tp}``: parameters
+    and gradients as the plan splits them (replicated layers whole, the vocabulary split or not,
+    FSDP2's padded dim-0 shards), and the largest unit's tensor-parallel shard, which FSDP2
+    all-gathers. ``None`` with ``tp == 1`` (FSDP alone: state ÷ dp is exact up to padding).
+    A model the plan cannot shard keeps fit's ÷ dp·tp bound; the returned source says why."""
+    if tp == 1:
+        return None
+    # imported here: fxmem.shard pulls torch.distributed's tensor-parallel modules, which a
+    # single-process fit does not need
+    from fxmem.shard import plan as shard_plan
+    try:
+        p = shard_plan(model, *args, kwargs=kwargs, mesh={"dp": dp, "tp": tp})
+    except Exception as e:  # the plan's own errors name the op / module it cannot shard
+        msg = " ".join(str(e).split())[:160]
+        return _PerRank(0, 0, 0, f"fxmem.shard.plan failed ({type(e).__name__}: {msg}); "
+                                 f"state ÷ {dp * tp} and activations undivided: an upper bound")
+    unit = max((u.per_rank_bytes * dp for u in p.units if u.module), default=0)
+    # buffers (rotary tables, masks) are not parameters: every rank holds them whole
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    split = p.per_rank.params / max(p.single.params, 1)
+    return _PerRank(p.per_rank.params + buffers, p.per_rank.grads, unit,
+                    f"fxmem.shard.plan (dp {dp} × tp {tp}): parameters {p.per_rank.params} B of "
+                    f"{p.single.params} B per rank ({split:.3f}); activations not divided by tp (an upper bound)")
+
+
 def _largest_unit_bytes(model: torch.nn.Module) -> int:
     """Parameter bytes of the largest FSDP unit: a member of a ModuleList/Sequential (a transformer
     block, usually), or the largest parameter where the model has no such list."""
@@ -764,34 +803,44 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
     candidates = [c for c in candidates if not c.same_as]
     state = _state_bytes(model)
     grads = _gradient_bytes(model)
+    mesh_state = _mesh_state(model, args, kwargs, dp, tp) if mesh is not None else None
+    planned = mesh_state is not None and mesh_state.params > 0
+    # per-rank state: the shard plan's split when there is one, else an even ÷ ranks
+    rank_state = mesh_state.params if planned else state // ranks
+    rank_grads = mesh_state.grads if planned else grads // ranks
+    source = mesh_state.source if mesh_state is not None else ""
     for cand in candidates:
         if cand.error:
             continue
         parts = cand.parts if training else dict(sink)
         flops, moved = parts.pop("_flops", 0), parts.pop("_bytes", 0)
         if training:
-            new = {"parameters": state // ranks, "optimizer": OPTIMIZER_STATE[optimizer] * grads // ranks,
+            new = {"parameters": rank_state, "optimizer": OPTIMIZER_STATE[optimizer] * rank_grads,
                    "batch": parts.get("batch", 0),
                    # the timeline holds every gradient; FSDP keeps 1/ranks of them after each reduce-scatter
-                   "activations+gradients": parts.get("activations", 0) - grads + grads // ranks}
+                   "activations+gradients": parts.get("activations", 0) - grads + rank_grads}
         else:
             graphs = parts.pop("_graphs", [])
-            new = {"parameters": _weight_bytes(model, cand.options) // ranks,
+            weights = _weight_bytes(model, cand.options)
+            # the plan's split applies to the weights as stored (int8 / 4-bit shrink them by the same factor)
+            new = {"parameters": weights * rank_state // max(state, 1) if planned else weights // ranks,
                    "batch": max((g.input_bytes for g in graphs), default=0),
                    "activations": _inference_activations(graphs, cand.options, traced_on)}
             moved = moved - state + new["parameters"] * ranks  # the weights read are the stored ones
             moved += sum(_linear_traffic(cand.options, torch.device(dev_type), out, shape)
                          for g in graphs for _, out, shape in g.linears)
-        if ranks > 1:  # FSDP all-gathers one unit's parameters (and its gradients before reduce-scatter)
-            new["fsdp unit"] = 2 * _largest_unit_bytes(model) // tp if training else _largest_unit_bytes(model) // tp
+        if ranks > 1 and dp > 1:  # FSDP all-gathers one unit's parameters (and its gradients before reduce-scatter)
+            unit = mesh_state.unit if planned else _largest_unit_bytes(model) // tp
+            new["fsdp unit"] = 2 * unit if training else unit
         cand.parts = new
         cand.estimate = int(sum(new.values()))
         cand.cost = float(flops + balance * moved)
-    return choose(candidates, limit, headroom=headroom, mode=mode, allow=allow, dp=dp, tp=tp)
+    return choose(candidates, limit, headroom=headroom, mode=mode, allow=allow, dp=dp, tp=tp,
+                  per_rank_source=source)
 
 
 def choose(candidates: list[Candidate], memory: int | float | str, *, headroom: float, mode: str,
-           allow: tuple = (), dp: int = 1, tp: int = 1) -> FitResult:
+           allow: tuple = (), dp: int = 1, tp: int = 1, per_rank_source: str = "") -> FitResult:
     """The candidate within ``memory · (1 - headroom)`` with the fewest lossy options, then the
     cheapest (:class:`FitError` if none fits)."""
     limit = parse_memory(memory)
@@ -805,7 +854,7 @@ def choose(candidates: list[Candidate], memory: int | float | str, *, headroom: 
     chosen = min(fitting, key=lambda c: (len(c.lossy), c.cost, c.estimate))
     return FitResult(options=copy.deepcopy(chosen.options), estimate=chosen.estimate, memory=limit, mode=mode,
                      chosen=chosen, candidates=candidates, headroom=headroom, world_size=dp * tp,
-                     allow=allow, dp=dp, tp=tp)
+                     allow=allow, dp=dp, tp=tp, per_rank_source=per_rank_source)
 
 
 def _impossible_message(candidates: list[Candidate], limit: int, headroom: float, mode: str, allow: tuple,

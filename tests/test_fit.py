@@ -237,3 +237,39 @@ def test_cli_fit_prints_the_choice_and_fails_clearly(capsys):
     assert "options={'int8': 'weight_only'}" in out and "backend='fxmem'" in out
     assert main([*args, "--memory", "30KiB"]) == 1
     assert "smallest estimate" in capsys.readouterr().err
+
+
+def test_mesh_with_tp_takes_per_rank_state_from_the_shard_plan():
+    # issue 15: with tp > 1 fit's per-rank parameters are fxmem.shard.plan's split (replicated
+    # layers whole, the vocabulary split or not, FSDP2 padding), not an even ÷ dp·tp, and the
+    # result says so; tensor parallelism alone gathers no FSDP unit
+    from fxmem.testing import scale
+    model, vocab = scale.build("gpt_untied", layers=2)
+    x, _ = scale.batch(vocab, 2)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    for mesh in ({"tp": 2}, {"dp": 2, "tp": 2}):
+        plan = fxmem.shard.plan(model, x, mesh=mesh)
+        r = fxmem.fit(model, x, memory="1GiB", mode="inference", mesh=mesh)
+        assert r.chosen.parts["parameters"] == plan.per_rank.params + buffers
+        assert "fxmem.shard.plan" in r.per_rank_source and "fxmem.shard.plan" in str(r)
+        assert ("fsdp unit" in r.chosen.parts) == ("dp" in mesh)
+        t = fxmem.fit(model, x, memory="1GiB", mode="training", mesh=mesh, budgets=())
+        assert t.chosen.parts["parameters"] == plan.per_rank.params + buffers
+
+
+def test_mesh_replicated_layers_count_whole_and_plan_failure_keeps_the_even_split(monkeypatch):
+    # a layer tensor parallelism cannot split (a Conv1d) is replicated: every rank holds all of it,
+    # where the old even ÷ tp figure said half
+    model = torch.nn.Sequential(torch.nn.Conv1d(4, 4, 3))
+    x = torch.randn(2, 4, 16)
+    state = sum(p.numel() * p.element_size() for p in model.parameters())
+    r = fxmem.fit(model, x, memory="1GiB", mode="inference", mesh={"tp": 2})
+    assert r.chosen.parts["parameters"] == state and "fxmem.shard.plan" in r.per_rank_source
+    # when the plan fails, fit keeps state ÷ dp·tp and names why in the result
+
+    def broken(*a, **k):
+        raise ValueError("no plan for this model")
+    monkeypatch.setattr(fxmem.shard, "plan", broken)
+    r = fxmem.fit(model, x, memory="1GiB", mode="inference", mesh={"tp": 2})
+    assert r.chosen.parts["parameters"] == state // 2
+    assert "failed" in r.per_rank_source and "no plan for this model" in str(r)

@@ -499,3 +499,37 @@ def run_pipeline_dp(rank: int, world_size: int, case: str, schedule: str = "1f1b
             "state_bytes": state["total"], "plan_state_bytes": planned.state_bytes,
             "single_stage_param_bytes": planned.param_bytes,
             "peak_bytes": shard + peak.peak_bytes, "plan_bytes": planned.bytes}
+
+
+def run_fit_mesh(rank: int, world_size: int, case: str, dp: int, tp: int, layers: int = 2, per_dp: int = 2) -> dict:
+    """One rank's check of :func:`fxmem.fit`'s per-rank estimate with ``mesh={"dp": dp, "tp": tp}``:
+    fit's chosen training options (no optimizer state), the model sharded by ``fxmem.shard.apply``
+    with the plan fit used, compiled with ``backend="fxmem"`` and those options, and this rank's
+    whole-step peak measured as fit defines it — the local parameters, buffers and batch held
+    before the step plus :func:`fxmem.measure.peak_memory`'s peak above them."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import fxmem
+    from fxmem.fit import training_step
+    from fxmem.measure import peak_memory
+
+    torch.manual_seed(0)
+    model, vocab_size = build(case, layers=layers)
+    x, _ = batch(vocab_size, per_dp)
+    mesh_sizes = {"dp": dp, "tp": tp}
+    fit = fxmem.fit(copy.deepcopy(model), x, memory="4GiB", mode="training", mesh=mesh_sizes, budgets=())
+    plan = fxmem.shard.plan(copy.deepcopy(model), x, mesh=mesh_sizes)
+    mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
+    sharded = fxmem.shard.apply(copy.deepcopy(model), plan, mesh)
+    torch._dynamo.reset()
+    step = training_step(sharded, x, options=fit.options)
+    step()
+    step()  # compiled, and no recompilation left in the measured step
+    for p in sharded.parameters():
+        p.grad = None
+    before = sum(tensor_bytes(_local(t)) for t in [*sharded.parameters(), *sharded.buffers()]) + tensor_bytes(x)
+    peak, _ = peak_memory(step, device="cpu")
+    return {"case": case, "dp": dp, "tp": tp, "rank": rank, "options": fit.options, "estimate": fit.estimate,
+            "parts": dict(fit.chosen.parts), "source": fit.per_rank_source, "measured": before + peak.peak_bytes,
+            "ratio": fit.estimate / (before + peak.peak_bytes),
+            "vocab_split": bool(plan.tp_plan is not None and plan.tp_plan.vocab)}
