@@ -751,8 +751,10 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
     ``"inference"``. ``allow``: options that change numerics which may be chosen — ``"precision"``,
     and for inference ``"int8"``, ``"quantize"``, ``"prune"``; nothing lossy is chosen otherwise.
     ``world_size`` (FSDP over that many ranks) or ``mesh={"dp": D, "tp": T}``: estimates per rank,
-    parameters, gradients and optimizer state divided as FSDP / tensor parallelism shard them
-    (activations are not divided: an upper bound under tensor parallelism). ``headroom``: the
+    parameters, gradients and optimizer state divided as FSDP / tensor parallelism shard them —
+    with ``tp`` > 1 as :func:`fxmem.shard.plan` splits them (``FitResult.per_rank_source`` says
+    so, or why the plan failed and the even split was kept); activations are not divided by ``tp``
+    and DTensor's collective buffers are not modelled (docs/fit.md, "Distributed"). ``headroom``: the
     fraction of ``memory`` kept free for what the estimate does not see (allocator rounding,
     the caller's own tensors). ``device``: whose speeds rank the candidates (default: the model's).
     ``budgets``: the remat budgets tried beside remat off and free recompute (each costs a min-cut

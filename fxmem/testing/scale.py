@@ -516,13 +516,15 @@ def run_fit_mesh(rank: int, world_size: int, case: str, dp: int, tp: int, layers
     torch.manual_seed(0)
     model, vocab_size = build(case, layers=layers)
     x, _ = batch(vocab_size, per_dp)
+    # HF models return a ModelOutput: labels make it carry the loss fit and the step differentiate
+    kw = {"labels": x} if case.startswith(("llama", "gpt2")) else {}
     mesh_sizes = {"dp": dp, "tp": tp}
-    fit = fxmem.fit(copy.deepcopy(model), x, memory="4GiB", mode="training", mesh=mesh_sizes, budgets=())
-    plan = fxmem.shard.plan(copy.deepcopy(model), x, mesh=mesh_sizes)
+    fit = fxmem.fit(copy.deepcopy(model), x, kwargs=kw, memory="4GiB", mode="training", mesh=mesh_sizes, budgets=())
+    plan = fxmem.shard.plan(copy.deepcopy(model), x, kwargs=kw, mesh=mesh_sizes)
     mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
     sharded = fxmem.shard.apply(copy.deepcopy(model), plan, mesh)
     torch._dynamo.reset()
-    step = training_step(sharded, x, options=fit.options)
+    step = training_step(sharded, x, kwargs=kw, options=fit.options)
     step()
     step()  # compiled, and no recompilation left in the measured step
     for p in sharded.parameters():
