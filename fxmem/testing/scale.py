@@ -448,8 +448,9 @@ def run_pipeline_dp(rank: int, world_size: int, case: str, schedule: str = "1f1b
     AdamW step, against one process taking one AdamW step on the global batch: the loss (mean over
     microbatches and dp), the gradients and the parameters after the step (whole tensors), and the
     rank's peak in ``schedule.step`` (CPU allocator events) against the plan's per-rank bytes."""
-    import fxmem
     from torch.distributed.device_mesh import init_device_mesh
+
+    import fxmem
 
     stages = world_size // dp
     mesh = init_device_mesh("cpu", (stages, dp), mesh_dim_names=("pp", "dp"))
