@@ -103,8 +103,13 @@ def measured_recompute(step, fitted):
     """``remat 0.0, no chunk``: the backward recomputes the ``[N, V]`` logits, and the tied head's
     weight gradient (one ``addmm`` with the embedding's, at the end) keeps their gradient alive
     through the whole backward — estimated at 0.74 of measured before the timeline modelled it."""
+    return _measure_candidate(step, fitted, "remat 0.0, no chunk")
+
+
+def _measure_candidate(step, fitted, label):
+    """The candidate named ``label``, and its options compiled and measured once."""
     model, args = step
-    cand = next(c for c in fitted.candidates if c.label == "remat 0.0, no chunk")
+    cand = next(c for c in fitted.candidates if c.label == label)
     torch._dynamo.reset()
     return cand, measure_options(model, *args, options=cand.options, steps=1)
 
@@ -121,9 +126,7 @@ def measured_bf16_unchunked(step):
     estimated at 0.69–0.92 of measured before the timeline modelled casts as Inductor does."""
     model, args = step
     fitted = fxmem.fit(model, *args, memory="1GiB", allow=["precision"], budgets=())
-    cand = next(c for c in fitted.candidates if c.label == "remat off, bf16, no chunk")
-    torch._dynamo.reset()
-    return cand, measure_options(model, *args, options=cand.options, steps=1)
+    return _measure_candidate(step, fitted, "remat off, bf16, no chunk")
 
 
 def test_bf16_unchunked_estimate_within_tolerance(measured_bf16_unchunked):

@@ -25,7 +25,8 @@ import torch
 import torch.fx as fx
 from torch.utils import flop_counter
 
-from fxmem.analysis.sizes import node_bytes, tensor_bytes
+from fxmem.analysis.saved import forward_outputs
+from fxmem.analysis.sizes import is_alias_op, node_bytes, storage_root, tensor_bytes
 from fxmem.passes.base import val as _val  # one helper for every module
 
 aten = torch.ops.aten
@@ -133,9 +134,7 @@ def _written(node: fx.Node) -> int:
 
 def _fused_bytes_moved(gm: fx.GraphModule) -> int:
     """Bytes Inductor's kernels move for ``gm`` (see the module docstring)."""
-    from fxmem.analysis.saved import forward_outputs
-    from fxmem.analysis.sizes import is_alias_op, storage_root
-    from fxmem.analysis.timeline import inductor_fusion
+    from fxmem.analysis.timeline import inductor_fusion, kernel_reads  # the fusion model (it imports the codegen)
 
     outputs = {storage_root(n) for n in forward_outputs(gm) if isinstance(n, fx.Node)}
     skip, _ = inductor_fusion(gm, outputs)
@@ -143,18 +142,7 @@ def _fused_bytes_moved(gm: fx.GraphModule) -> int:
     for node in gm.graph.nodes:
         if node.op != "call_function" or node in skip or is_alias_op(node) or node.target is operator.getitem:
             continue
-        # the buffers this node's kernel reads: through the pointwise ops fused into it and
-        # through views, down to storages that exist; each once
-        reads, stack, seen = set(), list(node.all_input_nodes), set()
-        while stack:
-            arg = stack.pop()
-            if arg in seen:
-                continue
-            seen.add(arg)
-            if arg in skip:
-                stack.extend(arg.all_input_nodes)
-            else:
-                reads.add(storage_root(arg))
+        reads = set(kernel_reads(node, skip))  # each storage once
         moved += sum(tensor_bytes(r.meta.get("val")) for r in reads if isinstance(r.meta.get("val"), torch.Tensor))
         moved += _written(node) + internal_bytes(node)
     return moved

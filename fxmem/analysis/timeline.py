@@ -230,8 +230,7 @@ def _pointwise(node: fx.Node) -> bool:
     if node.target is torch.ops.aten._to_copy.default:
         # a cast: Inductor lowers it as a pointwise op (prims.convert_element_type, tagged
         # pointwise; aten._to_copy is not), unless it moves the tensor to another device
-        return set(node.kwargs) <= {"dtype", "layout", "memory_format"} or all(
-            node.kwargs.get(k) is None for k in ("device", "pin_memory"))
+        return all(node.kwargs.get(k) is None for k in ("device", "pin_memory"))
     return torch.Tag.pointwise in getattr(node.target, "tags", ())
 
 
@@ -340,9 +339,19 @@ def _reuse_candidates(node: fx.Node) -> list[fx.Node]:
 
 
 def _kernel_inputs(node: fx.Node, skip: set[fx.Node]) -> list[fx.Node]:
-    """The storages ``node``'s kernel reads: its reuse candidates, looking through the pointwise
-    ops fused into it (``skip``)."""
-    out, stack, seen = [], list(_reuse_candidates(node)), set()
+    """The storages ``node``'s kernel may write its output into: its reuse candidates, looking
+    through the pointwise ops fused into it (``skip``)."""
+    return _storages_through(_reuse_candidates(node), skip)
+
+
+def kernel_reads(node: fx.Node, skip: set[fx.Node]) -> list[fx.Node]:
+    """The storages ``node``'s kernel reads: its inputs, looking through the pointwise ops fused
+    into it (``skip``, from :func:`inductor_fusion`) and through views."""
+    return _storages_through(node.all_input_nodes, skip)
+
+
+def _storages_through(inputs: list[fx.Node], skip: set[fx.Node]) -> list[fx.Node]:
+    out, stack, seen = [], list(inputs), set()
     while stack:
         inp = stack.pop()
         if inp in seen:
@@ -410,24 +419,17 @@ def _joined_kernels(gm: fx.GraphModule, skip: set[fx.Node], externs: set[fx.Node
     for node in nodes:
         if not materialized_pointwise(node) or node in host_of:
             continue
-        host, size = node, _numel(node)
-        frontier = [node]
+        host, size, frontier = node, _numel(node), [node]
         while frontier:
-            producer = frontier.pop()
-            # the consumers of producer, through views and the pointwise ops fused into them
-            consumers, stack = [], list(producer.users)
-            while stack:
+            stack = list(frontier.pop().users)
+            while stack:  # the consumers, through views and the pointwise ops fused into them
                 user = stack.pop()
                 if is_alias_op(user) or user in skip:
                     stack.extend(user.users)
-                elif materialized_pointwise(user) and _is_cast(user) and position[user] > position[host] \
-                        and user not in host_of:
-                    consumers.append(user)
-            for user in consumers:
-                if _numel(user) != size:
-                    continue
-                reads = _kernel_inputs(user, skip)
-                if all(position[r] <= position[host] or host_of.get(r) is host for r in reads):
+                elif (user not in host_of and _is_cast(user) and materialized_pointwise(user)
+                      and position[user] > position[host] and _numel(user) == size
+                      and all(position[r] <= position[host] or host_of.get(r) is host
+                              for r in _kernel_inputs(user, skip))):
                     host_of[user] = host
                     frontier.append(user)
     return host_of

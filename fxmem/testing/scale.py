@@ -373,6 +373,17 @@ def run_mesh_precision(rank: int, world_size: int, case: str, dp: int, tp: int, 
             "max_param_error_clear": max(param_errors.values()), "noisy_share": noisy / elements}
 
 
+def _schedule_step(sched, stage_index: int, stages: int, x: torch.Tensor, y: torch.Tensor, losses: list) -> None:
+    """One ``schedule.step`` as stage ``stage_index`` of ``stages`` takes it: the batch on the
+    first, the target (and the list the losses go into) on the last, nothing in between."""
+    if stage_index == 0:
+        sched.step(x)
+    elif stage_index == stages - 1:
+        sched.step(target=y, losses=losses)
+    else:
+        sched.step()
+
+
 def run_pipeline(rank: int, world_size: int, case: str, schedules: tuple[str, ...] = ("gpipe", "1f1b"), *,
                  layers: int = 4, microbatches: int = 2) -> dict:
     """One rank's part of the pipeline check, per schedule: its stage's bytes, the loss and gradients
@@ -395,12 +406,7 @@ def run_pipeline(rank: int, world_size: int, case: str, schedules: tuple[str, ..
         del pipe  # the other stages' modules: not this rank's memory
 
         def step(losses, sched=sched):
-            if rank == 0:
-                sched.step(x)
-            elif rank == world_size - 1:
-                sched.step(target=y, losses=losses)
-            else:
-                sched.step()
+            _schedule_step(sched, rank, world_size, x, y, losses)
 
         # The first step, on the fresh stage, measured by the CPU allocator's events: parameter
         # gradients, receive buffers and fwd_cache are made in it (the parameters exist before).
@@ -468,12 +474,7 @@ def run_pipeline_dp(rank: int, world_size: int, case: str, schedule: str = "1f1b
     losses: list[torch.Tensor] = []
 
     def step():
-        if stage_index == 0:
-            sched.step(xs)
-        elif stage_index == stages - 1:
-            sched.step(target=ys, losses=losses)
-        else:
-            sched.step()
+        _schedule_step(sched, stage_index, stages, xs, ys, losses)
 
     params = {id(p): p for p in stage.submod.parameters()}
     shard = sum(tensor_bytes(_local(p)) for p in params.values())
