@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils import flop_counter
 
+from fxmem.analysis.cost import register_internal_bytes
+
 aten = torch.ops.aten
 
 
@@ -128,6 +130,21 @@ def _chunk_rows(x2d: Tensor, up_w: Tensor, chunk_tokens: int) -> int:
     return chunk_tokens if chunk_tokens > 0 else auto_chunk_tokens(x2d.shape[0], up_w.shape[0], x2d.shape[1])
 
 
+def forward_workspace_bytes(x: Tensor, up_w: Tensor, up_b, gate_w: Tensor | None, gate_b, down_w: Tensor,
+                            down_b, program: str, chunk_tokens: int) -> int:
+    """Bytes :func:`chunked_mlp` allocates beyond its output, at its largest: one chunk's
+    projections and every value of the activation program (alive together until the program
+    returns), or later the activation and its down projection's ``[rows, out]`` before that is
+    copied into the output. Works on fake or meta tensors (fit's estimate)."""
+    rows = min(int(x.numel() // max(x.shape[-1], 1)),
+               chunk_tokens if chunk_tokens > 0 else auto_chunk_tokens(int(x.numel() // max(x.shape[-1], 1)),
+                                                                      int(up_w.shape[0]), int(x.shape[-1])))
+    values = (1 if gate_w is None else 2) + len(parse_program(program))
+    itemsize = torch.empty((), dtype=torch.result_type(x, up_w)).element_size()
+    inter = int(up_w.shape[0])
+    return rows * max(values * inter, inter + int(down_w.shape[0])) * itemsize
+
+
 def _projections(xc: Tensor, up_w, up_b, gate_w, gate_b) -> list[Tensor]:
     ins = [F.linear(xc, up_w, up_b)]
     if gate_w is not None:
@@ -147,6 +164,7 @@ def chunked_mlp(x: Tensor, up_w: Tensor, up_b: Tensor | None, gate_w: Tensor | N
         xc = x2d[start:start + rows]
         act = run_program(steps, _projections(xc, up_w, up_b, gate_w, gate_b))[-1]
         out[start:start + rows] = F.linear(act, down_w, down_b)
+        del act  # else it lives on beside the next chunk's projections: one chunk's [rows, I] more
     return out.reshape(*x.shape[:-1], down_w.shape[0])
 
 
@@ -241,3 +259,30 @@ def _flops_backward(grad_shape, x_shape, up_w_shape, up_b_shape, gate_w_shape, g
                     out_shape=None, **kwargs) -> int:
     """The recomputed up (and gate) matmuls, and two matmuls per projection for the gradients."""
     return 3 * _matmul_flops(x_shape, up_w_shape, gate_w_shape) + 2 * _matmul_flops(x_shape, down_w_shape)
+
+
+def forward_internal_bytes(node) -> int:
+    """Bytes :func:`chunked_mlp` moves beyond reading its inputs and writing its output once (for
+    :mod:`fxmem.analysis.cost`), in units of the whole ``[N, I]`` intermediate: each projection
+    written, each program step reading its tensor arguments and writing its value, the down
+    projection reading the activation — the same passes as the unchunked ops — plus what chunking
+    adds: the weights read again by every chunk after the first, and each chunk's down projection
+    written and copied into the output."""
+    vals = [a.meta.get("val") if hasattr(a, "meta") else a for a in node.args]
+    x, up_w, gate_w, down_w, program, chunk_tokens = vals[0], vals[1], vals[3], vals[5], vals[7], vals[8]
+    if not isinstance(x, Tensor) or not isinstance(up_w, Tensor):
+        return 0
+    rows = int(x.numel() // max(x.shape[-1], 1))
+    inter, out = int(up_w.shape[0]), int(down_w.shape[0])
+    itemsize = torch.empty((), dtype=torch.result_type(x, up_w)).element_size()
+    passes = 1 if gate_w is None else 2
+    for _name, args, _kwargs in parse_program(program):
+        passes += 1 + sum(1 for a in args if isinstance(a, str) and a.startswith("$"))
+    passes += 1
+    chunk = min(rows, chunk_tokens if chunk_tokens and chunk_tokens > 0 else auto_chunk_tokens(rows, inter, int(x.shape[-1])))
+    chunks = -(-rows // max(chunk, 1))
+    weights = sum(w.numel() * w.element_size() for w in (up_w, gate_w, down_w) if isinstance(w, Tensor))
+    return int(passes * rows * inter * itemsize + (chunks - 1) * weights + 2 * rows * out * itemsize)
+
+
+register_internal_bytes(torch.ops.fxmem.chunked_mlp, forward_internal_bytes)

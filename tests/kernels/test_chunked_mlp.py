@@ -91,3 +91,23 @@ def test_auto_chunk_is_msts_rule():
     # MsT: ceil(I / d) mini-sequences; 2048 tokens, d 256, I 1024 -> 4 chunks of 512 rows
     assert auto_chunk_tokens(2048, 1024, 256) == 512
     assert auto_chunk_tokens(10, 128, 32) == 64
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["gelu", "silu_gated"])
+def test_forward_workspace_is_what_the_op_allocates_beside_its_output(gated):
+    """fit adds :func:`forward_workspace_bytes` on top of the live bytes where the op runs: it must
+    be what the op really allocates (measured by the allocator), and a chunk's activation must be
+    gone before the next chunk's projections are made (it used to stay: one chunk more)."""
+    from fxmem.kernels.chunked_mlp import forward_workspace_bytes
+    from fxmem.measure import peak_memory
+
+    d, inner, rows = 64, 256, 4096
+    w = {k: (v.detach() if v is not None else None) for k, v in _params(d, inner, gated=gated, bias=not gated).items()}
+    x = torch.randn(rows, d)
+    program = SILU_GATED if gated else json.dumps([["gelu", ["$0"], {}]])
+    args = (x, w["up_w"], w["up_b"], w["gate_w"], w["gate_b"], w["down_w"], w["down_b"], program, 0)
+    with torch.no_grad():
+        chunked_mlp(*args)
+        peak, out = peak_memory(lambda: chunked_mlp(*args), device="cpu")
+    assert auto_chunk_tokens(rows, inner, d) < rows  # several chunks, so the previous one matters
+    assert peak.peak_bytes == out.numel() * out.element_size() + forward_workspace_bytes(*args)
