@@ -364,10 +364,22 @@ class _Estimated(Exception):
 def _op_workspace(node: fx.Node) -> int:
     """Bytes an op allocates inside itself, beyond its outputs (what the graph does not show).
 
-    ``fxmem::linear_cross_entropy`` holds one chunk's logits and their softmax-gradient at a time
-    (``2 × chunk_tokens × vocab`` fp32 values, :mod:`fxmem.kernels.linear_ce`).
+    * ``fxmem::linear_cross_entropy`` holds one chunk's logits and their softmax-gradient at a
+      time (``2 × chunk_tokens × vocab`` fp32 values, :mod:`fxmem.kernels.linear_ce`); with no
+      gradient wanted (an evaluation loss) the exponent is taken in place: one ``[chunk, V]``.
+    * ``fxmem::chunked_mlp`` holds one chunk's projections and every value of its activation
+      program, and the chunk's down projection before it is copied into the output
+      (:func:`fxmem.kernels.chunked_mlp.forward_workspace_bytes`).
     """
-    if node.op != "call_function" or "linear_cross_entropy" not in str(node.target):
+    if node.op != "call_function":
+        return 0
+    target = str(node.target)
+    if "chunked_mlp" in target and "backward" not in target:
+        from fxmem.kernels.chunked_mlp import forward_workspace_bytes
+
+        vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in node.args]
+        return forward_workspace_bytes(*vals) if isinstance(vals[0], torch.Tensor) else 0
+    if "linear_cross_entropy" not in target:
         return 0
     from fxmem.kernels.linear_ce import auto_chunk_tokens
 
@@ -378,12 +390,12 @@ def _op_workspace(node: fx.Node) -> int:
     vocab = int(weight.shape[0])
     chunk = node.args[8] if len(node.args) > 8 and isinstance(node.args[8], int) and node.args[8] > 0 else 0
     chunk = min(rows, chunk or auto_chunk_tokens(rows, vocab, d))
-    return 2 * chunk * vocab * 4
+    wants_grad = any(bool(a) for a in node.args[9:12])
+    return (2 if wants_grad else 1) * chunk * vocab * 4
 
 
 def _peak_with_workspace(timeline, fw: fx.GraphModule, bw: fx.GraphModule | None) -> int:
     """The timeline's peak, or higher where an op's own workspace sits on top of the live bytes."""
-    from fxmem.analysis.sizes import tensor_bytes
 
     nodes = {("forward", n.name): n for n in fw.graph.nodes}
     if bw is not None:
@@ -394,12 +406,9 @@ def _peak_with_workspace(timeline, fw: fx.GraphModule, bw: fx.GraphModule | None
         if node is not None:
             workspace = _op_workspace(node)
             if workspace:
-                # the timeline adds a multi-output op's outputs at their getitem nodes, after it;
-                # inside the op they already exist, under its workspace
-                val = node.meta.get("val")
-                outputs = sum(tensor_bytes(v) for v in val if isinstance(v, torch.Tensor)) \
-                    if isinstance(val, (tuple, list)) else 0
-                peak = max(peak, live + outputs + workspace)
+                # the timeline adds a multi-output op's outputs where it runs (with its inputs
+                # still alive): the workspace comes on top of both
+                peak = max(peak, live + workspace)
     return peak
 
 
@@ -486,7 +495,24 @@ def inference_candidates(allow: Iterable[str]) -> list[tuple[str, dict[str, Any]
             for ql, qo in precisions:
                 label = ", ".join(x for x in (wl if wo or not (po or qo) else "", pl, ql) if x)
                 out.append((label, {**wo, **po, **qo}))
-    return out
+    # chunking is lossless: tried without the weight options, which the backend does not combine
+    # with it in inference (fxmem.backend.inference_chunks: they rewrite the Linears it would hide)
+    return out[:1] + [(label, {"chunk": chunk}) for label, chunk in INFERENCE_CHUNKS[1:]] + out[1:]
+
+
+#: The ``chunk`` settings fit tries in inference, with their labels: the default (an evaluation
+#: loss chunked), the position-wise MLPs chunked along the tokens as well, and nothing chunked.
+#: A setting that rewrites no graph differently from the default is not listed.
+INFERENCE_CHUNKS: tuple[tuple[str, Any], ...] = (("", None), ("chunk mlp", {"mlp": True}), ("no chunk", False))
+
+
+def _chunk_label(options: Mapping[str, Any]) -> str:
+    """Which :data:`INFERENCE_CHUNKS` graph ``options`` compile to: with a weight option nothing
+    is chunked (:func:`fxmem.backend.inference_chunks`)."""
+    if any(k in options for k in ("int8", "quantize", "prune", "lowrank", "precision")):
+        return "no chunk"
+    chunk = options.get("chunk")
+    return next(label for label, value in INFERENCE_CHUNKS if value == chunk)
 
 
 def _weight_bytes(model: torch.nn.Module, options: Mapping[str, Any]) -> int:
@@ -547,17 +573,45 @@ def _linear_weight(node: fx.Node) -> fx.Node | None:
     return storage_root(weight) if isinstance(weight, fx.Node) and is_parameter_node(weight) else None
 
 
-def _estimate_inference_graph(gm: fx.GraphModule, example_inputs: list, sink: dict, device: torch.device) -> None:
+def _estimate_inference_graph(gm: fx.GraphModule, example_inputs: list, sinks: dict, device: torch.device) -> None:
+    """Per ``chunk`` setting of :data:`INFERENCE_CHUNKS` (``sinks[label]``): the dynamo stage
+    (chunk) rewrites the torch-level graph as the backend would, then the inference graph is
+    estimated (:func:`_estimate_inference_trace`). Settings that give the same graph share one
+    estimate; ``sinks[label]["_differs"]`` records that a setting changed some graph."""
+    from fxmem.backend import parameter_inputs
+    from fxmem.pipeline import Recorder, run_pipeline
+
+    params = set(parameter_inputs(gm, example_inputs))
+    device_gm, device_inputs = on_device(gm, example_inputs, device)
+    estimated: dict[str, dict] = {}
+    default_code = None
+    for label, chunk in INFERENCE_CHUNKS:
+        recorder = Recorder()
+        variant = run_pipeline(device_gm, "dynamo", parse_options({} if chunk is None else {"chunk": chunk}), recorder)
+        if not any(r.status == "changed" for r in recorder.records):
+            variant = device_gm
+        code = variant.code
+        default_code = code if default_code is None else default_code
+        if code not in estimated:
+            estimated[code] = {}
+            _estimate_inference_trace(variant, device_inputs, params, estimated[code])
+        sink = sinks.setdefault(label, {})
+        sink["_differs"] = sink.get("_differs", False) or code != default_code
+        sink.setdefault("_graphs", []).extend(estimated[code]["_graphs"])
+        for key in ("_flops", "_bytes"):
+            sink[key] = sink.get(key, 0) + estimated[code][key]
+
+
+def _estimate_inference_trace(gm: fx.GraphModule, device_inputs: list, params: set, sink: dict) -> None:
     """The inference graph's timeline as Inductor runs it (its decompositions; fused, buffers
-    reused: ``step_timeline(reuse=True)``, as for training), its Linears, and its FLOPs and bytes."""
+    reused: ``step_timeline(reuse=True)``, as for training; chunked ops' own workspace on top),
+    its Linears, and its FLOPs and bytes."""
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._inductor.decomposition import select_decomp_table
 
     from fxmem.analysis.saved import forward_outputs
     from fxmem.analysis.sizes import PARAM_META_KEY, node_bytes, unique_storage_bytes
-    from fxmem.backend import DECOMPOSITIONS, parameter_inputs
-
-    params = set(parameter_inputs(gm, example_inputs))
+    from fxmem.backend import DECOMPOSITIONS
 
     def compiler(aten_gm: fx.GraphModule, _args):
         for i, node in enumerate(n for n in aten_gm.graph.nodes if n.op == "placeholder"):
@@ -573,19 +627,19 @@ def _estimate_inference_graph(gm: fx.GraphModule, example_inputs: list, sink: di
                 linears.append((live_after[node.name], node_bytes(node), tuple(weight.meta["val"].shape)))
         floats = {n for n in outputs if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].is_floating_point()}
         end = timeline.points[-1][2] if timeline.points else timeline.input_bytes
-        sink.setdefault("_graphs", []).append(_InferenceGraph(timeline.peak_bytes, timeline.input_bytes, linears, end,
+        peak = _peak_with_workspace(timeline, aten_gm, None)
+        sink.setdefault("_graphs", []).append(_InferenceGraph(peak, timeline.input_bytes, linears, end,
                                                               unique_storage_bytes(floats)))
-        cost = graph_cost(aten_gm)
+        cost = graph_cost(aten_gm, fused=True)  # what Inductor's kernels move, as in training
         sink["_flops"] = sink.get("_flops", 0) + cost.flops
         sink["_bytes"] = sink.get("_bytes", 0) + cost.bytes_moved
         return aten_gm.forward
 
-    device_gm, device_inputs = on_device(gm, example_inputs, device)
     # the graph Inductor compiles: the backend traces with fxmem's decompositions, then
     # codegen.inductor_inference retraces with Inductor's (``_unsafe_view`` becomes a view there,
     # where fxmem's trace alone would count it as a copy)
     with torch.no_grad():
-        aot_module_simplified(device_gm, device_inputs, fw_compiler=compiler,
+        aot_module_simplified(gm, device_inputs, fw_compiler=compiler,
                               decompositions={**DECOMPOSITIONS, **select_decomp_table()})
 
 
@@ -793,14 +847,20 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
     # parse_options here also checks that fit's own output is options the backend accepts
     candidates = [Candidate(label, options, lossy=tuple(parse_options(options).lossy_options())
                             + (("precision",) if "precision" in options else ())) for label, options in specs]
-    sink: dict[str, int] = {}
+    sinks: dict[str, dict] = {}
     traced_on = trace_device(model)
     if training:
         capture_graphs(model, args, kwargs, training=True,
                        on_graph=lambda gm, ex: _estimate_training_graph(gm, ex, candidates, traced_on))
     else:
         capture_graphs(model, args, kwargs, training=False,
-                       on_graph=lambda gm, ex: _estimate_inference_graph(gm, ex, sink, traced_on))
+                       on_graph=lambda gm, ex: _estimate_inference_graph(gm, ex, sinks, traced_on))
+        chunked = sinks["no chunk"]["_differs"]  # the default chunked something (an evaluation loss)
+        for cand in candidates:
+            if "chunk" in cand.options:  # a chunk setting that rewrote no graph differently is the default's twin
+                cand.same_as = not sinks[_chunk_label(cand.options)]["_differs"]
+            elif chunked and _chunk_label(cand.options) == "no chunk":
+                cand.options["chunk"] = False  # said, so that the backend need not warn that it drops it
 
     candidates = [c for c in candidates if not c.same_as]
     state = _state_bytes(model)
@@ -814,7 +874,7 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
     for cand in candidates:
         if cand.error:
             continue
-        parts = cand.parts if training else dict(sink)
+        parts = cand.parts if training else {k: v for k, v in sinks[_chunk_label(cand.options)].items() if k != "_differs"}
         flops, moved = parts.pop("_flops", 0), parts.pop("_bytes", 0)
         if training:
             new = {"parameters": rank_state, "optimizer": OPTIMIZER_STATE[optimizer] * rank_grads,

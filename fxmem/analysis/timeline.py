@@ -486,6 +486,16 @@ def step_timeline(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs
     return _walk(fw, bw, num_fwd_outputs, fused=True, reuse=True, pool=_pool_plan(events))[0]
 
 
+def _output_items(node: fx.Node) -> list[fx.Node]:
+    """The ``getitem`` nodes that read the outputs of a multi-output op (SDPA, its backward, a
+    custom op returning a tuple). The op allocates them while its inputs are still alive, so the
+    walk adds them where the op runs, before its inputs' last use frees them — not at the
+    ``getitem`` nodes after it, where an input that died at the op is already gone."""
+    if not isinstance(node.meta.get("val"), (tuple, list)):
+        return []
+    return [u for u in node.users if u.op == "call_function" and u.target is operator.getitem]
+
+
 def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *, fused: bool, reuse: bool,
           pool: tuple[set, dict] | None) -> tuple[StepTimeline, list]:
     timeline = StepTimeline()
@@ -516,14 +526,18 @@ def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *
         kind = "saved" if node in saved_roots else "output" if node in user_roots else "transient"
         live.add(node, _describe(node, "forward", kind), pooled=pooled(node))
 
+    early: set[fx.Node] = set()  # outputs of a multi-output op, added where the op runs
     for i, node in enumerate(fw.graph.nodes):
         if node.op in COMPUTING and storage_root(node) is node and not is_parameter_node(node) and node not in skip \
-                and node not in joins:
+                and node not in joins and node not in early:
             if reuse and node not in externs:
                 _reuse_in_place(live, node, skip, lambda root, i=i: fw_dying(root, i))
             fw_add(node)
             for joiner in (j for j, host in joins.items() if host is node):  # outputs of the same kernel
                 fw_add(joiner)
+            for item in _output_items(node):
+                fw_add(item)
+                early.add(item)
         if node.op in COMPUTING:
             live.mark("forward", node.name)
         for root in frees.get(i, ()):
@@ -575,14 +589,18 @@ def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *
         live.add(node, _describe(node, "backward", "gradient" if node in grad_roots else "transient"),
                  pooled=pooled(node))
 
+    early = set()
     for i, node in enumerate(bw_nodes):
         if node.op in COMPUTING and storage_root(node) is node and not is_parameter_node(node) and node not in skip \
-                and node not in joins:
+                and node not in joins and node not in early:
             if reuse and node not in externs:
                 _reuse_in_place(live, node, skip, lambda root, i=i: bw_dying(root, i))
             bw_add(node)
             for joiner in (j for j, host in joins.items() if host is node):  # outputs of the same kernel
                 bw_add(joiner)
+            for item in _output_items(node):
+                bw_add(item)
+                early.add(item)
         if node.op in COMPUTING:
             live.mark("backward", node.name)
         for root in frees.get(i, ()):
