@@ -115,6 +115,9 @@ class FxmemBackend:
 
     # -- inference -------------------------------------------------------------------------
     def _compile_inference(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        # the torch-level rewrites (chunk) first, as in training: an evaluation loss or an
+        # encoder's MLP holds one chunk of its [N, V] logits / [N, I] intermediate at a time
+        gm = self._run_dynamo_pipeline(gm) if inference_chunks(gm, self.config) else gm
         params = parameter_inputs(gm, example_inputs)
         backend = self
 
@@ -245,18 +248,37 @@ class FxmemBackend:
                       f"{first[:200]}); running them op by op instead (codegen='eager'), with the same numbers. "
                       "strict=True raises instead.", UserWarning, stacklevel=3)
 
-    def _run_dynamo_pipeline(self, gm: fx.GraphModule) -> fx.GraphModule:
-        """The ``dynamo`` stage (chunk): torch-level rewrites before AOTAutograd traces the joint graph.
+    def _run_dynamo_pipeline(self, gm: fx.GraphModule, config: FxmemConfig | None = None) -> fx.GraphModule:
+        """The ``dynamo`` stage (chunk): torch-level rewrites before AOTAutograd traces the graph.
 
         The pipeline works on a copy; Dynamo's own graph module is kept when no pass changed it.
         """
         name = self.recorder.new_graph_name("dynamo")
-        new = run_pipeline(gm, "dynamo", self.config, self.recorder, graph_name=name)
+        new = run_pipeline(gm, "dynamo", config or self.config, self.recorder, graph_name=name)
         changed = any(r.graph == name and r.status == "changed" for r in self.recorder.records)
         if not changed:
             return gm
         keep_dynamo_metadata(gm, new)
         return new
+
+
+def inference_chunks(gm: fx.GraphModule, config: FxmemConfig) -> bool:
+    """Whether an inference graph goes through the ``dynamo`` stage (chunk). Not together with a
+    weight pass (``int8``, ``quantize``, ``lowrank``, ``prune``, ``precision``): those rewrite the
+    Linears of the ATen graph, and a chunked loss or MLP would hide its head or its projections
+    from them (their weights would stay fp32, silently). Chunking is then left out, with a
+    warning when it would have rewritten something (``chunk=False`` silences it)."""
+    weights = [w for w in config.lossy_options() if w != "tie_weights"]
+    weights += ["precision"] if config.precision is not None else []
+    if not weights or not config.chunk.enabled:
+        return config.chunk.enabled
+    probe = Recorder()
+    run_pipeline(gm, "dynamo", config, probe)
+    if any(r.status == "changed" for r in probe.records):
+        warnings.warn(f"fxmem: chunk is not applied to this inference graph together with {weights}: those passes "
+                      "rewrite the Linears that the chunked loss or MLP would hide from them. The graph is left "
+                      "unchunked; chunk=False silences this.", UserWarning, stacklevel=4)
+    return False
 
 
 def keep_dynamo_metadata(dynamo_gm: fx.GraphModule, new: fx.GraphModule) -> None:

@@ -196,7 +196,9 @@ def test_lossy_options_are_chosen_only_when_allowed():
         fxmem.fit(model, x, memory=limit, mode="inference")
     small = fxmem.fit(model, x, memory=limit, mode="inference", allow=["int8"])
     assert set(small.options) == {"int8"} and small.estimate <= limit
-    assert all(set(c.options) <= {"int8"} for c in small.candidates)
+    # nothing lossy but int8 was tried (chunking the MLP is lossless, and tried too)
+    assert all(set(c.options) - {"chunk"} <= {"int8"} for c in small.candidates)
+    assert any(c.options == {"chunk": {"mlp": True}} for c in small.candidates)
 
 
 INFERENCE_TOLERANCE = 0.05  # measured: 0.99–1.01 on the benchmark's models (docs/fit.md, "Calibration")
@@ -276,3 +278,27 @@ def test_mesh_replicated_layers_count_whole_and_plan_failure_keeps_the_even_spli
     r = fxmem.fit(model, x, memory="1GiB", mode="inference", mesh={"tp": 2})
     assert r.chosen.parts["parameters"] == state // 2
     assert "failed" in r.per_rank_source and "no plan for this model" in str(r)
+
+
+def test_inference_chunks_the_mlp_of_minilm_when_only_that_fits(minilm):
+    """all-MiniLM-L6-v2 (trained weights) embedding 32 sequences of 128 tokens: the MLP's
+    [N, 1536] intermediate is the largest activation. fit tries ``chunk={"mlp": True}`` in
+    inference; under a limit that only it meets, it is chosen, the compiled model measures within
+    the limit, and the estimate is within tolerance of that measurement."""
+    from fxmem.testing.minilm import SENTENCES
+
+    model, tokenizer, _, _ = minilm
+    batch = tokenizer(list(SENTENCES) * 4, padding="max_length", max_length=128, return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    wide = fxmem.fit(model, ids, mask, memory="64GiB", mode="inference")
+    by_label = {c.label: c for c in wide.candidates}
+    mlp, default = by_label["chunk mlp"], by_label["defaults (tie_weights)"]
+    # the MLP's peak (24 MiB of [N, I]) drops below the attention's, which then sets it (~4 MiB lower)
+    assert mlp.estimate < default.estimate - 2**20
+    limit = (mlp.estimate + default.estimate) / 2 / (1 - wide.headroom)  # only chunk mlp fits
+    choice = wide.refit(limit)
+    assert choice.options == {"chunk": {"mlp": True}}
+    torch._dynamo.reset()
+    measured = measure_inference(model, ids, mask, options=choice.options, steps=1)
+    assert measured["peak_bytes"] <= limit, (measured, limit)
+    assert abs(choice.estimate / measured["peak_bytes"] - 1) <= INFERENCE_TOLERANCE, (choice.estimate, measured)

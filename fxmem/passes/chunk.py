@@ -306,9 +306,13 @@ def _rewrite(gm: fx.GraphModule, m: _Match, config: ChunkConfig, fake_mode) -> i
     with graph.inserting_before(m.loss):
         tgt = add("call_method", "reshape", (m.target, -1))
         bval = traced_value(bias)
+        # a loss traced without grad (an evaluation under no_grad) needs no gradient, though the
+        # weight is a parameter that requires one: the op then computes the loss alone
+        grad = bool(traced_value(m.loss).requires_grad)
         loss_args = (h2d, weight, bias, tgt, m.ignore_index, m.reduction, m.label_smoothing, m.upcast,
-                     config.chunk_tokens or 0, bool(traced_value(hidden).requires_grad), bool(traced_value(weight).requires_grad),
-                     bool(bval is not None and bval.requires_grad))
+                     config.chunk_tokens or 0, grad and bool(traced_value(hidden).requires_grad),
+                     grad and bool(traced_value(weight).requires_grad),
+                     grad and bool(bval is not None and bval.requires_grad))
         # a row slice (``logits[..., :-1, :]``) replayed on the logits would copy them whole: the
         # op then multiplies its chunks again instead (one matmul more, no [N, V] copy)
         sliced = any(n.op == "call_function" and n.target is operator.getitem for n in m.chain)

@@ -1,5 +1,6 @@
 """The chunk pass: losses computed without whole logits equal eager (loss and every gradient)."""
 
+import re
 import warnings
 
 import pytest
@@ -375,6 +376,40 @@ def test_mlp_chunking_lowers_the_measured_peak_on_a_long_sequence():
     assert peaks["chunked"] < peaks["whole"] - intermediate, peaks
 
 
+def test_an_evaluation_loss_and_the_mlp_are_chunked_under_no_grad():
+    """Inference (grad off) runs the torch-level rewrites too: an evaluation loss with labels holds
+    one chunk of its logits, the op computes no gradient (the head's weight is a parameter that
+    requires one, but nothing asks for it), and ``chunk.mlp`` chunks the MLP; equal to eager."""
+    torch.manual_seed(0)
+    vocab, tokens = 4096, 512
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=tokens,
+                                   attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, vocab, (1, tokens))
+
+    def step(ids, labels):
+        return model(input_ids=ids, labels=labels).loss
+
+    with torch.no_grad():
+        want = step(ids, ids)
+        peaks, codes = {}, {}
+        for name, chunk in (("chunked", {"mlp": True}), ("whole", False)):
+            torch._dynamo.reset()
+            backend = fxmem.backend(chunk=chunk)
+            compiled = torch.compile(step, backend=backend)
+            got = compiled(ids, ids)
+            assert _rel(got, want) <= 1e-5, name
+            peaks[name] = peak_memory(lambda: compiled(ids, ids), device="cpu")[0].peak_bytes
+            codes[name] = "".join(r.code for r in backend.recorder.records if r.name == "chunk")
+    assert "fxmem.chunked_mlp" in codes["chunked"]
+    # need_hidden, need_weight, need_bias: nothing
+    assert re.search(r"linear_cross_entropy\.default\([^)]*False, False, False\)", codes["chunked"]), codes["chunked"]
+    logits_bytes = tokens * vocab * 4
+    assert peaks["whole"] >= logits_bytes
+    assert peaks["chunked"] < peaks["whole"] - logits_bytes / 2, peaks
+
+
 def test_explain_shows_the_chunked_mlp():
     torch.manual_seed(0)
     model = builtin_gpt().train()
@@ -394,3 +429,18 @@ def test_explain_shows_the_chunked_mlp():
     rows = [r for r in report.rows() if r["pass"] == "chunk"]
     assert rows and any(r.endswith("(mlp)") for r in rows[0]["stats"]["regions"])
     assert "(mlp)" in str(report)
+
+
+def test_inference_weight_passes_are_not_combined_with_chunking_and_say_so():
+    """int8 rewrites the MLP's Linears in the ATen graph; chunked, the MLP would hide them and its
+    weights would stay fp32. In inference chunking is then left out, with a warning naming both."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256)).eval()
+    x = torch.randn(64, 256)
+    backend = fxmem.backend(chunk={"mlp": True}, int8="weight_only", codegen="eager")
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"chunk is not applied .*\['int8'\]"):
+        out = torch.compile(model, backend=backend)(x)
+    statuses = {r.name: r.status for r in backend.recorder.records}
+    assert statuses.get("int8") == "changed" and "chunk" not in statuses, statuses
+    with torch.no_grad():
+        assert _rel(out, model(x)) <= 2e-2  # int8 weights: the lossy pass's own tolerance
