@@ -12,6 +12,11 @@ step does): the built-in GPT and HF Llama (2 layers, GQA, vocab 32k, as in
    (``FitResult.refit``, the same candidates), its measured peak against the limit, and its
    measured step time against the fastest candidate whose *measured* peak fits the limit.
 
+Inference (``--modes inference``): the same models serving one short sequence, and
+all-MiniLM-L6-v2 with its trained weights embedding a batch of 64 paragraphs × 128 tokens
+(``--cases minilm``, inference only), where ``chunk={"mlp": True}`` is the option that moves the
+peak.
+
     PYTHONPATH=. python benchmarks/fit.py --quick                 # CPU, small shapes
     PYTHONPATH=. python benchmarks/fit.py --device cuda --out $OUT/fit.json
     PYTHONPATH=. python benchmarks/fit.py --quick --reuse-measured old.json   # new estimates, old measurements
@@ -200,13 +205,22 @@ def run_case(name: str, quick: bool, device: torch.device, steps: int, reuse: di
 
 INFERENCE_ALLOW = ((), ("int8", "quantize", "prune", "precision"))
 INFERENCE_LIMITS = (0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
-SINGLES = ("defaults (tie_weights)", "int8 weight_only", "quantize 4 bit, group 64", "prune 0.3", "bf16")
+SINGLES = ("defaults (tie_weights)", "int8 weight_only", "quantize 4 bit, group 64", "prune 0.3", "bf16", "chunk mlp")
 
 
 def inference_case(name: str, quick: bool) -> tuple[nn.Module, tuple, dict, str]:
     """The same models, for a no-grad forward that returns the logits, on one short sequence
     (B 1 × T 32 quick, 1 × 128 full): serving, where the weights are most of the peak (at the
     training batch the fp32 logits are, and no weight option could move the peak much)."""
+    if name == "minilm":
+        # a sentence-embedding service's batch: all-MiniLM-L6-v2 (trained weights), 64 paragraphs
+        # of 128 tokens (quick: 16 × 64), where the activations, not the weights, set the peak
+        from fxmem.testing import minilm
+
+        model, tokenizer = minilm.load()
+        pairs, seq = (8, 64) if quick else (32, 128)
+        ids, mask = minilm.paragraph_pairs(tokenizer, pairs, seq)
+        return model, (ids, mask), {}, f"all-MiniLM-L6-v2 (trained weights), {2 * pairs} paragraphs x T {seq}, embeddings out"
     step, args, desc = make_case(name, quick)
     model = step.model.eval()
     ids = args[0][:1, :32 if quick else 128].contiguous()
@@ -325,7 +339,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small shapes (CPU)")
-    parser.add_argument("--cases", nargs="*", default=["gpt", "hf_llama"], choices=["gpt", "hf_llama"])
+    parser.add_argument("--cases", nargs="*", default=["gpt", "hf_llama"], choices=["gpt", "hf_llama", "minilm"],
+                        help="minilm: inference only (all-MiniLM-L6-v2, an embedding batch)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on the CPU, 20 on CUDA)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="interleaved timing rounds of every compiled candidate (default: max(steps, 5))")
@@ -353,7 +368,7 @@ def main() -> None:
         reuse = {c["case"]: c for c in previous["cases"]}
         results["measured_in"] = opts.reuse_measured
     for name in opts.cases:
-        if "training" in opts.modes:
+        if "training" in opts.modes and name != "minilm":
             results["cases"].append(run_case(name, opts.quick, device, steps, reuse.get(name), opts.rounds))
         if "inference" in opts.modes:
             results["cases"].append(run_inference_case(name, opts.quick, device, steps))

