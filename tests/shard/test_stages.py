@@ -9,7 +9,10 @@ schedules from one measurement, 4-layer untied GPT with 1F1B; every boundary ins
 child): the single process's loss and gradients (1e-5), each stage holds the parameter and
 saved-activation bytes the plan says, each rank's measured peak (parameters, gradients, boundary
 buffers; CPU allocator events) is between the plan's stage bytes and 1.10 x them, and the
-measured peaks are within 10% of each other (both models, both schedules).
+measured peaks are within 10% of each other (both models, both schedules). On 4 processes (one
+spawn, pp 2 x dp 2, FSDP2 on each stage): fp32 equal to one process, shards and state at rest as
+planned, bf16 (MixedPrecisionPolicy) against one process in the same dtypes, and each stage's
+measured peak within [1.0, 1.10] of the plan's FSDP2 replay, fp32 and bf16.
 """
 
 import pytest
@@ -154,6 +157,13 @@ def test_pipeline_rejects_bad_input():
         fxmem.shard.pipeline(model, x, stages=2, microbatches=4, dp=2)
     with pytest.raises(ValueError, match="dp=0; accepted: a positive int"):
         fxmem.shard.pipeline(model, x, stages=2, dp=0)
+    # precision is FSDP2's MixedPrecisionPolicy on the stages: the names the mesh plan takes, and dp
+    with pytest.raises(ValueError, match=r"precision='fp8'; accepted: None \| 'bf16' \| 'fp16'"):
+        fxmem.shard.pipeline(model, x, stages=2, dp=2, precision="fp8")
+    with pytest.raises(ValueError, match=r"precision='bf16' needs dp >= 2.*accepted: precision=None with dp=1"):
+        fxmem.shard.pipeline(model, x, stages=2, precision="bf16")
+    with pytest.raises(ValueError, match="backend=3; accepted"):
+        fxmem.shard.pipeline(model, x, stages=2, dp=2, backend=3)
 
 
 def test_build_dp_mesh_must_match_the_plan(gpt_plan):
