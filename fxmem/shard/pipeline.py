@@ -50,7 +50,11 @@ refuses is left out with a warning (never a crash). fxmem implements no communic
 pp × dp (``pipeline(..., dp=D)``, ``build(..., group=mesh["pp"].get_group(), dp_mesh=mesh["dp"])``):
 each stage's module is ``fully_shard``-ed over its dp ranks before its ``PipelineStage`` is made —
 the block units of :func:`fxmem.shard.mesh.blocks`, then the stage root — and the bytes are per
-rank (:attr:`Stage.bytes`; docs/shard.md, "Pipeline stages × FSDP2 over dp")::
+rank: the stage's schedule replayed over its FSDP2 units (:mod:`fxmem.shard.fsdp_peak`;
+:attr:`Stage.bytes`; docs/shard.md, "Pipeline stages × FSDP2 over dp"). ``precision="bf16"`` /
+``"fp16"`` (with dp) gives every unit FSDP2's ``MixedPrecisionPolicy`` (as the mesh plan does);
+the model is then measured and exported with its parameters in that dtype and the stage gets its
+fp32 masters back before ``fully_shard``::
 
     before:  stage module (GraphModule)  ──▶  PipelineStage
     after:   stage module ──fully_shard(blocks.i over dp), fully_shard(root over dp)──▶ FSDPModule ──▶ PipelineStage
@@ -304,8 +308,10 @@ class PipelinePlan:
             out.append("per rank with FSDP2: stage  params shard B  gathered B  state at rest B (params+grads+AdamW)")
             for s in self.stages:
                 out.append(f"                     {s.index:<5d}  {s.shard_bytes:<14d} {s.gathered_bytes:<11d} {s.state_bytes}")
-            out.append("(the bytes column holds whole parameters and gradients from the first backward on: pipelining "
-                       "defers resharding and the reduce-scatter to after the last microbatch)")
+            precision = f", parameters gathered and computed in {self.precision}" if self.precision else ""
+            out.append("(bytes: the rank's peak in schedule.step, its schedule replayed over FSDP2's units — pipelining "
+                       "keeps units gathered after backward and the gradients whole until the reduce-scatter after the "
+                       f"last microbatch; {self.backend} all-gathers{precision})")
         crossing = {a.module: a.boundary_bytes for a in self.atoms}
         points = [f"{p} ({crossing[p]} B/microbatch cross)" for p in self.split_points]
         out.append(f"split points: {', '.join(points) or 'none'}; largest / smallest stage: {1 + self.imbalance:.3f}")
