@@ -56,6 +56,17 @@ class StateBytes:
         return self.params + self.grads + self.optimizer
 
 
+def mixed_precision_policy(precision: str | None):
+    """FSDP2's ``MixedPrecisionPolicy`` for ``precision`` — parameters all-gathered and computed in
+    bf16 / fp16, gradients reduced in fp32 onto fp32 master shards — or None (shared by the mesh
+    plan and the pipeline's stages)."""
+    if precision is None:
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=_PRECISIONS[precision], reduce_dtype=torch.float32)
+
+
 @dataclass
 class MeshPlan:
     """FSDP2 over ``dp`` around tensor parallelism over ``tp``: units, bytes and collectives per step."""
@@ -77,11 +88,7 @@ class MeshPlan:
 
     def mp_policy(self):
         """FSDP2's ``MixedPrecisionPolicy`` for ``precision`` (compute low, reduce in fp32), or None."""
-        if self.precision is None:
-            return None
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-
-        return MixedPrecisionPolicy(param_dtype=_PRECISIONS[self.precision], reduce_dtype=torch.float32)
+        return mixed_precision_policy(self.precision)
 
     def table(self) -> str:
         out = [f"fxmem.shard plan for mesh dp={self.dp} x tp={self.tp} ({self.world_size} ranks)"]

@@ -50,7 +50,11 @@ refuses is left out with a warning (never a crash). fxmem implements no communic
 pp × dp (``pipeline(..., dp=D)``, ``build(..., group=mesh["pp"].get_group(), dp_mesh=mesh["dp"])``):
 each stage's module is ``fully_shard``-ed over its dp ranks before its ``PipelineStage`` is made —
 the block units of :func:`fxmem.shard.mesh.blocks`, then the stage root — and the bytes are per
-rank (:attr:`Stage.bytes`; docs/shard.md, "Pipeline stages × FSDP2 over dp")::
+rank: the stage's schedule replayed over its FSDP2 units (:mod:`fxmem.shard.fsdp_peak`;
+:attr:`Stage.bytes`; docs/shard.md, "Pipeline stages × FSDP2 over dp"). ``precision="bf16"`` /
+``"fp16"`` (with dp) gives every unit FSDP2's ``MixedPrecisionPolicy`` (as the mesh plan does);
+the model is then measured and exported with its parameters in that dtype and the stage gets its
+fp32 masters back before ``fully_shard``::
 
     before:  stage module (GraphModule)  ──▶  PipelineStage
     after:   stage module ──fully_shard(blocks.i over dp), fully_shard(root over dp)──▶ FSDPModule ──▶ PipelineStage
@@ -66,7 +70,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from fxmem.shard.mesh import blocks
+from fxmem.shard.fsdp_peak import FSDPStage, Unit, order
+from fxmem.shard.mesh import _PRECISIONS, blocks, mixed_precision_policy
 
 SCHEDULES = ("gpipe", "1f1b")
 PREFIX, SUFFIX, LOSS = "<prefix>", "<suffix>", "<loss>"
@@ -91,6 +96,12 @@ class Atom:
     splittable: bool = False   # a stage may begin here
     boundary_bytes: int = 0    # what a stage beginning here receives per microbatch
     output_bytes: int = 0      # on the last atom: the model's output per microbatch (the last stage keeps it)
+    compute_param_bytes: int | None = None   # its parameters in the dtype they are computed in (precision=); None: param_bytes
+
+    @property
+    def gathered_bytes(self) -> int:
+        """Its parameters as FSDP2 all-gathers them (``MixedPrecisionPolicy.param_dtype``, else as kept)."""
+        return self.param_bytes if self.compute_param_bytes is None else self.compute_param_bytes
 
 
 @dataclass
@@ -108,6 +119,7 @@ class Stage:
     with_grads: int = 0     # microbatches whose activations it holds beside the gradients (:func:`with_grads`)
     dp: int = 1             # FSDP2 over this many data-parallel ranks (PipelinePlan.build(dp_mesh=...))
     gathered_bytes: int = 0  # with dp: the stage root's unit plus its largest block unit, whole (all-gathered)
+    fsdp: FSDPStage | None = None   # with dp: its FSDP2 units and schedule, replayed for the peak (fsdp_peak)
 
     @property
     def bytes(self) -> int:
@@ -116,23 +128,19 @@ class Stage:
         tensors as it makes the gradients, so the two do not add up).
 
         With ``dp > 1`` (FSDP2 on the stage, see :meth:`PipelinePlan.build`) the rank keeps its
-        shard of the parameters (``param_bytes / dp``). Before the first backward it holds one
-        block unit gathered at a time beside the root's (FSDP2 keeps the root unsharded). Every
-        backward runs with resharding and gradient sync off
-        (``_PipelineStageBase.backward_maybe_with_nosync``, torch 2.11 and 2.13): from the first
-        backward on every unit stays gathered and the gradients accumulate unsharded, whole. After
-        the last microbatch ``perform_reduce_grad`` reshards and reduce-scatters unit by unit: the
-        activations are freed by then, a unit's reduce-scatter input (a flat copy of its
-        gradients, counted as :attr:`gathered_bytes`) is made beside the whole gradients.
+        shard of the parameters (``param_bytes / dp``) and its boundary buffers; the rest is the
+        largest live total of :func:`fxmem.shard.fsdp_peak.step_peak`, which replays the stage's
+        schedule over its FSDP2 units: all-gather buffers (flat output, copied-out parameters,
+        gloo's copy), units kept gathered from a backward to the next forward, gradients made whole
+        and accumulated over the microbatches (resharding and gradient sync are off until
+        ``perform_reduce_grad``), the reduce-scatter's input, and each microbatch's activations
+        from its unit's forward to its unit's backward.
         """
         if self.dp == 1:
             held = max(self.in_flight * self.activation_bytes,
                        self.grad_bytes + self.with_grads * self.activation_bytes)
             return self.param_bytes + held + self.boundary_bytes
-        whole = self.param_bytes + self.grad_bytes
-        held = max(self.gathered_bytes + self.in_flight * self.activation_bytes,
-                   whole + max(self.with_grads * self.activation_bytes, self.gathered_bytes))
-        return self.shard_bytes + held + self.boundary_bytes
+        return self.shard_bytes + self.boundary_bytes + self.fsdp.peak()
 
     @property
     def shard_bytes(self) -> int:
@@ -152,6 +160,30 @@ class _Saved:
 
     first: list[dict[int, int]]
     received: list[dict[int, int]]
+    # per run, each storage passed between pieces: {storage: (the piece that made it, the last piece taking it)}
+    first_flow: dict[int, tuple[int, int]] = field(default_factory=dict)
+    received_flow: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+    def stage_atoms(self, received: bool, i: int, j: int) -> list[int]:
+        """Per atom of a stage ``atoms[i:j]``, the bytes of the storages first saved there within the
+        stage, *without* those that cross the stage's boundaries: made before ``i`` (received:
+        the stage's receive buffer is that storage) or made in it and taken at ``j`` or later (sent:
+        ``fwd_cache`` holds it) — :func:`boundary_bytes` counts those already."""
+        per_atom = self.received if received else self.first
+        flow = self.received_flow if received else self.first_flow
+        seen: set[int] = set()
+        out = []
+        for k in range(i, j):
+            total = 0
+            for key, nbytes in per_atom[k].items():
+                if key in seen:
+                    continue
+                seen.add(key)
+                made, last = flow.get(key, (k, k))
+                if not (made < i or (made < j and last >= j)):
+                    total += nbytes
+            out.append(total)
+        return out
 
     def table(self, received: bool) -> list[list[int]]:
         """``t[i][j]``: bytes of the storages atoms ``i..j-1`` save, each counted once."""
@@ -184,6 +216,8 @@ class PipelinePlan:
     _saved: _Saved | None = field(default=None, repr=False)
     dp: int = 1                       # data-parallel ranks per stage (FSDP2 over ``dp_mesh``)
     block_names: list[str] = field(default_factory=list)   # the model's FSDP2 block units
+    precision: str | None = None      # FSDP2 MixedPrecisionPolicy on the stages ("bf16" / "fp16"; needs dp > 1)
+    backend: str = "gloo"             # the process group's backend the per-rank bytes are for (gloo copies all-gathers)
 
     @property
     def imbalance(self) -> float:
@@ -209,7 +243,7 @@ class PipelinePlan:
         """The same measurement balanced for another schedule (same stages and microbatches)."""
         _check_schedule(schedule, len(self.stages), self.microbatches)
         return _plan(self.atoms, self._saved, len(self.stages), schedule, self.microbatches, self.microbatch_args,
-                     self.loss_fn, self.dp, self.block_names)
+                     self.loss_fn, self.dp, self.block_names, self.precision, self.backend)
 
     def build(self, model: nn.Module, stage_index: int, device: torch.device | str = "cpu", group=None,
               loss_fn=None, dp_mesh=None):
@@ -240,12 +274,20 @@ class PipelinePlan:
         if dp_mesh is not None and (dp_mesh.ndim != 1 or dp_mesh.size() != self.dp):
             raise ValueError(f"fxmem.shard.pipeline: dp_mesh has shape {tuple(dp_mesh.shape)}; accepted: a 1-D "
                              f"DeviceMesh of dp={self.dp} ranks (mesh['dp'])")
-        pipe = _pipe(model, self.microbatch_args, self.split_points)
+        # with precision the graph is exported with low-precision parameters (the computation
+        # FSDP2's MixedPrecisionPolicy runs, and the dtypes PipelineStage sizes its buffers by);
+        # the stage then gets the fp32 masters back before fully_shard
+        source = model if self.precision is None else _compute_copy(model, self.precision)
+        pipe = _pipe(source, self.microbatch_args, self.split_points)
         if pipe.num_stages != len(self.stages):
             raise RuntimeError(f"fxmem.shard.pipeline: torch.distributed.pipelining made {pipe.num_stages} stages "
                                f"from split points {self.split_points}, the plan has {len(self.stages)}")
         if dp_mesh is not None:
-            _fully_shard_stage(pipe.get_stage_module(stage_index), self.block_names, dp_mesh)
+            module = pipe.get_stage_module(stage_index)
+            if self.precision is not None:
+                for name, p in module.named_parameters():
+                    p.data = model.get_parameter(name).data
+            _fully_shard_stage(module, self.block_names, dp_mesh, mixed_precision_policy(self.precision))
         stage = pipe.build_stage(stage_index, torch.device(device), group)
         if _torch_before(2, 13):
             _only_floating_recv_buffers_require_grad(stage)
@@ -266,8 +308,10 @@ class PipelinePlan:
             out.append("per rank with FSDP2: stage  params shard B  gathered B  state at rest B (params+grads+AdamW)")
             for s in self.stages:
                 out.append(f"                     {s.index:<5d}  {s.shard_bytes:<14d} {s.gathered_bytes:<11d} {s.state_bytes}")
-            out.append("(the bytes column holds whole parameters and gradients from the first backward on: pipelining "
-                       "defers resharding and the reduce-scatter to after the last microbatch)")
+            precision = f", parameters gathered and computed in {self.precision}" if self.precision else ""
+            out.append("(bytes: the rank's peak in schedule.step, its schedule replayed over FSDP2's units — pipelining "
+                       "keeps units gathered after backward and the gradients whole until the reduce-scatter after the "
+                       f"last microbatch; {self.backend} all-gathers{precision})")
         crossing = {a.module: a.boundary_bytes for a in self.atoms}
         points = [f"{p} ({crossing[p]} B/microbatch cross)" for p in self.split_points]
         out.append(f"split points: {', '.join(points) or 'none'}; largest / smallest stage: {1 + self.imbalance:.3f}")
@@ -428,10 +472,14 @@ def _atom_names(model: nn.Module, args: tuple, refine: bool = True) -> tuple[lis
 
 
 def measure_atoms(model: nn.Module, args: tuple, loss_fn: Callable | None = None, target: Any = None,
-                  names: tuple[list[str], str | None] | None = None) -> tuple[list[Atom], _Saved]:
+                  names: tuple[list[str], str | None] | None = None,
+                  master: dict[str, int] | None = None) -> tuple[list[Atom], _Saved]:
     """Parameter and saved-activation bytes of every atom, on the exported graph (module docstring).
 
-    ``names``: :func:`_atom_names`' answer, if the caller has it already.
+    ``names``: :func:`_atom_names`' answer, if the caller has it already. ``master``: where
+    ``model``'s parameters are a low-precision copy, each parameter's bytes as the rank keeps it
+    (fp32 masters), by name: an atom's ``param_bytes`` are those, its ``compute_param_bytes``
+    the measured ones.
     """
     names, suffix = names or _atom_names(model, args)
     try:
@@ -447,14 +495,19 @@ def measure_atoms(model: nn.Module, args: tuple, loss_fn: Callable | None = None
     taken: list[dict[tuple, tuple[int, int, bool]]] = [{} for _ in pieces]
     out_bytes = [0]
 
-    def run(received: bool) -> list[dict[int, int]]:
+    # the caller's batch and target: allocated before the step (the schedule's microbatches are views of them)
+    caller = {a.untyped_storage().data_ptr() for a in (*args, target) if isinstance(a, torch.Tensor)}
+
+    def run(received: bool) -> tuple[list[dict[int, int]], dict[int, tuple[int, int]]]:
         saved: list[dict[int, int]] = [{} for _ in labels]
         region = [0]
         keep: list[torch.Tensor] = []  # alive until the end: a freed storage's address would be reused
+        made_by: dict[int, int] = {}                 # storage -> the piece whose output it is
+        flow: dict[int, tuple[int, int]] = {}        # storage passed between pieces -> (made by, last taker)
 
         def pack(t: torch.Tensor):
             ptr = t.untyped_storage().data_ptr()
-            if ptr not in params:
+            if ptr not in params and ptr not in caller:
                 keep.append(t)
                 saved[region[0]][ptr] = t.untyped_storage().nbytes()
             return t
@@ -462,6 +515,12 @@ def measure_atoms(model: nn.Module, args: tuple, loss_fn: Callable | None = None
         def enter(k):
             def hook(module, inputs):
                 region[0] = k
+                for a in inputs:
+                    if isinstance(a, torch.Tensor):
+                        ptr = a.untyped_storage().data_ptr()
+                        made = made_by.get(ptr, -1)
+                        if made != k:
+                            flow[ptr] = (made, max(k, flow.get(ptr, (made, k))[1]))
                 if not received:
                     for a in inputs:
                         if isinstance(a, torch.Tensor):
@@ -474,10 +533,11 @@ def measure_atoms(model: nn.Module, args: tuple, loss_fn: Callable | None = None
 
         def leave(k):
             def hook(module, inputs, output):
-                if not received:
-                    for t in (output if isinstance(output, (tuple, list)) else (output,)):
-                        if isinstance(t, torch.Tensor):
-                            keep.append(t)  # its storage's address stays its own until the end
+                for t in (output if isinstance(output, (tuple, list)) else (output,)):
+                    if isinstance(t, torch.Tensor):
+                        keep.append(t)  # its storage's address stays its own until the end
+                        made_by.setdefault(t.untyped_storage().data_ptr(), k)
+                        if not received:
                             produced[_key(t)] = k
             return hook
 
@@ -496,19 +556,22 @@ def measure_atoms(model: nn.Module, args: tuple, loss_fn: Callable | None = None
         finally:
             for h in handles:
                 h.remove()
-        return saved
+        return saved, flow
 
-    saved = _Saved(run(False), run(True))
+    (first, first_flow), (received, received_flow) = run(False), run(True)
+    saved = _Saved(first, received, first_flow, received_flow)
     atoms = []
     for k, label in enumerate(labels):
         p = sum(t.numel() * t.element_size() for t in pieces[k].parameters()) if k < len(pieces) else 0
+        kept = p if master is None or k >= len(pieces) else sum(master[n] for n, _ in pieces[k].named_parameters())
         # what a stage beginning at piece k receives: tensors made before it, taken by it or later
         crossing = {i: v for j in range(k, len(pieces)) for i, v in taken[j].items() if v[0] < k} if k else {}
-        atoms.append(Atom(label, p, sum(saved.first[k].values()), sum(saved.received[k].values()),
+        atoms.append(Atom(label, kept, sum(saved.first[k].values()), sum(saved.received[k].values()),
                           # a stage cannot begin where a non-contiguous tensor would cross (a p2p
                           # send takes contiguous tensors)
                           splittable=label in names[1:] and all(c for _, _, c in crossing.values()),
-                          boundary_bytes=sum(b for _, b, _ in crossing.values())))
+                          boundary_bytes=sum(b for _, b, _ in crossing.values()),
+                          compute_param_bytes=None if master is None else p))
     atoms[-1].output_bytes = out_bytes[0]
     return atoms, saved
 
@@ -635,7 +698,7 @@ def boundary_bytes(atoms: list[Atom], i: int, j: int, s: int, stages: int, sched
 
 
 def balance(atoms: list[Atom], saved: _Saved, stages: int, schedule: str, microbatches: int, dp: int = 1,
-            block_names: list[str] | tuple = ()) -> list[int]:
+            block_names: list[str] | tuple = (), collective_copy: bool = False) -> list[int]:
     """Start indices of stages 1..S-1 (into ``atoms``) minimizing the largest stage's bytes.
 
     Exact: dynamic programming over (stage, start atom); stages begin at splittable atoms (after
@@ -644,18 +707,11 @@ def balance(atoms: list[Atom], saved: _Saved, stages: int, schedule: str, microb
     the one whose boundaries send the fewest bytes.
     """
     n = len(atoms)
-    cum_p = [0]
-    for a in atoms:
-        cum_p.append(cum_p[-1] + a.param_bytes)
     first, received = saved.table(False), saved.table(True)
 
-    def cost(i, j, s):  # atoms[i:j] as stage s
-        act = (first if s == 0 else received)[i][j]
-        p = cum_p[j] - cum_p[i]
-        return Stage(s, "", "", p, act, in_flight(schedule, s, stages, microbatches), grad_bytes=p,
-                     boundary_bytes=boundary_bytes(atoms, i, j, s, stages, schedule, microbatches),
-                     with_grads=with_grads(schedule, s, stages, microbatches), dp=dp,
-                     gathered_bytes=_gathered(atoms[i:j], list(block_names)) if dp > 1 else 0).bytes  # per rank
+    def cost(i, j, s):  # atoms[i:j] as stage s, per rank
+        return _stage(atoms, saved, first if s == 0 else received, i, j, s, stages, schedule, microbatches, dp,
+                      block_names, collective_copy).bytes
 
     starts = [i for i, a in enumerate(atoms) if a.splittable]
     if stages - 1 > len(starts):
@@ -693,54 +749,98 @@ def _check_schedule(schedule: str, stages: int, microbatches: int) -> None:
         raise ValueError(f"fxmem.shard.pipeline: 1f1b needs microbatches >= stages, got {microbatches} < {stages}")
 
 
-def _gathered(atoms: list[Atom], block_names: list[str]) -> int:
-    """FSDP2 on a stage of ``atoms``: its root unit (parameters no block holds: embeddings, head)
-    and its largest block unit, whole — what is all-gathered at once before the first backward."""
-    units: dict[str, int] = {}
-    for a in atoms:
-        name = a.module.removesuffix(END)
-        holders = [b for b in block_names if name == b or name.startswith(b + ".")]
-        key = max(holders, key=len) if holders else ""
-        units[key] = units.get(key, 0) + a.param_bytes
-    root = units.pop("", 0)
-    return root + max(units.values(), default=0)
+def _unit_key(atom: Atom, block_names: list[str]) -> str:
+    """The FSDP2 unit an atom's parameters are in: the innermost block holding it, "" for the root."""
+    name = atom.module.removesuffix(END)
+    holders = [b for b in block_names if name == b or name.startswith(b + ".")]
+    return max(holders, key=len) if holders else ""
 
 
-def _fully_shard_stage(module: nn.Module, block_names: list[str], dp_mesh) -> None:
+def _fsdp_units(atoms: list[Atom], acts: list[int], i: int, j: int,
+                block_names: list[str]) -> tuple[Unit, list[Unit], Unit, int]:
+    """Stage ``atoms[i:j]`` as FSDP2 units: the root's atoms before the blocks (embeddings), each
+    block unit (contiguous atoms of one block), the root's atoms after them (final norm, head,
+    loss's own activations apart). ``acts``: :meth:`_Saved.stage_atoms` — a storage several units save (HF Llama's rotary
+    tables, in every attention) is the first one's: it lives until that unit's backward, the
+    last of them."""
+    groups: list[tuple[str, int, int]] = []   # (unit key, first atom, end)
+    for k in range(i, j):
+        key = _unit_key(atoms[k], block_names)
+        if groups and groups[-1][0] == key:
+            groups[-1] = (key, groups[-1][1], k + 1)
+        else:
+            groups.append((key, k, k + 1))
+
+    def unit(a: int, b: int) -> Unit:
+        return Unit(sum(x.param_bytes for x in atoms[a:b]), sum(x.gathered_bytes for x in atoms[a:b]),
+                    sum(acts[a - i:b - i]))
+
+    loss = 0
+    if atoms[j - 1].module == LOSS:   # the loss: its backward runs first, apart from the head's
+        loss = acts[j - 1 - i]
+        groups[-1] = (groups[-1][0], groups[-1][1], groups[-1][2] - 1)
+        if groups[-1][1] == groups[-1][2]:
+            groups.pop()
+    empty = Unit(0, 0, 0)
+    prefix = unit(groups[0][1], groups[0][2]) if groups and groups[0][0] == "" else empty
+    suffix = unit(groups[-1][1], groups[-1][2]) if len(groups) > 1 and groups[-1][0] == "" else empty
+    if any(g[0] == "" for g in groups[1:-1]):
+        raise RuntimeError(f"fxmem.shard.pipeline: root parameters between blocks in {[g[0] for g in groups]}: "
+                           "the FSDP2 replay expects them before and after the blocks")
+    return prefix, [unit(a, b) for key, a, b in groups if key != ""], suffix, loss
+
+
+def _stage(atoms: list[Atom], saved: _Saved, table: list[list[int]], i: int, j: int, s: int, stages: int,
+           schedule: str, microbatches: int, dp: int, block_names, collective_copy: bool) -> Stage:
+    """``atoms[i:j]`` as stage ``s``: its bytes as one rank holds them (with dp: the FSDP2 replay,
+    on activations without the storages its boundary buffers hold already)."""
+    p = sum(a.param_bytes for a in atoms[i:j])
+    fsdp, gathered, act = None, 0, table[i][j]
+    if dp > 1:
+        acts = saved.stage_atoms(s > 0, i, j)
+        act = sum(acts)
+        prefix, units, suffix, loss = _fsdp_units(atoms, acts, i, j, list(block_names))
+        fsdp = FSDPStage(prefix, tuple(units), suffix, tuple(order(schedule, s, stages, microbatches)), dp,
+                         collective_copy, loss)
+        gathered = prefix.gathered + suffix.gathered + max((u.gathered for u in units), default=0)
+    return Stage(s, atoms[i].module, atoms[j - 1].module, p, act, in_flight(schedule, s, stages, microbatches),
+                 grad_bytes=p, boundary_bytes=boundary_bytes(atoms, i, j, s, stages, schedule, microbatches),
+                 with_grads=with_grads(schedule, s, stages, microbatches), dp=dp, gathered_bytes=gathered, fsdp=fsdp)
+
+
+def _fully_shard_stage(module: nn.Module, block_names: list[str], dp_mesh, mp_policy=None) -> None:
     """``fully_shard`` the stage's block units, then its root, over ``dp_mesh`` (the units
     :func:`fxmem.shard.mesh.blocks` chose on the whole model, as far as this stage holds them —
-    the stage's ``GraphModule`` rebuilds ``nn.ModuleList`` as plain modules)."""
+    the stage's ``GraphModule`` rebuilds ``nn.ModuleList`` as plain modules), each with ``mp_policy``
+    (FSDP2's ``MixedPrecisionPolicy``) when given."""
     from torch.distributed.fsdp import fully_shard
 
+    kw = {} if mp_policy is None else {"mp_policy": mp_policy}
     for name in block_names:
         try:
             unit = module.get_submodule(name)
         except AttributeError:
             continue  # on another stage
         if any(True for _ in unit.parameters()):
-            fully_shard(unit, mesh=dp_mesh, reshard_after_forward=True)
-    fully_shard(module, mesh=dp_mesh)
+            fully_shard(unit, mesh=dp_mesh, reshard_after_forward=True, **kw)
+    fully_shard(module, mesh=dp_mesh, **kw)
 
 
-def _plan(atoms, saved, stages, schedule, microbatches, mb, loss_fn, dp=1, block_names=()) -> PipelinePlan:
-    starts = balance(atoms, saved, stages, schedule, microbatches, dp, block_names)
+def _plan(atoms, saved, stages, schedule, microbatches, mb, loss_fn, dp=1, block_names=(), precision=None,
+          backend="gloo") -> PipelinePlan:
+    collective_copy = backend == "gloo"
+    starts = balance(atoms, saved, stages, schedule, microbatches, dp, block_names, collective_copy)
     bounds = [0] + starts + [len(atoms)]
     first, received = saved.table(False), saved.table(True)
-    out = []
-    for s in range(stages):
-        i, j = bounds[s], bounds[s + 1]
-        act = (first if s == 0 else received)[i][j]
-        p = sum(a.param_bytes for a in atoms[i:j])
-        out.append(Stage(s, atoms[i].module, atoms[j - 1].module, p, act, in_flight(schedule, s, stages, microbatches),
-                         grad_bytes=p, boundary_bytes=boundary_bytes(atoms, i, j, s, stages, schedule, microbatches),
-                         with_grads=with_grads(schedule, s, stages, microbatches), dp=dp,
-                         gathered_bytes=_gathered(atoms[i:j], list(block_names)) if dp > 1 else 0))
+    out = [_stage(atoms, saved, first if s == 0 else received, bounds[s], bounds[s + 1], s, stages, schedule,
+                  microbatches, dp, block_names, collective_copy) for s in range(stages)]
     return PipelinePlan(out, schedule, microbatches, [atoms[i].module for i in starts], atoms, mb, loss_fn, saved,
-                        dp, list(block_names))
+                        dp, list(block_names), precision, backend)
 
 
 def pipeline(model: nn.Module, *args: Any, stages: int, schedule: str = "1f1b", microbatches: int | None = None,
-             loss_fn: Callable | None = None, target: Any = None, dp: int = 1) -> PipelinePlan:
+             loss_fn: Callable | None = None, target: Any = None, dp: int = 1, precision: str | None = None,
+             backend: str | None = None) -> PipelinePlan:
     """Plan ``stages`` pipeline stages balanced by memory (see the module docstring).
 
     ``args``: the whole batch (split into ``microbatches`` on dim 0, as the schedules split it;
@@ -753,9 +853,30 @@ def pipeline(model: nn.Module, *args: Any, stages: int, schedule: str = "1f1b", 
     ``plan.build(..., group=mesh["pp"].get_group(), dp_mesh=mesh["dp"])``). ``args`` stay the
     *global* batch: it splits over dp first, then each dp rank's slice into ``microbatches``, so
     the batch size must be divisible by ``dp × microbatches``; bytes are per rank.
+
+    ``precision`` (``None``, ``"bf16"``, ``"fp16"``; with ``dp > 1``): FSDP2's
+    ``MixedPrecisionPolicy(param_dtype=..., reduce_dtype=float32)`` on every unit of every stage,
+    as ``fxmem.shard.plan(mesh=..., precision=...)`` does — parameters all-gathered and computed
+    low, gradients reduced in fp32 onto fp32 master shards. The stages are exported and measured
+    with their parameters in that dtype (so the graph, its saved activations and what crosses the
+    boundaries are the low-precision ones). Without dp there is no FSDP2 to keep fp32 masters, so
+    ``precision`` with ``dp=1`` is refused.
+
+    ``backend``: the process group's backend the per-rank bytes are for (gloo's all-gather copies
+    its output, NCCL's does not); default: the initialized process group's, else ``"nccl"`` where
+    CUDA is available, else ``"gloo"``.
     """
     if not isinstance(dp, int) or isinstance(dp, bool) or dp < 1:
         raise ValueError(f"fxmem.shard.pipeline: dp={dp!r}; accepted: a positive int (data-parallel ranks per stage)")
+    if precision is not None and precision not in _PRECISIONS:
+        raise ValueError(f"fxmem.shard.pipeline: precision={precision!r}; accepted: None | "
+                         f"{' | '.join(repr(p) for p in _PRECISIONS)}")
+    if precision is not None and dp == 1:
+        raise ValueError(f"fxmem.shard.pipeline: precision={precision!r} needs dp >= 2: it is FSDP2's "
+                         "MixedPrecisionPolicy on each stage (fp32 master shards, low-precision compute), and "
+                         "without dp no FSDP2 wraps the stages; accepted: precision=None with dp=1, or dp=D >= 2 "
+                         "(build(..., dp_mesh=mesh['dp']))")
+    backend = _resolve_backend(backend)
     if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
         raise ValueError(f"fxmem.shard.pipeline: stages={stages!r}; accepted: a positive int")
     microbatches = stages if microbatches is None else microbatches
@@ -774,9 +895,35 @@ def pipeline(model: nn.Module, *args: Any, stages: int, schedule: str = "1f1b", 
                              f"each slice into {microbatches} microbatches")
     mb = _chunk(args, dp * microbatches)   # one microbatch of one dp rank's slice
     target_mb = _chunk((target,), dp * microbatches)[0] if loss_fn is not None else None
+    master = None
+    if precision is not None:  # measured as it will run: parameters in the compute dtype
+        master = {n: p.numel() * p.element_size() for n, p in model.named_parameters()}
+        model = _compute_copy(model, precision)
     names = _atom_names(model, mb)
     if stages - 1 > len(names[0]) - 1:  # checked before the (slower) export
         raise ValueError(f"fxmem.shard.pipeline: stages={stages} is more than the {len(names[0])} pieces the model "
                          "can be split into (at block children and the projections inside them)")
-    atoms, saved = measure_atoms(model, mb, loss_fn, target_mb, names)
-    return _plan(atoms, saved, stages, schedule, microbatches, mb, loss_fn, dp, blocks(model))
+    atoms, saved = measure_atoms(model, mb, loss_fn, target_mb, names, master=master)
+    return _plan(atoms, saved, stages, schedule, microbatches, mb, loss_fn, dp, blocks(model), precision, backend)
+
+
+def _resolve_backend(backend: str | None) -> str:
+    if backend is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return str(dist.get_backend())
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if not isinstance(backend, str) or not backend:
+        raise ValueError(f"fxmem.shard.pipeline: backend={backend!r}; accepted: None (the process group's) or a "
+                         "torch.distributed backend name ('gloo', 'nccl', ...)")
+    return backend
+
+
+def _compute_copy(model: nn.Module, precision: str) -> nn.Module:
+    """A copy of ``model`` with its *parameters* in ``precision``'s dtype, buffers as they are —
+    what FSDP2's ``MixedPrecisionPolicy(param_dtype=...)`` computes with (it casts parameters only)."""
+    low = copy.deepcopy(model)
+    for p in low.parameters():
+        p.data = p.data.to(_PRECISIONS[precision])
+    return low

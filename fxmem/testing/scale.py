@@ -320,18 +320,7 @@ def run_mesh_precision(rank: int, world_size: int, case: str, dp: int, tp: int, 
     model, vocab_size = build(case)
     per_dp = 2
     x, y = batch(vocab_size, per_dp * dp)
-    # the reference: low-precision parameters, fp32 gradients and AdamW
-    single = copy.deepcopy(model)
-    low = copy.deepcopy(model)
-    for p in low.parameters():
-        p.data = p.data.to(dtype)
-    ref_loss = loss_fn(low(x), y)
-    ref_loss.backward()
-    for p, q in zip(single.parameters(), low.parameters()):
-        p.grad = q.grad.float()
-    ref_grads = {n: p.grad.clone() for n, p in single.named_parameters()}
-    torch.optim.AdamW(single.parameters(), lr=LR).step()
-    ref_params = {n: p.detach().clone() for n, p in single.named_parameters()}
+    ref_loss, ref_grads, ref_params = _low_reference(model, x, y, dtype)
 
     mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
     d = mesh["dp"].get_local_rank()
@@ -346,6 +335,39 @@ def run_mesh_precision(rank: int, world_size: int, case: str, dp: int, tp: int, 
     master_dtypes = {str(p.dtype) for p in sharded.parameters()} | {str(g.dtype) for g in grads.values()}
     opt.step()
     params = {n: _full(p).detach() for n, p in sharded.named_parameters()}
+    errors = _precision_errors(grads, params, ref_grads, ref_params)
+    global_loss = _dp_mean(loss, mesh)
+    return {"case": case, "dp": dp, "tp": tp, "precision": precision, "unit_roundoff": UNIT_ROUNDOFF[dtype],
+            "output_dtype": str(logits(out).dtype), "master_dtypes": sorted(master_dtypes),
+            "loss": global_loss, "ref_loss": ref_loss, "loss_rel_error": abs(global_loss - ref_loss) / abs(ref_loss),
+            **errors}
+
+
+def _low_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype):
+    """One process computing as FSDP2's ``MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=fp32)``
+    does, without autocast: a copy whose *parameters* (not buffers) are ``dtype``, on the global
+    batch; its gradients cast to fp32 onto an fp32 copy, one AdamW step in fp32. Returns the loss,
+    the fp32 gradients and the parameters after the step, by name."""
+    single = copy.deepcopy(model)
+    low = copy.deepcopy(model)
+    for p in low.parameters():
+        p.data = p.data.to(dtype)
+    ref_loss = loss_fn(low(x), y)
+    ref_loss.backward()
+    for p, q in zip(single.parameters(), low.parameters()):
+        p.grad = q.grad.float()
+    ref_grads = {n: p.grad.clone() for n, p in single.named_parameters()}
+    torch.optim.AdamW(single.parameters(), lr=LR).step()
+    return float(ref_loss.detach()), ref_grads, {n: p.detach().clone() for n, p in single.named_parameters()}
+
+
+def _precision_errors(grads: dict, params: dict, ref_grads: dict, ref_params: dict) -> dict:
+    """Low-precision gradients and parameters against :func:`_low_reference` over the names in
+    ``grads`` (a pipeline stage: its own): the gradient vector's relative error as a whole, each
+    tensor's (where its gradient is clear of the rounding noise), and the parameters after AdamW
+    where the reference gradient is clear of the noise (there Adam's first update is
+    ``lr · sign(g)`` on both sides, so the fp32 masters must match)."""
+    ref_grads = {n: ref_grads[n] for n in grads}
     # a gradient that is zero or tiny in exact arithmetic (a key projection's bias: softmax ignores
     # a per-row constant; the query bias's is small) is mostly rounding noise on both sides: such
     # tensors (norm below 1e-3 of the largest) are compared only inside the global figure
@@ -362,14 +384,10 @@ def run_mesh_precision(rank: int, world_size: int, case: str, dp: int, tp: int, 
         param_errors[n] = float(diff[clear].max())
         noisy += int((~clear).sum())
         elements += g_ref.numel()
-    global_loss = _dp_mean(loss, mesh)
-    return {"case": case, "dp": dp, "tp": tp, "precision": precision, "unit_roundoff": UNIT_ROUNDOFF[dtype],
-            "output_dtype": str(logits(out).dtype), "master_dtypes": sorted(master_dtypes),
-            "loss": global_loss, "ref_loss": float(ref_loss),
-            "loss_rel_error": abs(global_loss - float(ref_loss)) / abs(float(ref_loss)),
-            "grad_rel_error": diff_sq ** 0.5 / sum(v * v for v in norms.values()) ** 0.5,
+    return {"grad_rel_error": diff_sq ** 0.5 / sum(v * v for v in norms.values()) ** 0.5,
             "max_grad_rel_error": max(grad_errors.values()), "worst_grad": max((e, n) for n, e in grad_errors.items())[1],
-            "grads_compared": len(grad_errors), "params_expected": len(ref_grads), "structurally_zero": sorted(set(norms) - signal),
+            "grads_compared": len(grad_errors), "params_expected": len(ref_grads),
+            "structurally_zero": sorted(set(norms) - signal),
             "max_param_error_clear": max(param_errors.values()), "noisy_share": noisy / elements}
 
 
@@ -447,26 +465,35 @@ def run_pipeline(rank: int, world_size: int, case: str, schedules: tuple[str, ..
 
 
 def run_pipeline_dp(rank: int, world_size: int, case: str, schedule: str = "1f1b", *, dp: int = 2,
-                    layers: int = 2, microbatches: int = 2) -> dict:
+                    layers: int = 2, microbatches: int = 2, precision: str | None = None) -> dict:
     """One rank's part of the pipeline × FSDP2 check on a ``("pp", "dp")`` mesh of ``world_size``
     ranks (``world_size / dp`` stages): the plan (``fxmem.shard.pipeline(..., dp=dp)``) built with
     ``dp_mesh=mesh["dp"]``, one schedule step on this dp rank's slice of the global batch and one
     AdamW step, against one process taking one AdamW step on the global batch: the loss (mean over
     microbatches and dp), the gradients and the parameters after the step (whole tensors), and the
-    rank's peak in ``schedule.step`` (CPU allocator events) against the plan's per-rank bytes."""
+    rank's peak in ``schedule.step`` (CPU allocator events) against the plan's per-rank bytes.
+
+    ``precision`` (``"bf16"``): the stages under FSDP2's ``MixedPrecisionPolicy``, against one
+    process computing in the same dtypes (:func:`_low_reference`); the errors are then relative,
+    as :func:`run_mesh_precision` reports them (:func:`_precision_errors`, over this stage's
+    parameters)."""
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
 
     import fxmem
+    from fxmem.shard.mesh import _PRECISIONS
 
     stages = world_size // dp
     mesh = init_device_mesh("cpu", (stages, dp), mesh_dim_names=("pp", "dp"))
     stage_index, dp_rank = mesh.get_local_rank("pp"), mesh.get_local_rank("dp")
     model, vocab_size = build(case, layers=layers)
     x, y = batch(vocab_size, 2 * dp * microbatches)
-    single = copy.deepcopy(model)
-    reference = single_step(single, x, y)
+    if precision is None:
+        reference = single_step(copy.deepcopy(model), x, y)
+    else:
+        ref_loss, ref_grads, ref_params = _low_reference(model, x, y, _PRECISIONS[precision])
     plan = fxmem.shard.pipeline(model, x, stages=stages, schedule=schedule, microbatches=microbatches,
-                                loss_fn=loss_fn, target=y, dp=dp)
+                                loss_fn=loss_fn, target=y, dp=dp, precision=precision)
     pipe, stage, sched = plan.build(copy.deepcopy(model), stage_index, "cpu", group=mesh["pp"].get_group(),
                                     dp_mesh=mesh["dp"])
     del pipe
@@ -481,26 +508,34 @@ def run_pipeline_dp(rank: int, world_size: int, case: str, schedule: str = "1f1b
     gc.collect()
     peak, _ = fxmem.measure.peak_memory(step, device="cpu")
     grads = {n: _full(p.grad) for n, p in stage.submod.named_parameters()}
+    master_dtypes = sorted({str(p.dtype) for p in stage.submod.parameters()} | {str(g.dtype) for g in grads.values()})
     opt = torch.optim.AdamW(stage.submod.parameters(), lr=LR)
     opt.step()
     state = state_bytes(stage.submod, opt)
     out = {n: _full(p.detach()) for n, p in stage.submod.named_parameters()}
     loss = None
     if losses:
-        loss = torch.stack([t.detach() for t in losses]).mean()
+        loss = torch.stack([t.detach().float() for t in losses]).mean()
         loss = _dp_mean(loss, mesh)
     planned = plan.stages[stage_index]
-    from torch.distributed.fsdp import FSDPModule
-
-    return {"case": case, "schedule": schedule, "stage": stage_index, "dp_rank": dp_rank, "table": plan.table(),
-            "fsdp": isinstance(stage.submod, FSDPModule),
+    result = {"case": case, "schedule": schedule, "precision": precision, "stage": stage_index, "dp_rank": dp_rank,
+              "table": plan.table(), "fsdp": isinstance(stage.submod, FSDPModule), "master_dtypes": master_dtypes,
+              "params_compared": len(out), "shard_bytes": shard, "plan_shard_bytes": planned.shard_bytes,
+              "state_bytes": state["total"], "plan_state_bytes": planned.state_bytes,
+              "single_stage_param_bytes": planned.param_bytes,
+              "peak_bytes": shard + peak.peak_bytes, "plan_bytes": planned.bytes}
+    if precision is None:
+        result.update({
             "loss_error": abs(loss - reference["loss"]) if loss is not None else None,
             "max_grad_error": max(float((g - reference["grads"][n]).abs().max()) for n, g in grads.items()),
-            "max_param_error": max(float((p - reference["params"][n]).abs().max()) for n, p in out.items()),
-            "params_compared": len(out), "shard_bytes": shard, "plan_shard_bytes": planned.shard_bytes,
-            "state_bytes": state["total"], "plan_state_bytes": planned.state_bytes,
-            "single_stage_param_bytes": planned.param_bytes,
-            "peak_bytes": shard + peak.peak_bytes, "plan_bytes": planned.bytes}
+            "max_param_error": max(float((p - reference["params"][n]).abs().max()) for n, p in out.items())})
+    else:
+        result.update({"unit_roundoff": UNIT_ROUNDOFF[_PRECISIONS[precision]],
+                       # the last stage's output (the logits): computed in the low dtype
+                       "output_dtype": str(logits(stage.output_chunks[0]).dtype) if losses else None,
+                       "loss_rel_error": abs(loss - ref_loss) / abs(ref_loss) if loss is not None else None,
+                       **_precision_errors(grads, out, ref_grads, ref_params)})
+    return result
 
 
 def run_fit_mesh(rank: int, world_size: int, case: str, dp: int, tp: int, layers: int = 2, per_dp: int = 2) -> dict:
