@@ -66,6 +66,17 @@ class LocalSizes:
         return int(nbytes * hit[1])
 
 
+def _plan_name(fqn: str, planned: dict) -> str:
+    """``fqn`` as the plan names it: fit traces HF models inside a wrapper (``0.model.layers...``),
+    the plan the model itself (``model.layers...``); the longest suffix the plan knows."""
+    parts = fqn.split(".")
+    for i in range(len(parts)):
+        name = ".".join(parts[i:])
+        if name in planned:
+            return name
+    return fqn
+
+
 def _fraction(placement, val, tp: int) -> float:
     if placement is None or not hasattr(placement, "is_shard") or not placement.is_shard():
         return 1.0  # Replicate, Partial: every rank holds the whole shape
@@ -118,7 +129,7 @@ def tp_local_sizes(joint: fx.GraphModule, param_names: dict[int, str], tp_plan, 
     by_name: dict[str, fx.Node] = {}
     for i, fqn in param_names.items():
         if i < len(placeholders):
-            by_name[fqn] = placeholders[i]
+            by_name[_plan_name(fqn, tp_plan.param_shard_dims)] = placeholders[i]
     seeds: dict[str, Any] = {}
     for fqn, node in by_name.items():
         dim = tp_plan.param_shard_dims.get(fqn)

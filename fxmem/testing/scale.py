@@ -34,6 +34,7 @@ SHAPES = {
     # d_model, heads, sequence, vocabulary: "tiny" is every test's; "large" is where activations
     # outweigh the fixed per-rank costs (docs/fit.md "Distributed")
     "tiny": (32, 4, 8, 64),
+    "medium": (64, 4, 64, 512),   # the test's: activations already most of a rank's step
     "large": (256, 4, 128, 2048),
 }
 
@@ -531,70 +532,70 @@ def run_pipeline_dp(rank: int, world_size: int, case: str, schedule: str = "1f1b
             "peak_bytes": shard + peak.peak_bytes, "plan_bytes": planned.bytes}
 
 
-def run_fit_mesh(rank: int, world_size: int, case: str, dp: int, tp: int, layers: int = 2, per_dp: int | None = None,
-                 shape: str = "tiny", budgets: tuple = (), extra: tuple = (), events: bool = False) -> list[dict]:
-    """One rank's check of :func:`fxmem.fit`'s per-rank estimate with ``mesh={"dp": dp, "tp": tp}``:
-    fit's chosen training options (no optimizer state) and each of ``extra`` (option dicts among
-    fit's candidates: ``budgets`` adds remat budgets to them), the model sharded by
-    ``fxmem.shard.apply`` with the plan fit used, compiled with ``backend="fxmem"`` and those
-    options, and this rank's whole-step peak measured as fit defines it — the local parameters,
-    buffers and batch held before the step plus :func:`fxmem.measure.peak_memory`'s peak above
-    them. One row per options measured. ``events``: also the profiler's ops with the bytes they
-    allocated, in order (what is in the measured peak that fit does not count)."""
+def fit_case(case: str, shape: str = "tiny", layers: int = 2, per_dp: int | None = None) -> tuple[nn.Module, tuple, dict]:
+    """A model of :func:`build` and the arguments of its training step: ``(model, args, kwargs)``.
+
+    The loss is inside the model, as fit traces it: HF models take labels (their ModelOutput
+    carries the loss), the built-in GPT targets. (Without them the step's loss —
+    ``logits.pow(2).mean()`` — runs eagerly outside the compiled graph, where fit does not look:
+    three logits-sized buffers, what the tiny cases' estimates lacked before.)"""
+    torch.manual_seed(0)
+    model, vocab_size = build(case, layers=layers, shape=shape)
+    x, y = batch(vocab_size, per_dp or (2 if shape == "tiny" else 4), seq=SHAPES[shape][2])
+    if case.startswith(("llama", "gpt2")):
+        return model, (x,), {"labels": x}
+    return model, (x, y), {}
+
+
+def mesh_step_peak(rank: int, world_size: int, case: str, dp: int, tp: int, options: dict, shape: str = "tiny",
+                   layers: int = 2, per_dp: int | None = None, plan=None) -> int:
+    """This rank's whole-step peak of :func:`fit_case`'s model sharded by ``fxmem.shard.apply``
+    (``plan``, or ``fxmem.shard.plan``'s for ``mesh={"dp": dp, "tp": tp}``), compiled with
+    ``backend="fxmem"`` and ``options``, measured as fit defines it: the local parameters, buffers
+    and batch held before the step plus :func:`fxmem.measure.peak_memory`'s peak above them."""
     from torch.distributed.device_mesh import init_device_mesh
 
     import fxmem
     from fxmem.fit import training_step
     from fxmem.measure import peak_memory
 
-    torch.manual_seed(0)
-    model, vocab_size = build(case, layers=layers, shape=shape)
-    seq = SHAPES[shape][2]
-    x, y = batch(vocab_size, per_dp or (2 if shape == "tiny" else 4), seq=seq)
-    # the loss inside the model, as fit traces it: HF models take labels (their ModelOutput carries
-    # the loss), the built-in GPT targets. (Without them the step's loss — logits.pow(2).mean() —
-    # runs eagerly outside the compiled graph, where fit does not look: 3 logits-sized buffers.)
-    hf = case.startswith(("llama", "gpt2"))
-    kw = {"labels": x} if hf else {}
-    args = (x,) if hf else (x, y)
+    model, args, kw = fit_case(case, shape, layers, per_dp)
+    if plan is None:
+        plan = fxmem.shard.plan(copy.deepcopy(model), *args, kwargs=kw, mesh={"dp": dp, "tp": tp})
+    mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
+    sharded = fxmem.shard.apply(model, plan, mesh)
+    torch._dynamo.reset()
+    step = training_step(sharded, *args, kwargs=kw, options=options)
+    step()
+    step()  # compiled, and no recompilation left in the measured step
+    for p in sharded.parameters():
+        p.grad = None
+    before = sum(tensor_bytes(_local(t)) for t in [*sharded.parameters(), *sharded.buffers(), *args])
+    peak, _ = peak_memory(step, device="cpu")
+    del step, sharded
+    gc.collect()
+    return before + peak.peak_bytes
+
+
+def run_fit_mesh(rank: int, world_size: int, case: str, dp: int, tp: int, layers: int = 2, per_dp: int | None = None,
+                 shape: str = "tiny", budgets: tuple = (), extra: tuple = ()) -> list[dict]:
+    """One rank's check of :func:`fxmem.fit`'s per-rank estimate with ``mesh={"dp": dp, "tp": tp}``:
+    fit's chosen training options (no optimizer state) and each of ``extra`` (option dicts among
+    fit's candidates: ``budgets`` adds remat budgets to them), each measured by
+    :func:`mesh_step_peak` with the plan fit used. One row per options measured."""
+    import fxmem
+
+    model, args, kw = fit_case(case, shape, layers, per_dp)
     mesh_sizes = {"dp": dp, "tp": tp}
     fit = fxmem.fit(copy.deepcopy(model), *args, kwargs=kw, memory="64GiB", mode="training", mesh=mesh_sizes,
                     budgets=budgets)
     plan = fxmem.shard.plan(copy.deepcopy(model), *args, kwargs=kw, mesh=mesh_sizes)
-    mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
     rows = []
     for options in [fit.options, *[o for o in extra if o != fit.options]]:
         (cand,) = [c for c in fit.candidates if c.options == options]
-        sharded = fxmem.shard.apply(copy.deepcopy(model), plan, mesh)
-        torch._dynamo.reset()
-        step = training_step(sharded, *args, kwargs=kw, options=options)
-        step()
-        step()  # compiled, and no recompilation left in the measured step
-        for p in sharded.parameters():
-            p.grad = None
-        before = sum(tensor_bytes(_local(t)) for t in [*sharded.parameters(), *sharded.buffers(), *args])
-        peak, _ = peak_memory(step, device="cpu")
-        row = {"case": case, "shape": shape, "dp": dp, "tp": tp, "rank": rank, "options": options,
-               "chosen": options == fit.options, "estimate": cand.estimate, "parts": dict(cand.parts),
-               "source": fit.per_rank_source, "measured": before + peak.peak_bytes,
-               "ratio": cand.estimate / (before + peak.peak_bytes),
-               "vocab_split": bool(plan.tp_plan is not None and plan.tp_plan.vocab)}
-        if events:  # every rank steps (its collectives need the others); rank 0's are kept
-            ops = _allocating_ops(step)
-            if rank == 0:
-                row["events"] = ops
-        rows.append(row)
-        del step, sharded
-        gc.collect()
+        measured = mesh_step_peak(rank, world_size, case, dp, tp, options, shape, layers, per_dp, plan=plan)
+        rows.append({"case": case, "shape": shape, "dp": dp, "tp": tp, "rank": rank, "options": options,
+                     "chosen": options == fit.options, "estimate": cand.estimate, "parts": dict(cand.parts),
+                     "source": fit.per_rank_source, "measured": measured, "ratio": cand.estimate / measured,
+                     "vocab_split": bool(plan.tp_plan is not None and plan.tp_plan.vocab)})
     return rows
-
-
-def _allocating_ops(step) -> list[tuple[str, str, int]]:
-    """The profiler's ops of one call of ``step`` that allocate or free, in order: (name, input
-    shapes, self CPU bytes)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
-        step()
-    evs = sorted(prof.events(), key=lambda e: e.time_range.start)
-    return [(e.name, str(e.input_shapes)[:120], e.self_cpu_memory_usage) for e in evs if e.self_cpu_memory_usage]
