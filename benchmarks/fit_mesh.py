@@ -4,8 +4,9 @@ Each case spawns dp·tp gloo processes (:func:`fxmem.testing.scale.run_fit_mesh`
 ``mesh={"dp": D, "tp": T}`` (per-rank state from ``fxmem.shard.plan``, activations as one rank
 holds them), the model sharded by ``fxmem.shard.apply`` with that plan, compiled with fit's chosen
 options and with a remat budget, one training step's peak measured on every rank. Shapes
-(``fxmem.testing.scale.SHAPES``): ``tiny`` (d 32, 4 heads, T 8, vocab 64, batch 2) and ``large``
-(d 256, 4 heads, T 128, vocab 2048, batch 4), 2 layers. Writes ``benchmarks/results/fit_mesh_cpu.json``.
+(``fxmem.testing.scale.SHAPES``): ``tiny`` (d 32, 4 heads, T 8, vocab 64, batch 2), ``medium``
+(d 128, T 128, vocab 256, batch 4: the sharded activations most of the step) and ``large`` (d 256,
+4 heads, T 128, vocab 2048, batch 4), 2 layers. Writes ``benchmarks/results/fit_mesh_cpu.json``.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/fit_mesh.py [--quick] [--cases gpt_untied:1:2:tiny,...]
 """
@@ -18,7 +19,7 @@ import time
 
 from fxmem.testing import scale, tp
 
-FULL = "gpt_untied:1:2:tiny,llama:1:2:tiny,gpt_untied:1:2:large,llama:1:2:large"
+FULL = "gpt_untied:1:2:tiny,llama:1:2:tiny,gpt_untied:1:2:medium,gpt_untied:1:2:large,llama:1:2:large"
 BUDGET = 0.5  # the remat budget measured beside fit's choice
 
 

@@ -796,8 +796,9 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
     ``world_size`` (FSDP over that many ranks) or ``mesh={"dp": D, "tp": T}``: estimates per rank,
     parameters, gradients and optimizer state divided as FSDP / tensor parallelism shard them —
     with ``tp`` > 1 as :func:`fxmem.shard.plan` splits them (``FitResult.per_rank_source`` says
-    so, or why the plan failed and the even split was kept); activations are not divided by ``tp``
-    and DTensor's collective buffers are not modelled (docs/fit.md, "Distributed"). ``headroom``: the
+    so, or why the plan failed and the even split was kept); in training the activations are one
+    rank's share of every node, the plan's placements propagated over the joint graph, with the
+    all-gathers' buffers (docs/fit.md, "Distributed"; inference keeps them whole). ``headroom``: the
     fraction of ``memory`` kept free for what the estimate does not see (allocator rounding,
     the caller's own tensors). ``device``: whose speeds rank the candidates (default: the model's).
     ``budgets``: the remat budgets tried beside remat off and free recompute (each costs a min-cut

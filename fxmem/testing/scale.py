@@ -34,7 +34,7 @@ SHAPES = {
     # d_model, heads, sequence, vocabulary: "tiny" is every test's; "large" is where activations
     # outweigh the fixed per-rank costs (docs/fit.md "Distributed")
     "tiny": (32, 4, 8, 64),
-    "medium": (64, 4, 64, 512),   # the test's: activations already most of a rank's step
+    "medium": (128, 4, 128, 256),  # activations most of a rank's step, a small head
     "large": (256, 4, 128, 2048),
 }
 
