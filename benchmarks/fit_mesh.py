@@ -1,11 +1,14 @@
 """fxmem.fit's per-rank estimate with a mesh against the measured per-rank peak (issue 15).
 
 Each case spawns dp·tp gloo processes (:func:`fxmem.testing.scale.run_fit_mesh`): fit with
-``mesh={"dp": D, "tp": T}`` (per-rank state from ``fxmem.shard.plan``), the model sharded by
-``fxmem.shard.apply`` with that plan, compiled with fit's chosen options, one training step's
-peak measured on every rank. Writes ``benchmarks/results/fit_mesh_cpu.json``.
+``mesh={"dp": D, "tp": T}`` (per-rank state from ``fxmem.shard.plan``, activations as one rank
+holds them), the model sharded by ``fxmem.shard.apply`` with that plan, compiled with fit's chosen
+options and with a remat budget, one training step's peak measured on every rank. Shapes
+(``fxmem.testing.scale.SHAPES``): ``tiny`` (d 32, 4 heads, T 8, vocab 64, batch 2), ``medium``
+(d 128, T 128, vocab 256, batch 4: the sharded activations most of the step) and ``large`` (d 256,
+4 heads, T 128, vocab 2048, batch 4), 2 layers. Writes ``benchmarks/results/fit_mesh_cpu.json``.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/fit_mesh.py [--quick] [--cases gpt_untied:1:2,...]
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/fit_mesh.py [--quick] [--cases gpt_untied:1:2:tiny,...]
 """
 from __future__ import annotations
 
@@ -16,35 +19,41 @@ import time
 
 from fxmem.testing import scale, tp
 
+FULL = "gpt_untied:1:2:tiny,llama:1:2:tiny,gpt_untied:1:2:medium,gpt_untied:1:2:large,llama:1:2:large"
+BUDGET = 0.5  # the remat budget measured beside fit's choice
 
-def _rank(rank: int, world: int, case: str, dp: int, t: int) -> dict:
-    return scale.run_fit_mesh(rank, world, case, dp, t)
+
+def _rank(rank: int, world: int, case: str, dp: int, t: int, shape: str, budgets: tuple) -> list[dict]:
+    extra = tuple({"remat": {"budget": b}} for b in budgets)
+    return scale.run_fit_mesh(rank, world, case, dp, t, shape=shape, budgets=budgets, extra=extra)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="GPT, tp 2 only")
-    ap.add_argument("--cases", default="gpt_untied:1:2,gpt_untied:2:2,llama:1:2",
-                    help="case:dp:tp, comma-separated (cases of fxmem.testing.scale.build)")
+    ap.add_argument("--quick", action="store_true", help="GPT, tp 2, tiny shape, fit's choice only")
+    ap.add_argument("--cases", default=FULL, help="case:dp:tp:shape, comma-separated (cases of fxmem.testing.scale.build)")
     ap.add_argument("--out", default="benchmarks/results/fit_mesh_cpu.json")
     a = ap.parse_args()
-    cases = ["gpt_untied:1:2"] if a.quick else a.cases.split(",")
+    cases = ["gpt_untied:1:2:tiny"] if a.quick else a.cases.split(",")
+    budgets = () if a.quick else (BUDGET,)
     rows = []
     for spec in cases:
-        case, dp, t = spec.split(":")
+        case, dp, t, shape = spec.split(":")
         start = time.time()
         try:
-            ranks = tp.spawn(_rank, int(dp) * int(t), case, int(dp), int(t))
+            ranks = tp.spawn(_rank, int(dp) * int(t), case, int(dp), int(t), shape, budgets)
         except Exception as exc:  # noqa: BLE001 - recorded: a composition that does not compile here
             last = [ln for ln in str(exc).splitlines() if "Error" in ln][-1:]
-            rows.append({"case": case, "dp": int(dp), "tp": int(t), "error": " ".join(last)[:400]})
-            print(f"{case:12} dp {dp} tp {t}: failed: {rows[-1]['error']}", flush=True)
+            rows.append({"case": case, "shape": shape, "dp": int(dp), "tp": int(t), "error": " ".join(last)[:400]})
+            print(f"{case:12} {shape:5} dp {dp} tp {t}: failed: {rows[-1]['error']}", flush=True)
             continue
-        for r in ranks:
-            r["wall_s"] = round(time.time() - start, 1)
-            rows.append(r)
-            print(f"{case:12} dp {dp} tp {t} rank {r['rank']}: estimate {r['estimate']} B, measured "
-                  f"{r['measured']} B, estimate/measured {r['ratio']:.3f}  options={r['options']}", flush=True)
+        for rank_rows in ranks:
+            for r in rank_rows:
+                r["wall_s"] = round(time.time() - start, 1)
+                rows.append(r)
+                print(f"{case:12} {shape:5} dp {dp} tp {t} rank {r['rank']}: estimate {r['estimate']} B, measured "
+                      f"{r['measured']} B, estimate/measured {r['ratio']:.3f}  options={r['options']}"
+                      f"{' (chosen)' if r['chosen'] else ''}", flush=True)
     path = pathlib.Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"rows": rows}, indent=1))

@@ -39,6 +39,7 @@ weights) changes numerics too, so it is also a candidate only when allowed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -295,10 +296,33 @@ def _with_inductor_estimates(config: FxmemConfig) -> FxmemConfig:
     return dataclasses.replace(config, remat=dataclasses.replace(config.remat, fused=True))
 
 
+def _tp_local(joint: fx.GraphModule, names: dict[int, str], tp_plan, tp: int, num_fwd_outputs: int,
+              notes: list[str]):
+    """:func:`fxmem.analysis.local_sizes.tp_local_sizes` of ``joint``, or None (and why, in
+    ``notes``) where the propagation fails: the activations then stay whole (an upper bound)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from fxmem.analysis.local_sizes import tp_local_sizes
+
+    try:
+        # the partitioner runs under Inductor's FakeTensorMode; DTensor's planning mesh and
+        # propagator work on real (CPU) metadata
+        with unset_fake_temporarily():
+            local = tp_local_sizes(joint, names, tp_plan, tp, num_fwd_outputs)
+    except Exception as e:  # noqa: BLE001 - an estimate without the split, said so, beats none
+        notes.append(f"activations not divided by tp ({type(e).__name__}: {' '.join(str(e).split())[:160]})")
+        return None
+    if local.no_rule:
+        notes.append(f"counted whole, no DTensor rule: {', '.join(local.no_rule[:4])}")
+    return local
+
+
 def _estimate_training_graph(gm: fx.GraphModule, example_inputs: list, candidates: list[Candidate],
-                             device: torch.device) -> None:
+                             device: torch.device, tp_plan=None, tp: int = 1, tp_notes: list | None = None) -> None:
     """Add one Dynamo graph's activation peak and time cost to each training candidate (the joint
-    graph traced with fake tensors on ``device``: :func:`on_device`)."""
+    graph traced with fake tensors on ``device``: :func:`on_device`). With ``tp_plan`` (a
+    :class:`fxmem.shard.tensor_parallel.ShardPlan` over ``tp`` ranks) the estimate is one rank's:
+    every node's local share (:func:`fxmem.analysis.local_sizes.tp_local_sizes`)."""
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import default_partition
 
@@ -308,7 +332,8 @@ def _estimate_training_graph(gm: fx.GraphModule, example_inputs: list, candidate
 
     # Dynamo lifts parameters and buffers to graph inputs; AOTAutograd keeps their positions as
     # primals. Inductor tells the partitioner which are static; plain AOTAutograd does not.
-    params = sorted(parameter_inputs(gm, example_inputs))
+    names = parameter_inputs(gm, example_inputs)
+    params = sorted(names)
 
     by_chunk: dict[bool, list[Candidate]] = {}
     for cand in candidates:
@@ -330,9 +355,12 @@ def _estimate_training_graph(gm: fx.GraphModule, example_inputs: list, candidate
 
         def partition_fn(joint, joint_inputs, *, num_fwd_outputs, static_lifetime_input_indices=None,
                          group=group, stop=False, **kw):
+            local = None
+            if tp_plan is not None:  # one propagation per joint graph, shared by its candidates
+                local = _tp_local(joint, names, tp_plan, tp, num_fwd_outputs, tp_notes)
             with shared_cuts():  # the budgets' peak guards compare the same cuts: build each once
                 _estimate_group(group, joint, joint_inputs, num_fwd_outputs,
-                                static_lifetime_input_indices or params)
+                                static_lifetime_input_indices or params, local)
             if stop:  # Inductor need not lower or generate code: the estimates are all fit wanted
                 raise _Estimated
             return default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs,
@@ -394,8 +422,10 @@ def _op_workspace(node: fx.Node) -> int:
     return (2 if wants_grad else 1) * chunk * vocab * 4
 
 
-def _peak_with_workspace(timeline, fw: fx.GraphModule, bw: fx.GraphModule | None) -> int:
-    """The timeline's peak, or higher where an op's own workspace sits on top of the live bytes."""
+def _peak_with_workspace(timeline, fw: fx.GraphModule, bw: fx.GraphModule | None,
+                         extra: Mapping[str, int] | None = None) -> int:
+    """The timeline's peak, or higher where an op's own workspace sits on top of the live bytes.
+    ``extra``: node name → bytes alive while it runs beyond its output (a collective's buffers)."""
 
     nodes = {("forward", n.name): n for n in fw.graph.nodes}
     if bw is not None:
@@ -405,6 +435,8 @@ def _peak_with_workspace(timeline, fw: fx.GraphModule, bw: fx.GraphModule | None
         node = nodes.get((stage, name))
         if node is not None:
             workspace = _op_workspace(node)
+            if extra and name in extra:
+                peak = max(peak, live + extra[name])
             if workspace:
                 # the timeline adds a multi-output op's outputs where it runs (with its inputs
                 # still alive): the workspace comes on top of both
@@ -413,21 +445,27 @@ def _peak_with_workspace(timeline, fw: fx.GraphModule, bw: fx.GraphModule | None
 
 
 def _estimate_group(group: list[Candidate], joint: fx.GraphModule, joint_inputs, num_fwd_outputs: int,
-                    static) -> None:
-    """Each candidate of ``group`` partitions (a copy of) the same joint graph; its estimate is added."""
+                    static, local=None) -> None:
+    """Each candidate of ``group`` partitions (a copy of) the same joint graph; its estimate is added
+    (one rank's, under ``local``: :class:`fxmem.analysis.local_sizes.LocalSizes`)."""
+    from fxmem.analysis.sizes import local_sizes
+
     for cand in group:
         if cand.error:
             continue
         config = _with_inductor_estimates(parse_options(cand.options))
         try:
-            _estimate_partition(cand, joint, joint_inputs, config, num_fwd_outputs, static)
+            with local_sizes(local) if local is not None else contextlib.nullcontext():
+                # the partition too: a rank's remat weighs its local tensors
+                _estimate_partition(cand, joint, joint_inputs, config, num_fwd_outputs, static, local)
         except Exception as exc:  # noqa: BLE001 - a candidate that cannot compile is reported, not chosen
             cand.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
 
 
 def _estimate_partition(cand: Candidate, joint: fx.GraphModule, joint_inputs, config: FxmemConfig,
-                        num_fwd_outputs: int, static) -> None:
-    from fxmem.analysis.sizes import PARAM_META_KEY
+                        num_fwd_outputs: int, static, local=None) -> None:
+    from fxmem.analysis.saved import forward_outputs
+    from fxmem.analysis.sizes import PARAM_META_KEY, node_bytes, storage_root
     from fxmem.backend import partition
     from fxmem.pipeline import Recorder, run_pipeline
 
@@ -446,7 +484,11 @@ def _estimate_partition(cand: Candidate, joint: fx.GraphModule, joint_inputs, co
     fw_cost, bw_cost = graph_cost(fw, fused=True), graph_cost(bw, fused=True)
     parts = cand.parts
     parts["batch"] = max(parts.get("batch", 0), timeline.input_bytes)
-    parts["activations"] = parts.get("activations", 0) + _peak_with_workspace(timeline, fw, bw) - timeline.input_bytes
+    parts["activations"] = parts.get("activations", 0) + _peak_with_workspace(
+        timeline, fw, bw, local.transients if local is not None else None) - timeline.input_bytes
+    if local is not None:  # the gradients the timeline holds are this rank's (fit swaps in the plan's)
+        roots = {storage_root(n) for n in forward_outputs(bw) if isinstance(n, fx.Node)}
+        parts["_grads"] = parts.get("_grads", 0) + sum(node_bytes(r) for r in roots)
     parts["_flops"] = parts.get("_flops", 0) + fw_cost.flops + bw_cost.flops
     parts["_bytes"] = parts.get("_bytes", 0) + fw_cost.bytes_moved + bw_cost.bytes_moved
 
@@ -753,6 +795,7 @@ class _PerRank:
     grads: int
     unit: int      # the largest FSDP unit as all-gathered on one rank (tensor-parallel local shard)
     source: str
+    tp_plan: Any = None  # the plan's ShardPlan: which nodes a rank holds a shard of (activations ÷ tp)
 
 
 def _mesh_state(model: torch.nn.Module, args: tuple, kwargs: dict, dp: int, tp: int) -> _PerRank | None:
@@ -778,7 +821,7 @@ def _mesh_state(model: torch.nn.Module, args: tuple, kwargs: dict, dp: int, tp: 
     split = p.per_rank.params / max(p.single.params, 1)
     return _PerRank(p.per_rank.params + buffers, p.per_rank.grads, unit,
                     f"fxmem.shard.plan (dp {dp} × tp {tp}): parameters {p.per_rank.params} B of "
-                    f"{p.single.params} B per rank ({split:.3f}); activations not divided by tp (an upper bound)")
+                    f"{p.single.params} B per rank ({split:.3f})", p.tp_plan)
 
 
 def _largest_unit_bytes(model: torch.nn.Module) -> int:
@@ -807,8 +850,9 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
     ``world_size`` (FSDP over that many ranks) or ``mesh={"dp": D, "tp": T}``: estimates per rank,
     parameters, gradients and optimizer state divided as FSDP / tensor parallelism shard them —
     with ``tp`` > 1 as :func:`fxmem.shard.plan` splits them (``FitResult.per_rank_source`` says
-    so, or why the plan failed and the even split was kept); activations are not divided by ``tp``
-    and DTensor's collective buffers are not modelled (docs/fit.md, "Distributed"). ``headroom``: the
+    so, or why the plan failed and the even split was kept); in training the activations are one
+    rank's share of every node, the plan's placements propagated over the joint graph, with the
+    all-gathers' buffers (docs/fit.md, "Distributed"; inference keeps them whole). ``headroom``: the
     fraction of ``memory`` kept free for what the estimate does not see (allocator rounding,
     the caller's own tensors). ``device``: whose speeds rank the candidates (default: the model's).
     ``budgets``: the remat budgets tried beside remat off and free recompute (each costs a min-cut
@@ -849,9 +893,15 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
                             + (("precision",) if "precision" in options else ())) for label, options in specs]
     sinks: dict[str, dict] = {}
     traced_on = trace_device(model)
+    # the plan first: in training its placements make the activations one rank's
+    mesh_state = _mesh_state(model, args, kwargs, dp, tp) if mesh is not None else None
+    planned = mesh_state is not None and mesh_state.params > 0
+    tp_plan = mesh_state.tp_plan if planned and training else None
+    tp_notes: list[str] = []
     if training:
         capture_graphs(model, args, kwargs, training=True,
-                       on_graph=lambda gm, ex: _estimate_training_graph(gm, ex, candidates, traced_on))
+                       on_graph=lambda gm, ex: _estimate_training_graph(gm, ex, candidates, traced_on, tp_plan, tp,
+                                                                        tp_notes))
     else:
         capture_graphs(model, args, kwargs, training=False,
                        on_graph=lambda gm, ex: _estimate_inference_graph(gm, ex, sinks, traced_on))
@@ -865,12 +915,15 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
     candidates = [c for c in candidates if not c.same_as]
     state = _state_bytes(model)
     grads = _gradient_bytes(model)
-    mesh_state = _mesh_state(model, args, kwargs, dp, tp) if mesh is not None else None
-    planned = mesh_state is not None and mesh_state.params > 0
     # per-rank state: the shard plan's split when there is one, else an even ÷ ranks
     rank_state = mesh_state.params if planned else state // ranks
     rank_grads = mesh_state.grads if planned else grads // ranks
     source = mesh_state.source if mesh_state is not None else ""
+    if tp_plan is not None:
+        source += "; activations: " + ("; ".join(dict.fromkeys(tp_notes)) if tp_notes else
+                                       "each node's local share (DTensor's placements over the joint graph)")
+    elif planned:
+        source += "; activations not divided by tp (inference: an upper bound)"
     for cand in candidates:
         if cand.error:
             continue
@@ -879,8 +932,9 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
         if training:
             new = {"parameters": rank_state, "optimizer": OPTIMIZER_STATE[optimizer] * rank_grads,
                    "batch": parts.get("batch", 0),
-                   # the timeline holds every gradient; FSDP keeps 1/ranks of them after each reduce-scatter
-                   "activations+gradients": parts.get("activations", 0) - grads + rank_grads}
+                   # the timeline holds every gradient (a tp rank's share with a plan); FSDP keeps
+                   # 1/dp of them after each reduce-scatter: the plan's per-rank figure replaces them
+                   "activations+gradients": parts.get("activations", 0) - parts.pop("_grads", grads) + rank_grads}
         else:
             graphs = parts.pop("_graphs", [])
             weights = _weight_bytes(model, cand.options)

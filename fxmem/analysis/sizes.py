@@ -8,7 +8,9 @@ first tensor input), which holds for every ATen view op, so the analysis needs n
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import contextvars
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.fx as fx
@@ -43,15 +45,33 @@ def node_tensors(node: fx.Node) -> list[torch.Tensor]:
     return []
 
 
+_LOCAL_SIZES: contextvars.ContextVar = contextvars.ContextVar("fxmem_local_sizes", default=None)
+
+
+@contextlib.contextmanager
+def local_sizes(sizes) -> Iterator[None]:
+    """Within the block :func:`node_bytes` is one rank's share: ``sizes.local_bytes(node, nbytes)``
+    (:class:`fxmem.analysis.local_sizes.LocalSizes`, tensor parallelism). A context variable, so
+    nothing outside the block — another thread, a later compile — sees it."""
+    token = _LOCAL_SIZES.set(sizes)
+    try:
+        yield
+    finally:
+        _LOCAL_SIZES.reset(token)
+
+
 def node_bytes(node: fx.Node) -> int:
-    """Bytes of the storage a node allocates.
+    """Bytes of the storage a node allocates (one rank's share inside :func:`local_sizes`).
 
     A node with several outputs (``native_layer_norm`` → out, mean, rstd) counts 0 here: each
     output is read through its own ``getitem`` node, which counts its own bytes, so saving only
     ``mean`` and ``rstd`` for backward is not charged for ``out``.
     """
     val = node.meta.get("val", node.meta.get("example_value"))
-    return tensor_bytes(val) if isinstance(val, torch.Tensor) else 0
+    if not isinstance(val, torch.Tensor):
+        return 0
+    local = _LOCAL_SIZES.get()
+    return tensor_bytes(val) if local is None else local.local_bytes(node, tensor_bytes(val))
 
 
 def is_alias_op(node: fx.Node) -> bool:

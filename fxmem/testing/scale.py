@@ -30,9 +30,20 @@ LR = 1e-3
 ILL_CONDITIONED_GRAD = 1e-6  # |gradient| below which Adam's first update amplifies rounding noise (see run_mesh)
 
 
-def build(case: str, layers: int = 2) -> tuple[nn.Module, int]:
-    """A tiny model (same on every rank) and its vocabulary size."""
+SHAPES = {
+    # d_model, heads, sequence, vocabulary: "tiny" is every test's; "large" is where activations
+    # outweigh the fixed per-rank costs (docs/fit.md "Distributed")
+    "tiny": (32, 4, 8, 64),
+    "medium": (128, 4, 128, 256),  # activations most of a rank's step, a small head
+    "large": (256, 4, 128, 2048),
+}
+
+
+def build(case: str, layers: int = 2, shape: str = "tiny") -> tuple[nn.Module, int]:
+    """A small model (same on every rank) and its vocabulary size; ``shape``: a key of :data:`SHAPES`."""
     torch.manual_seed(0)
+    if shape != "tiny":
+        return _build_sized(case, layers, *SHAPES[shape])
     if case == "gpt2":
         import transformers
 
@@ -57,6 +68,24 @@ def build(case: str, layers: int = 2) -> tuple[nn.Module, int]:
                                        max_position_embeddings=16, use_cache=False, attn_implementation="sdpa")
         return transformers.LlamaForCausalLM(cfg), 64
     raise ValueError(f"unknown case {case!r}")
+
+
+def _build_sized(case: str, layers: int, d: int, heads: int, seq: int, vocab: int) -> tuple[nn.Module, int]:
+    if case.startswith("gpt") and case != "gpt2":
+        from fxmem.models.gpt import GPT, GPTConfig
+
+        cfg = GPTConfig(vocab_size=vocab, block_size=seq, n_layer=layers, n_head=heads, d_model=d, attention="sdpa",
+                        tie_embeddings="untied" not in case)
+        return GPT(cfg), vocab
+    if case.startswith("llama"):
+        import transformers
+
+        kv = heads if "mha" in case else 1 if "kv1" in case else 2
+        cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
+                                       num_attention_heads=heads, num_key_value_heads=kv,
+                                       max_position_embeddings=seq, use_cache=False, attn_implementation="sdpa")
+        return transformers.LlamaForCausalLM(cfg), vocab
+    raise ValueError(f"no sized build for case {case!r}")
 
 
 def batch(vocab: int, size: int, seq: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -538,37 +567,70 @@ def run_pipeline_dp(rank: int, world_size: int, case: str, schedule: str = "1f1b
     return result
 
 
-def run_fit_mesh(rank: int, world_size: int, case: str, dp: int, tp: int, layers: int = 2, per_dp: int = 2) -> dict:
-    """One rank's check of :func:`fxmem.fit`'s per-rank estimate with ``mesh={"dp": dp, "tp": tp}``:
-    fit's chosen training options (no optimizer state), the model sharded by ``fxmem.shard.apply``
-    with the plan fit used, compiled with ``backend="fxmem"`` and those options, and this rank's
-    whole-step peak measured as fit defines it — the local parameters, buffers and batch held
-    before the step plus :func:`fxmem.measure.peak_memory`'s peak above them."""
+def fit_case(case: str, shape: str = "tiny", layers: int = 2, per_dp: int | None = None) -> tuple[nn.Module, tuple, dict]:
+    """A model of :func:`build` and the arguments of its training step: ``(model, args, kwargs)``.
+
+    The loss is inside the model, as fit traces it: HF models take labels (their ModelOutput
+    carries the loss), the built-in GPT targets. (Without them the step's loss —
+    ``logits.pow(2).mean()`` — runs eagerly outside the compiled graph, where fit does not look:
+    three logits-sized buffers, what the tiny cases' estimates lacked before.)"""
+    torch.manual_seed(0)
+    model, vocab_size = build(case, layers=layers, shape=shape)
+    x, y = batch(vocab_size, per_dp or (2 if shape == "tiny" else 4), seq=SHAPES[shape][2])
+    if case.startswith(("llama", "gpt2")):
+        return model, (x,), {"labels": x}
+    return model, (x, y), {}
+
+
+def mesh_step_peak(rank: int, world_size: int, case: str, dp: int, tp: int, options: dict, shape: str = "tiny",
+                   layers: int = 2, per_dp: int | None = None, plan=None) -> int:
+    """This rank's whole-step peak of :func:`fit_case`'s model sharded by ``fxmem.shard.apply``
+    (``plan``, or ``fxmem.shard.plan``'s for ``mesh={"dp": dp, "tp": tp}``), compiled with
+    ``backend="fxmem"`` and ``options``, measured as fit defines it: the local parameters, buffers
+    and batch held before the step plus :func:`fxmem.measure.peak_memory`'s peak above them."""
     from torch.distributed.device_mesh import init_device_mesh
 
     import fxmem
     from fxmem.fit import training_step
     from fxmem.measure import peak_memory
 
-    torch.manual_seed(0)
-    model, vocab_size = build(case, layers=layers)
-    x, _ = batch(vocab_size, per_dp)
-    # HF models return a ModelOutput: labels make it carry the loss fit and the step differentiate
-    kw = {"labels": x} if case.startswith(("llama", "gpt2")) else {}
-    mesh_sizes = {"dp": dp, "tp": tp}
-    fit = fxmem.fit(copy.deepcopy(model), x, kwargs=kw, memory="4GiB", mode="training", mesh=mesh_sizes, budgets=())
-    plan = fxmem.shard.plan(copy.deepcopy(model), x, kwargs=kw, mesh=mesh_sizes)
+    model, args, kw = fit_case(case, shape, layers, per_dp)
+    if plan is None:
+        plan = fxmem.shard.plan(copy.deepcopy(model), *args, kwargs=kw, mesh={"dp": dp, "tp": tp})
     mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
-    sharded = fxmem.shard.apply(copy.deepcopy(model), plan, mesh)
+    sharded = fxmem.shard.apply(model, plan, mesh)
     torch._dynamo.reset()
-    step = training_step(sharded, x, kwargs=kw, options=fit.options)
+    step = training_step(sharded, *args, kwargs=kw, options=options)
     step()
     step()  # compiled, and no recompilation left in the measured step
     for p in sharded.parameters():
         p.grad = None
-    before = sum(tensor_bytes(_local(t)) for t in [*sharded.parameters(), *sharded.buffers()]) + tensor_bytes(x)
+    before = sum(tensor_bytes(_local(t)) for t in [*sharded.parameters(), *sharded.buffers(), *args])
     peak, _ = peak_memory(step, device="cpu")
-    return {"case": case, "dp": dp, "tp": tp, "rank": rank, "options": fit.options, "estimate": fit.estimate,
-            "parts": dict(fit.chosen.parts), "source": fit.per_rank_source, "measured": before + peak.peak_bytes,
-            "ratio": fit.estimate / (before + peak.peak_bytes),
-            "vocab_split": bool(plan.tp_plan is not None and plan.tp_plan.vocab)}
+    del step, sharded
+    gc.collect()
+    return before + peak.peak_bytes
+
+
+def run_fit_mesh(rank: int, world_size: int, case: str, dp: int, tp: int, layers: int = 2, per_dp: int | None = None,
+                 shape: str = "tiny", budgets: tuple = (), extra: tuple = ()) -> list[dict]:
+    """One rank's check of :func:`fxmem.fit`'s per-rank estimate with ``mesh={"dp": dp, "tp": tp}``:
+    fit's chosen training options (no optimizer state) and each of ``extra`` (option dicts among
+    fit's candidates: ``budgets`` adds remat budgets to them), each measured by
+    :func:`mesh_step_peak` with the plan fit used. One row per options measured."""
+    import fxmem
+
+    model, args, kw = fit_case(case, shape, layers, per_dp)
+    mesh_sizes = {"dp": dp, "tp": tp}
+    fit = fxmem.fit(copy.deepcopy(model), *args, kwargs=kw, memory="64GiB", mode="training", mesh=mesh_sizes,
+                    budgets=budgets)
+    plan = fxmem.shard.plan(copy.deepcopy(model), *args, kwargs=kw, mesh=mesh_sizes)
+    rows = []
+    for options in [fit.options, *[o for o in extra if o != fit.options]]:
+        (cand,) = [c for c in fit.candidates if c.options == options]
+        measured = mesh_step_peak(rank, world_size, case, dp, tp, options, shape, layers, per_dp, plan=plan)
+        rows.append({"case": case, "shape": shape, "dp": dp, "tp": tp, "rank": rank, "options": options,
+                     "chosen": options == fit.options, "estimate": cand.estimate, "parts": dict(cand.parts),
+                     "source": fit.per_rank_source, "measured": measured, "ratio": cand.estimate / measured,
+                     "vocab_split": bool(plan.tp_plan is not None and plan.tp_plan.vocab)})
+    return rows

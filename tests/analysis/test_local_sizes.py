@@ -1,0 +1,88 @@
+"""One tensor-parallel rank's share of every node of a joint graph (fit's per-rank activations)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxmem
+from fxmem.analysis.local_sizes import tp_local_sizes
+from fxmem.analysis.sizes import local_sizes, node_bytes
+from fxmem.passes.remat import trace_joint
+
+aten = torch.ops.aten
+
+
+class MegatronMLP(nn.Module):
+    def __init__(self, d: int = 16, hidden: int = 64):
+        super().__init__()
+        self.up = nn.Linear(d, hidden)
+        self.down = nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+def _shares():
+    torch.manual_seed(0)
+    model = MegatronMLP()
+    x = torch.randn(8, 16, requires_grad=True)  # as in a model: the MLP's input has a gradient
+    plan = fxmem.shard.plan(model, x, world_size=2)
+    assert [g.rowwise for g in plan.groups] == ["down"]  # up → down, the Megatron pair
+    joint = trace_joint(model, x)
+    names = dict(enumerate(dict(model.named_parameters(remove_duplicate=False))))
+    local = tp_local_sizes(joint.graph_module, names, plan, 2, joint.num_fwd_outputs)
+    return model, joint, local
+
+
+def test_megatron_mlp_shares_against_a_hand_count():
+    model, joint, local = _shares()
+    gm = joint.graph_module
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    weight = {name: placeholders[i] for i, name in enumerate(dict(model.named_parameters()))}
+
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+
+    def matmuls_of(w):  # the matmuls reading a weight through its transposes, in graph order
+        found, todo = set(), [w]
+        while todo:
+            for u in todo.pop().users:
+                if u.target in (aten.mm.default, aten.addmm.default):
+                    found.add(u)
+                elif u.target in (aten.t.default, aten.permute.default):
+                    todo.append(u)
+        return sorted(found, key=order.__getitem__)
+
+    up_fwd, up_bwd = matmuls_of(weight["up.weight"])
+    (down_fwd, down_bwd) = matmuls_of(weight["down.weight"])
+    share = {n: local.fractions[n][1] for n in local.fractions}
+    # forward: the column-parallel product and its GELU are half on each rank; the row-parallel
+    # product is all-reduced: whole
+    assert share[up_fwd.name] == 0.5
+    gelu_nodes = [n for n in gm.graph.nodes if n.target in (aten.gelu.default, aten.erf.default)]
+    assert gelu_nodes and all(share[n.name] == 0.5 for n in gelu_nodes)
+    assert share[down_fwd.name] == 1.0
+    # backward: the hidden gradient (row-parallel layer's input) is half; the input gradient of
+    # the column-parallel layer is all-reduced at its boundary: whole
+    assert share[down_bwd.name] == 0.5
+    assert share[up_bwd.name] == 1.0
+    # one all-reduce in the forward (down's output), one in the backward (up's input gradient),
+    # both in place (Inductor's clone reuses the dying partial product): no buffer beside them
+    assert local.collectives == {"all_reduce": 2}
+    assert not local.transients and not local.no_rule
+    # the gradients: sharded parameters' are shards, the row-parallel bias's is whole
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    grads = dict(zip(dict(model.named_parameters()), output.args[0][joint.num_fwd_outputs:]))
+    assert [share[grads[k].name] for k in ("up.weight", "up.bias", "down.weight", "down.bias")] == [0.5, 0.5, 0.5, 1.0]
+
+
+def test_node_bytes_is_a_ranks_share_only_inside_local_sizes():
+    _, joint, local = _shares()
+    (up_fwd,) = [n for n in joint.graph_module.graph.nodes if n.name in local.fractions
+                 and n.target == aten.addmm.default and local.fractions[n.name][1] == 0.5][:1]
+    whole = 8 * 64 * 4
+    assert node_bytes(up_fwd) == whole
+    with local_sizes(local):
+        assert node_bytes(up_fwd) == whole // 2
+    assert node_bytes(up_fwd) == whole
