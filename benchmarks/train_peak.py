@@ -17,7 +17,7 @@ Per row: measured peak memory of one step (forward + backward, gradients set to 
 time (first step, cold caches), saved-activation bytes from outside (``saved_tensors_hooks``),
 and the relative error of all gradients together against eager's.
 
-    PYTHONPATH=. python benchmarks/train_peak.py                   # CPU, all cases (~15 min on 2 cores)
+    PYTHONPATH=. python benchmarks/train_peak.py                   # CPU, all cases (~15 min on 2 cores, + ~25 with minilm)
     PYTHONPATH=. python benchmarks/train_peak.py --quick           # small shapes, a few minutes
     PYTHONPATH=. python benchmarks/train_peak.py --device cuda --out $OUT/train_peak.json
 
