@@ -262,14 +262,20 @@ class FxmemBackend:
         return new
 
 
+def inference_weight_options(config: FxmemConfig) -> list[str]:
+    """The options set in ``config`` that rewrite the inference graph's Linears (and so are not
+    combined with chunking, :func:`inference_chunks`)."""
+    weights = [w for w in config.lossy_options() if w != "tie_weights"]
+    return weights + (["precision"] if config.precision is not None else [])
+
+
 def inference_chunks(gm: fx.GraphModule, config: FxmemConfig) -> bool:
     """Whether an inference graph goes through the ``dynamo`` stage (chunk). Not together with a
     weight pass (``int8``, ``quantize``, ``lowrank``, ``prune``, ``precision``): those rewrite the
     Linears of the ATen graph, and a chunked loss or MLP would hide its head or its projections
     from them (their weights would stay fp32, silently). Chunking is then left out, with a
     warning when it would have rewritten something (``chunk=False`` silences it)."""
-    weights = [w for w in config.lossy_options() if w != "tie_weights"]
-    weights += ["precision"] if config.precision is not None else []
+    weights = inference_weight_options(config)
     if not weights or not config.chunk.enabled:
         return config.chunk.enabled
     probe = Recorder()

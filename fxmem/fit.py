@@ -551,7 +551,9 @@ INFERENCE_CHUNKS: tuple[tuple[str, Any], ...] = (("", None), ("chunk mlp", {"mlp
 def _chunk_label(options: Mapping[str, Any]) -> str:
     """Which :data:`INFERENCE_CHUNKS` graph ``options`` compile to: with a weight option nothing
     is chunked (:func:`fxmem.backend.inference_chunks`)."""
-    if any(k in options for k in ("int8", "quantize", "prune", "lowrank", "precision")):
+    from fxmem.backend import inference_weight_options
+
+    if inference_weight_options(parse_options(dict(options))):
         return "no chunk"
     chunk = options.get("chunk")
     return next(label for label, value in INFERENCE_CHUNKS if value == chunk)

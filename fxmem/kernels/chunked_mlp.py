@@ -136,13 +136,18 @@ def forward_workspace_bytes(x: Tensor, up_w: Tensor, up_b, gate_w: Tensor | None
     projections and every value of the activation program (alive together until the program
     returns), or later the activation and its down projection's ``[rows, out]`` before that is
     copied into the output. Works on fake or meta tensors (fit's estimate)."""
-    rows = min(int(x.numel() // max(x.shape[-1], 1)),
-               chunk_tokens if chunk_tokens > 0 else auto_chunk_tokens(int(x.numel() // max(x.shape[-1], 1)),
-                                                                      int(up_w.shape[0]), int(x.shape[-1])))
+    _, rows, itemsize = _geometry(x, up_w, chunk_tokens)
     values = (1 if gate_w is None else 2) + len(parse_program(program))
-    itemsize = torch.empty((), dtype=torch.result_type(x, up_w)).element_size()
     inter = int(up_w.shape[0])
     return rows * max(values * inter, inter + int(down_w.shape[0])) * itemsize
+
+
+def _geometry(x: Tensor, up_w: Tensor, chunk_tokens: int) -> tuple[int, int, int]:
+    """(rows of ``x``, rows per chunk as the op walks them, the compute dtype's item size)."""
+    x2d = x.reshape(-1, x.shape[-1])
+    rows = int(x2d.shape[0])
+    itemsize = torch.empty((), dtype=torch.result_type(x, up_w)).element_size()
+    return rows, min(rows, _chunk_rows(x2d, up_w, int(chunk_tokens or 0))), itemsize
 
 
 def _projections(xc: Tensor, up_w, up_b, gate_w, gate_b) -> list[Tensor]:
@@ -272,14 +277,12 @@ def forward_internal_bytes(node) -> int:
     x, up_w, gate_w, down_w, program, chunk_tokens = vals[0], vals[1], vals[3], vals[5], vals[7], vals[8]
     if not isinstance(x, Tensor) or not isinstance(up_w, Tensor):
         return 0
-    rows = int(x.numel() // max(x.shape[-1], 1))
+    rows, chunk, itemsize = _geometry(x, up_w, chunk_tokens)
     inter, out = int(up_w.shape[0]), int(down_w.shape[0])
-    itemsize = torch.empty((), dtype=torch.result_type(x, up_w)).element_size()
     passes = 1 if gate_w is None else 2
     for _name, args, _kwargs in parse_program(program):
         passes += 1 + sum(1 for a in args if isinstance(a, str) and a.startswith("$"))
     passes += 1
-    chunk = min(rows, chunk_tokens if chunk_tokens and chunk_tokens > 0 else auto_chunk_tokens(rows, inter, int(x.shape[-1])))
     chunks = -(-rows // max(chunk, 1))
     weights = sum(w.numel() * w.element_size() for w in (up_w, gate_w, down_w) if isinstance(w, Tensor))
     return int(passes * rows * inter * itemsize + (chunks - 1) * weights + 2 * rows * out * itemsize)

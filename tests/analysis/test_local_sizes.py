@@ -3,33 +3,22 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import fxmem
 from fxmem.analysis.local_sizes import tp_local_sizes
 from fxmem.analysis.sizes import local_sizes, node_bytes
 from fxmem.passes.remat import trace_joint
+from fxmem.testing.tp import TwoLayerMLP
 
 aten = torch.ops.aten
 
 
-class MegatronMLP(nn.Module):
-    def __init__(self, d: int = 16, hidden: int = 64):
-        super().__init__()
-        self.up = nn.Linear(d, hidden)
-        self.down = nn.Linear(hidden, d)
-
-    def forward(self, x):
-        return self.down(F.gelu(self.up(x)))
-
-
 def _shares():
     torch.manual_seed(0)
-    model = MegatronMLP()
+    model = TwoLayerMLP()  # the Megatron MLP: fc_in (column-parallel) → GELU → fc_out
     x = torch.randn(8, 16, requires_grad=True)  # as in a model: the MLP's input has a gradient
     plan = fxmem.shard.plan(model, x, world_size=2)
-    assert [g.rowwise for g in plan.groups] == ["down"]  # up → down, the Megatron pair
+    assert [g.rowwise for g in plan.groups] == ["fc_out"]  # fc_in → fc_out, the Megatron pair
     joint = trace_joint(model, x)
     names = dict(enumerate(dict(model.named_parameters(remove_duplicate=False))))
     local = tp_local_sizes(joint.graph_module, names, plan, 2, joint.num_fwd_outputs)
@@ -54,8 +43,8 @@ def test_megatron_mlp_shares_against_a_hand_count():
                     todo.append(u)
         return sorted(found, key=order.__getitem__)
 
-    up_fwd, up_bwd = matmuls_of(weight["up.weight"])
-    (down_fwd, down_bwd) = matmuls_of(weight["down.weight"])
+    up_fwd, up_bwd = matmuls_of(weight["fc_in.weight"])
+    (down_fwd, down_bwd) = matmuls_of(weight["fc_out.weight"])
     share = {n: local.fractions[n][1] for n in local.fractions}
     # forward: the column-parallel product and its GELU are half on each rank; the row-parallel
     # product is all-reduced: whole
@@ -74,7 +63,7 @@ def test_megatron_mlp_shares_against_a_hand_count():
     # the gradients: sharded parameters' are shards, the row-parallel bias's is whole
     (output,) = [n for n in gm.graph.nodes if n.op == "output"]
     grads = dict(zip(dict(model.named_parameters()), output.args[0][joint.num_fwd_outputs:]))
-    assert [share[grads[k].name] for k in ("up.weight", "up.bias", "down.weight", "down.bias")] == [0.5, 0.5, 0.5, 1.0]
+    assert [share[grads[k].name] for k in ("fc_in.weight", "fc_in.bias", "fc_out.weight", "fc_out.bias")] == [0.5, 0.5, 0.5, 1.0]
 
 
 def test_node_bytes_is_a_ranks_share_only_inside_local_sizes():
