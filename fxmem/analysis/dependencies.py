@@ -208,6 +208,24 @@ _RESHAPE = {aten.view, aten._unsafe_view, aten.reshape, aten.unsqueeze, aten.squ
 _REDUCE = {aten.sum, aten.mean, aten.amax, aten.amin, aten.var, aten.std, aten.prod, aten.logsumexp,
            aten.var_mean, aten.max, aten.min, aten.any, aten.all, aten.argmax, aten.argmin, aten.norm,
            aten.linalg_vector_norm}
+
+
+def _reduced_dims(node: fx.Node) -> object:
+    """The ``dim`` argument of a reduction, found by name in the op's schema.
+
+    Its position differs between overloads: ``sum.dim_IntList(self, dim, ...)`` but
+    ``linalg_vector_norm(self, ord, dim, ...)``, ``norm.ScalarOpt_dim(self, p, dim, ...)``, and
+    ``sum.default(self, dtype)`` has none (every dimension). Reading ``args[1]`` took the norm's
+    order 2 for a dimension. ``None`` or an empty list: every dimension.
+    """
+    schema = getattr(node.target, "_schema", None)
+    names = [a.name for a in schema.arguments] if schema is not None else ["self", "dim"]
+    if "dim" not in names:
+        return None
+    index = names.index("dim")
+    return node.args[index] if len(node.args) > index else node.kwargs.get("dim")
+
+
 _SOFTMAX = {aten._softmax, aten._log_softmax, aten.softmax, aten.log_softmax}
 _CREATE = {aten.zeros, aten.ones, aten.full, aten.empty}
 # per-channel spatial ops: batch and channel dimensions pass, spatial ones are new
@@ -489,7 +507,7 @@ class DependencyGraph:
         val = _val(node)
         if not isinstance(val, torch.Tensor):
             return self._opaque(node, f"{node.target}")
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = _reduced_dims(node)
         if isinstance(dims, int):
             dims = [dims]
         dims = list(range(len(d))) if not dims else [i % len(d) for i in dims]

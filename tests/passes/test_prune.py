@@ -251,6 +251,29 @@ def test_hf_models_exact_on_zeroed_groups_no_manual_fixes(name):
     torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-4)
 
 
+def test_sentence_embedder_l2_normalisation_prunes_exactly():
+    """all-MiniLM-L6-v2's head: mean pooling, then ``F.normalize`` (``linalg_vector_norm(x, 2, [1],
+    keepdim)``). The analysis once read the norm's order 2 as its dimension and predicted a wrong
+    shape, so the pass skipped the whole model."""
+    from fxmem.testing.minilm import SentenceEmbedder
+
+    model = SentenceEmbedder(_hf_model("bert-sdpa")).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    _zero_groups(model, (ids, mask))
+    with torch.no_grad():
+        expected = model(ids, mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = fxmem.explain(model, ids, mask, prune={"ratio": 0.5}, strict=True)
+    rec = _prune_record(report)
+    assert rec.status == "changed"
+    assert {r["kind"].split()[0] for r in rec.stats["groups"]} == {"mlp", "heads"}
+    with torch.no_grad():
+        got = report.module(ids, mask)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
 from fxmem.testing.strategies import random_programs  # noqa: E402
