@@ -527,7 +527,7 @@ def inference_candidates(allow: Iterable[str]) -> list[tuple[str, dict[str, Any]
         weights.append(("quantize 4 bit, group 64", {"quantize": {"bits": 4, "group_size": 64}}))
     prunes: list[tuple[str, dict[str, Any]]] = [("", {})]
     if "prune" in allow:
-        prunes += [(f"prune {r}", {"prune": {"ratio": r}}) for r in (0.3, 0.5)]
+        prunes += [(_prune_label(r), {"prune": {"ratio": r}}) for r in PRUNE_RATIOS]
     precisions: list[tuple[str, dict[str, Any]]] = [("", {})]
     if "precision" in allow:
         precisions.append(("bf16", {"precision": "bf16"}))
@@ -542,10 +542,26 @@ def inference_candidates(allow: Iterable[str]) -> list[tuple[str, dict[str, Any]
     return out[:1] + [(label, {"chunk": chunk}) for label, chunk in INFERENCE_CHUNKS[1:]] + out[1:]
 
 
+#: The pruning ratios fit tries in inference when ``"prune"`` is allowed. Each is estimated on its
+#: own pruned graph (:func:`fxmem.passes.prune.prune_shapes`): its weights and its activations.
+PRUNE_RATIOS = (0.3, 0.5)
+
+
+def _prune_label(ratio: float) -> str:
+    return f"prune {ratio}"
+
+
 #: The ``chunk`` settings fit tries in inference, with their labels: the default (an evaluation
 #: loss chunked), the position-wise MLPs chunked along the tokens as well, and nothing chunked.
 #: A setting that rewrites no graph differently from the default is not listed.
 INFERENCE_CHUNKS: tuple[tuple[str, Any], ...] = (("", None), ("chunk mlp", {"mlp": True}), ("no chunk", False))
+
+
+def _graph_label(options: Mapping[str, Any]) -> str:
+    """Which estimated inference graph ``options`` compile to: a pruned one
+    (:data:`PRUNE_RATIOS`), else the chunk setting's (:func:`_chunk_label`)."""
+    prune = parse_options(dict(options)).prune
+    return _prune_label(prune.ratio) if prune is not None else _chunk_label(options)
 
 
 def _chunk_label(options: Mapping[str, Any]) -> str:
@@ -559,15 +575,14 @@ def _chunk_label(options: Mapping[str, Any]) -> str:
     return next(label for label, value in INFERENCE_CHUNKS if value == chunk)
 
 
-def _weight_bytes(model: torch.nn.Module, options: Mapping[str, Any]) -> int:
+def _weight_bytes(model: torch.nn.Module, options: Mapping[str, Any], pruned: Mapping[int, int] | None = None) -> int:
     """The bytes of weights the inference passes would leave for ``options`` (the quantized formats'
     own sizes: int8 codes + one fp32 scale per row; 4-bit codes + a 16-bit scale and zero point per
-    group; bf16 halves every fp32 weight with two or more dimensions; pruning removes ``ratio`` of
-    every hidden Linear, the output head excepted)."""
+    group; bf16 halves every fp32 weight with two or more dimensions). ``pruned``: the element
+    count of each weight (by ``id``) that pruning shrinks, from the pruned graph itself."""
     config = parse_options(dict(options))
     linears = {id(m.weight): m for m in model.modules() if isinstance(m, torch.nn.Linear)}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    largest_out = max((m.out_features for m in linears.values()), default=0)
     total, seen = 0, set()
     for t in [*model.parameters(), *model.buffers()]:
         if id(t) in seen:
@@ -575,8 +590,8 @@ def _weight_bytes(model: torch.nn.Module, options: Mapping[str, Any]) -> int:
         seen.add(id(t))
         numel, size = t.numel(), t.element_size()
         lin = linears.get(id(t))
-        if config.prune is not None and lin is not None and lin.out_features < largest_out:
-            numel = int(numel * (1 - config.prune.ratio))
+        if config.prune is not None and pruned:
+            numel = pruned.get(id(t), numel)
         low = size
         if config.precision is not None and t.dim() >= 2 and t.dtype == torch.float32:
             low = 2
@@ -617,7 +632,8 @@ def _linear_weight(node: fx.Node) -> fx.Node | None:
     return storage_root(weight) if isinstance(weight, fx.Node) and is_parameter_node(weight) else None
 
 
-def _estimate_inference_graph(gm: fx.GraphModule, example_inputs: list, sinks: dict, device: torch.device) -> None:
+def _estimate_inference_graph(gm: fx.GraphModule, example_inputs: list, sinks: dict, device: torch.device,
+                              prune_ratios: Sequence[float] = ()) -> None:
     """Per ``chunk`` setting of :data:`INFERENCE_CHUNKS` (``sinks[label]``): the dynamo stage
     (chunk) rewrites the torch-level graph as the backend would, then the inference graph is
     estimated (:func:`_estimate_inference_trace`). Settings that give the same graph share one
@@ -625,15 +641,17 @@ def _estimate_inference_graph(gm: fx.GraphModule, example_inputs: list, sinks: d
     from fxmem.backend import parameter_inputs
     from fxmem.pipeline import Recorder, run_pipeline
 
-    params = set(parameter_inputs(gm, example_inputs))
+    params = parameter_inputs(gm, example_inputs)
     device_gm, device_inputs = on_device(gm, example_inputs, device)
     estimated: dict[str, dict] = {}
     default_code = None
+    variants = {}
     for label, chunk in INFERENCE_CHUNKS:
         recorder = Recorder()
         variant = run_pipeline(device_gm, "dynamo", parse_options({} if chunk is None else {"chunk": chunk}), recorder)
         if not any(r.status == "changed" for r in recorder.records):
             variant = device_gm
+        variants[label] = variant
         code = variant.code
         default_code = code if default_code is None else default_code
         if code not in estimated:
@@ -641,15 +659,33 @@ def _estimate_inference_graph(gm: fx.GraphModule, example_inputs: list, sinks: d
             _estimate_inference_trace(variant, device_inputs, params, estimated[code])
         sink = sinks.setdefault(label, {})
         sink["_differs"] = sink.get("_differs", False) or code != default_code
-        sink.setdefault("_graphs", []).extend(estimated[code]["_graphs"])
-        for key in ("_flops", "_bytes"):
-            sink[key] = sink.get(key, 0) + estimated[code][key]
+        _add_graph_figures(sink, estimated[code])
+    # pruning is a weight option: its graph is the unchunked one (fxmem.backend.inference_chunks)
+    for ratio in prune_ratios:
+        figures: dict = {}
+        _estimate_inference_trace(variants["no chunk"], device_inputs, params, figures,
+                                  prune=parse_options({"prune": {"ratio": ratio}}).prune)
+        _add_graph_figures(sinks.setdefault(_prune_label(ratio), {}), figures)
 
 
-def _estimate_inference_trace(gm: fx.GraphModule, device_inputs: list, params: set, sink: dict) -> None:
+def _add_graph_figures(sink: dict, figures: dict) -> None:
+    """Add one Dynamo graph's estimate to a candidate graph's running totals (graphs add up)."""
+    sink.setdefault("_graphs", []).extend(figures["_graphs"])
+    for key in ("_flops", "_bytes"):
+        sink[key] = sink.get(key, 0) + figures[key]
+    sink.setdefault("_pruned", {}).update(figures.get("_pruned", {}))
+    sink["_pruned_groups"] = sink.get("_pruned_groups", 0) + figures.get("_pruned_groups", 0)
+    if figures.get("_error"):
+        sink["_error"] = figures["_error"]
+
+
+def _estimate_inference_trace(gm: fx.GraphModule, device_inputs: list, params: Mapping[int, str], sink: dict,
+                              prune: Any = None) -> None:
     """The inference graph's timeline as Inductor runs it (its decompositions; fused, buffers
     reused: ``step_timeline(reuse=True)``, as for training; chunked ops' own workspace on top),
-    its Linears, and its FLOPs and bytes."""
+    its Linears, and its FLOPs and bytes. ``params``: index → name of the inputs that are
+    parameters. ``prune`` (a :class:`~fxmem.config.PruneConfig`): estimate the graph the prune
+    pass leaves (:func:`_pruned_graph`) instead."""
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._inductor.decomposition import select_decomp_table
 
@@ -661,6 +697,8 @@ def _estimate_inference_trace(gm: fx.GraphModule, device_inputs: list, params: s
         for i, node in enumerate(n for n in aten_gm.graph.nodes if n.op == "placeholder"):
             if i in params:
                 node.meta[PARAM_META_KEY] = True
+        if prune is not None:
+            aten_gm = _pruned_graph(aten_gm, params, prune, sink)
         outputs = [n for n in forward_outputs(aten_gm) if isinstance(n, fx.Node)]
         timeline = step_timeline(aten_gm, None, len(outputs), fused=True, reuse=True)
         live_after = {name: live for _, name, live in timeline.points}
@@ -685,6 +723,46 @@ def _estimate_inference_trace(gm: fx.GraphModule, device_inputs: list, params: s
     with torch.no_grad():
         aot_module_simplified(gm, device_inputs, fw_compiler=compiler,
                               decompositions={**DECOMPOSITIONS, **select_decomp_table()})
+
+
+def _pruned_graph(aten_gm: fx.GraphModule, params: Mapping[int, str], config: Any, sink: dict) -> fx.GraphModule:
+    """A copy of the inference graph as the prune pass leaves it, for the estimate.
+
+    The parameters are frozen into it as the backend freezes them (as meta tensors: nothing is
+    allocated) and :func:`fxmem.passes.prune.prune_shapes` prunes it: the same analysis, the same
+    rewrite and the same shape check as the pass, so the shapes are the pass's. Which indices the
+    pass keeps depends on the weights' values; no shape does. Records ``sink["_pruned"]`` (name →
+    element count of each weight pruning shrank) and ``sink["_pruned_groups"]``; where the pass
+    would be skipped, ``sink["_error"]`` (its reason) and the graph is returned unchanged.
+    """
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from fxmem.freeze import freeze_parameters
+    from fxmem.passes.base import UnsupportedGraph, copy_graph
+    from fxmem.passes.prune import prune_shapes
+
+    # AOTAutograd's fake mode is active in its compiler; the pass makes its own (refresh_vals)
+    with unset_fake_temporarily():
+        pruned = fx.GraphModule(aten_gm, copy_graph(aten_gm.graph))
+        placeholders = [n for n in pruned.graph.nodes if n.op == "placeholder"]
+        frozen = {}
+        for i, fqn in params.items():
+            val = placeholders[i].meta["val"]
+            frozen[placeholders[i].name] = (fqn, torch.empty_strided(val.shape, val.stride(), dtype=val.dtype,
+                                                                     device="meta"))
+        freeze_parameters(pruned, frozen)
+        before = {n.meta["fxmem_fqn"]: n.meta["val"].numel() for n in pruned.graph.nodes if n.op == "get_attr"}
+        try:
+            sink["_pruned_groups"] = prune_shapes(pruned, config)
+        except Exception as exc:  # noqa: BLE001 - the pipeline skips the pass on any failure, with a warning
+            reason = str(exc) if isinstance(exc, UnsupportedGraph) else f"{type(exc).__name__}: {exc}"
+            sink["_error"] = f"prune does not apply: {reason}".splitlines()[0][:300]
+            return aten_gm
+    for node in pruned.graph.nodes:
+        fqn = node.meta.get("fxmem_fqn") if node.op == "get_attr" else None
+        if fqn in before and node.meta["val"].numel() != before[fqn]:
+            sink.setdefault("_pruned", {})[fqn] = node.meta["val"].numel()
+    return pruned
 
 
 def _weight_format(options: Mapping[str, Any], numel: int) -> str:
@@ -911,9 +989,16 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
                                                                         tp_notes))
     else:
         capture_graphs(model, args, kwargs, training=False,
-                       on_graph=lambda gm, ex: _estimate_inference_graph(gm, ex, sinks, traced_on))
+                       on_graph=lambda gm, ex: _estimate_inference_graph(
+                           gm, ex, sinks, traced_on, PRUNE_RATIOS if "prune" in allow else ()))
         chunked = sinks["no chunk"]["_differs"]  # the default chunked something (an evaluation loss)
         for cand in candidates:
+            if "prune" in cand.options:
+                pruned = sinks[_graph_label(cand.options)]
+                if pruned.get("_error"):  # the pass would be skipped: never estimate it as applied
+                    cand.error = pruned["_error"]
+                elif not pruned["_pruned_groups"]:  # nothing to prune: the same as without it
+                    cand.same_as = True
             if "chunk" in cand.options:  # a chunk setting that rewrote no graph differently is the default's twin
                 cand.same_as = not sinks[_chunk_label(cand.options)]["_differs"]
             elif chunked and _chunk_label(cand.options) == "no chunk":
@@ -934,7 +1019,8 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
     for cand in candidates:
         if cand.error:
             continue
-        parts = cand.parts if training else {k: v for k, v in sinks[_chunk_label(cand.options)].items() if k != "_differs"}
+        parts = cand.parts if training else {k: v for k, v in sinks[_graph_label(cand.options)].items()
+                                             if k not in ("_differs", "_pruned_groups", "_error")}
         flops, moved = parts.pop("_flops", 0), parts.pop("_bytes", 0)
         if training:
             new = {"parameters": rank_state, "optimizer": OPTIMIZER_STATE[optimizer] * rank_grads,
@@ -944,7 +1030,10 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
                    "activations+gradients": parts.get("activations", 0) - parts.pop("_grads", grads) + rank_grads}
         else:
             graphs = parts.pop("_graphs", [])
-            weights = _weight_bytes(model, cand.options)
+            named = dict(model.named_parameters(remove_duplicate=False))
+            # a name not found (a buffer) keeps its whole size: the estimate errs high, never low
+            pruned = {id(named[fqn]): numel for fqn, numel in parts.pop("_pruned", {}).items() if fqn in named}
+            weights = _weight_bytes(model, cand.options, pruned)
             # the plan's split applies to the weights as stored (int8 / 4-bit shrink them by the same factor)
             new = {"parameters": weights * rank_state // max(state, 1) if planned else weights // ranks,
                    "batch": max((g.input_bytes for g in graphs), default=0),

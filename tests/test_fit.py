@@ -316,3 +316,46 @@ def test_bf16_inference_estimate_counts_the_cpu_matmuls_fp32_accumulator():
     torch._dynamo.reset()
     measured = measure_inference(model, x, options=bf16.options, steps=1)
     assert abs(bf16.estimate / measured["peak_bytes"] - 1) <= TOLERANCE, (bf16.estimate, measured)
+
+
+def _mlp_and_batch():
+    """An activation-heavy MLP: its [4096, 1024] hidden activation is most of the inference peak."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 256)).eval(), torch.randn(4096, 256)
+
+
+def test_prune_estimate_is_the_pruned_graphs_weights_and_activations():
+    """fit estimates a prune candidate on the graph the prune pass leaves (its shapes, from the
+    pass's own analysis and rewrite): the weights *and* the activations shrink. It once counted
+    ``ratio`` off some Linears' weights only: MiniLM's prune 0.5 was 1.28 of measured."""
+    model, x = _mlp_and_batch()
+    fitted = fxmem.fit(model, x, memory="1GiB", mode="inference", allow=["prune"])
+    half = next(c for c in fitted.candidates if c.options == {"prune": {"ratio": 0.5}})
+    default = next(c for c in fitted.candidates if c.options == {})
+    # half the hidden neurons: half the [4096, 1024] activation (8 MiB less) and of both weights
+    assert half.parts["activations"] <= default.parts["activations"] - 4096 * 512 * 4
+    assert half.parts["parameters"] < 0.6 * default.parts["parameters"]
+    torch._dynamo.reset()
+    measured = measure_inference(model, x, options=half.options, steps=1)
+    assert abs(half.estimate / measured["peak_bytes"] - 1) <= INFERENCE_TOLERANCE, (half.estimate, measured)
+
+
+def test_prune_is_never_estimated_where_the_pass_would_be_skipped(monkeypatch):
+    """Where the prune pass fails (the backend then skips it with a warning and keeps the
+    weights), fit shows the candidate with the reason and never chooses it."""
+    import fxmem.passes.prune as prune_module
+    from fxmem.passes.base import UnsupportedGraph
+
+    def refuse(gm, config):
+        raise UnsupportedGraph("aten.linalg_vector_norm.default", "the analysis predicted another shape")
+
+    monkeypatch.setattr(prune_module, "prune_shapes", refuse)
+    model, x = _mlp_and_batch()
+    fitted = fxmem.fit(model, x, memory="1GiB", mode="inference", allow=["prune"])
+    pruned = [c for c in fitted.candidates if "prune" in c.options]
+    assert pruned and all("prune does not apply" in c.error and "linalg_vector_norm" in c.error for c in pruned)
+    assert not any(c.fits for c in pruned)
+    assert "prune does not apply" in fitted.table
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    with pytest.raises(FitError):  # below the weights only pruning would fit: nothing does
+        fitted.refit(weights * 0.8)

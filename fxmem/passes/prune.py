@@ -318,9 +318,18 @@ def _rewrite(gm: fx.GraphModule, dg: DependencyGraph, kept: dict[int, torch.Tens
 class _Propagate(FakeTensorProp):
     """Fake propagation that reads the graph's real attributes as fake tensors."""
 
+    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, device: torch.device):
+        super().__init__(gm, mode)
+        self._device = device
+
     def get_attr(self, target, args, kwargs):
         value = super().get_attr(target, args, kwargs)
-        return self._mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
+        if not isinstance(value, torch.Tensor):
+            return value
+        if value.device.type == "meta":  # fxmem.fit's weights (prune_shapes): on the graph's device
+            with self._mode:
+                return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=self._device)
+        return self._mode.from_tensor(value)
 
 
 def refresh_vals(gm: fx.GraphModule) -> None:
@@ -334,7 +343,8 @@ def refresh_vals(gm: fx.GraphModule) -> None:
     # differentiable in that argument (T5's relative position bias is SDPA's attn_mask); with
     # grad mode on, fake propagation would raise where the real graph runs fine.
     with torch.no_grad():
-        _Propagate(gm, mode).propagate_dont_convert_inputs(*inputs)
+        device = next((v.device for v in inputs if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        _Propagate(gm, mode, device).propagate_dont_convert_inputs(*inputs)
     normalize_void_ops(gm)  # propagation gives ops that return nothing no value: None, as at capture
 
 
@@ -352,6 +362,40 @@ def _check(gm: fx.GraphModule, predicted: dict[fx.Node, object]) -> None:
             continue
         if got != want:
             raise UnsupportedGraph(node.target, f"after pruning {node.name} has shape {got}, the analysis predicted {want}")
+
+
+def _apply(gm: fx.GraphModule, dg: DependencyGraph, kept: dict[int, torch.Tensor]) -> None:
+    """Keep ``kept[space]`` of each pruned space, in place; fake propagation checks every new
+    shape against the analysis's prediction (:class:`UnsupportedGraph` where one differs)."""
+    predicted = _rewrite(gm, dg, kept)
+    asserts = [n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("fxmem_prune_restate")]
+    refresh_vals(gm)
+    _restate_asserts(gm, asserts)
+    gm.recompile()
+    _check(gm, predicted)
+
+
+def prune_shapes(gm: fx.GraphModule, config: PruneConfig) -> int:
+    """Prune ``gm`` as :func:`prune` would, but keep each group's *first* indices: the result has
+    the pruned graph's shapes, not its weights' values. Returns the number of groups pruned.
+
+    For estimates (:func:`fxmem.fit`): which indices the importance keeps changes no shape, so
+    the parameter bytes and activations of this graph are those the pass gives. Its weights may
+    be meta tensors (no memory); :func:`refresh_vals` propagates them on the graph's device.
+    Raises :class:`UnsupportedGraph` exactly where :func:`prune` would (the pass is then skipped,
+    so an estimate must not count it).
+    """
+    if not _static(gm):
+        raise UnsupportedGraph("prune", "the graph has symbolic shapes; pruning needs static shapes")
+    dg = analyze(gm)
+    kept = {}
+    for g in dg.groups():
+        keep = max(1, int(g.size * (1.0 - config.ratio)))
+        if _selected(g, config) and keep < g.size:
+            kept[g.space] = torch.arange(keep)
+    if kept:
+        _apply(gm, dg, kept)
+    return len(kept)
 
 
 # ------------------------------------------------------------------------------------ the pass
@@ -390,13 +434,7 @@ def prune(gm: fx.GraphModule, config: PruneConfig, ctx: PassContext = PassContex
     if not decisions:
         return PassResult(gm, False, stats)
     before_cost, before_bytes, before_params = graph_cost(gm), parameter_bytes(gm), _param_count(gm)
-    kept = {d.group.space: d.kept for d in decisions}
-    predicted = _rewrite(gm, dg, kept)
-    asserts = [n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("fxmem_prune_restate")]
-    refresh_vals(gm)
-    _restate_asserts(gm, asserts)
-    gm.recompile()
-    _check(gm, predicted)
+    _apply(gm, dg, {d.group.space: d.kept for d in decisions})
     after_cost, after_bytes, after_params = graph_cost(gm), parameter_bytes(gm), _param_count(gm)
     rows = []
     for d in decisions:
@@ -423,4 +461,4 @@ def prune(gm: fx.GraphModule, config: PruneConfig, ctx: PassContext = PassContex
     return PassResult(gm, True, stats)
 
 
-__all__ = ["prune", "decide", "importance", "refresh_vals", "Decision"]
+__all__ = ["prune", "prune_shapes", "decide", "importance", "refresh_vals", "Decision"]
