@@ -117,14 +117,9 @@ def _minilm(quick: bool):
     model.train()
     ids, mask = minilm.paragraph_pairs(tokenizer, pairs, seq)
 
-    def in_batch_negatives(embeddings: torch.Tensor) -> torch.Tensor:
-        anchors, positives = embeddings[:pairs], embeddings[pairs:]
-        scores = 20.0 * anchors @ positives.T
-        return nn.functional.cross_entropy(scores, torch.arange(pairs, device=scores.device))
-
     desc = (f"all-MiniLM-L6-v2 (trained weights, SDPA), {2 * pairs} paragraphs x T {seq}, "
             "in-batch-negatives loss")
-    return model, (ids, mask), {}, in_batch_negatives, desc
+    return model, (ids, mask), {}, minilm.in_batch_negatives, desc
 
 
 CASES: dict[str, Callable[[bool], tuple]] = {

@@ -109,3 +109,25 @@ def paragraph_pairs(tokenizer, pairs: int, seq: int) -> tuple[torch.Tensor, torc
     batch = tokenizer(list(anchors) + list(positives), padding="max_length", truncation=True,
                       max_length=seq, return_tensors="pt")
     return batch["input_ids"], batch["attention_mask"]
+
+
+def in_batch_negatives(embeddings: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
+    """The loss all-MiniLM-L6-v2 was trained with (sentence-transformers'
+    ``MultipleNegativesRankingLoss``): rows ``i`` and ``n/2 + i`` of ``embeddings`` are a positive
+    pair, every other second-half row a negative; cross-entropy over ``scale`` × cosine scores
+    (the rows are unit vectors)."""
+    pairs = embeddings.shape[0] // 2
+    scores = scale * embeddings[:pairs] @ embeddings[pairs:].T
+    return nn.functional.cross_entropy(scores, torch.arange(pairs, device=scores.device))
+
+
+class ContrastiveStep(nn.Module):
+    """A fine-tuning step's module, the loss its only output: ``in_batch_negatives(model(ids, mask))``
+    (what :func:`fxmem.fit` and ``measure_options`` take for a training step)."""
+
+    def __init__(self, embedder: nn.Module):
+        super().__init__()
+        self.embedder = embedder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return in_batch_negatives(self.embedder(input_ids, attention_mask))

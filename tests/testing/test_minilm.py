@@ -104,3 +104,22 @@ def test_training_step_gradients_equal_eager():
     assert grads.keys() == grads_ref.keys() and len(grads) == 101
     for n in grads_ref:
         torch.testing.assert_close(grads[n], grads_ref[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_in_batch_negatives_is_the_loss_the_model_was_trained_with(minilm):
+    """``minilm.ContrastiveStep`` (the fine-tuning step of benchmarks/fit.py and train_peak.py)
+    equals sentence-transformers' ``MultipleNegativesRankingLoss`` (scale 20, cosine) on the same
+    pairs; the trained model ranks the true pairs above shuffled ones."""
+    st = pytest.importorskip("sentence_transformers")
+    st_losses = pytest.importorskip("sentence_transformers.losses")
+    model, tokenizer, _, _ = minilm
+    ids, mask = minilm_lib.paragraph_pairs(tokenizer, 4, 32)
+    with torch.no_grad():
+        ours = minilm_lib.ContrastiveStep(model)(ids, mask)
+        emb = model(ids, mask)
+    reference = st_losses.MultipleNegativesRankingLoss(
+        st.SentenceTransformer(str(minilm_lib.model_dir()), device="cpu"), scale=20.0)
+    scores = reference.similarity_fct(emb[:4], emb[4:]) * reference.scale
+    torch.testing.assert_close(ours, F.cross_entropy(scores, torch.arange(4)))
+    shuffled = torch.cat([emb[:4], emb[4:].roll(1, 0)])
+    assert float(minilm_lib.in_batch_negatives(shuffled)) > float(ours) + 1.0
