@@ -1030,8 +1030,10 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
                    "activations+gradients": parts.get("activations", 0) - parts.pop("_grads", grads) + rank_grads}
         else:
             graphs = parts.pop("_graphs", [])
-            named = dict(model.named_parameters(remove_duplicate=False))
-            # a name not found (a buffer) keeps its whole size: the estimate errs high, never low
+            # a conv net's batch-norm statistics are pruned with its channels: buffers too
+            named = {**dict(model.named_parameters(remove_duplicate=False)),
+                     **dict(model.named_buffers(remove_duplicate=False))}
+            # a name not found keeps its whole size: the estimate errs high, never low
             pruned = {id(named[fqn]): numel for fqn, numel in parts.pop("_pruned", {}).items() if fqn in named}
             weights = _weight_bytes(model, cand.options, pruned)
             # the plan's split applies to the weights as stored (int8 / 4-bit shrink them by the same factor)
