@@ -6,9 +6,12 @@ holds them), the model sharded by ``fxmem.shard.apply`` with that plan, compiled
 options and with a remat budget, one training step's peak measured on every rank. Shapes
 (``fxmem.testing.scale.SHAPES``): ``tiny`` (d 32, 4 heads, T 8, vocab 64, batch 2), ``medium``
 (d 128, T 128, vocab 256, batch 4: the sharded activations most of the step) and ``large`` (d 256,
-4 heads, T 128, vocab 2048, batch 4), 2 layers. Writes ``benchmarks/results/fit_mesh_cpu.json``.
+4 heads, T 128, vocab 2048, batch 4), 2 layers. ``--modes inference`` measures fit's inference
+choice instead: each rank's no-grad forward peak (:func:`fxmem.testing.scale.mesh_inference_peak`).
+Writes ``benchmarks/results/fit_mesh_cpu.json``; rows of cases not run this time are kept from the
+file (each row says when it was measured: ``measured_at``).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/fit_mesh.py [--quick] [--cases gpt_untied:1:2:tiny,...]
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/fit_mesh.py [--quick] [--cases gpt_untied:1:2:tiny,...] [--modes training,inference]
 """
 from __future__ import annotations
 
@@ -23,39 +26,52 @@ FULL = "gpt_untied:1:2:tiny,llama:1:2:tiny,gpt_untied:1:2:medium,gpt_untied:1:2:
 BUDGET = 0.5  # the remat budget measured beside fit's choice
 
 
-def _rank(rank: int, world: int, case: str, dp: int, t: int, shape: str, budgets: tuple) -> list[dict]:
+def _rank(rank: int, world: int, case: str, dp: int, t: int, shape: str, budgets: tuple, mode: str) -> list[dict]:
+    if mode == "inference":  # fit's choice only: the remat budgets are training options
+        return scale.run_fit_mesh(rank, world, case, dp, t, shape=shape, mode=mode)
     extra = tuple({"remat": {"budget": b}} for b in budgets)
     return scale.run_fit_mesh(rank, world, case, dp, t, shape=shape, budgets=budgets, extra=extra)
+
+
+def _key(row: dict) -> tuple:
+    return row["case"], row["shape"], row["dp"], row["tp"], row.get("mode", "training")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="GPT, tp 2, tiny shape, fit's choice only")
     ap.add_argument("--cases", default=FULL, help="case:dp:tp:shape, comma-separated (cases of fxmem.testing.scale.build)")
+    ap.add_argument("--modes", default="training", help="training, inference or both, comma-separated")
     ap.add_argument("--out", default="benchmarks/results/fit_mesh_cpu.json")
     a = ap.parse_args()
     cases = ["gpt_untied:1:2:tiny"] if a.quick else a.cases.split(",")
     budgets = () if a.quick else (BUDGET,)
+    stamp = time.strftime("%Y-%m-%d %H:%M")
     rows = []
-    for spec in cases:
+    for spec, mode in [(c, m) for m in a.modes.split(",") for c in cases]:
         case, dp, t, shape = spec.split(":")
         start = time.time()
         try:
-            ranks = tp.spawn(_rank, int(dp) * int(t), case, int(dp), int(t), shape, budgets)
+            ranks = tp.spawn(_rank, int(dp) * int(t), case, int(dp), int(t), shape, budgets, mode)
         except Exception as exc:  # noqa: BLE001 - recorded: a composition that does not compile here
             last = [ln for ln in str(exc).splitlines() if "Error" in ln][-1:]
-            rows.append({"case": case, "shape": shape, "dp": int(dp), "tp": int(t), "error": " ".join(last)[:400]})
+            rows.append({"case": case, "shape": shape, "dp": int(dp), "tp": int(t), "mode": mode,
+                         "error": " ".join(last)[:400], "measured_at": stamp})
             print(f"{case:12} {shape:5} dp {dp} tp {t}: failed: {rows[-1]['error']}", flush=True)
             continue
         for rank_rows in ranks:
             for r in rank_rows:
                 r["wall_s"] = round(time.time() - start, 1)
+                r["measured_at"] = stamp
                 rows.append(r)
-                print(f"{case:12} {shape:5} dp {dp} tp {t} rank {r['rank']}: estimate {r['estimate']} B, measured "
+                print(f"{case:12} {shape:5} {mode:9} dp {dp} tp {t} rank {r['rank']}: estimate {r['estimate']} B, measured "
                       f"{r['measured']} B, estimate/measured {r['ratio']:.3f}  options={r['options']}"
                       f"{' (chosen)' if r['chosen'] else ''}", flush=True)
     path = pathlib.Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)
+    run = {_key(r) for r in rows}
+    kept = [r for r in json.loads(path.read_text())["rows"] if _key(r) not in run] if path.exists() else []
+    rows = kept + rows
     path.write_text(json.dumps({"rows": rows}, indent=1))
     print("wrote", path)
 

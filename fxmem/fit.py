@@ -317,6 +317,25 @@ def _tp_local(joint: fx.GraphModule, names: dict[int, str], tp_plan, tp: int, nu
     return local
 
 
+def ban_collective_recompute(joint: fx.GraphModule, local) -> int:
+    """Mark the nodes of fit's joint graph whose output a collective makes on a tensor-parallel rank
+    (``local.collective_outputs``) as not recomputable (``meta["recompute"] = MUST_SAVE``, the
+    checkpoint tag remat honours): the rank's partitioner never recomputes a collective, so what
+    the backward needs downstream of one is saved from there. Without it fit's remat recomputed the
+    vocabulary-split embedding (a lookup from the parameters and the token ids, free on one process)
+    where the rank saves the all-reduced ``[B, T, d]`` embedding: 0.25 MB low on the medium GPT.
+    fit's own traced copy is marked (nothing the user compiles). Returns how many nodes."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    names = set(local.collective_outputs)
+    marked = 0
+    for node in joint.graph.nodes:
+        if node.name in names and node.meta.get("recompute") is None:
+            node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+            marked += 1
+    return marked
+
+
 def _estimate_training_graph(gm: fx.GraphModule, example_inputs: list, candidates: list[Candidate],
                              device: torch.device, tp_plan=None, tp: int = 1, tp_notes: list | None = None) -> None:
     """Add one Dynamo graph's activation peak and time cost to each training candidate (the joint
@@ -358,6 +377,8 @@ def _estimate_training_graph(gm: fx.GraphModule, example_inputs: list, candidate
             local = None
             if tp_plan is not None:  # one propagation per joint graph, shared by its candidates
                 local = _tp_local(joint, names, tp_plan, tp, num_fwd_outputs, tp_notes)
+                if local is not None:
+                    ban_collective_recompute(joint, local)
             with shared_cuts():  # the budgets' peak guards compare the same cuts: build each once
                 _estimate_group(group, joint, joint_inputs, num_fwd_outputs,
                                 static_lifetime_input_indices or params, local)
@@ -633,15 +654,18 @@ def _linear_weight(node: fx.Node) -> fx.Node | None:
 
 
 def _estimate_inference_graph(gm: fx.GraphModule, example_inputs: list, sinks: dict, device: torch.device,
-                              prune_ratios: Sequence[float] = ()) -> None:
+                              prune_ratios: Sequence[float] = (), tp_plan=None, tp: int = 1,
+                              tp_notes: list | None = None) -> None:
     """Per ``chunk`` setting of :data:`INFERENCE_CHUNKS` (``sinks[label]``): the dynamo stage
     (chunk) rewrites the torch-level graph as the backend would, then the inference graph is
     estimated (:func:`_estimate_inference_trace`). Settings that give the same graph share one
-    estimate; ``sinks[label]["_differs"]`` records that a setting changed some graph."""
+    estimate; ``sinks[label]["_differs"]`` records that a setting changed some graph. With
+    ``tp_plan`` the activations are one tensor-parallel rank's, as in training."""
     from fxmem.backend import parameter_inputs
     from fxmem.pipeline import Recorder, run_pipeline
 
     params = parameter_inputs(gm, example_inputs)
+    tp_args = (tp_plan, tp, params, tp_notes if tp_notes is not None else []) if tp_plan is not None else None
     device_gm, device_inputs = on_device(gm, example_inputs, device)
     estimated: dict[str, dict] = {}
     default_code = None
@@ -656,7 +680,7 @@ def _estimate_inference_graph(gm: fx.GraphModule, example_inputs: list, sinks: d
         default_code = code if default_code is None else default_code
         if code not in estimated:
             estimated[code] = {}
-            _estimate_inference_trace(variant, device_inputs, params, estimated[code])
+            _estimate_inference_trace(variant, device_inputs, params, estimated[code], tp_args)
         sink = sinks.setdefault(label, {})
         sink["_differs"] = sink.get("_differs", False) or code != default_code
         _add_graph_figures(sink, estimated[code])
@@ -664,7 +688,7 @@ def _estimate_inference_graph(gm: fx.GraphModule, example_inputs: list, sinks: d
     for ratio in prune_ratios:
         figures: dict = {}
         _estimate_inference_trace(variants["no chunk"], device_inputs, params, figures,
-                                  prune=parse_options({"prune": {"ratio": ratio}}).prune)
+                                  prune=parse_options({"prune": {"ratio": ratio}}).prune, tp_args=tp_args)
         _add_graph_figures(sinks.setdefault(_prune_label(ratio), {}), figures)
 
 
@@ -680,17 +704,19 @@ def _add_graph_figures(sink: dict, figures: dict) -> None:
 
 
 def _estimate_inference_trace(gm: fx.GraphModule, device_inputs: list, params: Mapping[int, str], sink: dict,
-                              prune: Any = None) -> None:
+                              prune: Any = None, tp_args: tuple | None = None) -> None:
     """The inference graph's timeline as Inductor runs it (its decompositions; fused, buffers
     reused: ``step_timeline(reuse=True)``, as for training; chunked ops' own workspace on top),
     its Linears, and its FLOPs and bytes. ``params``: index → name of the inputs that are
     parameters. ``prune`` (a :class:`~fxmem.config.PruneConfig`): estimate the graph the prune
-    pass leaves (:func:`_pruned_graph`) instead."""
+    pass leaves (:func:`_pruned_graph`) instead. ``tp_args`` (``(plan, tp, parameter names,
+    notes)``): every node sized as one tensor-parallel rank holds it (:func:`_tp_local`, the same
+    propagation as training's over the forward graph alone: no backward all-reduce to force)."""
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._inductor.decomposition import select_decomp_table
 
     from fxmem.analysis.saved import forward_outputs
-    from fxmem.analysis.sizes import PARAM_META_KEY, node_bytes, unique_storage_bytes
+    from fxmem.analysis.sizes import PARAM_META_KEY, local_sizes, node_bytes, unique_storage_bytes
     from fxmem.backend import DECOMPOSITIONS
 
     def compiler(aten_gm: fx.GraphModule, _args):
@@ -699,6 +725,20 @@ def _estimate_inference_trace(gm: fx.GraphModule, device_inputs: list, params: M
                 node.meta[PARAM_META_KEY] = True
         if prune is not None:
             aten_gm = _pruned_graph(aten_gm, params, prune, sink)
+        local = None
+        if tp_args is not None:
+            plan, tp, names, notes = tp_args
+            (output,) = [n for n in aten_gm.graph.nodes if n.op == "output"]
+            n_out = len(output.args[0]) if isinstance(output.args[0], (list, tuple)) else 1
+            local = _tp_local(aten_gm, names, plan, tp, n_out, notes)  # every output a forward one
+        with local_sizes(local) if local is not None else contextlib.nullcontext():
+            _inference_timeline(aten_gm, local)
+        cost = graph_cost(aten_gm, fused=True)  # what Inductor's kernels move, as in training
+        sink["_flops"] = sink.get("_flops", 0) + cost.flops
+        sink["_bytes"] = sink.get("_bytes", 0) + cost.bytes_moved
+        return aten_gm.forward
+
+    def _inference_timeline(aten_gm: fx.GraphModule, local) -> None:
         outputs = [n for n in forward_outputs(aten_gm) if isinstance(n, fx.Node)]
         timeline = step_timeline(aten_gm, None, len(outputs), fused=True, reuse=True)
         live_after = {name: live for _, name, live in timeline.points}
@@ -709,13 +749,9 @@ def _estimate_inference_trace(gm: fx.GraphModule, device_inputs: list, params: M
                 linears.append((live_after[node.name], node_bytes(node), tuple(weight.meta["val"].shape)))
         floats = {n for n in outputs if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].is_floating_point()}
         end = timeline.points[-1][2] if timeline.points else timeline.input_bytes
-        peak = _peak_with_workspace(timeline, aten_gm, None)
+        peak = _peak_with_workspace(timeline, aten_gm, None, local.transients if local is not None else None)
         sink.setdefault("_graphs", []).append(_InferenceGraph(peak, timeline.input_bytes, linears, end,
                                                               unique_storage_bytes(floats)))
-        cost = graph_cost(aten_gm, fused=True)  # what Inductor's kernels move, as in training
-        sink["_flops"] = sink.get("_flops", 0) + cost.flops
-        sink["_bytes"] = sink.get("_bytes", 0) + cost.bytes_moved
-        return aten_gm.forward
 
     # the graph Inductor compiles: the backend traces with fxmem's decompositions, then
     # codegen.inductor_inference retraces with Inductor's (``_unsafe_view`` becomes a view there,
@@ -937,7 +973,7 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
     with ``tp`` > 1 as :func:`fxmem.shard.plan` splits them (``FitResult.per_rank_source`` says
     so, or why the plan failed and the even split was kept); in training the activations are one
     rank's share of every node, the plan's placements propagated over the joint graph, with the
-    all-gathers' buffers (docs/fit.md, "Distributed"; inference keeps them whole). ``headroom``: the
+    all-gathers' buffers, in training and inference alike (docs/fit.md, "Distributed"). ``headroom``: the
     fraction of ``memory`` kept free for what the estimate does not see (allocator rounding,
     the caller's own tensors). ``device``: whose speeds rank the candidates (default: the model's).
     ``budgets``: the remat budgets tried beside remat off and free recompute (each costs a min-cut
@@ -981,7 +1017,7 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
     # the plan first: in training its placements make the activations one rank's
     mesh_state = _mesh_state(model, args, kwargs, dp, tp) if mesh is not None else None
     planned = mesh_state is not None and mesh_state.params > 0
-    tp_plan = mesh_state.tp_plan if planned and training else None
+    tp_plan = mesh_state.tp_plan if planned else None
     tp_notes: list[str] = []
     if training:
         capture_graphs(model, args, kwargs, training=True,
@@ -990,7 +1026,7 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
     else:
         capture_graphs(model, args, kwargs, training=False,
                        on_graph=lambda gm, ex: _estimate_inference_graph(
-                           gm, ex, sinks, traced_on, PRUNE_RATIOS if "prune" in allow else ()))
+                           gm, ex, sinks, traced_on, PRUNE_RATIOS if "prune" in allow else (), tp_plan, tp, tp_notes))
         chunked = sinks["no chunk"]["_differs"]  # the default chunked something (an evaluation loss)
         for cand in candidates:
             if "prune" in cand.options:
@@ -1014,8 +1050,6 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
     if tp_plan is not None:
         source += "; activations: " + ("; ".join(dict.fromkeys(tp_notes)) if tp_notes else
                                        "each node's local share (DTensor's placements over the joint graph)")
-    elif planned:
-        source += "; activations not divided by tp (inference: an upper bound)"
     for cand in candidates:
         if cand.error:
             continue

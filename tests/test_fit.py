@@ -262,6 +262,21 @@ def test_mesh_with_tp_takes_per_rank_state_from_the_shard_plan():
         assert t.chosen.parts["parameters"] == plan.per_rank.params + buffers
 
 
+def test_mesh_inference_counts_one_ranks_activations_against_a_hand_count():
+    # issue 15: inference with a mesh sizes the activations per rank, as training does. The
+    # Megatron MLP (fxmem.testing.tp.TwoLayerMLP, d 16, hidden 64) on x [8, 16], tp 2: fc_in's
+    # column-parallel [8, 64] output is half on a rank (1024 B; the GELU writes into it, Inductor's
+    # in-place reuse), fc_out's row-parallel [8, 16] product is all-reduced, whole (512 B), made
+    # while the GELU output is alive: 1536 B at the peak. Counted whole (before): 2048 + 512.
+    from fxmem.testing.tp import TwoLayerMLP
+
+    torch.manual_seed(0)
+    model, x = TwoLayerMLP(), torch.randn(8, 16)
+    r = fxmem.fit(model, x, memory="1GiB", mode="inference", mesh={"tp": 2})
+    assert r.chosen.options == {} and r.chosen.parts["activations"] == 1024 + 512
+    assert "activations: " in r.per_rank_source
+
+
 def test_mesh_replicated_layers_count_whole_and_plan_failure_keeps_the_even_split(monkeypatch):
     # a layer tensor parallelism cannot split (a Conv1d) is replicated: every rank holds all of it,
     # where the old even ÷ tp figure said half

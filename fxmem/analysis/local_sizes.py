@@ -55,6 +55,11 @@ class LocalSizes:
     # node name → bytes of collective buffers alive while that node runs (beside its inputs and output)
     transients: dict[str, int] = field(default_factory=dict)
     collectives: Counter = field(default_factory=Counter)
+    # nodes whose output a collective makes on the rank (a row-parallel product all-reduced, the
+    # vocabulary split's lookup all-reduced, its logits gathered): a rank's partitioner cannot
+    # recompute them in the backward (a collective is impure), so they are saved or recomputed from
+    # nothing upstream of them — fit bans their recomputation as the rank's compile does
+    collective_outputs: list[str] = field(default_factory=list)
     redistributions: list = field(default_factory=list)  # fxmem.analysis.placement.Redistribution
     no_rule: list[str] = field(default_factory=list)
 
@@ -189,6 +194,7 @@ def tp_local_sizes(joint: fx.GraphModule, param_names: dict[int, str], tp_plan, 
         if not isinstance(val, torch.Tensor):
             continue
         if r.arg == "output":
+            result.collective_outputs.append(r.node)
             extra = _forced_transient(r, val, tp)
         else:
             # an input redistributed for this op: a new buffer of the wanted placement beside it

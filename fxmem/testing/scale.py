@@ -624,24 +624,55 @@ def mesh_step_peak(rank: int, world_size: int, case: str, dp: int, tp: int, opti
     return before + peak.peak_bytes
 
 
+def mesh_inference_peak(rank: int, world_size: int, case: str, dp: int, tp: int, options: dict, shape: str = "tiny",
+                        layers: int = 2, per_dp: int | None = None, plan=None) -> int:
+    """This rank's no-grad forward peak of :func:`fit_case`'s model sharded as in
+    :func:`mesh_step_peak`, compiled with ``backend="fxmem"`` and ``options``, measured as fit's
+    inference estimate defines it: the local parameters, buffers and batch plus
+    :func:`fxmem.measure.peak_memory`'s peak of the third call (its output held)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import fxmem
+    from fxmem.measure import peak_memory
+
+    model, args, kw = fit_case(case, shape, layers, per_dp)
+    if plan is None:
+        plan = fxmem.shard.plan(copy.deepcopy(model), *args, kwargs=kw, mesh={"dp": dp, "tp": tp})
+    mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
+    sharded = fxmem.shard.apply(model, plan, mesh).eval()
+    torch._dynamo.reset()
+    fn = torch.compile(sharded, backend="fxmem", options=dict(options))
+    with torch.no_grad():
+        fn(*args, **kw)
+        fn(*args, **kw)  # compiled, and no recompilation left in the measured call
+        before = sum(tensor_bytes(_local(t)) for t in [*sharded.parameters(), *sharded.buffers(), *args,
+                                                       *[v for v in kw.values() if isinstance(v, torch.Tensor)]])
+        peak, out = peak_memory(lambda: fn(*args, **kw), device="cpu")
+        del out
+    del fn, sharded
+    gc.collect()
+    return before + peak.peak_bytes
+
+
 def run_fit_mesh(rank: int, world_size: int, case: str, dp: int, tp: int, layers: int = 2, per_dp: int | None = None,
-                 shape: str = "tiny", budgets: tuple = (), extra: tuple = ()) -> list[dict]:
-    """One rank's check of :func:`fxmem.fit`'s per-rank estimate with ``mesh={"dp": dp, "tp": tp}``:
-    fit's chosen training options (no optimizer state) and each of ``extra`` (option dicts among
+                 shape: str = "tiny", budgets: tuple = (), extra: tuple = (), mode: str = "training") -> list[dict]:
+    """One rank's check of :func:`fxmem.fit`'s per-rank estimate with ``mesh={"dp": dp, "tp": tp}``
+    in ``mode`` (inference: measured by :func:`mesh_inference_peak`): fit's chosen options (no optimizer state) and each of ``extra`` (option dicts among
     fit's candidates: ``budgets`` adds remat budgets to them), each measured by
     :func:`mesh_step_peak` with the plan fit used. One row per options measured."""
     import fxmem
 
     model, args, kw = fit_case(case, shape, layers, per_dp)
     mesh_sizes = {"dp": dp, "tp": tp}
-    fit = fxmem.fit(copy.deepcopy(model), *args, kwargs=kw, memory="64GiB", mode="training", mesh=mesh_sizes,
+    fit = fxmem.fit(copy.deepcopy(model), *args, kwargs=kw, memory="64GiB", mode=mode, mesh=mesh_sizes,
                     budgets=budgets)
     plan = fxmem.shard.plan(copy.deepcopy(model), *args, kwargs=kw, mesh=mesh_sizes)
+    measure = mesh_step_peak if mode == "training" else mesh_inference_peak
     rows = []
     for options in [fit.options, *[o for o in extra if o != fit.options]]:
         (cand,) = [c for c in fit.candidates if c.options == options]
-        measured = mesh_step_peak(rank, world_size, case, dp, tp, options, shape, layers, per_dp, plan=plan)
-        rows.append({"case": case, "shape": shape, "dp": dp, "tp": tp, "rank": rank, "options": options,
+        measured = measure(rank, world_size, case, dp, tp, options, shape, layers, per_dp, plan=plan)
+        rows.append({"case": case, "shape": shape, "dp": dp, "tp": tp, "rank": rank, "mode": mode, "options": options,
                      "chosen": options == fit.options, "estimate": cand.estimate, "parts": dict(cand.parts),
                      "source": fit.per_rank_source, "measured": measured, "ratio": cand.estimate / measured,
                      "vocab_split": bool(plan.tp_plan is not None and plan.tp_plan.vocab)})
