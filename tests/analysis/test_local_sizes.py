@@ -78,13 +78,15 @@ def test_node_bytes_is_a_ranks_share_only_inside_local_sizes():
     assert node_bytes(up_fwd) == whole
 
 
-def test_collective_outputs_are_banned_from_recompute_as_on_the_rank():
+def test_collective_outputs_listed_and_the_embeddings_banned_from_recompute():
     """The nodes a collective makes on a rank (the row-parallel product all-reduced in the forward,
-    the column-parallel input gradient all-reduced in the backward) are listed, and fit marks them
-    not recomputable in its own joint graph — a rank's partitioner never recomputes a collective
-    (fit recomputed the vocabulary-split embedding the rank saves: 0.25 MB low on the medium GPT)."""
+    the column-parallel input gradient all-reduced in the backward) are listed; fit marks the
+    non-matmul ones (the vocabulary split's embedding lookup, all-reduced) not recomputable in its
+    own joint graph, as the rank's partitioner cannot recompute them: fit recomputed the lookup
+    where the rank saves it (0.25 MB low on the medium GPT). Matmuls are left to remat."""
     from torch.utils.checkpoint import CheckpointPolicy
 
+    from fxmem.analysis.local_sizes import LocalSizes
     from fxmem.fit import ban_collective_recompute
 
     model, joint, local = _shares()
@@ -94,6 +96,14 @@ def test_collective_outputs_are_banned_from_recompute_as_on_the_rank():
     down_fwd = _matmuls_of(gm, weight["fc_out.weight"])[0]
     up_bwd = _matmuls_of(gm, weight["fc_in.weight"])[1]
     assert sorted(local.collective_outputs) == sorted([down_fwd.name, up_bwd.name])
-    assert ban_collective_recompute(gm, local) == 2
-    marked = {n.name for n in gm.graph.nodes if n.meta.get("recompute") == CheckpointPolicy.MUST_SAVE}
-    assert marked == {down_fwd.name, up_bwd.name}
+    assert ban_collective_recompute(gm, local) == 0  # both matmuls
+
+    emb_model = torch.nn.Sequential(torch.nn.Embedding(64, 16), torch.nn.Linear(16, 16))
+    ids = torch.randint(0, 64, (2, 8))
+    emb_joint = trace_joint(emb_model, ids).graph_module
+    (lookup,) = [n for n in emb_joint.graph.nodes if n.target == aten.embedding.default]
+    (product,) = [n for n in emb_joint.graph.nodes if n.target in (aten.mm.default, aten.addmm.default)][:1]
+    listed = LocalSizes(collective_outputs=[lookup.name, product.name])
+    assert ban_collective_recompute(emb_joint, listed) == 1
+    marked = {n.name for n in emb_joint.graph.nodes if n.meta.get("recompute") == CheckpointPolicy.MUST_SAVE}
+    assert marked == {lookup.name}
