@@ -325,10 +325,11 @@ def ban_collective_recompute(joint: fx.GraphModule, local) -> int:
     the token ids, and fit's remat did; the rank saves the all-reduced ``[B, T, d]`` embedding
     instead (0.25 MB per rank fit missed on the medium GPT, read off the rank's Inductor code).
 
-    Matmul outputs (a row-parallel product all-reduced) are left alone: without a budget remat
-    never recomputes a matmul anyway, and with one, banning them made fit's estimate 6–8% *high*
-    (large GPT, remat 0.5: 1.079 of the measured rank, 0.966 without; HF Llama tiny 1.079, 1.000
-    without) — the ranks measured below that. fit's own traced copy is marked (nothing the user
+    Matmul outputs (a row-parallel product all-reduced) are left alone: without a budget remat never
+    recomputes a matmul anyway, and banning them too changed no measured case by more than 4 KB.
+    The cost: under a remat budget the rank does not always save the lookup — HF Llama tiny with
+    remat 0.5 estimates 1.079 of its measured rank with the ban, 1.023 without (docs/fit.md,
+    "Distributed"). fit's own traced copy is marked (nothing the user
     compiles). Returns how many nodes."""
     from torch.utils.checkpoint import CheckpointPolicy
 
