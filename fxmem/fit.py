@@ -734,7 +734,11 @@ def _estimate_inference_trace(gm: fx.GraphModule, device_inputs: list, params: M
         if prune is not None:
             aten_gm = _pruned_graph(aten_gm, params, prune, sink)
         local = None
-        if tp_args is not None:
+        if tp_args is not None and prune is not None:
+            # the pruned copy's parameters are frozen (get_attr): the placement propagation reads
+            # them by placeholder index, so it would misplace them; a pruned rank counts whole
+            tp_args[3].append("a pruned candidate's activations whole (an upper bound)")
+        elif tp_args is not None:
             plan, tp, names, notes = tp_args
             (output,) = [n for n in aten_gm.graph.nodes if n.op == "output"]
             n_out = len(output.args[0]) if isinstance(output.args[0], (list, tuple)) else 1
@@ -1056,8 +1060,8 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
     rank_grads = mesh_state.grads if planned else grads // ranks
     source = mesh_state.source if mesh_state is not None else ""
     if tp_plan is not None:
-        source += "; activations: " + ("; ".join(dict.fromkeys(tp_notes)) if tp_notes else
-                                       "each node's local share (DTensor's placements over the joint graph)")
+        source += ("; activations: each node's local share (DTensor's placements over the joint graph)"
+                   + ("; except: " + "; ".join(dict.fromkeys(tp_notes)) if tp_notes else ""))
     for cand in candidates:
         if cand.error:
             continue

@@ -275,6 +275,12 @@ def test_mesh_inference_counts_one_ranks_activations_against_a_hand_count():
     r = fxmem.fit(model, x, memory="1GiB", mode="inference", mesh={"tp": 2})
     assert r.chosen.options == {} and r.chosen.parts["activations"] == 1024 + 512
     assert "activations: " in r.per_rank_source
+    # a pruned candidate's graph has its parameters frozen: its activations are counted whole
+    # (an upper bound), and the result says so, rather than propagating placements by the wrong index
+    pruned = fxmem.fit(model, x, memory="1GiB", mode="inference", mesh={"tp": 2}, allow=["prune"])
+    half = next(c for c in pruned.candidates if c.options == {"prune": {"ratio": 0.5}})
+    assert half.parts["activations"] == 8 * 32 * 4 + 512  # the pruned [8, 32] GELU and the [8, 16] output, whole
+    assert "pruned candidate's activations whole" in pruned.per_rank_source
 
 
 def test_mesh_replicated_layers_count_whole_and_plan_failure_keeps_the_even_split(monkeypatch):
