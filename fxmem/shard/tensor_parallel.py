@@ -114,8 +114,8 @@ class Group:
     rowwise: str
     parent: str              # the innermost module holding all of them
     global_views: bool       # the code between them reshapes: keep DTensor outputs (views stay global)
-    # where ``parent`` receives the column-parallel layers' shared input: ("arg", i) or
-    # ("kwarg", name); None when it does not (or there is one column-parallel layer)
+    # where ``shared_module`` receives the column-parallel layers' shared input: ("arg", i) or
+    # ("kwarg", name); None when no module does (or there is one column-parallel layer)
     shared_input: tuple[str, Any] | None = None
     # layers of the group computed whole on every rank (k/v of grouped-query attention with a
     # single kv head): Replicate() weights, ReplicatedParallel
@@ -127,6 +127,19 @@ class Group:
     # k/v with 1 < kv heads < ranks: module → (kv heads, head_dim); VirtualHeadsParallel
     virtual: dict[str, tuple[int, int]] = field(default_factory=dict)
     replicate_bias: bool = False  # fused layers keep their bias whole on every rank (under FSDP2)
+    # how many positional arguments ``parent`` was called with when traced: PyTorch's
+    # ``PrepareModuleInput`` wants one layout per positional input (None: left as is), so a shared
+    # input at ``("arg", 0)`` of a parent also given a mask positionally (HF BERT's
+    # ``BertAttention(hidden_states, attention_mask)``) needs two
+    positional_args: int = 0
+    # the module made to take the shared input as one Replicate() DTensor: the innermost module,
+    # from the column-parallel layers' own parent up to ``parent``, that receives it — not the
+    # group's parent where a smaller module will do: HF BERT's ``BertAttention`` (the group's
+    # parent) also adds its input to the row-parallel output (the residual, in ``BertSelfOutput``);
+    # a DTensor there meets that plain output, and its gradient (a DTensor) reaches
+    # ``RowwiseParallel``'s ``to_local``, which fails in backward. ``BertSelfAttention`` (q/k/v's
+    # parent) receives the same input and uses it only for q/k/v.
+    shared_module: str = ""
 
 
 @dataclass
@@ -167,13 +180,14 @@ class ShardPlan:
                 # as Partial DTensors and are all-reduced once, not once per layer
                 kind, where = g.shared_input
                 if kind == "arg":
-                    layouts = tuple(Replicate() if i == where else None for i in range(where + 1))
-                    styles[g.parent] = PrepareModuleInput(input_layouts=layouts, desired_input_layouts=layouts,
-                                                          use_local_output=False)
+                    count = max(g.positional_args, where + 1)
+                    layouts = tuple(Replicate() if i == where else None for i in range(count))
+                    styles[g.shared_module] = PrepareModuleInput(input_layouts=layouts, desired_input_layouts=layouts,
+                                                                 use_local_output=False)
                 else:
-                    styles[g.parent] = PrepareModuleInput(input_kwarg_layouts={where: Replicate()},
-                                                          desired_input_kwarg_layouts={where: Replicate()},
-                                                          use_local_output=False)
+                    styles[g.shared_module] = PrepareModuleInput(input_kwarg_layouts={where: Replicate()},
+                                                                 desired_input_kwarg_layouts={where: Replicate()},
+                                                                 use_local_output=False)
             for name in g.colwise:
                 if name in g.conv1d:
                     styles[name] = Conv1DColwiseParallel(use_local_output=not g.global_views, fused=g.fused.get(name, 1),
@@ -754,6 +768,22 @@ class _CallRecorder:
         for h in self.handles:
             h.remove()
 
+    def positional_args(self, name: str) -> int:
+        """How many positional arguments module ``name`` got in its last traced call (0: not called)."""
+        calls = self.calls.get(name, [])
+        return len(calls[-1][0]) if calls else 0
+
+    def shared_input_within(self, inner: str, outer: str, members: list[str]) -> tuple[str, tuple[str, Any] | None]:
+        """The innermost module from ``inner`` up to ``outer`` (an ancestor of it, or itself) that
+        receives ``members``' shared input, and where (:meth:`shared_input`); ``(outer, None)``
+        when none does."""
+        name = inner
+        while True:
+            where = self.shared_input(name, members)
+            if where is not None or name == outer or not name:
+                return (name, where) if where is not None else (outer, None)
+            name = name.rpartition(".")[0]
+
     def shared_input(self, parent: str, members: list[str]) -> tuple[str, Any] | None:
         # the tracer may run the model more than once (AOTAutograd does, to collect metadata):
         # a module must be called as often as its parent, and the last run decides
@@ -971,10 +1001,10 @@ def _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_
         # needs a gradient at all (it does inside a network; a model input does not)
         bwd = ["all_reduce"] if _needs_grad(members[0].x, gm) else []
         parent = _parent(names + whole + [r.module])
-        shared = calls.shared_input(parent, names + whole)
+        shared_module, shared = calls.shared_input_within(_parent(names + whole), parent, names + whole)
         if shared is not None:
             # the group's input enters as one DTensor: its gradient is all-reduced once
-            rows.append(Row(parent, "prepare_input", f"{role} input", f"{shared[0]} {shared[1]} Replicate()", 0, 0,
+            rows.append(Row(shared_module, "prepare_input", f"{role} input", f"{shared[0]} {shared[1]} Replicate()", 0, 0,
                             [], list(bwd), "one DTensor input for the whole column-parallel group"))
             bwd_total.update(bwd)
             bwd = []
@@ -1011,7 +1041,8 @@ def _build(model, gm, captured, world_size, pairs, vocab_choice, embeddings, by_
                             conv1d=[m.module for m in members + [r] if m.conv1d],
                             fused={m.module: m.fused for m in members if m.fused > 1}, local_attrs=local_attrs,
                             virtual={m.module: m.virtual for m in members if m.virtual},
-                            replicate_bias=replicate_fused_bias and any(m.fused > 1 for m in members)))
+                            replicate_bias=replicate_fused_bias and any(m.fused > 1 for m in members),
+                            positional_args=calls.positional_args(shared_module), shared_module=shared_module))
     for name, kind in vocab_choice.items():
         if kind == "embedding":
             add_row(name, "vocab_embedding", "embedding", {"weight": 0}, ["all_reduce"], [])

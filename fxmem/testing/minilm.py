@@ -111,14 +111,29 @@ def paragraph_pairs(tokenizer, pairs: int, seq: int) -> tuple[torch.Tensor, torc
     return batch["input_ids"], batch["attention_mask"]
 
 
-def in_batch_negatives(embeddings: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
+def in_batch_negatives(embeddings: torch.Tensor, scale: float = 20.0, group=None) -> torch.Tensor:
     """The loss all-MiniLM-L6-v2 was trained with (sentence-transformers'
     ``MultipleNegativesRankingLoss``): rows ``i`` and ``n/2 + i`` of ``embeddings`` are a positive
     pair, every other second-half row a negative; cross-entropy over ``scale`` × cosine scores
-    (the rows are unit vectors)."""
+    (the rows are unit vectors).
+
+    ``group`` (a data-parallel process group; each rank holds its own pairs, as :func:`dp_rows`
+    slices them): the positives of every rank of the group are gathered by an autograd-aware
+    all-gather (:func:`_gather_rows`: each rank's positives get the gradients of every rank's
+    loss, summed by a reduce-scatter), each rank scoring its own anchors against all of them, so
+    each anchor sees the *global* batch's negatives and the mean of the ranks' losses is the loss
+    of one process on the global batch — sentence-transformers' ``gather_across_devices=True``.
+    Without gathering each rank would see only its own negatives: a different loss."""
     pairs = embeddings.shape[0] // 2
-    scores = scale * embeddings[:pairs] @ embeddings[pairs:].T
-    return nn.functional.cross_entropy(scores, torch.arange(pairs, device=scores.device))
+    anchors, positives = embeddings[:pairs], embeddings[pairs:]
+    offset = 0
+    if group is not None:
+        import torch.distributed as dist
+
+        offset = dist.get_rank(group=group) * pairs
+        positives = _gather_rows(positives, group)
+    scores = scale * anchors @ positives.T
+    return nn.functional.cross_entropy(scores, torch.arange(offset, offset + pairs, device=scores.device))
 
 
 class ContrastiveStep(nn.Module):
@@ -131,3 +146,28 @@ class ContrastiveStep(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return in_batch_negatives(self.embedder(input_ids, attention_mask))
+
+
+def _gather_rows(t: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's ``t`` of ``group`` concatenated on dim 0, differentiable (backward: a sum-
+    reduce-scatter). PyTorch's functional collective; not ``torch.distributed.nn.all_gather``,
+    whose gloo backward (an all-to-all emulated with ``scatter``) passes a group rank where a
+    global one is expected and fails in any subgroup but the first (torch 2.11 and 2.13: here,
+    dp groups of a 2-D mesh). ``all_gather_single_autograd`` is its name on torch 2.13;
+    2.11 has only ``all_gather_tensor_autograd`` (a deprecated alias on 2.13)."""
+    import torch.distributed._functional_collectives as fc
+
+    gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+    out = gather(t.contiguous(), 0, group)
+    # an AsyncCollectiveTensor: waited for when used
+    return fc.wait_tensor(out) if isinstance(out, fc.AsyncCollectiveTensor) else out
+
+
+def dp_rows(t: torch.Tensor, rank: int, ranks: int) -> torch.Tensor:
+    """Data-parallel rank ``rank`` of ``ranks``'s rows of a :func:`paragraph_pairs` batch: its
+    share of the anchors and *their* positives, again as ``[anchors; positives]``."""
+    pairs = t.size(0) // 2
+    if pairs % ranks:
+        raise ValueError(f"dp_rows: {pairs} pairs do not split over {ranks} data-parallel ranks")
+    k = pairs // ranks
+    return torch.cat([t[rank * k:(rank + 1) * k], t[pairs + rank * k:pairs + (rank + 1) * k]])

@@ -1,12 +1,15 @@
 """FSDP2 × tensor-parallel and pipeline checks run inside ``torch.distributed`` processes.
 
-:func:`run_mesh` is what one rank does for one model on a ``dp × tp`` mesh: build the model (same
-seed on every rank), take one AdamW step on the *global* batch in a single process, plan with
+:func:`run_mesh` is what one rank does for one model on a ``dp × tp`` mesh: build the model, its
+global batch and its loss (:func:`mesh_case`, the same on every rank: a small LM with next-token
+cross entropy, or all-MiniLM-L6-v2 with its trained weights and the in-batch-negatives loss it
+was trained with), take one AdamW step on the *global* batch in a single process, plan with
 ``fxmem.shard.plan(mesh=...)``, carry it out with ``fxmem.shard.apply`` on a 2-D ``DeviceMesh``,
 take one AdamW step on this dp rank's slice of the batch, and compare: the loss (averaged over
 dp), the parameters after the step, the model-state bytes this rank holds (parameters,
 gradients, AdamW state — local shards) against the single process, and the collectives of one
-forward and one backward (``CommDebugMode``) against the plan's. With ``checkpoint=<dir>`` it also
+forward and one backward (``CommDebugMode``) against the plan's (the loss's own collectives counted
+apart). With ``checkpoint=<dir>`` it also
 saves the model and optimizer with ``torch.distributed.checkpoint`` and loads them into a freshly
 sharded copy. :func:`run_pipeline` does the same for :func:`fxmem.shard.pipeline` stages.
 Processes are started by :func:`fxmem.testing.tp.spawn`.
@@ -16,7 +19,8 @@ from __future__ import annotations
 
 import copy
 import gc
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -126,18 +130,79 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
     return out
 
 
-def single_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
-    """One AdamW step in one process on the global batch: loss before, parameters after, bytes."""
+def single_step(model: nn.Module, inputs: tuple, target: Any, loss: Callable | None = None) -> dict:
+    """One AdamW step in one process on the global batch ``model(*inputs)``: loss before,
+    parameters and gradients after, bytes. ``loss(output, target, group)`` (a
+    :attr:`MeshCase.loss`, called with ``group=None``); default: :func:`loss_fn`."""
+    loss = loss or _lm_loss
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    loss = loss_fn(model(x), y)
-    loss.backward()
+    value = loss(model(*inputs), target, None)
+    value.backward()
     opt.step()
     held = state_bytes(model, opt)
     with torch.no_grad():
-        after = loss_fn(model(x), y)
-    return {"loss": float(loss.detach()), "loss_after": float(after), "bytes": held,
+        after = loss(model(*inputs), target, None)
+    return {"loss": float(value.detach()), "loss_after": float(after), "bytes": held,
             "params": {n: p.detach().clone() for n, p in model.named_parameters()},
             "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}}
+
+
+def _lm_loss(out: Any, target: torch.Tensor, group=None) -> torch.Tensor:
+    """:func:`loss_fn` as a :attr:`MeshCase.loss`: each token's loss is its own rank's (no collective)."""
+    return loss_fn(out, target)
+
+
+def _rows(t: torch.Tensor, d: int, dp: int) -> torch.Tensor:
+    """Data-parallel rank ``d`` of ``dp``'s contiguous share of a batch's rows."""
+    per = t.size(0) // dp
+    return t[d * per:(d + 1) * per]
+
+
+@dataclass
+class MeshCase:
+    """A model, its global batch and its loss: what :func:`run_mesh` trains on a mesh and in one process.
+
+    ``loss(output, target, group)`` takes the model's output; ``group`` is None in one process and
+    the data-parallel process group on the mesh, where the mean over dp ranks of their losses
+    must be the one-process loss on the global batch (a loss over the whole batch, such as in-batch
+    negatives, gathers over ``group``). ``rows(t, d, dp)`` is dp rank ``d``'s share of a batch
+    tensor (inputs and target alike)."""
+
+    name: str
+    model: nn.Module
+    inputs: tuple                 # the model's positional arguments, global batch on dim 0
+    target: Any                   # the loss's target (global batch), or None
+    loss: Callable[[Any, Any, Any], torch.Tensor] = _lm_loss
+    rows: Callable[[torch.Tensor, int, int], torch.Tensor] = _rows
+
+    def local(self, d: int, dp: int) -> tuple[tuple, Any]:
+        """``(inputs, target)`` of data-parallel rank ``d`` of ``dp``."""
+        target = None if self.target is None else self.rows(self.target, d, dp)
+        return tuple(self.rows(t, d, dp) for t in self.inputs), target
+
+
+MINILM_PAIRS_PER_DP, MINILM_SEQ = 4, 32  # 2 x 2 mesh: 8 pairs (16 paragraphs) x 32 tokens globally
+
+
+def mesh_case(case: str, dp: int) -> MeshCase:
+    """The :class:`MeshCase` of ``case`` with a global batch for ``dp`` data-parallel ranks: a
+    :func:`build` model on :func:`batch` tokens (2 sequences of 8 per dp rank, next-token cross
+    entropy), or ``"minilm"``: all-MiniLM-L6-v2 with its trained weights (dropout off, train
+    mode), :data:`MINILM_PAIRS_PER_DP` paragraph pairs per dp rank of :data:`MINILM_SEQ` tokens
+    (padded: the attention mask matters), fine-tuned with in-batch negatives gathered over dp
+    (:func:`fxmem.testing.minilm.in_batch_negatives`)."""
+    if case == "minilm":
+        from fxmem.testing import minilm
+
+        model, tokenizer = minilm.load()
+        model.train()
+        ids, mask = minilm.paragraph_pairs(tokenizer, MINILM_PAIRS_PER_DP * dp, MINILM_SEQ)
+        return MeshCase(case, model, (ids, mask), None,
+                        loss=lambda out, _target, group: minilm.in_batch_negatives(out, group=group),
+                        rows=minilm.dp_rows)
+    model, vocab_size = build(case)
+    x, y = batch(vocab_size, 2 * dp)
+    return MeshCase(case, model, (x,), y)
 
 
 def _dp_mean(value: torch.Tensor, mesh) -> float:
@@ -150,20 +215,20 @@ def _dp_mean(value: torch.Tensor, mesh) -> float:
 
 def run_mesh(rank: int, world_size: int, case: str, dp: int, tp: int, *, vocab: Any = "auto",
              checkpoint: str | None = None, compile_check: bool | str = False) -> dict:
-    """One rank's part of the dp × tp check (see the module docstring)."""
+    """One rank's part of the dp × tp check (see the module docstring) of :func:`mesh_case`'s ``case``."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.debug import CommDebugMode
 
     import fxmem
 
-    model, vocab_size = build(case)
-    per_dp = 2
-    x, y = batch(vocab_size, per_dp * dp)
-    reference = single_step(copy.deepcopy(model), x, y)
+    spec = mesh_case(case, dp)
+    model = spec.model
+    reference = single_step(copy.deepcopy(model), spec.inputs, spec.target, spec.loss)
     mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
     d = mesh["dp"].get_local_rank()
-    xs, ys = x[d * per_dp:(d + 1) * per_dp], y[d * per_dp:(d + 1) * per_dp]
-    plan = fxmem.shard.plan(copy.deepcopy(model), xs, mesh={"dp": dp, "tp": tp}, vocab=vocab)
+    group = mesh["dp"].get_group() if dp > 1 else None
+    xs, ys = spec.local(d, dp)
+    plan = fxmem.shard.plan(copy.deepcopy(model), *xs, mesh={"dp": dp, "tp": tp}, vocab=vocab)
     compiled, plans = {}, {}
     if compile_check:
         # the plan as made and, when it splits the vocabulary, the plan without that split:
@@ -176,7 +241,7 @@ def run_mesh(rank: int, world_size: int, case: str, dp: int, tp: int, *, vocab: 
         # the vocabulary-split attempt after everything else (``compile_check="no_vocab_split"``
         # skips it).
         if plan.tp_plan is not None and plan.tp_plan.vocab:
-            plans["compiled_no_vocab_split"] = fxmem.shard.plan(copy.deepcopy(model), xs, mesh={"dp": dp, "tp": tp},
+            plans["compiled_no_vocab_split"] = fxmem.shard.plan(copy.deepcopy(model), *xs, mesh={"dp": dp, "tp": tp},
                                                                 vocab=False)
             if compile_check != "no_vocab_split":
                 plans["compiled"] = plan
@@ -184,36 +249,49 @@ def run_mesh(rank: int, world_size: int, case: str, dp: int, tp: int, *, vocab: 
             plans["compiled"] = plan
         for key, p in plans.items():
             if p is not plan or not (plan.tp_plan is not None and plan.tp_plan.vocab):
-                compiled[key] = _try_compiled_step(model, p, mesh, xs, ys, reference)
+                compiled[key] = _try_compiled_step(spec, p, mesh, xs, ys, reference)
     sharded = fxmem.shard.apply(copy.deepcopy(model), plan, mesh)
     opt = torch.optim.AdamW(sharded.parameters(), lr=LR)
     with CommDebugMode() as fwd:
-        out = sharded(xs)
-    loss = loss_fn(out, ys)
-    with CommDebugMode() as bwd:
+        out = sharded(*xs)
+    # the backward in two parts, so that the model's collectives (the plan's) are counted apart
+    # from the loss's (in-batch negatives gather over dp): first the loss's, down to the model's
+    # output, then the model's from there — the same gradients as one ``loss.backward()``
+    head = logits(out)
+    cut = head.detach().requires_grad_()
+    with CommDebugMode() as loss_comm:
+        loss = spec.loss(cut, ys, group)
         loss.backward()
+    with CommDebugMode() as bwd:
+        head.backward(cut.grad)
     opt.step()
     held = state_bytes(sharded, opt)
     with torch.no_grad():
-        after = loss_fn(sharded(xs), ys)
+        after = spec.loss(sharded(*xs), ys, group)
     if hasattr(sharded, "reshard"):  # FSDP2 keeps the root gathered after a forward without backward
         sharded.reshard()
     mine = dict(sharded.named_parameters())
     # Adam's update lr * m / (sqrt(v) + eps) is ~lr * g / (|g| + eps) on the first step: where a
     # gradient element is within a few eps of zero (a key bias's gradient is zero in exact
     # arithmetic), float rounding noise in g moves the update by up to lr. Those elements are
-    # compared apart (bounded by lr); every other element must match to 1e-5.
-    errors, ill_errors, ill = {}, [], 0
+    # compared apart (bounded by lr); every other element must match to 1e-5 — including those
+    # whose gradient is exactly zero on both sides (embedding rows of tokens not in the batch:
+    # both leave them to weight decay alone). One side's exact zero is not enough: a key bias's
+    # gradient is now and then exactly 0.0 in one process and rounding noise on the mesh.
+    errors, ill_errors, ill, ill_by_param, zero = {}, [], 0, {}, 0
     for n, p in reference["params"].items():
         if n not in mine:
             continue
         diff = (_full(mine[n]).detach() - p).abs()
         g = reference["grads"].get(n)
-        mask = g.abs() >= ILL_CONDITIONED_GRAD if g is not None else torch.ones_like(diff, dtype=torch.bool)
+        g_mine = _full(mine[n].grad) if mine[n].grad is not None else None
+        mask = _well_conditioned(g, diff, g_mine)
+        zero += int(((g == 0) & (g_mine == 0)).sum()) if g is not None and g_mine is not None else 0
         errors[n] = float(diff[mask].max()) if mask.any() else 0.0
         if (~mask).any():
             ill_errors.append(float(diff[~mask].max()))
             ill += int((~mask).sum())
+            ill_by_param[n] = (int((~mask).sum()), ill_errors[-1])
     # what a user saves: state_dict keys and (full) shapes as the model's own, values as one process
     sd, own = sharded.state_dict(), model.state_dict()
     full = {k: _full(v).detach() for k, v in sd.items()}
@@ -231,9 +309,10 @@ def run_mesh(rank: int, world_size: int, case: str, dp: int, tp: int, *, vocab: 
         "loss_after_error": abs(_dp_mean(after, mesh) - reference["loss_after"]),
         "max_param_error": max(errors.values()), "worst_param": max((e, n) for n, e in errors.items())[1],
         "ill_conditioned_elements": ill, "elements": sum(p.numel() for p in reference["params"].values()),
+        "ill_conditioned_by_param": ill_by_param, "zero_grad_elements": zero,
         "max_ill_conditioned_error": max(ill_errors, default=0.0),
         "params_compared": len(errors), "params_expected": len(reference["params"]),
-        "forward": _kinds(fwd), "backward": _kinds(bwd),
+        "forward": _kinds(fwd), "backward": _kinds(bwd), "loss_collectives": _kinds(loss_comm),
         "plan_forward": plan.forward_collectives, "plan_backward": plan.backward_collectives,
         "bytes": held, "single_bytes": reference["bytes"],
         "plan_bytes": {"params": plan.per_rank.params, "grads": plan.per_rank.grads,
@@ -245,7 +324,7 @@ def run_mesh(rank: int, world_size: int, case: str, dp: int, tp: int, *, vocab: 
     if compile_check:
         for key, p in plans.items():
             if key not in compiled:  # the vocabulary-split attempt, last (see above)
-                compiled[key] = _try_compiled_step(model, p, mesh, xs, ys, reference)
+                compiled[key] = _try_compiled_step(spec, p, mesh, xs, ys, reference)
         for key, c in compiled.items():
             if "params" in c:
                 params, compiled_loss = c.pop("params"), c.pop("loss")
@@ -285,32 +364,45 @@ def _checkpoint_roundtrip(model, plan, mesh, sharded, opt, path: str) -> dict:
             "differs_from_untrained": changed}
 
 
+def _well_conditioned(grad: torch.Tensor | None, like: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+    """Where Adam's first update does not amplify rounding noise (run_mesh): ``|g| >= 1e-6`` in
+    one process, or (given the other run's gradient ``other``) exactly zero in both runs (no
+    noise to amplify: a row of an embedding no token of the batch uses)."""
+    if grad is None:
+        return torch.ones_like(like, dtype=torch.bool)
+    mask = grad.abs() >= ILL_CONDITIONED_GRAD
+    if other is not None:
+        mask |= (grad == 0) & (other == 0)
+    return mask
+
+
 def _masked_max(diff: torch.Tensor, grad: torch.Tensor | None) -> float:
-    """Largest difference where Adam's first update is well conditioned (``|g| >= 1e-6``, run_mesh)."""
-    mask = grad.abs() >= ILL_CONDITIONED_GRAD if grad is not None else torch.ones_like(diff, dtype=torch.bool)
+    """Largest difference where Adam's first update is well conditioned (:func:`_well_conditioned`)."""
+    mask = _well_conditioned(grad, diff)
     return float(diff[mask].max()) if mask.any() else 0.0
 
 
-def _try_compiled_step(model, plan, mesh, xs, ys, reference) -> dict:
+def _try_compiled_step(spec: MeshCase, plan, mesh, xs, ys, reference) -> dict:
     from fxmem.testing.tp import _describe_failure
 
     try:
-        return _compiled_step(model, plan, mesh, xs, ys, reference)
+        return _compiled_step(spec, plan, mesh, xs, ys, reference)
     except Exception as exc:  # noqa: BLE001 - recorded: how torch.compile fails on this composition
         return {"failure": _describe_failure(exc)}
 
 
-def _compiled_step(model, plan, mesh, xs, ys, reference, **compile_kwargs) -> dict:
+def _compiled_step(spec: MeshCase, plan, mesh, xs: tuple, ys, reference, **compile_kwargs) -> dict:
     """``torch.compile(backend="fxmem")`` of the sharded model: one AdamW step, compared with one
     process; also returns this rank's loss and the full parameters after the step (``loss``,
     ``params``) for :func:`run_mesh` to compare with the uncompiled sharded step."""
     import fxmem
 
-    sharded = fxmem.shard.apply(copy.deepcopy(model), plan, mesh)
+    sharded = fxmem.shard.apply(copy.deepcopy(spec.model), plan, mesh)
     opt = torch.optim.AdamW(sharded.parameters(), lr=LR)
     torch._dynamo.reset()
     compiled = torch.compile(sharded, **({"backend": "fxmem"} | compile_kwargs))
-    loss = loss_fn(compiled(xs), ys)
+    group = mesh["dp"].get_group() if mesh["dp"].size() > 1 else None
+    loss = spec.loss(compiled(*xs), ys, group)
     loss.backward()
     opt.step()
     mine = {n: _full(p).detach() for n, p in sharded.named_parameters()}
@@ -346,19 +438,17 @@ def run_mesh_precision(rank: int, world_size: int, case: str, dp: int, tp: int, 
     from fxmem.shard.mesh import _PRECISIONS
 
     dtype = _PRECISIONS[precision]
-    model, vocab_size = build(case)
-    per_dp = 2
-    x, y = batch(vocab_size, per_dp * dp)
-    ref_loss, ref_grads, ref_params = _low_reference(model, x, y, dtype)
+    spec = mesh_case(case, dp)
+    model = spec.model
+    ref_loss, ref_grads, ref_params = _low_reference(model, spec.inputs, spec.target, dtype, spec.loss)
 
     mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
-    d = mesh["dp"].get_local_rank()
-    xs, ys = x[d * per_dp:(d + 1) * per_dp], y[d * per_dp:(d + 1) * per_dp]
-    plan = fxmem.shard.plan(copy.deepcopy(model), xs, mesh={"dp": dp, "tp": tp}, precision=precision)
+    xs, ys = spec.local(mesh["dp"].get_local_rank(), dp)
+    plan = fxmem.shard.plan(copy.deepcopy(model), *xs, mesh={"dp": dp, "tp": tp}, precision=precision)
     sharded = fxmem.shard.apply(copy.deepcopy(model), plan, mesh)
     opt = torch.optim.AdamW(sharded.parameters(), lr=LR)
-    out = sharded(xs)
-    loss = loss_fn(out, ys)
+    out = sharded(*xs)
+    loss = spec.loss(out, ys, mesh["dp"].get_group() if dp > 1 else None)
     loss.backward()
     grads = {n: _full(p.grad) for n, p in sharded.named_parameters()}
     master_dtypes = {str(p.dtype) for p in sharded.parameters()} | {str(g.dtype) for g in grads.values()}
@@ -372,16 +462,17 @@ def run_mesh_precision(rank: int, world_size: int, case: str, dp: int, tp: int, 
             **errors}
 
 
-def _low_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype):
+def _low_reference(model: nn.Module, inputs: tuple, target: Any, dtype: torch.dtype, loss: Callable | None = None):
     """One process computing as FSDP2's ``MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=fp32)``
     does, without autocast: a copy whose *parameters* (not buffers) are ``dtype``, on the global
-    batch; its gradients cast to fp32 onto an fp32 copy, one AdamW step in fp32. Returns the loss,
-    the fp32 gradients and the parameters after the step, by name."""
+    batch ``model(*inputs)`` with ``loss(output, target, None)`` (default :func:`loss_fn`); its
+    gradients cast to fp32 onto an fp32 copy, one AdamW step in fp32. Returns the loss, the fp32
+    gradients and the parameters after the step, by name."""
     single = copy.deepcopy(model)
     low = copy.deepcopy(model)
     for p in low.parameters():
         p.data = p.data.to(dtype)
-    ref_loss = loss_fn(low(x), y)
+    ref_loss = (loss or _lm_loss)(low(*inputs), target, None)
     ref_loss.backward()
     for p, q in zip(single.parameters(), low.parameters()):
         p.grad = q.grad.float()
@@ -518,9 +609,9 @@ def run_pipeline_dp(rank: int, world_size: int, case: str, schedule: str = "1f1b
     model, vocab_size = build(case, layers=layers)
     x, y = batch(vocab_size, 2 * dp * microbatches)
     if precision is None:
-        reference = single_step(copy.deepcopy(model), x, y)
+        reference = single_step(copy.deepcopy(model), (x,), y)
     else:
-        ref_loss, ref_grads, ref_params = _low_reference(model, x, y, _PRECISIONS[precision])
+        ref_loss, ref_grads, ref_params = _low_reference(model, (x,), y, _PRECISIONS[precision])
     plan = fxmem.shard.pipeline(model, x, stages=stages, schedule=schedule, microbatches=microbatches,
                                 loss_fn=loss_fn, target=y, dp=dp, precision=precision)
     pipe, stage, sched = plan.build(copy.deepcopy(model), stage_index, "cpu", group=mesh["pp"].get_group(),
