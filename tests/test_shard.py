@@ -232,7 +232,14 @@ def test_hf_models_are_planned_through_torch_export_when_make_fx_cannot_trace():
     groups = {g.rowwise: g for g in plan.groups}
     assert groups["encoder.layer.0.attention.output.dense"].colwise == [
         "encoder.layer.0.attention.self.key", "encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.value"]
-    assert groups["encoder.layer.0.attention.output.dense"].shared_input == ("arg", 0)
+    attention = groups["encoder.layer.0.attention.output.dense"]
+    assert attention.shared_input == ("arg", 0)
+    # q/k/v's shared input becomes one DTensor at BertSelfAttention, which uses it only for q/k/v —
+    # not at BertAttention, whose residual would then mix it with the row-parallel output (backward
+    # failed); and PrepareModuleInput gets a layout per positional input (the mask is one too)
+    assert attention.shared_module == "encoder.layer.0.attention.self"
+    style = plan.parallelize_plan()["encoder.layer.0.attention.self"]
+    assert len(style.input_layouts) == attention.positional_args >= 1
     assert groups["encoder.layer.0.output.dense"].colwise == ["encoder.layer.0.intermediate.dense"]
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16,
                                                                bos_token_id=0, eos_token_id=0, use_cache=False))

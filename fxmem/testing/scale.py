@@ -190,11 +190,15 @@ def mesh_case(case: str, dp: int) -> MeshCase:
     entropy), or ``"minilm"``: all-MiniLM-L6-v2 with its trained weights (dropout off, train
     mode), :data:`MINILM_PAIRS_PER_DP` paragraph pairs per dp rank of :data:`MINILM_SEQ` tokens
     (padded: the attention mask matters), fine-tuned with in-batch negatives gathered over dp
-    (:func:`fxmem.testing.minilm.in_batch_negatives`)."""
-    if case == "minilm":
+    (:func:`fxmem.testing.minilm.in_batch_negatives`); ``"minilm_l2"``: the same with only its
+    first 2 (trained) encoder layers, for the tests' time budget."""
+    if case in ("minilm", "minilm_l2"):
         from fxmem.testing import minilm
 
         model, tokenizer = minilm.load()
+        if case == "minilm_l2":
+            model.bert.encoder.layer = model.bert.encoder.layer[:2]
+            model.bert.config.num_hidden_layers = 2
         model.train()
         ids, mask = minilm.paragraph_pairs(tokenizer, MINILM_PAIRS_PER_DP * dp, MINILM_SEQ)
         return MeshCase(case, model, (ids, mask), None,

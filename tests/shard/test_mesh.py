@@ -7,14 +7,16 @@ the model-state bytes the plan says, and send the collectives the plan says (``C
 the 2 × 2 model and optimizer go through ``torch.distributed.checkpoint`` and back unchanged; the
 2 × 2 model compiled with ``backend="fxmem"`` takes the same step as uncompiled (1e-5); and
 ``precision="bf16"`` (FSDP2 ``MixedPrecisionPolicy``) matches one process computing in bf16
-within the tolerance ``_check_bf16`` derives from bf16's 8 significand bits.
+within the tolerance ``_check_bf16`` derives from bf16's 8 significand bits. all-MiniLM-L6-v2
+(trained weights, BERT: attention mask, residual inside ``BertAttention``, no LM head) takes the
+same 2 × 2 step with its in-batch-negatives loss, to 1e-5.
 """
 
 import pytest
 import torch
 
 import fxmem
-from fxmem.testing import scale, tp
+from fxmem.testing import minilm, scale, tp
 
 
 def test_mesh_plan_shards_model_state_and_counts_collectives():
@@ -97,6 +99,9 @@ def _four(rank, world, tmp):
         "gpt2_dp_tp": scale.run_mesh(rank, world, "gpt2", 2, 2),
         # 2 kv heads on 4 tp ranks: one virtual kv head per rank
         "kv2_tp": scale.run_mesh(rank, world, "llama", 1, 4),
+        # all-MiniLM-L6-v2's trained weights (its first 2 layers: time) fine-tuned on 2 x 2 with
+        # in-batch negatives over the global batch (the positives gathered over dp)
+        **({"minilm": scale.run_mesh(rank, world, "minilm_l2", 2, 2)} if minilm.available() else {}),
     }
 
 
@@ -209,7 +214,32 @@ def test_four_ranks_dp_tp_and_2x2_equal_one_process_and_checkpoint(tmp_path):
             assert r0[key]["bytes"]["total"] < 0.6 * r0[key]["single_bytes"]["total"], key
             continue
         assert r0[key]["bytes"]["total"] < 0.35 * r0[key]["single_bytes"]["total"], key
+    if "minilm" in r0:
+        _check_minilm(results)
     for rank_result in results:
         ck = rank_result["dp_tp"]["checkpoint"]
         assert ck["param_diff"] == 0.0 and ck["moment_diff"] == 0.0 and ck["moments_compared"] > 0
         assert ck["differs_from_untrained"] > 0  # the load did something: the fresh copy was untrained
+
+
+def _check_minilm(results):
+    """all-MiniLM-L6-v2 (2 trained layers) on 2 x 2: the step (``_check_step``, run on every rank
+    above) and what is BERT's own."""
+    r = results[0]["minilm"]
+    lines = r["table"].splitlines()
+    # attention and MLP split in both layers; q/k/v's input one DTensor at BertSelfAttention
+    for layer in (0, 1):
+        assert any(f"encoder.layer.{layer}.attention.self " in line and "prepare_input" in line for line in lines)
+        assert any(f"encoder.layer.{layer}.output.dense " in line and "rowwise" in line for line in lines)
+    # only the 2-row token-type embedding stays whole over tp (its split would not pay), named
+    replicated = [line.strip() for line in lines if line.strip().startswith("replicated:")]
+    assert len(replicated) == 1 and "bert.embeddings.token_type_embeddings" in replicated[0], replicated
+    assert r["bytes"]["total"] <= 0.3 * r["single_bytes"]["total"]
+    for rank_result in results:
+        m = rank_result["minilm"]
+        # the loss gathers every dp rank's positives (the in-batch negatives of the global batch)
+        # and reduce-scatters their gradients: counted apart from the model's (the plan's)
+        assert m["loss_collectives"] == {"all_gather": 1, "reduce_scatter": 1}, m["loss_collectives"]
+        # rows of the vocabulary no token of the batch uses: gradient exactly zero on both sides,
+        # compared to 1e-5 with the rest (not among Adam's ill-conditioned elements)
+        assert m["zero_grad_elements"] > 0.5 * m["elements"]
