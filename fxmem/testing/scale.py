@@ -18,6 +18,7 @@ Processes are started by :func:`fxmem.testing.tp.spawn`.
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -742,7 +743,7 @@ def mesh_inference_peak(rank: int, world_size: int, case: str, dp: int, tp: int,
         fn(*args, **kw)  # compiled, and no recompilation left in the measured call
         before = sum(tensor_bytes(_local(t)) for t in [*sharded.parameters(), *sharded.buffers(), *args,
                                                        *[v for v in kw.values() if isinstance(v, torch.Tensor)]])
-        peak, out = peak_memory(lambda: fn(*args, **kw), device="cpu")
+        peak, out = peak_memory(functools.partial(fn, *args, **kw), device="cpu")
         del out
     del fn, sharded
     gc.collect()
@@ -752,8 +753,9 @@ def mesh_inference_peak(rank: int, world_size: int, case: str, dp: int, tp: int,
 def run_fit_mesh(rank: int, world_size: int, case: str, dp: int, tp: int, layers: int = 2, per_dp: int | None = None,
                  shape: str = "tiny", budgets: tuple = (), extra: tuple = (), mode: str = "training") -> list[dict]:
     """One rank's check of :func:`fxmem.fit`'s per-rank estimate with ``mesh={"dp": dp, "tp": tp}``
-    in ``mode`` (inference: measured by :func:`mesh_inference_peak`): fit's chosen options (no optimizer state) and each of ``extra`` (option dicts among
-    fit's candidates: ``budgets`` adds remat budgets to them), each measured by
+    in ``mode`` (inference: measured by :func:`mesh_inference_peak`): fit's chosen options (no
+    optimizer state) and each of ``extra`` (option dicts among fit's candidates: ``budgets`` adds
+    remat budgets to them), each measured by
     :func:`mesh_step_peak` with the plan fit used. One row per options measured."""
     import fxmem
 
