@@ -673,7 +673,7 @@ def _estimate_inference_graph(gm: fx.GraphModule, example_inputs: list, sinks: d
     from fxmem.pipeline import Recorder, run_pipeline
 
     params = parameter_inputs(gm, example_inputs)
-    tp_args = (tp_plan, tp, params, tp_notes if tp_notes is not None else []) if tp_plan is not None else None
+    tp_sizing = {"tp_plan": tp_plan, "tp": tp, "tp_notes": tp_notes if tp_notes is not None else []}
     device_gm, device_inputs = on_device(gm, example_inputs, device)
     estimated: dict[str, dict] = {}
     default_code = None
@@ -688,7 +688,7 @@ def _estimate_inference_graph(gm: fx.GraphModule, example_inputs: list, sinks: d
         default_code = code if default_code is None else default_code
         if code not in estimated:
             estimated[code] = {}
-            _estimate_inference_trace(variant, device_inputs, params, estimated[code], tp_args=tp_args)
+            _estimate_inference_trace(variant, device_inputs, params, estimated[code], **tp_sizing)
         sink = sinks.setdefault(label, {})
         sink["_differs"] = sink.get("_differs", False) or code != default_code
         _add_graph_figures(sink, estimated[code])
@@ -696,7 +696,7 @@ def _estimate_inference_graph(gm: fx.GraphModule, example_inputs: list, sinks: d
     for ratio in prune_ratios:
         figures: dict = {}
         _estimate_inference_trace(variants["no chunk"], device_inputs, params, figures,
-                                  prune=parse_options({"prune": {"ratio": ratio}}).prune, tp_args=tp_args)
+                                  prune=parse_options({"prune": {"ratio": ratio}}).prune, **tp_sizing)
         _add_graph_figures(sinks.setdefault(_prune_label(ratio), {}), figures)
 
 
@@ -712,14 +712,14 @@ def _add_graph_figures(sink: dict, figures: dict) -> None:
 
 
 def _estimate_inference_trace(gm: fx.GraphModule, device_inputs: list, params: Mapping[int, str], sink: dict,
-                              prune: Any = None, tp_args: tuple | None = None) -> None:
+                              prune: Any = None, tp_plan=None, tp: int = 1, tp_notes: list | None = None) -> None:
     """The inference graph's timeline as Inductor runs it (its decompositions; fused, buffers
     reused: ``step_timeline(reuse=True)``, as for training; chunked ops' own workspace on top),
     its Linears, and its FLOPs and bytes. ``params``: index → name of the inputs that are
     parameters. ``prune`` (a :class:`~fxmem.config.PruneConfig`): estimate the graph the prune
-    pass leaves (:func:`_pruned_graph`) instead. ``tp_args`` (``(plan, tp, parameter names,
-    notes)``): every node sized as one tensor-parallel rank holds it (:func:`_tp_local`, the same
-    propagation as training's over the forward graph alone: no backward all-reduce to force)."""
+    pass leaves (:func:`_pruned_graph`) instead. ``tp_plan``: every node sized as one of ``tp``
+    tensor-parallel ranks holds it (:func:`_tp_local`, the same propagation as training's over the
+    forward graph alone: no backward all-reduce to force; what it cannot size, in ``tp_notes``)."""
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._inductor.decomposition import select_decomp_table
 
@@ -734,15 +734,15 @@ def _estimate_inference_trace(gm: fx.GraphModule, device_inputs: list, params: M
         if prune is not None:
             aten_gm = _pruned_graph(aten_gm, params, prune, sink)
         local = None
-        if tp_args is not None and prune is not None:
+        notes = tp_notes if tp_notes is not None else []
+        if tp_plan is not None and prune is not None:
             # the pruned copy's parameters are frozen (get_attr): the placement propagation reads
             # them by placeholder index, so it would misplace them; a pruned rank counts whole
-            tp_args[3].append("a pruned candidate's activations whole (an upper bound)")
-        elif tp_args is not None:
-            plan, tp, names, notes = tp_args
+            notes.append("a pruned candidate's activations whole (an upper bound)")
+        elif tp_plan is not None:
             (output,) = [n for n in aten_gm.graph.nodes if n.op == "output"]
             n_out = len(output.args[0]) if isinstance(output.args[0], (list, tuple)) else 1
-            local = _tp_local(aten_gm, names, plan, tp, n_out, notes)  # every output a forward one
+            local = _tp_local(aten_gm, params, tp_plan, tp, n_out, notes)  # every output a forward one
         with local_sizes(local) if local is not None else contextlib.nullcontext():
             _inference_timeline(aten_gm, local)
         cost = graph_cost(aten_gm, fused=True)  # what Inductor's kernels move, as in training
@@ -1062,6 +1062,9 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
     if tp_plan is not None:
         source += ("; activations: each node's local share (DTensor's placements over the joint graph)"
                    + ("; except: " + "; ".join(dict.fromkeys(tp_notes)) if tp_notes else ""))
+    # the weights by name, as the pruned graphs name them (a conv net's batch-norm statistics are
+    # pruned with its channels: buffers too)
+    named = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
     for cand in candidates:
         if cand.error:
             continue
@@ -1076,9 +1079,6 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
                    "activations+gradients": parts.get("activations", 0) - parts.pop("_grads", grads) + rank_grads}
         else:
             graphs = parts.pop("_graphs", [])
-            # a conv net's batch-norm statistics are pruned with its channels: buffers too
-            named = {**dict(model.named_parameters(remove_duplicate=False)),
-                     **dict(model.named_buffers(remove_duplicate=False))}
             # a name not found keeps its whole size: the estimate errs high, never low
             pruned = {id(named[fqn]): numel for fqn, numel in parts.pop("_pruned", {}).items() if fqn in named}
             weights = _weight_bytes(model, cand.options, pruned)

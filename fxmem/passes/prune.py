@@ -226,6 +226,11 @@ def importance(dg: DependencyGraph, groups: list[Group], kind: str, example_inpu
     return _taylor(dg, groups, example_inputs)
 
 
+def _keep(group: Group, config: PruneConfig) -> int:
+    """How many of ``group``'s indices stay under ``config``: ``int(n · (1 - ratio))``, at least one."""
+    return max(1, int(group.size * (1.0 - config.ratio)))
+
+
 def decide(dg: DependencyGraph, config: PruneConfig, example_inputs: tuple | None = None) -> list[Decision]:
     """Which indices of which groups to keep under ``config``."""
     groups = [g for g in dg.groups() if _selected(g, config)]
@@ -236,7 +241,7 @@ def decide(dg: DependencyGraph, config: PruneConfig, example_inputs: tuple | Non
     for g in groups:
         if g.space not in scores:
             continue
-        keep = max(1, int(g.size * (1.0 - config.ratio)))
+        keep = _keep(g, config)
         if keep >= g.size:
             continue
         # stable ranking: ties (e.g. several all-zero channels) keep the lower indices
@@ -385,20 +390,21 @@ def prune_shapes(gm: fx.GraphModule, config: PruneConfig) -> int:
     Raises :class:`UnsupportedGraph` exactly where :func:`prune` would (the pass is then skipped,
     so an estimate must not count it).
     """
-    if not _static(gm):
-        raise UnsupportedGraph("prune", "the graph has symbolic shapes; pruning needs static shapes")
+    _require_static(gm)
     dg = analyze(gm)
-    kept = {}
-    for g in dg.groups():
-        keep = max(1, int(g.size * (1.0 - config.ratio)))
-        if _selected(g, config) and keep < g.size:
-            kept[g.space] = torch.arange(keep)
+    kept = {g.space: torch.arange(_keep(g, config)) for g in dg.groups()
+            if _selected(g, config) and _keep(g, config) < g.size}
     if kept:
         _apply(gm, dg, kept)
     return len(kept)
 
 
 # ------------------------------------------------------------------------------------ the pass
+def _require_static(gm: fx.GraphModule) -> None:
+    if not _static(gm):
+        raise UnsupportedGraph("prune", "the graph has symbolic shapes; pruning needs static shapes")
+
+
 def _static(gm: fx.GraphModule) -> bool:
     for node in gm.graph.nodes:
         val = node.meta.get("val")
@@ -426,8 +432,7 @@ def prune(gm: fx.GraphModule, config: PruneConfig, ctx: PassContext = PassContex
     Weights are scored and sliced for real: the pipeline runs it outside AOTAutograd's fake mode
     (``real_tensors`` in :data:`fxmem.pipeline.PASSES`)."""
     ctx.require_stage("prune", "inference")  # frozen weights only
-    if not _static(gm):
-        raise UnsupportedGraph("prune", "the graph has symbolic shapes; pruning needs static shapes")
+    _require_static(gm)
     dg = analyze(gm)
     decisions = decide(dg, config, ctx.example_inputs)
     stats: dict = {"groups_found": len(dg.groups()), "groups_pruned": 0}

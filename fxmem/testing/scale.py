@@ -690,30 +690,46 @@ def fit_case(case: str, shape: str = "tiny", layers: int = 2, per_dp: int | None
     return model, (x, y), {}
 
 
+def _sharded_fit_case(case: str, dp: int, tp: int, shape: str, layers: int, per_dp: int | None, plan
+                      ) -> tuple[nn.Module, tuple, dict]:
+    """:func:`fit_case`'s model sharded by ``fxmem.shard.apply`` on a fresh ``dp × tp`` mesh
+    (``plan``, or ``fxmem.shard.plan``'s for ``mesh={"dp": dp, "tp": tp}``), and its arguments."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import fxmem
+
+    model, args, kw = fit_case(case, shape, layers, per_dp)
+    if plan is None:
+        plan = fxmem.shard.plan(copy.deepcopy(model), *args, kwargs=kw, mesh={"dp": dp, "tp": tp})
+    mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
+    torch._dynamo.reset()
+    return fxmem.shard.apply(model, plan, mesh), args, kw
+
+
+def _held_bytes(sharded: nn.Module, args: tuple, kw: dict) -> int:
+    """This rank's local bytes of the parameters, buffers and batch, each tensor once (HF models
+    take their ``labels`` as the ``input_ids`` tensor itself)."""
+    tensors = {id(t): t for t in [*sharded.parameters(), *sharded.buffers(), *args, *kw.values()]
+               if isinstance(t, torch.Tensor)}
+    return sum(tensor_bytes(_local(t)) for t in tensors.values())
+
+
 def mesh_step_peak(rank: int, world_size: int, case: str, dp: int, tp: int, options: dict, shape: str = "tiny",
                    layers: int = 2, per_dp: int | None = None, plan=None) -> int:
     """This rank's whole-step peak of :func:`fit_case`'s model sharded by ``fxmem.shard.apply``
     (``plan``, or ``fxmem.shard.plan``'s for ``mesh={"dp": dp, "tp": tp}``), compiled with
     ``backend="fxmem"`` and ``options``, measured as fit defines it: the local parameters, buffers
     and batch held before the step plus :func:`fxmem.measure.peak_memory`'s peak above them."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    import fxmem
     from fxmem.fit import training_step
     from fxmem.measure import peak_memory
 
-    model, args, kw = fit_case(case, shape, layers, per_dp)
-    if plan is None:
-        plan = fxmem.shard.plan(copy.deepcopy(model), *args, kwargs=kw, mesh={"dp": dp, "tp": tp})
-    mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
-    sharded = fxmem.shard.apply(model, plan, mesh)
-    torch._dynamo.reset()
+    sharded, args, kw = _sharded_fit_case(case, dp, tp, shape, layers, per_dp, plan)
     step = training_step(sharded, *args, kwargs=kw, options=options)
     step()
     step()  # compiled, and no recompilation left in the measured step
     for p in sharded.parameters():
         p.grad = None
-    before = sum(tensor_bytes(_local(t)) for t in [*sharded.parameters(), *sharded.buffers(), *args])
+    before = _held_bytes(sharded, args, kw)
     peak, _ = peak_memory(step, device="cpu")
     del step, sharded
     gc.collect()
@@ -726,23 +742,15 @@ def mesh_inference_peak(rank: int, world_size: int, case: str, dp: int, tp: int,
     :func:`mesh_step_peak`, compiled with ``backend="fxmem"`` and ``options``, measured as fit's
     inference estimate defines it: the local parameters, buffers and batch plus
     :func:`fxmem.measure.peak_memory`'s peak of the third call (its output held)."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    import fxmem
     from fxmem.measure import peak_memory
 
-    model, args, kw = fit_case(case, shape, layers, per_dp)
-    if plan is None:
-        plan = fxmem.shard.plan(copy.deepcopy(model), *args, kwargs=kw, mesh={"dp": dp, "tp": tp})
-    mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
-    sharded = fxmem.shard.apply(model, plan, mesh).eval()
-    torch._dynamo.reset()
+    sharded, args, kw = _sharded_fit_case(case, dp, tp, shape, layers, per_dp, plan)
+    sharded.eval()
     fn = torch.compile(sharded, backend="fxmem", options=dict(options))
     with torch.no_grad():
         fn(*args, **kw)
         fn(*args, **kw)  # compiled, and no recompilation left in the measured call
-        before = sum(tensor_bytes(_local(t)) for t in [*sharded.parameters(), *sharded.buffers(), *args,
-                                                       *[v for v in kw.values() if isinstance(v, torch.Tensor)]])
+        before = _held_bytes(sharded, args, kw)
         peak, out = peak_memory(functools.partial(fn, *args, **kw), device="cpu")
         del out
     del fn, sharded
