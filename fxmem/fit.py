@@ -418,7 +418,7 @@ class _Estimated(Exception):
     """Raised by fit's partitioner inside Inductor once every candidate is estimated: stops the compile."""
 
 
-def _op_workspace(node: fx.Node) -> int:
+def _op_workspace(node: fx.Node, copies: bool = True) -> int:
     """Bytes an op allocates inside itself, beyond its outputs (what the graph does not show).
 
     * ``fxmem::linear_cross_entropy`` holds one chunk's logits and their softmax-gradient at a
@@ -427,9 +427,13 @@ def _op_workspace(node: fx.Node) -> int:
     * ``fxmem::chunked_mlp`` holds one chunk's projections and every value of its activation
       program, and the chunk's down projection before it is copied into the output
       (:func:`fxmem.kernels.chunked_mlp.forward_workspace_bytes`).
+    * a convolution on the CPU: oneDNN's weight reorder and scratchpad, and Inductor's
+      channels-last copies of its graph inputs (``copies``; :func:`_cpu_conv_workspace`).
     """
     if node.op != "call_function":
         return 0
+    if node.target in (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default):
+        return _cpu_conv_workspace(node, copies)
     target = str(node.target)
     if "chunked_mlp" in target and "backward" not in target:
         from fxmem.kernels.chunked_mlp import forward_workspace_bytes
@@ -451,10 +455,70 @@ def _op_workspace(node: fx.Node) -> int:
     return (2 if wants_grad else 1) * chunk * vocab * 4
 
 
+# oneDNN's convolution scratchpad on the CPU: a fixed page plus one per thread, whatever the
+# shape (measured with torch 2.13's oneDNN on x86: 8216 B at 1 thread, 12336 at 2, 20576 at 4,
+# for 3×3 and 5×5 kernels from 3 to 256 channels; its backward 128 B more per thread)
+_ONEDNN_SCRATCH_BASE, _ONEDNN_SCRATCH_PER_THREAD = 4096, 4120
+
+
+def _cpu_conv_workspace(node: fx.Node, copies: bool = True) -> int:
+    """What a convolution allocates on the CPU beside its outputs when Inductor runs it.
+
+    Inductor always lays a CPU graph with convolutions out channels-last
+    (``GraphLowering.decide_layout_opt``, where mkldnn is available): it copies each weight that is
+    not channels-last, and a graph input it convolves, to channels-last before the op, and frees
+    the copies after it. Inside, oneDNN reorders a spatial kernel's weight into its blocked format
+    (one weight's bytes; twice in the backward) and takes a scratchpad. A 1×1 kernel runs as a
+    plain matmul: no reorder, no scratchpad. Measured against the allocator on the ``conv_norm``
+    sample (docs/fit.md); 0 off the CPU (cuDNN's workspaces are not modelled). ``copies=False``:
+    leave the channels-last copies out — in training Inductor saves them for the backward
+    instead of freeing them (:func:`cpu_conv_layout_copies` counts them there).
+    """
+    vals = [a.meta.get("val") if isinstance(a, fx.Node) else None for a in node.args[:3]]
+    backward = node.target is torch.ops.aten.convolution_backward.default
+    x, w = (vals[1], vals[2]) if backward else (vals[0], vals[1])
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or x.device.type != "cpu" or w.dim() != 4:
+        return 0
+    if not (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()):
+        return 0
+    w_bytes = w.numel() * w.element_size()
+    workspace = sum(_layout_copies(node).values()) if copies and not backward else 0
+    if w.shape[2] * w.shape[3] > 1:
+        threads = torch.get_num_threads()
+        workspace += (2 if backward else 1) * w_bytes + _ONEDNN_SCRATCH_BASE + _ONEDNN_SCRATCH_PER_THREAD * threads
+    return workspace
+
+
+def _layout_copies(node: fx.Node) -> dict[fx.Node, int]:
+    """The graph inputs a CPU convolution reads that Inductor copies to channels-last: its weight
+    and its data where they are placeholders not laid out channels-last (what a kernel of Inductor's
+    produces already is)."""
+    copies = {}
+    for arg in node.args[:2]:
+        val = arg.meta.get("val") if isinstance(arg, fx.Node) else None
+        if (isinstance(val, torch.Tensor) and val.dim() == 4 and val.device.type == "cpu" and arg.op == "placeholder"
+                and not val.is_contiguous(memory_format=torch.channels_last)):
+            copies[arg] = val.numel() * val.element_size()
+    return copies
+
+
+def cpu_conv_layout_copies(fw: fx.GraphModule) -> int:
+    """Bytes of the channels-last copies of a training forward's convolution inputs: Inductor
+    copies each weight and input once at the start of the forward and saves the copies for the
+    backward (its ``convolution_backward`` reads them), so they stay alive through the step."""
+    if not (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()):
+        return 0
+    copies: dict[fx.Node, int] = {}
+    for node in fw.graph.find_nodes(op="call_function", target=torch.ops.aten.convolution.default):
+        copies.update(_layout_copies(node))
+    return sum(copies.values())
+
+
 def _peak_with_workspace(timeline, fw: fx.GraphModule, bw: fx.GraphModule | None,
-                         extra: Mapping[str, int] | None = None) -> int:
+                         extra: Mapping[str, int] | None = None, training: bool = False) -> int:
     """The timeline's peak, or higher where an op's own workspace sits on top of the live bytes.
-    ``extra``: node name → bytes alive while it runs beyond its output (a collective's buffers)."""
+    ``extra``: node name → bytes alive while it runs beyond its output (a collective's buffers).
+    ``training``: a CPU convolution's channels-last copies are held, not workspace."""
 
     nodes = {("forward", n.name): n for n in fw.graph.nodes}
     if bw is not None:
@@ -463,7 +527,7 @@ def _peak_with_workspace(timeline, fw: fx.GraphModule, bw: fx.GraphModule | None
     for stage, name, live in timeline.points:
         node = nodes.get((stage, name))
         if node is not None:
-            workspace = _op_workspace(node)
+            workspace = _op_workspace(node, copies=not training)
             if extra and name in extra:
                 peak = max(peak, live + extra[name])
             if workspace:
@@ -514,7 +578,8 @@ def _estimate_partition(cand: Candidate, joint: fx.GraphModule, joint_inputs, co
     parts = cand.parts
     parts["batch"] = max(parts.get("batch", 0), timeline.input_bytes)
     parts["activations"] = parts.get("activations", 0) + _peak_with_workspace(
-        timeline, fw, bw, local.transients if local is not None else None) - timeline.input_bytes
+        timeline, fw, bw, local.transients if local is not None else None, training=True) - timeline.input_bytes
+    parts["activations"] += cpu_conv_layout_copies(fw)
     if local is not None:  # the gradients the timeline holds are this rank's (fit swaps in the plan's)
         roots = {storage_root(n) for n in forward_outputs(bw) if isinstance(n, fx.Node)}
         parts["_grads"] = parts.get("_grads", 0) + sum(node_bytes(r) for r in roots)
