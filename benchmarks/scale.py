@@ -7,6 +7,8 @@ step send; and do two pipeline stages split by memory hold equal bytes and give 
     PYTHONPATH=. python benchmarks/scale.py --only pipeline    # just the pipeline rows (8 and 4 layers)
     PYTHONPATH=. python benchmarks/scale.py --only pipeline_dp # pp 2 x dp 2 (FSDP2 on each stage), 4 processes
     PYTHONPATH=. python benchmarks/scale.py --only minilm      # all-MiniLM-L6-v2 (trained) on 2 x 2, 4 processes
+    PYTHONPATH=. python benchmarks/scale.py --only fp16        # fp16 on 2 x 2 with fxmem.shard.grad_scaler, 4 processes
+    PYTHONPATH=. python benchmarks/scale.py --only minilm_more # all-MiniLM-L6-v2 on tp 4 (1 x 4) and in bf16 on 2 x 2
     PYTHONPATH=. python benchmarks/scale.py --only minilm --quick   # its first 2 layers, no compile (development)
 
 4 processes (gloo, this machine), ``fxmem.shard.plan(mesh={"dp": 2, "tp": 2})`` + ``apply`` on HF
@@ -177,6 +179,51 @@ def _precision_job(rank, world):
     return {case: scale.run_mesh_precision(rank, world, case, 2, 2, "bf16") for case in ("llama", "gpt")}
 
 
+def _minilm_more_job(rank, world):
+    # all-MiniLM-L6-v2 (trained, 6 layers, 12 heads: 3 per rank) on tp 4 alone, and bf16 on 2 x 2
+    start = time.perf_counter()
+    tp4 = scale.run_mesh(rank, world, "minilm", 1, 4)
+    tp4["seconds"] = time.perf_counter() - start
+    return {"tp4": tp4, "bf16": scale.run_mesh_precision(rank, world, "minilm", 2, 2, "bf16")}
+
+
+def _minilm_more_rows() -> dict:
+    ranks = tp.spawn(_minilm_more_job, 4)
+    tp4 = dict(ranks[0]["tp4"])
+    tp4["bytes"] = {k: max(r["tp4"]["bytes"][k] for r in ranks) for k in tp4["bytes"]}
+    tp4["ratio"] = tp4["bytes"]["total"] / tp4["single_bytes"]["total"]
+    for key in ("loss_error", "loss_after_error", "max_param_error", "max_ill_conditioned_error"):
+        tp4[key] = max(r["tp4"][key] for r in ranks)
+    tp4["fallbacks"] = [line.strip() for line in tp4["table"].splitlines() if line.strip().startswith("replicated:")]
+    keep = ("case", "dp", "tp", "ratio", "bytes", "single_bytes", "plan_bytes", "loss_error", "loss_after_error",
+            "max_param_error", "worst_param", "max_ill_conditioned_error", "ill_conditioned_elements", "elements",
+            "forward", "plan_forward", "backward", "plan_backward", "fallbacks", "seconds")
+    bf16 = {k: max(r["bf16"][k] for r in ranks) for k in ("loss_rel_error", "grad_rel_error", "max_grad_rel_error",
+                                                          "max_param_error_clear", "noisy_share")}
+    bf16.update({k: ranks[0]["bf16"][k] for k in ("unit_roundoff", "worst_grad", "structurally_zero", "output_dtype",
+                                                  "master_dtypes", "grads_compared", "params_expected")})
+    return {"tp4": {k: tp4.get(k) for k in keep}, "bf16": bf16}
+
+
+def _fp16_job(rank, world):
+    # fp16 (FSDP2 MixedPrecisionPolicy + fxmem.shard.grad_scaler) against one process in fp16 with
+    # the same loss scale; then an overflow on one rank under each loss scaler
+    return {"gpt": scale.run_mesh_precision(rank, world, "gpt", 2, 2, "fp16", vocab=False),
+            "llama": scale.run_mesh_precision(rank, world, "llama", 2, 2, "fp16", vocab=False),
+            "overflow": scale.overflow_by_scaler(rank, world)}
+
+
+def _fp16_rows() -> dict:
+    ranks = tp.spawn(_fp16_job, 4)
+    keys = ("loss_rel_error", "grad_rel_error", "max_grad_rel_error", "max_param_error_clear", "noisy_share",
+            "unit_roundoff", "output_dtype", "master_dtypes", "overflow")
+    rows = {case: {k: ranks[0][case][k] for k in keys} for case in ("gpt", "llama")}
+    for case in rows:  # every rank's overflow step, not rank 0's alone
+        rows[case]["overflow_by_rank"] = [r[case]["overflow"] for r in ranks]
+    rows["overflow_by_scaler"] = {kind: [r["overflow"][kind] for r in ranks] for kind in ranks[0]["overflow"]}
+    return rows
+
+
 def _plot(mesh_rows, pipe_rows, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -208,7 +255,7 @@ def _plot(mesh_rows, pipe_rows, path):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    parser.add_argument("--only", choices=["tp_limits", "pipeline", "pipeline_dp", "minilm"], default=None)
+    parser.add_argument("--only", choices=["tp_limits", "pipeline", "pipeline_dp", "minilm", "fp16", "minilm_more"], default=None)
     parser.add_argument("--quick", action="store_true", help="minilm: 2 of its layers, no compile (not saved)")
     opts = parser.parse_args()
     os.makedirs(opts.out, exist_ok=True)
@@ -224,6 +271,33 @@ def main() -> None:
         return
     if opts.only == "pipeline":
         _pipeline_only(opts.out, path)
+        return
+    if opts.only == "minilm_more":
+        rows = _minilm_more_rows()
+        previous = json.load(open(path)) if os.path.exists(path) else {}
+        previous["minilm_more"] = rows
+        with open(path, "w") as f:
+            json.dump(previous, f, indent=1, default=str)
+        t, b = rows["tp4"], rows["bf16"]
+        print(f"minilm 1x4: state/rank {t['bytes']['total']} B vs one process {t['single_bytes']['total']} B = "
+              f"{t['ratio']:.3f}x (plan {t['plan_bytes']['total']} B); loss err {t['loss_error']:.1e}, param err "
+              f"{t['max_param_error']:.1e}; fwd {t['forward']} (plan {t['plan_forward']}) bwd {t['backward']} "
+              f"(plan {t['plan_backward']}); fallbacks {t['fallbacks']}; {t['seconds']:.0f} s")
+        print(f"minilm 2x2 bf16: {b}")
+        return
+    if opts.only == "fp16":
+        rows = _fp16_rows()
+        previous = json.load(open(path)) if os.path.exists(path) else {}
+        previous["fp16"] = rows
+        with open(path, "w") as f:
+            json.dump(previous, f, indent=1, default=str)
+        for case in ("gpt", "llama"):
+            r = rows[case]
+            print(f"fp16 {case} 2x2: loss {r['loss_rel_error']:.1e}, grads {r['grad_rel_error']:.1e} (max tensor "
+                  f"{r['max_grad_rel_error']:.1e}; u = {r['unit_roundoff']:.1e}), params {r['max_param_error_clear']:.1e}; "
+                  f"overflow on one rank: {r['overflow_by_rank']}")
+        for kind, per_rank in rows["overflow_by_scaler"].items():
+            print(f"overflow on the last rank under {kind}: {per_rank}")
         return
     if opts.only == "pipeline_dp":
         start = time.perf_counter()

@@ -20,11 +20,11 @@ import torch.nn as nn
 
 from fxmem.shard import mesh as _mesh
 from fxmem.shard import tensor_parallel as _tp
-from fxmem.shard.mesh import MeshPlan, StateBytes, Unit
+from fxmem.shard.mesh import MeshPlan, StateBytes, Unit, grad_scaler
 from fxmem.shard.pipeline import PipelinePlan, pipeline
 from fxmem.shard.tensor_parallel import ShardPlan, ShardPlanError
 
-__all__ = ["plan", "apply", "pipeline", "ShardPlan", "MeshPlan", "PipelinePlan", "ShardPlanError",
+__all__ = ["plan", "apply", "pipeline", "grad_scaler", "ShardPlan", "MeshPlan", "PipelinePlan", "ShardPlanError",
            "StateBytes", "Unit"]
 
 

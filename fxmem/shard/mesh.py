@@ -243,3 +243,33 @@ def apply(model: nn.Module, plan: MeshPlan, device_mesh) -> nn.Module:
             target = model.get_submodule(unit.module) if unit.module else model
             fully_shard(target, reshard_after_forward=unit.reshard_after_forward, **kwargs)
     return model
+
+
+def grad_scaler(plan: MeshPlan, device_type: str = "cuda", *, process_group=None, **kwargs):
+    """The loss scaler for training ``plan``'s sharded model: scaling on for ``precision="fp16"``,
+    off (a pass-through: ``scale`` returns the loss, ``step`` calls ``optimizer.step()``) for bf16
+    and fp32, so that one loop serves every precision::
+
+        scaler = fxmem.shard.grad_scaler(plan, "cuda")
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    It is FSDP's ``ShardedGradScaler``, which all-reduces the found-overflow flag over
+    ``process_group`` (default: every rank). ``torch.amp.GradScaler`` is not enough on a dp × tp
+    mesh: it reduces the flag over the mesh dimensions the *first* gradient is sharded on, and
+    under FSDP2 around tensor parallelism that gradient may be whole over ``tp`` (an embedding
+    kept whole by ``vocab=False``): an overflow in one tensor-parallel rank's shard then skips the
+    step on that rank only, and the replicas drift apart (measured: docs/shard.md, "fp16").
+    ``kwargs`` go to the scaler (``init_scale``, ``growth_interval``, ...).
+    """
+    if not isinstance(plan, MeshPlan):
+        raise TypeError(f"fxmem.shard.grad_scaler: plan must be a MeshPlan from fxmem.shard.plan(..., mesh=...), "
+                        f"got {type(plan).__name__}")
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    if process_group is None:
+        import torch.distributed as dist
+
+        process_group = dist.group.WORLD
+    return ShardedGradScaler(device_type, enabled=plan.precision == "fp16", process_group=process_group, **kwargs)

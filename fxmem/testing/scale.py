@@ -421,7 +421,11 @@ def _compiled_step(spec: MeshCase, plan, mesh, xs: tuple, ys, reference, **compi
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}  # 8 / 11 significand bits
 
 
-def run_mesh_precision(rank: int, world_size: int, case: str, dp: int, tp: int, precision: str = "bf16") -> dict:
+FP16_LOSS_SCALE = 2.0 ** 10  # the fp16 runs' initial loss scale, on both sides
+
+
+def run_mesh_precision(rank: int, world_size: int, case: str, dp: int, tp: int, precision: str = "bf16",
+                       vocab: str | bool = "auto") -> dict:
     """``plan(mesh=..., precision=...)`` end to end against one process computing in the same dtypes.
 
     The mesh: FSDP2's ``MixedPrecisionPolicy(param_dtype=low, reduce_dtype=float32)`` — parameters
@@ -436,6 +440,12 @@ def run_mesh_precision(rank: int, world_size: int, case: str, dp: int, tp: int, 
     parameter error where the reference gradient is well above the rounding noise (there Adam's
     first update is ``lr · sign(g)`` on both sides, so the fp32 masters must match) and the share of
     elements below it.
+
+    ``"fp16"`` trains with :func:`fxmem.shard.grad_scaler` (loss scale :data:`FP16_LOSS_SCALE`;
+    the reference scales its loss the same and divides its gradients back), the gradients compared
+    after ``unscale_``. Then a second step with an overflow in the last rank's shard of a
+    tensor-parallel gradient only: ``overflow`` says how many parameters moved on this rank (every
+    rank must skip the step) and the scale after it (halved on every rank).
     """
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -443,44 +453,102 @@ def run_mesh_precision(rank: int, world_size: int, case: str, dp: int, tp: int, 
     from fxmem.shard.mesh import _PRECISIONS
 
     dtype = _PRECISIONS[precision]
+    loss_scale = FP16_LOSS_SCALE if precision == "fp16" else None
     spec = mesh_case(case, dp)
     model = spec.model
-    ref_loss, ref_grads, ref_params = _low_reference(model, spec.inputs, spec.target, dtype, spec.loss)
+    ref_loss, ref_grads, ref_params = _low_reference(model, spec.inputs, spec.target, dtype, spec.loss, loss_scale)
 
     mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
     xs, ys = spec.local(mesh["dp"].get_local_rank(), dp)
-    plan = fxmem.shard.plan(copy.deepcopy(model), *xs, mesh={"dp": dp, "tp": tp}, precision=precision)
+    plan = fxmem.shard.plan(copy.deepcopy(model), *xs, mesh={"dp": dp, "tp": tp}, precision=precision, vocab=vocab)
     sharded = fxmem.shard.apply(copy.deepcopy(model), plan, mesh)
     opt = torch.optim.AdamW(sharded.parameters(), lr=LR)
-    out = sharded(*xs)
-    loss = spec.loss(out, ys, mesh["dp"].get_group() if dp > 1 else None)
-    loss.backward()
+    scaler = fxmem.shard.grad_scaler(plan, "cpu", init_scale=loss_scale or 1.0)
+
+    def forward_backward():
+        out = sharded(*xs)
+        loss = spec.loss(out, ys, mesh["dp"].get_group() if dp > 1 else None)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        return out, loss
+
+    out, loss = forward_backward()
     grads = {n: _full(p.grad) for n, p in sharded.named_parameters()}
     master_dtypes = {str(p.dtype) for p in sharded.parameters()} | {str(g.dtype) for g in grads.values()}
-    opt.step()
+    scaler.step(opt)
+    scaler.update()
     params = {n: _full(p).detach() for n, p in sharded.named_parameters()}
     errors = _precision_errors(grads, params, ref_grads, ref_params)
     global_loss = _dp_mean(loss, mesh)
-    return {"case": case, "dp": dp, "tp": tp, "precision": precision, "unit_roundoff": UNIT_ROUNDOFF[dtype],
-            "output_dtype": str(logits(out).dtype), "master_dtypes": sorted(master_dtypes),
-            "loss": global_loss, "ref_loss": ref_loss, "loss_rel_error": abs(global_loss - ref_loss) / abs(ref_loss),
-            **errors}
+    result = {"case": case, "dp": dp, "tp": tp, "precision": precision, "unit_roundoff": UNIT_ROUNDOFF[dtype],
+              "output_dtype": str(logits(out).dtype), "master_dtypes": sorted(master_dtypes),
+              "loss": global_loss, "ref_loss": ref_loss, "loss_rel_error": abs(global_loss - ref_loss) / abs(ref_loss),
+              "scaler_enabled": scaler.is_enabled(), **errors}
+    if loss_scale is not None:
+        result["overflow"] = _overflow_step(rank, world_size, sharded, opt, scaler, xs, ys, spec, mesh)
+    return result
 
 
-def _low_reference(model: nn.Module, inputs: tuple, target: Any, dtype: torch.dtype, loss: Callable | None = None):
+def overflow_by_scaler(rank: int, world_size: int, case: str = "gpt", dp: int = 2, tp: int = 2) -> dict:
+    """fp16 on a ``dp × tp`` mesh planned with ``vocab=False`` (the embedding whole over tp: the
+    first gradient FSDP2 holds is sharded over dp only), one step with an overflow in the last
+    rank's shard of a tensor-parallel gradient (:func:`_overflow_step`), under
+    :func:`fxmem.shard.grad_scaler` and under ``torch.amp.GradScaler``: what each rank did."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import fxmem
+
+    spec = mesh_case(case, dp)
+    mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
+    xs, ys = spec.local(mesh["dp"].get_local_rank(), dp)
+    plan = fxmem.shard.plan(copy.deepcopy(spec.model), *xs, mesh={"dp": dp, "tp": tp}, precision="fp16", vocab=False)
+    rows = {}
+    for kind in ("fxmem.shard.grad_scaler", "torch.amp.GradScaler"):
+        sharded = fxmem.shard.apply(copy.deepcopy(spec.model), plan, mesh)
+        opt = torch.optim.AdamW(sharded.parameters(), lr=LR)
+        scaler = (fxmem.shard.grad_scaler(plan, "cpu", init_scale=FP16_LOSS_SCALE) if kind.startswith("fxmem")
+                  else torch.amp.GradScaler("cpu", init_scale=FP16_LOSS_SCALE))
+        rows[kind] = _overflow_step(rank, world_size, sharded, opt, scaler, xs, ys, spec, mesh)
+    return rows
+
+
+def _overflow_step(rank: int, world_size: int, sharded: nn.Module, opt, scaler, xs, ys, spec: MeshCase, mesh) -> dict:
+    """A training step whose last rank alone finds an overflow, in its shard of a gradient that is
+    sharded over ``tp`` (its other ranks' gradients finite): the parameters this rank's step moved
+    and the scale after it."""
+    from torch.distributed.tensor import DTensor
+
+    opt.zero_grad()
+    out = sharded(*xs)
+    scaler.scale(spec.loss(out, ys, mesh["dp"].get_group() if mesh["dp"].size() > 1 else None)).backward()
+    tp_sharded = [p for p in sharded.parameters() if isinstance(p.grad, DTensor)
+                  and any(pl.is_shard() for pl, name in zip(p.grad.placements, p.grad.device_mesh.mesh_dim_names)
+                          if name == "tp")]
+    if rank == world_size - 1:
+        tp_sharded[-1].grad.to_local().view(-1)[0] = float("inf")
+    before = [_local(p).detach().clone() for p in sharded.parameters()]
+    scaler.step(opt)
+    scaler.update()
+    moved = sum(int(not torch.equal(b, _local(p).detach())) for b, p in zip(before, sharded.parameters()))
+    return {"params_moved": moved, "scale": float(scaler.get_scale()), "tp_sharded_grads": len(tp_sharded)}
+
+
+def _low_reference(model: nn.Module, inputs: tuple, target: Any, dtype: torch.dtype, loss: Callable | None = None,
+                   loss_scale: float | None = None):
     """One process computing as FSDP2's ``MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=fp32)``
     does, without autocast: a copy whose *parameters* (not buffers) are ``dtype``, on the global
     batch ``model(*inputs)`` with ``loss(output, target, None)`` (default :func:`loss_fn`); its
-    gradients cast to fp32 onto an fp32 copy, one AdamW step in fp32. Returns the loss, the fp32
-    gradients and the parameters after the step, by name."""
+    gradients cast to fp32 onto an fp32 copy, one AdamW step in fp32. ``loss_scale``: the loss is
+    multiplied by it before the backward and the fp32 gradients divided by it (a loss scaler's
+    first step). Returns the loss, the fp32 gradients and the parameters after the step, by name."""
     single = copy.deepcopy(model)
     low = copy.deepcopy(model)
     for p in low.parameters():
         p.data = p.data.to(dtype)
     ref_loss = (loss or _lm_loss)(low(*inputs), target, None)
-    ref_loss.backward()
+    (ref_loss * loss_scale if loss_scale else ref_loss).backward()
     for p, q in zip(single.parameters(), low.parameters()):
-        p.grad = q.grad.float()
+        p.grad = q.grad.float() / loss_scale if loss_scale else q.grad.float()
     ref_grads = {n: p.grad.clone() for n, p in single.named_parameters()}
     torch.optim.AdamW(single.parameters(), lr=LR).step()
     return float(ref_loss.detach()), ref_grads, {n: p.detach().clone() for n, p in single.named_parameters()}

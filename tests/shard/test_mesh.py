@@ -7,7 +7,9 @@ the model-state bytes the plan says, and send the collectives the plan says (``C
 the 2 × 2 model and optimizer go through ``torch.distributed.checkpoint`` and back unchanged; the
 2 × 2 model compiled with ``backend="fxmem"`` takes the same step as uncompiled (1e-5); and
 ``precision="bf16"`` (FSDP2 ``MixedPrecisionPolicy``) matches one process computing in bf16
-within the tolerance ``_check_bf16`` derives from bf16's 8 significand bits. all-MiniLM-L6-v2
+within the tolerance ``_check_bf16`` derives from bf16's 8 significand bits; ``"fp16"`` with
+``fxmem.shard.grad_scaler`` likewise (11 bits), and an overflow on one rank skips the step on
+every rank. all-MiniLM-L6-v2
 (trained weights, BERT: attention mask, residual inside ``BertAttention``, no LM head) takes the
 same 2 × 2 step with its in-batch-negatives loss, to 1e-5.
 """
@@ -52,6 +54,21 @@ def test_mesh_plan_rejects_bad_input():
         fxmem.shard.plan(model, x, mesh={"dp": 2}, units=["nope"])
     with pytest.raises(TypeError, match="ShardPlan or MeshPlan"):
         fxmem.shard.apply(model, {"dp": 2}, None)
+    with pytest.raises(TypeError, match="grad_scaler: plan must be a MeshPlan"):
+        fxmem.shard.grad_scaler(fxmem.shard.plan(model, x, world_size=2), "cpu")
+
+
+def test_grad_scaler_scales_fp16_only():
+    """One training loop for every precision: the scaler scales the loss for fp16 and passes it
+    through for bf16 and fp32 (the spawn below checks fp16's numbers and overflow on 4 ranks)."""
+    model, vocab = scale.build("gpt")
+    x, _ = scale.batch(vocab, 2)
+    loss = torch.tensor(2.0)
+    for precision, enabled in (("fp16", True), ("bf16", False), (None, False)):
+        plan = fxmem.shard.plan(model, x, mesh={"dp": 2}, precision=precision)
+        scaler = fxmem.shard.grad_scaler(plan, "cpu", init_scale=8.0)
+        assert scaler.is_enabled() == enabled, precision
+        assert float(scaler.scale(loss)) == (16.0 if enabled else 2.0), precision
 
 
 def _strided_shard_runs() -> bool:
@@ -90,6 +107,9 @@ def _four(rank, world, tmp):
         # first in the process: compiled before any eager step on a mesh (docs/shard.md, "Compile")
         "compiled": scale.run_mesh(rank, world, "gpt", 2, 2, vocab=False, compile_check=True),
         "bf16": scale.run_mesh_precision(rank, world, "gpt", 2, 2, "bf16"),
+        # the embedding whole over tp: the first gradient is sharded over dp alone, where
+        # torch.amp.GradScaler would not tell the other tp rank of an overflow
+        "fp16": scale.run_mesh_precision(rank, world, "gpt", 2, 2, "fp16", vocab=False),
         "dp": scale.run_mesh(rank, world, "gpt", 4, 1),
         "tp": scale.run_mesh(rank, world, "gpt", 1, 4),
         "dp_tp": scale.run_mesh(rank, world, "gpt", 2, 2, vocab=True, checkpoint=f"{tmp}/ckpt"),
@@ -143,6 +163,23 @@ def _check_compiled(r):
     assert c["params_compared"] == r["params_expected"]
 
 
+def _check_fp16(r):
+    """fp16 (11 significand bits, u = 2**-11) with fxmem.shard.grad_scaler against one process in
+    fp16 with the same loss scale: the bounds of ``_check_bf16`` in fp16's u. Then one rank finds
+    an overflow in its shard of a tensor-parallel gradient: every rank skips the step and halves
+    the scale (under torch.amp.GradScaler, measured, the other tp rank would step)."""
+    b = r["fp16"]
+    u = b["unit_roundoff"]
+    assert u == 2.0 ** -11 and b["scaler_enabled"]
+    assert b["output_dtype"] == "torch.float16" and b["master_dtypes"] == ["torch.float32"], b
+    assert b["loss_rel_error"] <= u, b
+    assert b["grad_rel_error"] <= 4 * u, b
+    assert b["max_grad_rel_error"] <= 8 * u, (b["worst_grad"], b["max_grad_rel_error"])
+    assert b["max_param_error_clear"] <= 1e-5, b
+    assert b["overflow"]["tp_sharded_grads"] > 0
+    assert b["overflow"]["params_moved"] == 0 and b["overflow"]["scale"] == scale.FP16_LOSS_SCALE / 2, b["overflow"]
+
+
 def _check_bf16(r):
     """FSDP2 MixedPrecisionPolicy(bf16, reduce fp32) on 2 x 2 against one process in the same dtypes.
 
@@ -175,8 +212,10 @@ def test_four_ranks_dp_tp_and_2x2_equal_one_process_and_checkpoint(tmp_path):
     for rank_result in results:
         _check_compiled(rank_result["compiled"])
         _check_bf16(rank_result)
+        _check_fp16(rank_result)
+        assert not rank_result["bf16"]["scaler_enabled"]  # bf16 needs no loss scaling: a pass-through
         for key, r in rank_result.items():
-            if key != "bf16":
+            if key not in ("bf16", "fp16"):
                 _check_step(r)
     r0 = results[0]
     for r in (r0[k] for k in ("dp", "tp", "dp_tp", "compiled")):  # rank 0 holds the largest shards: the plan's bytes
