@@ -9,6 +9,7 @@ step send; and do two pipeline stages split by memory hold equal bytes and give 
     PYTHONPATH=. python benchmarks/scale.py --only minilm      # all-MiniLM-L6-v2 (trained) on 2 x 2, 4 processes
     PYTHONPATH=. python benchmarks/scale.py --only fp16        # fp16 on 2 x 2 with fxmem.shard.grad_scaler, 4 processes
     PYTHONPATH=. python benchmarks/scale.py --only minilm_more # all-MiniLM-L6-v2 on tp 4 (1 x 4) and in bf16 on 2 x 2
+    PYTHONPATH=. python benchmarks/scale.py --only pipeline_tp # pp 2 x tp 2 (DTensor stages), 4 processes
     PYTHONPATH=. python benchmarks/scale.py --only minilm --quick   # its first 2 layers, no compile (development)
 
 4 processes (gloo, this machine), ``fxmem.shard.plan(mesh={"dp": 2, "tp": 2})`` + ``apply`` on HF
@@ -199,10 +200,28 @@ def _minilm_more_rows() -> dict:
             "max_param_error", "worst_param", "max_ill_conditioned_error", "ill_conditioned_elements", "elements",
             "forward", "plan_forward", "backward", "plan_backward", "fallbacks", "seconds")
     bf16 = {k: max(r["bf16"][k] for r in ranks) for k in ("loss_rel_error", "grad_rel_error", "max_grad_rel_error",
-                                                          "max_param_error_clear", "noisy_share")}
+                                                          "max_param_error_clear", "noisy_share",
+                                                          "grad_rel_error_vs_fp32", "ref_grad_rel_error_vs_fp32")}
     bf16.update({k: ranks[0]["bf16"][k] for k in ("unit_roundoff", "worst_grad", "structurally_zero", "output_dtype",
                                                   "master_dtypes", "grads_compared", "params_expected")})
     return {"tp4": {k: tp4.get(k) for k in keep}, "bf16": bf16}
+
+
+def _pipeline_tp_job(rank, world):
+    # pp 2 x tp 2: each stage's graph piece on DTensors split by the 1-D tensor-parallel plan
+    return {f"{case} {schedule}": scale.run_pipeline_tp(rank, world, case, schedule)
+            for case in ("gpt_untied", "llama") for schedule in ("gpipe", "1f1b")}
+
+
+def _pipeline_tp_rows() -> list[dict]:
+    ranks = tp.spawn(_pipeline_tp_job, 4)
+    rows = []
+    for key in ranks[0]:
+        for r in ranks:
+            row = {k: v for k, v in r[key].items() if k != "table"}
+            row["peak_over_plan"] = round(row["peak_bytes"] / row["plan_bytes"], 3)
+            rows.append(row)
+    return rows
 
 
 def _fp16_job(rank, world):
@@ -255,7 +274,7 @@ def _plot(mesh_rows, pipe_rows, path):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    parser.add_argument("--only", choices=["tp_limits", "pipeline", "pipeline_dp", "minilm", "fp16", "minilm_more"], default=None)
+    parser.add_argument("--only", choices=["tp_limits", "pipeline", "pipeline_dp", "minilm", "fp16", "minilm_more", "pipeline_tp"], default=None)
     parser.add_argument("--quick", action="store_true", help="minilm: 2 of its layers, no compile (not saved)")
     opts = parser.parse_args()
     os.makedirs(opts.out, exist_ok=True)
@@ -271,6 +290,20 @@ def main() -> None:
         return
     if opts.only == "pipeline":
         _pipeline_only(opts.out, path)
+        return
+    if opts.only == "pipeline_tp":
+        rows = _pipeline_tp_rows()
+        previous = json.load(open(path)) if os.path.exists(path) else {}
+        previous["pipeline_tp"] = rows
+        with open(path, "w") as f:
+            json.dump(previous, f, indent=1, default=str)
+        for r in rows:
+            print(f"{r['case']:10s} {r['schedule']:5s} stage {r['stage']} tp rank {r['tp_rank']}: loss err "
+                  f"{r['loss_error']}, grad err {r['max_grad_error']:.1e}, param err {r['max_param_error']:.1e}; "
+                  f"params {r['shard_bytes']} B (plan {r['plan_param_bytes']}); peak {r['peak_bytes']} B / plan "
+                  f"{r['plan_bytes']} B = {r['peak_over_plan']}; step {r['collectives']} (plan, whole model: fwd "
+                  f"{r['plan_forward']} bwd {r['plan_backward']}); AdamW {r['optimizer_collectives']}; split "
+                  f"{r['split_points']}")
         return
     if opts.only == "minilm_more":
         rows = _minilm_more_rows()

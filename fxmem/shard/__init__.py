@@ -7,7 +7,8 @@ One module per job:
 * :mod:`fxmem.shard.mesh` — FSDP2 (``fully_shard`` over ``dp``) around tensor parallelism over
   ``tp``, with per-rank bytes of parameters, gradients and optimizer state;
 * :mod:`fxmem.shard.pipeline` — pipeline stages balanced by memory for
-  ``torch.distributed.pipelining``.
+  ``torch.distributed.pipelining`` (with FSDP2 over ``dp`` or tensor parallelism over ``tp``);
+* :mod:`fxmem.shard.stage_tp` — a pipeline stage's graph run on DTensors (pp × tp).
 
 fxmem implements no communication of its own; see ``docs/shard.md``.
 """

@@ -218,6 +218,8 @@ class PipelinePlan:
     block_names: list[str] = field(default_factory=list)   # the model's FSDP2 block units
     precision: str | None = None      # FSDP2 MixedPrecisionPolicy on the stages ("bf16" / "fp16"; needs dp > 1)
     backend: str = "gloo"             # the process group's backend the per-rank bytes are for (gloo copies all-gathers)
+    tp: int = 1                       # tensor-parallel ranks per stage (DTensor over ``tp_mesh``: stage_tp)
+    tp_plan: Any = None               # the 1-D tensor-parallel plan its parameters are split by (tp > 1)
 
     @property
     def imbalance(self) -> float:
@@ -242,11 +244,13 @@ class PipelinePlan:
     def with_schedule(self, schedule: str) -> PipelinePlan:
         """The same measurement balanced for another schedule (same stages and microbatches)."""
         _check_schedule(schedule, len(self.stages), self.microbatches)
-        return _plan(self.atoms, self._saved, len(self.stages), schedule, self.microbatches, self.microbatch_args,
+        plan = _plan(self.atoms, self._saved, len(self.stages), schedule, self.microbatches, self.microbatch_args,
                      self.loss_fn, self.dp, self.block_names, self.precision, self.backend)
+        plan.tp, plan.tp_plan = self.tp, self.tp_plan
+        return plan
 
     def build(self, model: nn.Module, stage_index: int, device: torch.device | str = "cpu", group=None,
-              loss_fn=None, dp_mesh=None):
+              loss_fn=None, dp_mesh=None, tp_mesh=None):
         """This rank's ``PipelineStage`` and schedule: ``(pipe, stage, schedule)``.
 
         ``torch.distributed.pipelining.pipeline`` exports the model on one microbatch and splits
@@ -262,6 +266,14 @@ class PipelinePlan:
         Each dp rank gives the schedule its own slice of the global batch
         (``x.chunk(D)[dp_rank]``); ``PipelineStage`` syncs the gradients on the last
         microbatch's backward.
+
+        ``tp_mesh`` (a plan made with ``tp=T``): the 1-D ``"tp"`` sub-mesh of a ``("pp", "tp")``
+        mesh, ``group`` the ``"pp"`` one's process group. The stage's parameters become DTensors
+        split by the plan's tensor-parallel plan and its graph runs on DTensors
+        (:func:`fxmem.shard.stage_tp.distribute_stage`); the returned schedule's ``step`` runs with
+        DTensor's implicit replication on (the tensors the graph makes itself are the same on
+        every tp rank) and leaves each gradient in its parameter's placement. Every tp rank of a
+        stage gets the same batch.
         """
         from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
 
@@ -274,6 +286,12 @@ class PipelinePlan:
         if dp_mesh is not None and (dp_mesh.ndim != 1 or dp_mesh.size() != self.dp):
             raise ValueError(f"fxmem.shard.pipeline: dp_mesh has shape {tuple(dp_mesh.shape)}; accepted: a 1-D "
                              f"DeviceMesh of dp={self.dp} ranks (mesh['dp'])")
+        if (tp_mesh is None) != (self.tp == 1) or (tp_mesh is not None and (tp_mesh.ndim != 1
+                                                                               or tp_mesh.size() != self.tp)):
+            raise ValueError(f"fxmem.shard.pipeline: the plan is for tp={self.tp}; accepted: " + (
+                f"tp_mesh= a 1-D DeviceMesh of {self.tp} ranks (mesh['tp'] of init_device_mesh(device, (stages, "
+                f"{self.tp}), mesh_dim_names=('pp', 'tp')))" if self.tp > 1 else
+                "no tp_mesh (a plan made with tp=T takes one: fxmem.shard.pipeline(model, x, stages=S, tp=T, ...))"))
         # with precision the graph is exported with low-precision parameters (the computation
         # FSDP2's MixedPrecisionPolicy runs, and the dtypes PipelineStage sizes its buffers by);
         # the stage then gets the fp32 masters back before fully_shard
@@ -288,15 +306,27 @@ class PipelinePlan:
                 for name, p in module.named_parameters():
                     p.data = model.get_parameter(name).data
             _fully_shard_stage(module, self.block_names, dp_mesh, mixed_precision_policy(self.precision))
+        if tp_mesh is not None:
+            from fxmem.shard.stage_tp import distribute_stage
+
+            distribute_stage(pipe.get_stage_module(stage_index), self.tp_plan.param_shard_dims, tp_mesh)
         stage = pipe.build_stage(stage_index, torch.device(device), group)
         if _torch_before(2, 13):
             _only_floating_recv_buffers_require_grad(stage)
         cls = ScheduleGPipe if self.schedule == "gpipe" else Schedule1F1B
-        return pipe, stage, cls(stage, n_microbatches=self.microbatches, loss_fn=loss_fn or self.loss_fn)
+        schedule = cls(stage, n_microbatches=self.microbatches, loss_fn=loss_fn or self.loss_fn)
+        if tp_mesh is not None:
+            from fxmem.shard.stage_tp import step_on_dtensors
+
+            schedule.step = step_on_dtensors(schedule.step, stage.submod)
+        return pipe, stage, schedule
 
     def table(self) -> str:
         dp = (f" x FSDP2 over dp={self.dp} (bytes per rank; microbatches of the dp rank's slice of the batch)"
               if self.dp > 1 else "")
+        if self.tp > 1:
+            dp += (f" x tensor parallel over tp={self.tp} (parameters and gradients per rank; activations whole: an "
+                   "upper bound)")
         out = [f"fxmem.shard pipeline: {len(self.stages)} stages, {self.schedule}, {self.microbatches} microbatches{dp}"]
         out.append("stage  first .. last                                params B  grads B   activations B/microbatch  "
                    "in flight  boundary B  bytes")
@@ -840,7 +870,7 @@ def _plan(atoms, saved, stages, schedule, microbatches, mb, loss_fn, dp=1, block
 
 def pipeline(model: nn.Module, *args: Any, stages: int, schedule: str = "1f1b", microbatches: int | None = None,
              loss_fn: Callable | None = None, target: Any = None, dp: int = 1, precision: str | None = None,
-             backend: str | None = None) -> PipelinePlan:
+             backend: str | None = None, tp: int = 1) -> PipelinePlan:
     """Plan ``stages`` pipeline stages balanced by memory (see the module docstring).
 
     ``args``: the whole batch (split into ``microbatches`` on dim 0, as the schedules split it;
@@ -865,7 +895,20 @@ def pipeline(model: nn.Module, *args: Any, stages: int, schedule: str = "1f1b", 
     ``backend``: the process group's backend the per-rank bytes are for (gloo's all-gather copies
     its output, NCCL's does not); default: the initialized process group's, else ``"nccl"`` where
     CUDA is available, else ``"gloo"``.
+
+    ``tp``: each stage tensor-parallel over ``tp`` ranks (a ``("pp", "tp")`` mesh;
+    ``plan.build(..., group=mesh["pp"].get_group(), tp_mesh=mesh["tp"])``): the parameters split
+    as ``fxmem.shard.plan(model, *microbatch, world_size=tp, vocab=False)`` splits them, the
+    stage's graph run on DTensors (:mod:`fxmem.shard.stage_tp`). Bytes: parameters and gradients
+    per rank; activations and boundaries counted whole (an upper bound: a rank holds less of the
+    sharded ones). Not with ``dp`` (pp × dp × tp is not composed) nor ``precision``.
     """
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        raise ValueError(f"fxmem.shard.pipeline: tp={tp!r}; accepted: a positive int (tensor-parallel ranks per stage)")
+    if tp > 1 and (dp > 1 or precision is not None):
+        raise ValueError(f"fxmem.shard.pipeline: tp={tp} with dp={dp}, precision={precision!r}: pipeline stages "
+                         "compose with FSDP2 over dp or with tensor parallelism over tp, not both (pp x dp x tp is not "
+                         "done); accepted: tp=T with dp=1 and precision=None, or dp=D with tp=1")
     if not isinstance(dp, int) or isinstance(dp, bool) or dp < 1:
         raise ValueError(f"fxmem.shard.pipeline: dp={dp!r}; accepted: a positive int (data-parallel ranks per stage)")
     if precision is not None and precision not in _PRECISIONS:
@@ -895,16 +938,26 @@ def pipeline(model: nn.Module, *args: Any, stages: int, schedule: str = "1f1b", 
                              f"each slice into {microbatches} microbatches")
     mb = _chunk(args, dp * microbatches)   # one microbatch of one dp rank's slice
     target_mb = _chunk((target,), dp * microbatches)[0] if loss_fn is not None else None
-    master = None
+    master, tp_plan = None, None
     if precision is not None:  # measured as it will run: parameters in the compute dtype
         master = {n: p.numel() * p.element_size() for n, p in model.named_parameters()}
         model = _compute_copy(model, precision)
+    if tp > 1:
+        from fxmem.shard.stage_tp import shard_bytes
+        from fxmem.shard.tensor_parallel import plan as plan_tp
+
+        # vocab=False: a vocabulary-split embedding is a module style (masking, all-reduce) that a
+        # graph piece has no module for
+        tp_plan = plan_tp(model, *mb, world_size=tp, vocab=False)
+        master = shard_bytes(model, tp_plan.param_shard_dims, tp)  # each atom's parameters as one rank holds them
     names = _atom_names(model, mb)
     if stages - 1 > len(names[0]) - 1:  # checked before the (slower) export
         raise ValueError(f"fxmem.shard.pipeline: stages={stages} is more than the {len(names[0])} pieces the model "
                          "can be split into (at block children and the projections inside them)")
     atoms, saved = measure_atoms(model, mb, loss_fn, target_mb, names, master=master)
-    return _plan(atoms, saved, stages, schedule, microbatches, mb, loss_fn, dp, blocks(model), precision, backend)
+    plan = _plan(atoms, saved, stages, schedule, microbatches, mb, loss_fn, dp, blocks(model), precision, backend)
+    plan.tp, plan.tp_plan = tp, tp_plan
+    return plan
 
 
 def _resolve_backend(backend: str | None) -> str:

@@ -12,7 +12,10 @@ buffers; CPU allocator events) is between the plan's stage bytes and 1.10 x them
 measured peaks are within 10% of each other (both models, both schedules). On 4 processes (one
 spawn, pp 2 x dp 2, FSDP2 on each stage): fp32 equal to one process, shards and state at rest as
 planned, bf16 (MixedPrecisionPolicy) against one process in the same dtypes, and each stage's
-measured peak within [1.0, 1.10] of the plan's FSDP2 replay, fp32 and bf16.
+measured peak within [1.0, 1.10] of the plan's FSDP2 replay, fp32 and bf16. On 4 processes
+(pp 2 x tp 2, each stage's graph on DTensors): one process's loss, gradients and parameters after
+AdamW, each rank's parameter shards as planned, its peak under the plan's bytes, and the
+all-reduces of the Megatron pairs it holds, no more.
 """
 
 import pytest
@@ -164,12 +167,47 @@ def test_pipeline_rejects_bad_input():
         fxmem.shard.pipeline(model, x, stages=2, precision="bf16")
     with pytest.raises(ValueError, match="backend=3; accepted"):
         fxmem.shard.pipeline(model, x, stages=2, dp=2, backend=3)
+    # pp x tp composes, pp x dp x tp does not (said, not attempted)
+    with pytest.raises(ValueError, match="tp=0; accepted: a positive int"):
+        fxmem.shard.pipeline(model, x, stages=2, tp=0)
+    with pytest.raises(ValueError, match=r"not both \(pp x dp x tp is not done\)"):
+        fxmem.shard.pipeline(model, x, stages=2, tp=2, dp=2)
 
 
 def test_build_dp_mesh_must_match_the_plan(gpt_plan):
     model, plan = gpt_plan
     with pytest.raises(ValueError, match="dp_mesh= needs a plan made with dp=D"):
         plan.build(model, 0, dp_mesh=object())
+    with pytest.raises(ValueError, match=r"the plan is for tp=1; accepted: no tp_mesh"):
+        plan.build(model, 0, tp_mesh=object())
+
+
+def _pp_tp(rank, world):
+    return scale.run_pipeline_tp(rank, world, "gpt_untied", "1f1b")
+
+
+@pytest.mark.distributed
+def test_two_stages_each_tensor_parallel_over_two_ranks_equal_one_process():
+    """4 gloo processes, a ("pp", "tp") mesh of 2 x 2: each stage's graph piece runs on DTensors
+    split by the 1-D tensor-parallel plan, both tp ranks of a stage on the same batch. One 1F1B
+    step and one AdamW step give one process's loss, gradients and parameters (1e-5); each rank
+    holds its shards of its stage's parameters as planned; its peak is under the plan's bytes
+    (activations counted whole there: an upper bound); the gradients come back in their
+    parameters' placements, so AdamW sends nothing; and the step sends the all-reduces of the
+    Megatron pairs the stage holds — one block each: two per microbatch forward, two backward —
+    not one per op that reads a partial sum."""
+    results = tp.spawn(_pp_tp, 4)
+    assert sorted((r["stage"], r["tp_rank"]) for r in results) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for r in results:
+        assert r["max_grad_error"] <= 1e-5 and r["max_param_error"] <= 1e-5, r
+        if r["stage"] == 1:
+            assert r["loss_error"] <= 1e-5, r
+        assert r["sharded_params"] > 0 and r["shard_bytes"] == r["plan_param_bytes"], r
+        assert r["peak_bytes"] <= r["plan_bytes"], r
+        assert r["grads_as_params"] and r["optimizer_collectives"] == {}, r
+        pairs = (r["plan_forward"]["all_reduce"] + r["plan_backward"]["all_reduce"]) // 2  # 2 blocks, 1 a stage
+        assert r["collectives"] == {"all_reduce": 2 * pairs}, r  # 2 microbatches
+    assert "tensor parallel over tp=2" in results[0]["table"]
 
 
 def _two(rank, world):
