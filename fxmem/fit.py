@@ -641,6 +641,28 @@ def inference_candidates(allow: Iterable[str]) -> list[tuple[str, dict[str, Any]
 PRUNE_RATIOS = (0.3, 0.5)
 
 
+def _tensor_parallel_weights_error(options: Mapping[str, Any], tp: int) -> str:
+    """Why an inference candidate's weight options are not estimated on a ``tp``-way tensor-parallel
+    model ("" when they are). A tensor-parallel rank's parameters are DTensors, which the backend
+    does not freeze into the inference graph (:meth:`fxmem.backend.FxmemBackend._compile_inference`:
+    tensor subclasses are desugared into more placeholders): int8, quantize, lowrank and prune then
+    find no weights and leave the graph as it was (int8, quantize and prune measured with a fake
+    process group: 0 layers, 0 groups, no warning), and precision computes in bf16 with the weights kept fp32, cast at
+    each use, which fit's estimate (weights stored bf16) does not model."""
+    from fxmem.backend import inference_weight_options
+
+    weights = inference_weight_options(parse_options(dict(options))) if tp > 1 else []
+    lossy = [w for w in weights if w != "precision"]
+    if lossy:
+        return (f"{' and '.join(lossy)} {'does' if len(lossy) == 1 else 'do'} not apply with tp {tp}: the "
+                "tensor-parallel weights are DTensors, which the backend does not freeze into the inference "
+                "graph, so the pass finds no weights (0 layers / groups, no warning)")
+    if weights:
+        return (f"precision is not estimated with tp {tp}: the backend does not freeze the DTensor weights, so "
+                "they stay fp32 and are cast at each use, which fit does not model")
+    return ""
+
+
 def _prune_label(ratio: float) -> str:
     return f"prune {ratio}"
 
@@ -800,11 +822,7 @@ def _estimate_inference_trace(gm: fx.GraphModule, device_inputs: list, params: M
             aten_gm = _pruned_graph(aten_gm, params, prune, sink)
         local = None
         notes = tp_notes if tp_notes is not None else []
-        if tp_plan is not None and prune is not None:
-            # the pruned copy's parameters are frozen (get_attr): the placement propagation reads
-            # them by placeholder index, so it would misplace them; a pruned rank counts whole
-            notes.append("a pruned candidate's activations whole (an upper bound)")
-        elif tp_plan is not None:
+        if tp_plan is not None:  # (fit estimates no pruned graph with tp > 1)
             (output,) = [n for n in aten_gm.graph.nodes if n.op == "output"]
             n_out = len(output.args[0]) if isinstance(output.args[0], (list, tuple)) else 1
             local = _tp_local(aten_gm, params, tp_plan, tp, n_out, notes)  # every output a forward one
@@ -1103,10 +1121,12 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
     else:
         capture_graphs(model, args, kwargs, training=False,
                        on_graph=lambda gm, ex: _estimate_inference_graph(
-                           gm, ex, sinks, traced_on, PRUNE_RATIOS if "prune" in allow else (), tp_plan, tp, tp_notes))
+                           gm, ex, sinks, traced_on, PRUNE_RATIOS if "prune" in allow and tp == 1 else (),
+                           tp_plan, tp, tp_notes))
         chunked = sinks["no chunk"]["_differs"]  # the default chunked something (an evaluation loss)
         for cand in candidates:
-            if "prune" in cand.options:
+            cand.error = _tensor_parallel_weights_error(cand.options, tp)
+            if "prune" in cand.options and not cand.error:
                 pruned = sinks[_graph_label(cand.options)]
                 if pruned.get("_error"):  # the pass would be skipped: never estimate it as applied
                     cand.error = pruned["_error"]

@@ -313,12 +313,6 @@ def test_mesh_inference_counts_one_ranks_activations_against_a_hand_count():
     r = fxmem.fit(model, x, memory="1GiB", mode="inference", mesh={"tp": 2})
     assert r.chosen.options == {} and r.chosen.parts["activations"] == 1024 + 512
     assert "activations: " in r.per_rank_source
-    # a pruned candidate's graph has its parameters frozen: its activations are counted whole
-    # (an upper bound), and the result says so, rather than propagating placements by the wrong index
-    pruned = fxmem.fit(model, x, memory="1GiB", mode="inference", mesh={"tp": 2}, allow=["prune"])
-    half = next(c for c in pruned.candidates if c.options == {"prune": {"ratio": 0.5}})
-    assert half.parts["activations"] == 8 * 32 * 4 + 512  # the pruned [8, 32] GELU and the [8, 16] output, whole
-    assert "pruned candidate's activations whole" in pruned.per_rank_source
 
 
 def test_mesh_replicated_layers_count_whole_and_plan_failure_keeps_the_even_split(monkeypatch):
@@ -418,3 +412,37 @@ def test_prune_is_never_estimated_where_the_pass_would_be_skipped(monkeypatch):
     weights = sum(p.numel() * 4 for p in model.parameters())
     with pytest.raises(FitError):  # below the weights only pruning would fit: nothing does
         fitted.refit(weights * 0.8)
+
+
+def test_weight_options_are_never_estimated_on_a_tensor_parallel_model():
+    """A tp rank's parameters are DTensors, which the backend does not freeze into the inference
+    graph: the prune (and int8, quantize) pass finds no weights there and leaves the model whole,
+    without a warning (checked here on one rank of a fake process group). fit must not estimate
+    pruned or quantized weights with tp > 1 — it lists those candidates with the reason, never
+    chooses them — and keeps estimating them without tp."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from fxmem.testing.scale import fake_rank
+    from fxmem.testing.tp import TwoLayerMLP
+
+    torch.manual_seed(0)
+    model, x = TwoLayerMLP().eval(), torch.randn(8, 16)
+    plan = fxmem.shard.plan(copy.deepcopy(model), x, mesh={"tp": 2})
+    with fake_rank(2):
+        sharded = fxmem.shard.apply(copy.deepcopy(model), plan, init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp", "tp")))
+        for options, name, found in (({"prune": {"ratio": 0.5}}, "prune", "groups_found"),
+                                     ({"int8": "weight_only"}, "int8", "layers")):
+            torch._dynamo.reset()
+            backend = fxmem.backend(**options)
+            with torch.no_grad():
+                torch.compile(sharded.eval(), backend=backend)(x)
+            (record,) = [r for r in backend.recorder.records if r.name == name]
+            assert record.status == "unchanged" and not record.stats[found], record  # nothing to rewrite
+    fitted = fxmem.fit(model, x, memory="1GiB", mode="inference", mesh={"tp": 2}, allow=["prune", "int8", "quantize"])
+    weights = [c for c in fitted.candidates if {"prune", "int8", "quantize"} & set(c.options)]
+    assert len(weights) == 8 and all("not apply with tp 2" in c.error and not c.fits for c in weights)
+    assert "prune does not apply with tp 2" in fitted.table and fitted.options == {}
+    alone = fxmem.fit(model, x, memory="1GiB", mode="inference", allow=["prune"])  # no tp: estimated
+    assert all(not c.error for c in alone.candidates)

@@ -835,6 +835,22 @@ def run_pipeline_tp(rank: int, world_size: int, case: str, schedule: str = "1f1b
             "max_param_error": max(float((p - reference["params"][n]).abs().max()) for n, p in out.items())}
 
 
+@contextlib.contextmanager
+def fake_rank(world_size: int, rank: int = 0):
+    """This process as ``rank`` of ``world_size`` on PyTorch's fake process group
+    (``torch.testing._internal.distributed.fake_pg``): collectives return at once and compute
+    nothing, but every tensor a rank allocates is allocated — one rank's memory, measured in one
+    process (a dp 2 × tp 2 GPT step's peak equals gloo's rank to the byte, docs/fit.md
+    "Distributed"). Numbers computed under it are meaningless. The group is destroyed on exit."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def fit_case(case: str, shape: str = "tiny", layers: int = 2, per_dp: int | None = None) -> tuple[nn.Module, tuple, dict]:
     """A model of :func:`build` and the arguments of its training step: ``(model, args, kwargs)``.
 
