@@ -8,10 +8,13 @@ options and with a remat budget, one training step's peak measured on every rank
 (d 128, T 128, vocab 256, batch 4: the sharded activations most of the step) and ``large`` (d 256,
 4 heads, T 128, vocab 2048, batch 4), 2 layers. ``--modes inference`` measures fit's inference
 choice instead: each rank's no-grad forward peak (:func:`fxmem.testing.scale.mesh_inference_peak`).
-Writes ``benchmarks/results/fit_mesh_cpu.json``; rows of cases not run this time are kept from the
-file (each row says when it was measured: ``measured_at``).
+A case ``case:dp:tp:shape:novocab`` plans with ``vocab=False`` (embeddings and head whole over tp:
+the plan that compiles with dp > 1 on torch 2.13, docs/shard.md "Compile"); fit gets the same plan
+(``plan=``). Writes ``benchmarks/results/fit_mesh_cpu.json``; rows of cases not run this time are
+kept from the file (each row says when it was measured: ``measured_at``).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/fit_mesh.py [--quick] [--cases gpt_untied:1:2:tiny,...] [--modes training,inference]
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/fit_mesh.py [--quick] [--modes training,inference]
+        [--cases gpt_untied:1:2:tiny,gpt_untied:2:2:tiny:novocab,...]
 """
 from __future__ import annotations
 
@@ -26,15 +29,18 @@ FULL = "gpt_untied:1:2:tiny,llama:1:2:tiny,gpt_untied:1:2:medium,gpt_untied:1:2:
 BUDGET = 0.5  # the remat budget measured beside fit's choice
 
 
-def _rank(rank: int, world: int, case: str, dp: int, t: int, shape: str, budgets: tuple, mode: str) -> list[dict]:
+def _rank(rank: int, world: int, case: str, dp: int, t: int, shape: str, budgets: tuple, mode: str,
+          vocab) -> list[dict]:
     if mode == "inference":  # fit's choice only: the remat budgets are training options
-        return scale.run_fit_mesh(rank, world, case, dp, t, shape=shape, mode=mode)
+        return scale.run_fit_mesh(rank, world, case, dp, t, shape=shape, mode=mode, vocab=vocab)
     extra = tuple({"remat": {"budget": b}} for b in budgets)
-    return scale.run_fit_mesh(rank, world, case, dp, t, shape=shape, budgets=budgets, extra=extra)
+    return scale.run_fit_mesh(rank, world, case, dp, t, shape=shape, budgets=budgets, extra=extra, vocab=vocab)
 
 
 def _key(row: dict) -> tuple:
-    return row["case"], row["shape"], row["dp"], row["tp"], row.get("mode", "training")
+    # rows before vocab=False cases were planned with the vocabulary split wherever it applied
+    novocab = row.get("planned_vocab") is False
+    return row["case"], row["shape"], row["dp"], row["tp"], row.get("mode", "training"), novocab
 
 
 def main() -> None:
@@ -49,19 +55,21 @@ def main() -> None:
     stamp = time.strftime("%Y-%m-%d %H:%M")
     rows = []
     for spec, mode in [(c, m) for m in a.modes.split(",") for c in cases]:
-        case, dp, t, shape = spec.split(":")
+        case, dp, t, shape, *flags = spec.split(":")
+        vocab = False if flags == ["novocab"] else "auto"
         start = time.time()
         try:
-            ranks = tp.spawn(_rank, int(dp) * int(t), case, int(dp), int(t), shape, budgets, mode)
+            ranks = tp.spawn(_rank, int(dp) * int(t), case, int(dp), int(t), shape, budgets, mode, vocab)
         except Exception as exc:  # noqa: BLE001 - recorded: a composition that does not compile here
             last = [ln for ln in str(exc).splitlines() if "Error" in ln][-1:]
             rows.append({"case": case, "shape": shape, "dp": int(dp), "tp": int(t), "mode": mode,
-                         "error": " ".join(last)[:400], "measured_at": stamp})
+                         "planned_vocab": vocab, "error": " ".join(last)[:400], "measured_at": stamp})
             print(f"{case:12} {shape:5} dp {dp} tp {t}: failed: {rows[-1]['error']}", flush=True)
             continue
         for rank_rows in ranks:
             for r in rank_rows:
                 r["wall_s"] = round(time.time() - start, 1)
+                r["planned_vocab"] = vocab
                 r["measured_at"] = stamp
                 rows.append(r)
                 print(f"{case:12} {shape:5} {mode:9} dp {dp} tp {t} rank {r['rank']}: estimate {r['estimate']} B, measured "

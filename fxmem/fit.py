@@ -345,11 +345,13 @@ def ban_collective_recompute(joint: fx.GraphModule, local) -> int:
 
 
 def _estimate_training_graph(gm: fx.GraphModule, example_inputs: list, candidates: list[Candidate],
-                             device: torch.device, tp_plan=None, tp: int = 1, tp_notes: list | None = None) -> None:
+                             device: torch.device, tp_plan=None, tp: int = 1, tp_notes: list | None = None,
+                             dp: int = 1) -> None:
     """Add one Dynamo graph's activation peak and time cost to each training candidate (the joint
     graph traced with fake tensors on ``device``: :func:`on_device`). With ``tp_plan`` (a
     :class:`fxmem.shard.tensor_parallel.ShardPlan` over ``tp`` ranks) the estimate is one rank's:
-    every node's local share (:func:`fxmem.analysis.local_sizes.tp_local_sizes`)."""
+    every node's local share (:func:`fxmem.analysis.local_sizes.tp_local_sizes`); with ``dp`` > 1
+    also the peak with each gradient ÷ dp from where it is made (:func:`_estimate_partition`)."""
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._functorch.partitioners import default_partition
 
@@ -389,7 +391,7 @@ def _estimate_training_graph(gm: fx.GraphModule, example_inputs: list, candidate
                     ban_collective_recompute(joint, local)
             with shared_cuts():  # the budgets' peak guards compare the same cuts: build each once
                 _estimate_group(group, joint, joint_inputs, num_fwd_outputs,
-                                static_lifetime_input_indices or params, local)
+                                static_lifetime_input_indices or params, local, dp)
             if stop:  # Inductor need not lower or generate code: the estimates are all fit wanted
                 raise _Estimated
             return default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs,
@@ -515,16 +517,24 @@ def cpu_conv_layout_copies(fw: fx.GraphModule) -> int:
 
 
 def _peak_with_workspace(timeline, fw: fx.GraphModule, bw: fx.GraphModule | None,
-                         extra: Mapping[str, int] | None = None, training: bool = False) -> int:
+                         extra: Mapping[str, int] | None = None, grads_made: Mapping[str, int] | None = None,
+                         dp: int = 1, training: bool = False) -> int:
     """The timeline's peak, or higher where an op's own workspace sits on top of the live bytes.
     ``extra``: node name → bytes alive while it runs beyond its output (a collective's buffers).
+    ``grads_made``: backward node name → bytes of the gradient it makes; each then counts ÷ ``dp``
+    from that node on (FSDP2's reduce-scatter after each unit's backward).
     ``training``: a CPU convolution's channels-last copies are held, not workspace."""
 
     nodes = {("forward", n.name): n for n in fw.graph.nodes}
     if bw is not None:
         nodes.update({("backward", n.name): n for n in bw.graph.nodes})
-    peak = timeline.peak_bytes
+    peak = timeline.peak_bytes if grads_made is None else 0
+    made = 0
     for stage, name, live in timeline.points:
+        if grads_made is not None:
+            made += grads_made.get(name, 0) if stage == "backward" else 0
+            live = live - made + made // dp
+            peak = max(peak, live)
         node = nodes.get((stage, name))
         if node is not None:
             workspace = _op_workspace(node, copies=not training)
@@ -538,7 +548,7 @@ def _peak_with_workspace(timeline, fw: fx.GraphModule, bw: fx.GraphModule | None
 
 
 def _estimate_group(group: list[Candidate], joint: fx.GraphModule, joint_inputs, num_fwd_outputs: int,
-                    static, local=None) -> None:
+                    static, local=None, dp: int = 1) -> None:
     """Each candidate of ``group`` partitions (a copy of) the same joint graph; its estimate is added
     (one rank's, under ``local``: :class:`fxmem.analysis.local_sizes.LocalSizes`)."""
     from fxmem.analysis.sizes import local_sizes
@@ -550,13 +560,21 @@ def _estimate_group(group: list[Candidate], joint: fx.GraphModule, joint_inputs,
         try:
             with local_sizes(local) if local is not None else contextlib.nullcontext():
                 # the partition too: a rank's remat weighs its local tensors
-                _estimate_partition(cand, joint, joint_inputs, config, num_fwd_outputs, static, local)
+                _estimate_partition(cand, joint, joint_inputs, config, num_fwd_outputs, static, local, dp)
         except Exception as exc:  # noqa: BLE001 - a candidate that cannot compile is reported, not chosen
             cand.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
 
 
 def _estimate_partition(cand: Candidate, joint: fx.GraphModule, joint_inputs, config: FxmemConfig,
-                        num_fwd_outputs: int, static, local=None) -> None:
+                        num_fwd_outputs: int, static, local=None, dp: int = 1) -> None:
+    """Add one candidate's partition of ``joint`` to ``cand.parts``: the timeline's peak above the
+    inputs (``activations``: saved activations, temporaries and every gradient, held to the end),
+    the gradients it holds (``_grads``, with ``local``), FLOPs and bytes moved. With ``dp`` > 1,
+    ``_dp_activations``: the same walk with each gradient counted ÷ dp from the node that makes it
+    on — FSDP2 reduce-scatters a unit's gradients right after its backward, so a rank never holds
+    them all whole, and its peak is earlier, where the activations are (on the dp 2 × tp 2 GPT
+    the single-process peak is at the end of the backward, every gradient alive; a rank's is at
+    its start)."""
     from fxmem.analysis.saved import forward_outputs
     from fxmem.analysis.sizes import PARAM_META_KEY, node_bytes, storage_root
     from fxmem.backend import partition
@@ -579,10 +597,15 @@ def _estimate_partition(cand: Candidate, joint: fx.GraphModule, joint_inputs, co
     parts["batch"] = max(parts.get("batch", 0), timeline.input_bytes)
     parts["activations"] = parts.get("activations", 0) + _peak_with_workspace(
         timeline, fw, bw, local.transients if local is not None else None, training=True) - timeline.input_bytes
-    parts["activations"] += cpu_conv_layout_copies(fw)
+    conv_copies = cpu_conv_layout_copies(fw)
+    parts["activations"] += conv_copies
+    roots = {storage_root(n) for n in forward_outputs(bw) if isinstance(n, fx.Node)}
     if local is not None:  # the gradients the timeline holds are this rank's (fit swaps in the plan's)
-        roots = {storage_root(n) for n in forward_outputs(bw) if isinstance(n, fx.Node)}
         parts["_grads"] = parts.get("_grads", 0) + sum(node_bytes(r) for r in roots)
+    if dp > 1:
+        sharded_peak = _peak_with_workspace(timeline, fw, bw, local.transients if local is not None else None,
+                                            {r.name: node_bytes(r) for r in roots}, dp, training=True)
+        parts["_dp_activations"] = parts.get("_dp_activations", 0) + sharded_peak - timeline.input_bytes + conv_copies
     parts["_flops"] = parts.get("_flops", 0) + fw_cost.flops + bw_cost.flops
     parts["_bytes"] = parts.get("_bytes", 0) + fw_cost.bytes_moved + bw_cost.bytes_moved
 
@@ -1003,6 +1026,35 @@ def _ranks(world_size: int | None, mesh: Mapping[str, int] | None) -> tuple[int,
     return world_size, 1
 
 
+def _plan_ranks(plan: Any, model: torch.nn.Module, world_size: int | None, mesh: Mapping[str, int] | None
+                ) -> tuple[int, int]:
+    """(dp, tp) of a caller's ``plan=`` (a :class:`fxmem.shard.mesh.MeshPlan`), after checking that it
+    is one, that ``mesh=`` (if given) is its mesh, and that it was made for this model."""
+    # imported here, as in _mesh_state: fxmem.shard pulls torch.distributed's tensor-parallel modules
+    from fxmem.shard.mesh import MeshPlan
+
+    accepted = ("accepted: the MeshPlan that fxmem.shard.plan(model, *args, mesh={'dp': D, 'tp': T}, ...) "
+                "returns (for tensor parallelism alone, mesh={'dp': 1, 'tp': N})")
+    if not isinstance(plan, MeshPlan):
+        raise FitError(f"fxmem.fit: plan= is a {type(plan).__name__}; {accepted}")
+    if world_size is not None:
+        raise FitError("fxmem.fit: give plan= (its mesh sets the ranks) or world_size=, not both")
+    planned = {"dp": plan.dp, "tp": plan.tp}
+    if mesh is not None and _ranks(None, mesh) != (plan.dp, plan.tp):
+        raise FitError(f"fxmem.fit: mesh={dict(mesh)!r} but plan= was made for mesh={planned!r}; accepted: "
+                       "mesh= absent (the plan's mesh is used) or equal to the plan's")
+    if plan.precision is not None:
+        raise FitError(f"fxmem.fit: plan= has precision={plan.precision!r} (FSDP2's mixed precision), which fit "
+                       "does not model; accepted: a plan without precision= (fit's own bf16 candidates are "
+                       "tried with allow=['precision'])")
+    unique = {id(p): p for p in model.parameters()}
+    params = sum(p.numel() * p.element_size() for p in unique.values())
+    if params != plan.single.params:
+        raise FitError(f"fxmem.fit: plan= was made for a model of {plan.single.params} parameter bytes, this model "
+                       f"has {params}; accepted: fxmem.shard.plan's plan of this model")
+    return plan.dp, plan.tp
+
+
 @dataclass
 class _PerRank:
     """Per-rank model-state bytes under a mesh, and where they come from."""
@@ -1012,40 +1064,73 @@ class _PerRank:
     unit: int      # the largest FSDP unit as all-gathered on one rank (tensor-parallel local shard)
     source: str
     tp_plan: Any = None  # the plan's ShardPlan: which nodes a rank holds a shard of (activations ÷ tp)
+    root: int = 0  # the root unit (parameters no block holds) as all-gathered on one rank
 
 
-def _mesh_state(model: torch.nn.Module, args: tuple, kwargs: dict, dp: int, tp: int) -> _PerRank | None:
-    """Per-rank state from :func:`fxmem.shard.plan` with ``mesh={"dp": dp, "tp": tp}``: parameters
-    and gradients as the plan splits them (replicated layers whole, the vocabulary split or not,
+def _mesh_state(model: torch.nn.Module, args: tuple, kwargs: dict, dp: int, tp: int, given: Any = None
+                ) -> _PerRank | None:
+    """Per-rank state from :func:`fxmem.shard.plan` with ``mesh={"dp": dp, "tp": tp}`` (or from
+    ``given``, the caller's own plan of that mesh: with ``vocab=False``, say): parameters and
+    gradients as the plan splits them (replicated layers whole, the vocabulary split or not,
     FSDP2's padded dim-0 shards), and the largest unit's tensor-parallel shard, which FSDP2
-    all-gathers. ``None`` with ``tp == 1`` (FSDP alone: state ÷ dp is exact up to padding).
-    A model the plan cannot shard keeps fit's ÷ dp·tp bound; the returned source says why."""
-    if tp == 1:
+    all-gathers. ``None`` with ``tp == 1`` and no plan given (FSDP alone: state ÷ dp is exact up
+    to padding). A model the plan cannot shard keeps fit's ÷ dp·tp bound; the returned source says why."""
+    if tp == 1 and given is None:
         return None
     # imported here: fxmem.shard pulls torch.distributed's tensor-parallel modules, which a
     # single-process fit does not need
     from fxmem.shard import plan as shard_plan
-    try:
-        p = shard_plan(model, *args, kwargs=kwargs, mesh={"dp": dp, "tp": tp})
-    except Exception as e:  # the plan's own errors name the op / module it cannot shard
-        msg = " ".join(str(e).split())[:160]
-        return _PerRank(0, 0, 0, f"fxmem.shard.plan failed ({type(e).__name__}: {msg}); "
-                                 f"state ÷ {dp * tp} and activations undivided: an upper bound")
+    p = given
+    if p is None:
+        try:
+            p = shard_plan(model, *args, kwargs=kwargs, mesh={"dp": dp, "tp": tp})
+        except Exception as e:  # the plan's own errors name the op / module it cannot shard
+            msg = " ".join(str(e).split())[:160]
+            return _PerRank(0, 0, 0, f"fxmem.shard.plan failed ({type(e).__name__}: {msg}); "
+                                     f"state ÷ {dp * tp} and activations undivided: an upper bound")
     unit = max((u.per_rank_bytes * dp for u in p.units if u.module), default=0)
+    root = sum(u.per_rank_bytes * dp for u in p.units if not u.module)
     # buffers (rotary tables, masks) are not parameters: every rank holds them whole
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     split = p.per_rank.params / max(p.single.params, 1)
+    vocab = "" if p.tp_plan is None else f", vocabulary split: {'yes' if p.tp_plan.vocab else 'no'}"
     return _PerRank(p.per_rank.params + buffers, p.per_rank.grads, unit,
-                    f"fxmem.shard.plan (dp {dp} × tp {tp}): parameters {p.per_rank.params} B of "
-                    f"{p.single.params} B per rank ({split:.3f})", p.tp_plan)
+                    f"fxmem.shard.plan{' given' if given is not None else ''} (dp {dp} × tp {tp}{vocab}): "
+                    f"parameters {p.per_rank.params} B of {p.single.params} B per rank ({split:.3f})", p.tp_plan,
+                    root)
 
 
-def _largest_unit_bytes(model: torch.nn.Module) -> int:
-    """Parameter bytes of the largest FSDP unit: a member of a ModuleList/Sequential (a transformer
-    block, usually), or the largest parameter where the model has no such list."""
-    units = [sum(p.numel() * p.element_size() for p in m.parameters())
-             for lst in model.modules() if isinstance(lst, (torch.nn.ModuleList, torch.nn.Sequential)) for m in lst]
-    return max(units or [max((p.numel() * p.element_size() for p in model.parameters()), default=0)])
+def _fsdp_units(model: torch.nn.Module) -> tuple[int, int]:
+    """Parameter bytes of the largest FSDP unit — a member of a ModuleList/Sequential (a transformer
+    block, usually), or the largest parameter where the model has no such list — and of the root
+    unit (the parameters no member holds: embeddings, final norm, head)."""
+    members = [m for lst in model.modules() if isinstance(lst, (torch.nn.ModuleList, torch.nn.Sequential)) for m in lst]
+    units = [sum(p.numel() * p.element_size() for p in m.parameters()) for m in members]
+    held = {id(p) for m in members for p in m.parameters()}
+    root = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
+               if id(p) not in held)
+    return max(units or [max((p.numel() * p.element_size() for p in model.parameters()), default=0)]), root
+
+
+def _fsdp_gathered(unit: int, root: int, training: bool, activations: int) -> int:
+    """Bytes FSDP2 holds gathered beside the sharded state at a rank's peak, read from
+    ``torch.distributed.fsdp._fully_shard`` (torch 2.13) and measured (docs/fit.md, "Distributed"):
+
+    * the root unit's parameters, whole over dp (``root``): FSDP2 does not reshard the root after
+      forward; in training it reshards at the end of backward, in inference never (the next call
+      finds them gathered);
+    * a block unit (``unit``) twice while it computes: its copied-out parameters and the flat
+      all-gather buffer they came from, which FSDP2 keeps until the next unit's all-gather is
+      waited on (``comm_ctx.all_gather_state``);
+    * a third ``unit`` — in training the next unit's all-gather, prefetched in the backward, or the
+      previous unit's reduce-scatter input, held until this unit's reduce-scatter
+      (``reduce_scatter_states``); in inference the next unit's all-gather, made beside the
+      previous one's buffer with only the hidden state alive, so it adds where it exceeds the
+      estimated activations.
+    """
+    if training:
+        return root + 3 * unit
+    return root + 2 * unit + max(0, unit - activations)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1055,8 +1140,9 @@ def _largest_unit_bytes(model: torch.nn.Module) -> int:
 
 def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = None, memory: int | float | str,
         mode: str = "training", allow: Iterable[str] = (), optimizer: str | None = None,
-        world_size: int | None = None, mesh: Mapping[str, int] | None = None, headroom: float = 0.10,
-        device: str | torch.device | None = None, budgets: Sequence[float] = REMAT_BUDGETS) -> FitResult:
+        world_size: int | None = None, mesh: Mapping[str, int] | None = None, plan: Any = None,
+        headroom: float = 0.10, device: str | torch.device | None = None,
+        budgets: Sequence[float] = REMAT_BUDGETS) -> FitResult:
     """The fastest fxmem options whose estimated peak fits ``memory`` (bytes, or ``"12GiB"``).
 
     ``mode``: ``"training"`` (a step: forward, backward, gradients; ``optimizer`` ``"sgd"``,
@@ -1068,7 +1154,12 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
     with ``tp`` > 1 as :func:`fxmem.shard.plan` splits them (``FitResult.per_rank_source`` says
     so, or why the plan failed and the even split was kept); in training the activations are one
     rank's share of every node, the plan's placements propagated over the joint graph, with the
-    all-gathers' buffers, in training and inference alike (docs/fit.md, "Distributed"). ``headroom``: the
+    all-gathers' buffers, in training and inference alike (docs/fit.md, "Distributed"). ``plan``:
+    the :class:`~fxmem.shard.mesh.MeshPlan` the caller will ``fxmem.shard.apply`` (from
+    ``fxmem.shard.plan(model, ..., mesh=...)``, e.g. with ``vocab=False``), used instead of fit's
+    own plan; its mesh sets dp and tp (``mesh=``, if given, must equal it). With tp > 1, inference
+    candidates that rewrite weights (int8, quantize, prune, precision) are listed with an error and
+    never chosen: the backend does not freeze DTensor weights, so those passes find none. ``headroom``: the
     fraction of ``memory`` kept free for what the estimate does not see (allocator rounding,
     the caller's own tensors). ``device``: whose speeds rank the candidates (default: the model's).
     ``budgets``: the remat budgets tried beside remat off and free recompute (each costs a min-cut
@@ -1093,7 +1184,7 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
         raise FitError(f"fxmem.fit: headroom={headroom!r}; accepted: a float in [0, 1)")
     if not isinstance(model, torch.nn.Module):
         raise FitError(f"fxmem.fit: model must be a torch.nn.Module, got {type(model).__name__}")
-    dp, tp = _ranks(world_size, mesh)
+    dp, tp = _ranks(world_size, mesh) if plan is None else _plan_ranks(plan, model, world_size, mesh)
     ranks = dp * tp
     kwargs = dict(kwargs or {})
     dev_type = torch.device(device).type if device is not None else next(
@@ -1110,14 +1201,14 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
     sinks: dict[str, dict] = {}
     traced_on = trace_device(model)
     # the plan first: in training its placements make the activations one rank's
-    mesh_state = _mesh_state(model, args, kwargs, dp, tp) if mesh is not None else None
+    mesh_state = _mesh_state(model, args, kwargs, dp, tp, plan) if mesh is not None or plan is not None else None
     planned = mesh_state is not None and mesh_state.params > 0
     tp_plan = mesh_state.tp_plan if planned else None
     tp_notes: list[str] = []
     if training:
         capture_graphs(model, args, kwargs, training=True,
                        on_graph=lambda gm, ex: _estimate_training_graph(gm, ex, candidates, traced_on, tp_plan, tp,
-                                                                        tp_notes))
+                                                                        tp_notes, dp))
     else:
         capture_graphs(model, args, kwargs, training=False,
                        on_graph=lambda gm, ex: _estimate_inference_graph(
@@ -1157,11 +1248,15 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
                                              if k not in ("_differs", "_pruned_groups", "_error")}
         flops, moved = parts.pop("_flops", 0), parts.pop("_bytes", 0)
         if training:
+            # the timeline holds every gradient (a tp rank's share with a plan); FSDP keeps 1/dp
+            # of them after each unit's reduce-scatter: with dp > 1 the walk that shards each
+            # gradient where it is made, else the plan's per-rank figure replaces them
+            held = parts.pop("_grads", grads)
+            sharded = parts.pop("_dp_activations", None)
             new = {"parameters": rank_state, "optimizer": OPTIMIZER_STATE[optimizer] * rank_grads,
                    "batch": parts.get("batch", 0),
-                   # the timeline holds every gradient (a tp rank's share with a plan); FSDP keeps
-                   # 1/dp of them after each reduce-scatter: the plan's per-rank figure replaces them
-                   "activations+gradients": parts.get("activations", 0) - parts.pop("_grads", grads) + rank_grads}
+                   "activations+gradients": sharded if sharded is not None
+                   else parts.get("activations", 0) - held + rank_grads}
         else:
             graphs = parts.pop("_graphs", [])
             # a name not found keeps its whole size: the estimate errs high, never low
@@ -1174,9 +1269,9 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
             moved = moved - state + new["parameters"] * ranks  # the weights read are the stored ones
             moved += sum(_linear_traffic(cand.options, torch.device(dev_type), out, shape)
                          for g in graphs for _, out, shape in g.linears)
-        if ranks > 1 and dp > 1:  # FSDP all-gathers one unit's parameters (and its gradients before reduce-scatter)
-            unit = mesh_state.unit if planned else _largest_unit_bytes(model) // tp
-            new["fsdp unit"] = 2 * unit if training else unit
+        if ranks > 1 and dp > 1:  # FSDP2's gathered root, and its all-gather / reduce-scatter buffers of a unit
+            unit, root = (mesh_state.unit, mesh_state.root) if planned else (b // tp for b in _fsdp_units(model))
+            new["fsdp gathered"] = _fsdp_gathered(unit, root, training, new.get("activations", 0))
         cand.parts = new
         cand.estimate = int(sum(new.values()))
         cand.cost = float(flops + balance * moved)

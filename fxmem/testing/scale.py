@@ -884,9 +884,15 @@ def _sharded_fit_case(case: str, dp: int, tp: int, shape: str, layers: int, per_
 
 def _held_bytes(sharded: nn.Module, args: tuple, kw: dict) -> int:
     """This rank's local bytes of the parameters, buffers and batch, each tensor once (HF models
-    take their ``labels`` as the ``input_ids`` tensor itself)."""
+    take their ``labels`` as the ``input_ids`` tensor itself). A module FSDP2 left unsharded (the
+    root after a no-grad call: it is not resharded after forward) holds its shards *and* its
+    gathered parameters, which ``parameters()`` then returns: both are counted."""
     tensors = {id(t): t for t in [*sharded.parameters(), *sharded.buffers(), *args, *kw.values()]
                if isinstance(t, torch.Tensor)}
+    for module in sharded.modules():
+        state = module._get_fsdp_state() if hasattr(module, "_get_fsdp_state") else None
+        for group in state._fsdp_param_groups if state is not None else ():
+            tensors.update((id(fp.sharded_param), fp.sharded_param) for fp in group.fsdp_params)
     return sum(tensor_bytes(_local(t)) for t in tensors.values())
 
 
@@ -935,19 +941,19 @@ def mesh_inference_peak(rank: int, world_size: int, case: str, dp: int, tp: int,
 
 
 def run_fit_mesh(rank: int, world_size: int, case: str, dp: int, tp: int, layers: int = 2, per_dp: int | None = None,
-                 shape: str = "tiny", budgets: tuple = (), extra: tuple = (), mode: str = "training") -> list[dict]:
-    """One rank's check of :func:`fxmem.fit`'s per-rank estimate with ``mesh={"dp": dp, "tp": tp}``
-    in ``mode`` (inference: measured by :func:`mesh_inference_peak`): fit's chosen options (no
-    optimizer state) and each of ``extra`` (option dicts among fit's candidates: ``budgets`` adds
-    remat budgets to them), each measured by
-    :func:`mesh_step_peak` with the plan fit used. One row per options measured."""
+                 shape: str = "tiny", budgets: tuple = (), extra: tuple = (), mode: str = "training",
+                 vocab: Any = "auto") -> list[dict]:
+    """One rank's check of :func:`fxmem.fit`'s per-rank estimate on a ``dp × tp`` mesh in ``mode``
+    (inference: measured by :func:`mesh_inference_peak`): ``fxmem.shard.plan(mesh={"dp": dp, "tp":
+    tp}, vocab=vocab)`` made once and given to both fit (``plan=``) and the measurement, as a user
+    would; fit's chosen options (no optimizer state) and each of ``extra`` (option dicts among
+    fit's candidates: ``budgets`` adds remat budgets to them), each measured by
+    :func:`mesh_step_peak`. One row per options measured."""
     import fxmem
 
     model, args, kw = fit_case(case, shape, layers, per_dp)
-    mesh_sizes = {"dp": dp, "tp": tp}
-    fit = fxmem.fit(copy.deepcopy(model), *args, kwargs=kw, memory="64GiB", mode=mode, mesh=mesh_sizes,
-                    budgets=budgets)
-    plan = fxmem.shard.plan(copy.deepcopy(model), *args, kwargs=kw, mesh=mesh_sizes)
+    plan = fxmem.shard.plan(copy.deepcopy(model), *args, kwargs=kw, mesh={"dp": dp, "tp": tp}, vocab=vocab)
+    fit = fxmem.fit(copy.deepcopy(model), *args, kwargs=kw, memory="64GiB", mode=mode, plan=plan, budgets=budgets)
     measure = mesh_step_peak if mode == "training" else mesh_inference_peak
     rows = []
     for options in [fit.options, *[o for o in extra if o != fit.options]]:
