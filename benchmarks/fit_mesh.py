@@ -1,8 +1,9 @@
 """fxmem.fit's per-rank estimate with a mesh against the measured per-rank peak (issue 15).
 
-Each case spawns dp·tp gloo processes (:func:`fxmem.testing.scale.run_fit_mesh`): fit with
-``mesh={"dp": D, "tp": T}`` (per-rank state from ``fxmem.shard.plan``, activations as one rank
-holds them), the model sharded by ``fxmem.shard.apply`` with that plan, compiled with fit's chosen
+Each case spawns dp·tp gloo processes (:func:`fxmem.testing.scale.run_fit_mesh`): one
+``fxmem.shard.plan(mesh={"dp": D, "tp": T})`` given to fit (``plan=``: per-rank state from it,
+activations as one rank holds them, FSDP2's gathered bytes with D > 1) and to
+``fxmem.shard.apply``, the sharded model compiled with fit's chosen
 options and with a remat budget, one training step's peak measured on every rank. Shapes
 (``fxmem.testing.scale.SHAPES``): ``tiny`` (d 32, 4 heads, T 8, vocab 64, batch 2), ``medium``
 (d 128, T 128, vocab 256, batch 4: the sharded activations most of the step) and ``large`` (d 256,
