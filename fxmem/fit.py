@@ -669,9 +669,9 @@ def _tensor_parallel_weights_error(options: Mapping[str, Any], tp: int) -> str:
     model ("" when they are). A tensor-parallel rank's parameters are DTensors, which the backend
     does not freeze into the inference graph (:meth:`fxmem.backend.FxmemBackend._compile_inference`:
     tensor subclasses are desugared into more placeholders): int8, quantize, lowrank and prune then
-    find no weights and leave the graph as it was (int8, quantize and prune measured with a fake
-    process group: 0 layers, 0 groups, no warning), and precision computes in bf16 with the weights kept fp32, cast at
-    each use, which fit's estimate (weights stored bf16) does not model."""
+    find no weights and leave the graph as it was (int8, quantize and prune checked on a fake
+    process group: 0 layers, 0 groups, no warning), and precision computes in bf16 with the
+    weights kept fp32, cast at each use, which fit's estimate (weights stored bf16) does not model."""
     from fxmem.backend import inference_weight_options
 
     weights = inference_weight_options(parse_options(dict(options))) if tp > 1 else []
@@ -1072,8 +1072,8 @@ def _mesh_state(model: torch.nn.Module, args: tuple, kwargs: dict, dp: int, tp: 
     """Per-rank state from :func:`fxmem.shard.plan` with ``mesh={"dp": dp, "tp": tp}`` (or from
     ``given``, the caller's own plan of that mesh: with ``vocab=False``, say): parameters and
     gradients as the plan splits them (replicated layers whole, the vocabulary split or not,
-    FSDP2's padded dim-0 shards), and the largest unit's tensor-parallel shard, which FSDP2
-    all-gathers. ``None`` with ``tp == 1`` and no plan given (FSDP alone: state ÷ dp is exact up
+    FSDP2's padded dim-0 shards), and the tensor-parallel shards of the largest block unit and of
+    the root unit, which FSDP2 all-gathers. ``None`` with ``tp == 1`` and no plan given (FSDP alone: state ÷ dp is exact up
     to padding). A model the plan cannot shard keeps fit's ÷ dp·tp bound; the returned source says why."""
     if tp == 1 and given is None:
         return None
@@ -1102,14 +1102,15 @@ def _mesh_state(model: torch.nn.Module, args: tuple, kwargs: dict, dp: int, tp: 
 
 def _fsdp_units(model: torch.nn.Module) -> tuple[int, int]:
     """Parameter bytes of the largest FSDP unit — a member of a ModuleList/Sequential (a transformer
-    block, usually), or the largest parameter where the model has no such list — and of the root
-    unit (the parameters no member holds: embeddings, final norm, head)."""
+    block, usually), as ``fxmem.shard.plan`` wraps them; 0 where the model has no such list — and
+    of the root unit (the parameters no member holds: embeddings, final norm, head; all of them
+    where there is no list)."""
     members = [m for lst in model.modules() if isinstance(lst, (torch.nn.ModuleList, torch.nn.Sequential)) for m in lst]
     units = [sum(p.numel() * p.element_size() for p in m.parameters()) for m in members]
     held = {id(p) for m in members for p in m.parameters()}
     root = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
                if id(p) not in held)
-    return max(units or [max((p.numel() * p.element_size() for p in model.parameters()), default=0)]), root
+    return max(units, default=0), root
 
 
 def _fsdp_gathered(unit: int, root: int, training: bool, activations: int) -> int:
