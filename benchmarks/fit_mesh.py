@@ -34,7 +34,8 @@ def _rank(rank: int, world: int, case: str, dp: int, t: int, shape: str, budgets
           vocab) -> list[dict]:
     if mode == "inference":  # fit's choice only: the remat budgets are training options
         return scale.run_fit_mesh(rank, world, case, dp, t, shape=shape, mode=mode, vocab=vocab)
-    extra = tuple({"remat": {"budget": b}} for b in budgets)
+    # with dp > 1 the loss chunk does not run (fit refuses it: the root runs eagerly under FSDP2)
+    extra = tuple({"remat": {"budget": b}, **({"chunk": False} if dp > 1 else {})} for b in budgets)
     return scale.run_fit_mesh(rank, world, case, dp, t, shape=shape, budgets=budgets, extra=extra, vocab=vocab)
 
 

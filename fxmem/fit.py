@@ -1230,6 +1230,15 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
                 cand.options["chunk"] = False  # said, so that the backend need not warn that it drops it
 
     candidates = [c for c in candidates if not c.same_as]
+    if training and dp > 1 and any(not parse_options(c.options).chunk.enabled for c in candidates):
+        # the loss chunk rewrote a graph here (its "no chunk" twins were kept), but under FSDP2 it
+        # never runs: FSDP2's hooks are dynamo-disabled, so calling a block inside the model's loop
+        # over its blocks breaks the graph in a loop and Dynamo runs the whole frame — the
+        # embeddings, head and loss — eagerly, compiling only the blocks (docs/fit.md, "dp 2 × tp 2")
+        for cand in candidates:
+            if parse_options(cand.options).chunk.enabled and not cand.error:
+                cand.error = (f"chunk does not apply with dp {dp}: under FSDP2 the model's own code (its loss) runs "
+                              "eagerly and only the blocks are compiled")
     state = _state_bytes(model)
     grads = _gradient_bytes(model)
     # per-rank state: the shard plan's split when there is one, else an even ÷ ranks
