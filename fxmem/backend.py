@@ -128,7 +128,16 @@ class FxmemBackend:
                 # inputs no longer map one-to-one to its placeholders (2.13 desugars them into
                 # more placeholders; 2.11 keeps the count, and freezing the DTensor weights into
                 # a graph of plain tensors then fails "mixed torch.Tensor and DTensor"). Run the
-                # passes without freezing (weight passes then find no frozen weights).
+                # passes without freezing: the weight passes then find no frozen weights — said,
+                # not silent (precision still computes low, casting the weights at each use)
+                skipped = [w for w in inference_weight_options(backend.config) if w != "precision"]
+                if skipped:
+                    kinds = sorted({type(t).__name__ for t in example_inputs if is_traceable_wrapper_subclass(t)})
+                    warnings.warn(f"fxmem: {skipped} not applied to this inference graph: its weights are tensor "
+                                  f"subclasses ({', '.join(kinds) or 'unflattened inputs'}: a tensor-parallel "
+                                  "model), which fxmem does not freeze into the graph, so the passes find no "
+                                  "weights and the model keeps its own. Apply them before sharding "
+                                  "(fxmem.optimize(model, ...)), or leave them out.", stacklevel=2)
                 return backend._codegen_inference(backend._run_inference_pipeline(aten_gm, {}, flat_args), flat_args)
             frozen = {placeholders[i].name: (fqn, example_inputs[i]) for i, fqn in params.items()}
             user_idx = [i for i in range(len(placeholders)) if i not in params]

@@ -465,7 +465,8 @@ def test_fit_plan_errors_name_what_is_accepted(gpt_plans):
 def test_weight_options_are_never_estimated_on_a_tensor_parallel_model():
     """A tp rank's parameters are DTensors, which the backend does not freeze into the inference
     graph: the prune (and int8, quantize) pass finds no weights there and leaves the model whole,
-    without a warning (checked here on one rank of a fake process group). fit must not estimate
+    and says so in a warning that names the options (checked here on one rank of a fake process
+    group; it was silent before). fit must not estimate
     pruned or quantized weights with tp > 1 — it lists those candidates with the reason, never
     chooses them — and keeps estimating them without tp."""
     import copy
@@ -484,7 +485,8 @@ def test_weight_options_are_never_estimated_on_a_tensor_parallel_model():
                                      ({"int8": "weight_only"}, "int8", "layers")):
             torch._dynamo.reset()
             backend = fxmem.backend(**options)
-            with torch.no_grad():
+            with torch.no_grad(), pytest.warns(UserWarning, match=rf"\['{name}'\] not applied to this inference "
+                                                                  r"graph: its weights are tensor subclasses \(DTensor"):
                 torch.compile(sharded.eval(), backend=backend)(x)
             (record,) = [r for r in backend.recorder.records if r.name == name]
             assert record.status == "unchanged" and not record.stats[found], record  # nothing to rewrite
