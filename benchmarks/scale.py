@@ -271,6 +271,14 @@ def _plot(mesh_rows, pipe_rows, path):
     fig.savefig(path, dpi=110)
 
 
+def _save_section(path: str, key: str, rows) -> None:
+    """Replace one section of ``scale.json``, keeping the others (each ``--only`` reruns one)."""
+    previous = json.load(open(path)) if os.path.exists(path) else {}
+    previous[key] = rows
+    with open(path, "w") as f:
+        json.dump(previous, f, indent=1, default=str)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -282,10 +290,7 @@ def main() -> None:
     if opts.only == "minilm" or opts.quick:
         row = _minilm_row(opts.quick)
         if not opts.quick:
-            previous = json.load(open(path)) if os.path.exists(path) else {}
-            previous["minilm"] = row
-            with open(path, "w") as f:
-                json.dump(previous, f, indent=1, default=str)
+            _save_section(path, "minilm", row)
         _print_minilm(row)
         return
     if opts.only == "pipeline":
@@ -293,10 +298,7 @@ def main() -> None:
         return
     if opts.only == "pipeline_tp":
         rows = _pipeline_tp_rows()
-        previous = json.load(open(path)) if os.path.exists(path) else {}
-        previous["pipeline_tp"] = rows
-        with open(path, "w") as f:
-            json.dump(previous, f, indent=1, default=str)
+        _save_section(path, "pipeline_tp", rows)
         for r in rows:
             print(f"{r['case']:10s} {r['schedule']:5s} stage {r['stage']} tp rank {r['tp_rank']}: loss err "
                   f"{r['loss_error']}, grad err {r['max_grad_error']:.1e}, param err {r['max_param_error']:.1e}; "
@@ -307,10 +309,7 @@ def main() -> None:
         return
     if opts.only == "minilm_more":
         rows = _minilm_more_rows()
-        previous = json.load(open(path)) if os.path.exists(path) else {}
-        previous["minilm_more"] = rows
-        with open(path, "w") as f:
-            json.dump(previous, f, indent=1, default=str)
+        _save_section(path, "minilm_more", rows)
         t, b = rows["tp4"], rows["bf16"]
         print(f"minilm 1x4: state/rank {t['bytes']['total']} B vs one process {t['single_bytes']['total']} B = "
               f"{t['ratio']:.3f}x (plan {t['plan_bytes']['total']} B); loss err {t['loss_error']:.1e}, param err "
@@ -320,10 +319,7 @@ def main() -> None:
         return
     if opts.only == "fp16":
         rows = _fp16_rows()
-        previous = json.load(open(path)) if os.path.exists(path) else {}
-        previous["fp16"] = rows
-        with open(path, "w") as f:
-            json.dump(previous, f, indent=1, default=str)
+        _save_section(path, "fp16", rows)
         for case in ("gpt", "llama"):
             r = rows[case]
             print(f"fp16 {case} 2x2: loss {r['loss_rel_error']:.1e}, grads {r['grad_rel_error']:.1e} (max tensor "
@@ -335,10 +331,7 @@ def main() -> None:
     if opts.only == "pipeline_dp":
         start = time.perf_counter()
         rows = _pipeline_dp_rows()
-        previous = json.load(open(path)) if os.path.exists(path) else {}
-        previous["pipeline_dp"] = rows
-        with open(path, "w") as f:
-            json.dump(previous, f, indent=1, default=str)
+        _save_section(path, "pipeline_dp", rows)
         _print_pipeline_dp(rows)
         print(f"{time.perf_counter() - start:.0f} s")
         return
@@ -350,10 +343,7 @@ def main() -> None:
               f"(plan {r['plan_forward']}) bwd {r['backward']} (plan {r['plan_backward']}); state dict {r['state_dict']}; "
               f"fallbacks {r['fallbacks']}; {r['seconds']:.0f} s")
     if opts.only:
-        previous = json.load(open(path)) if os.path.exists(path) else {}
-        previous["tp_limits"] = limits
-        with open(path, "w") as f:
-            json.dump(previous, f, indent=1, default=str)
+        _save_section(path, "tp_limits", limits)
         return
     with tempfile.TemporaryDirectory() as tmp:
         mesh = tp.spawn(_mesh_job, 4, tmp)
