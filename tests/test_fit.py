@@ -241,7 +241,7 @@ def test_cpu_convolutions_estimate_inductors_layout_copies_and_onednn_workspace(
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_training_estimates_within_tolerance_of_max_memory_allocated():
-    """On CUDA (benchmarks/gpu/run_all.sh's tests part): the built-in GPT step's estimates against
+    """On CUDA (benchmarks/gpu/run_all.sh's gpu_tests part): the built-in GPT step's estimates against
     ``max_memory_allocated`` for fit's choice and the extremes of remat (off, budget 0). Not yet
     run on a GPU when written (docs/fit.md, "Not done": Inductor's Triton kernels fuse
     differently from its CPU code, and the chunked loss takes its Triton kernel there)."""
