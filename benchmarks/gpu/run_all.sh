@@ -65,8 +65,8 @@ for name in $PARTS; do
     kernels_gpu) part kernels_gpu 50 "$PY" benchmarks/gpu/kernels_gpu.py --out "$OUT/kernels_gpu.json" ;;
     # the test suite on this machine's torch (2.11 on the lent machines; CI has 2.13), GPU tests included
     # the GPU tests first and alone: the whole suite does not finish in its limit on the lent machine
-    gpu_tests) part gpu_tests "${GPU_TESTS_LIMIT:-50}" "$PY" -m pytest -q -m gpu -p no:cacheprovider -rA ;;
-    tests) part tests "${TESTS_LIMIT:-40}" "$PY" -m pytest -q -n 12 -p no:cacheprovider -rfE \
+    gpu_tests) part gpu_tests "${GPU_TESTS_LIMIT:-70}" "$PY" -m pytest -q -m gpu -p no:cacheprovider -rA ;;
+    tests) part tests "${TESTS_LIMIT:-20}" "$PY" -m pytest -q -n 12 -p no:cacheprovider -rfE \
         --junitxml="$OUT/tests.xml" ${TESTS_ARGS:-} ;;
     *) echo "run_all.sh: unknown part $name (parts: train_peak chunked_loss int4 kernels_gpu gpu_tests tests)" | tee -a "$LOG" ;;
   esac
