@@ -131,13 +131,24 @@ def test_lossy_options_are_refused_before_work_by_explain_in_training_mode():
         fxmem.explain(s.model, *s.args, int8="weight_only")
 
 
-def test_dtensor_and_device_mesh_inputs():
+@pytest.fixture
+def one_rank_group():
+    """A one-rank gloo process group for the test, destroyed after it: a group left initialized
+    made a later test on the same xdist worker fail ("initialize the default process group twice")."""
     import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    yield
+    if created:
+        dist.destroy_process_group()
+
+
+def test_dtensor_and_device_mesh_inputs(one_rank_group):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, distribute_module, distribute_tensor
 
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
     mesh = init_device_mesh("cpu", (1,))
 
     class TakesMesh(nn.Module):

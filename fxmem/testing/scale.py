@@ -844,6 +844,10 @@ def fake_rank(world_size: int, rank: int = 0):
     "Distributed"). Numbers computed under it are meaningless. The group is destroyed on exit."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    if dist.is_initialized():
+        raise RuntimeError(f"fake_rank: a default process group ({dist.get_backend()}, world size "
+                           f"{dist.get_world_size()}) is already initialized in this process; destroy it "
+                           "(torch.distributed.destroy_process_group()) before measuring a fake rank")
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         yield
