@@ -570,7 +570,7 @@ def _estimate_partition(cand: Candidate, joint: fx.GraphModule, joint_inputs, co
     """Add one candidate's partition of ``joint`` to ``cand.parts``: the timeline's peak above the
     inputs (``activations``: saved activations, temporaries and every gradient, held to the end),
     the gradients it holds (``_grads``, with ``local``), FLOPs and bytes moved. With ``dp`` > 1,
-    ``_dp_activations``: the same walk with each gradient counted ÷ dp from the node that makes it
+    ``_dp_activations`` instead: the walk with each gradient counted ÷ dp from the node that makes it
     on — FSDP2 reduce-scatters a unit's gradients right after its backward, so a rank never holds
     them all whole, and its peak is earlier, where the activations are (on the dp 2 × tp 2 GPT
     the single-process peak is at the end of the backward, every gradient alive; a rank's is at
@@ -595,17 +595,16 @@ def _estimate_partition(cand: Candidate, joint: fx.GraphModule, joint_inputs, co
     fw_cost, bw_cost = graph_cost(fw, fused=True), graph_cost(bw, fused=True)
     parts = cand.parts
     parts["batch"] = max(parts.get("batch", 0), timeline.input_bytes)
-    parts["activations"] = parts.get("activations", 0) + _peak_with_workspace(
-        timeline, fw, bw, local.transients if local is not None else None, training=True) - timeline.input_bytes
-    conv_copies = cpu_conv_layout_copies(fw)
-    parts["activations"] += conv_copies
     roots = {storage_root(n) for n in forward_outputs(bw) if isinstance(n, fx.Node)}
+    # one walk: with dp > 1 each gradient ÷ dp from where it is made (fit then takes it as is),
+    # else every gradient held to the end (fit swaps in the per-rank figure)
+    grads_made = {r.name: node_bytes(r) for r in roots} if dp > 1 else None
+    key = "_dp_activations" if dp > 1 else "activations"
+    peak = _peak_with_workspace(timeline, fw, bw, local.transients if local is not None else None, grads_made, dp,
+                                training=True)
+    parts[key] = parts.get(key, 0) + peak - timeline.input_bytes + cpu_conv_layout_copies(fw)
     if local is not None:  # the gradients the timeline holds are this rank's (fit swaps in the plan's)
         parts["_grads"] = parts.get("_grads", 0) + sum(node_bytes(r) for r in roots)
-    if dp > 1:
-        sharded_peak = _peak_with_workspace(timeline, fw, bw, local.transients if local is not None else None,
-                                            {r.name: node_bytes(r) for r in roots}, dp, training=True)
-        parts["_dp_activations"] = parts.get("_dp_activations", 0) + sharded_peak - timeline.input_bytes + conv_copies
     parts["_flops"] = parts.get("_flops", 0) + fw_cost.flops + bw_cost.flops
     parts["_bytes"] = parts.get("_bytes", 0) + fw_cost.bytes_moved + bw_cost.bytes_moved
 

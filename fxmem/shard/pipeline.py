@@ -244,10 +244,8 @@ class PipelinePlan:
     def with_schedule(self, schedule: str) -> PipelinePlan:
         """The same measurement balanced for another schedule (same stages and microbatches)."""
         _check_schedule(schedule, len(self.stages), self.microbatches)
-        plan = _plan(self.atoms, self._saved, len(self.stages), schedule, self.microbatches, self.microbatch_args,
-                     self.loss_fn, self.dp, self.block_names, self.precision, self.backend)
-        plan.tp, plan.tp_plan = self.tp, self.tp_plan
-        return plan
+        return _plan(self.atoms, self._saved, len(self.stages), schedule, self.microbatches, self.microbatch_args,
+                     self.loss_fn, self.dp, self.block_names, self.precision, self.backend, self.tp, self.tp_plan)
 
     def build(self, model: nn.Module, stage_index: int, device: torch.device | str = "cpu", group=None,
               loss_fn=None, dp_mesh=None, tp_mesh=None):
@@ -857,7 +855,7 @@ def _fully_shard_stage(module: nn.Module, block_names: list[str], dp_mesh, mp_po
 
 
 def _plan(atoms, saved, stages, schedule, microbatches, mb, loss_fn, dp=1, block_names=(), precision=None,
-          backend="gloo") -> PipelinePlan:
+          backend="gloo", tp=1, tp_plan=None) -> PipelinePlan:
     collective_copy = backend == "gloo"
     starts = balance(atoms, saved, stages, schedule, microbatches, dp, block_names, collective_copy)
     bounds = [0] + starts + [len(atoms)]
@@ -865,7 +863,7 @@ def _plan(atoms, saved, stages, schedule, microbatches, mb, loss_fn, dp=1, block
     out = [_stage(atoms, saved, first if s == 0 else received, bounds[s], bounds[s + 1], s, stages, schedule,
                   microbatches, dp, block_names, collective_copy) for s in range(stages)]
     return PipelinePlan(out, schedule, microbatches, [atoms[i].module for i in starts], atoms, mb, loss_fn, saved,
-                        dp, list(block_names), precision, backend)
+                        dp, list(block_names), precision, backend, tp, tp_plan)
 
 
 def pipeline(model: nn.Module, *args: Any, stages: int, schedule: str = "1f1b", microbatches: int | None = None,
@@ -955,9 +953,8 @@ def pipeline(model: nn.Module, *args: Any, stages: int, schedule: str = "1f1b", 
         raise ValueError(f"fxmem.shard.pipeline: stages={stages} is more than the {len(names[0])} pieces the model "
                          "can be split into (at block children and the projections inside them)")
     atoms, saved = measure_atoms(model, mb, loss_fn, target_mb, names, master=master)
-    plan = _plan(atoms, saved, stages, schedule, microbatches, mb, loss_fn, dp, blocks(model), precision, backend)
-    plan.tp, plan.tp_plan = tp, tp_plan
-    return plan
+    return _plan(atoms, saved, stages, schedule, microbatches, mb, loss_fn, dp, blocks(model), precision, backend,
+                 tp, tp_plan)
 
 
 def _resolve_backend(backend: str | None) -> str:

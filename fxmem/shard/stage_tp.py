@@ -44,25 +44,6 @@ def shard_bytes(model: nn.Module, shard_dims: dict[str, int | None], tp: int) ->
     return out
 
 
-def _drop_metadata_asserts(module: nn.Module) -> None:
-    """Remove ``aten._assert_tensor_metadata`` (export's dtype/device checks on inputs; they return
-    nothing) from the stage's graphs: DTensor has no sharding rule for it (HF Llama's exported
-    layers carry them)."""
-    target = torch.ops.aten._assert_tensor_metadata.default
-    for m in module.modules():
-        graph = getattr(m, "graph", None)
-        if not isinstance(graph, fx.Graph):
-            continue
-        found = [n for n in graph.nodes if n.op == "call_function" and n.target is target and not n.users]
-        for node in found:
-            graph.erase_node(node)
-        if found:
-            if isinstance(m, fx.GraphModule):
-                m.recompile()
-            elif hasattr(m, "finalize"):  # torch.export's InterpreterModule: its code is made from its graph
-                m.finalize()
-
-
 def replicate_partial(t: Any) -> Any:
     """``t`` all-reduced to ``Replicate()`` where it holds pending sums (``Partial``), else ``t``."""
     from torch.distributed.tensor import DTensor, Replicate
@@ -75,30 +56,42 @@ def replicate_partial(t: Any) -> Any:
 _MATMULS = ("mm", "addmm", "bmm", "matmul", "linear")
 
 
-def _reduce_after_matmuls(module: nn.Module) -> int:
-    """After every matrix product of the stage's graphs, a call of :func:`replicate_partial`:
-    the row-parallel projection's partial sums are all-reduced once, where it returns (the
-    Megatron pair's all-reduce), instead of by each later op that reads them — DTensor does not
-    cache a redistribution, and the residual stream is read by the add, the norm's ``pow`` and
-    its ``mul``: each would all-reduce it again. A product that is not partial passes unchanged."""
-    inserted = 0
-    for m in module.modules():
-        graph = getattr(m, "graph", None)
-        if not isinstance(graph, fx.Graph):
+def _rewrite_for_dtensors(graph: fx.Graph) -> bool:
+    """Two edits of a stage graph for DTensor execution; whether anything changed.
+
+    * ``aten._assert_tensor_metadata`` (export's dtype/device checks on inputs; they return
+      nothing) is removed: DTensor has no sharding rule for it (HF Llama's exported layers carry it).
+    * After every matrix product, a call of :func:`replicate_partial`: the row-parallel
+      projection's partial sums are all-reduced once, where it returns (the Megatron pair's
+      all-reduce), instead of by each later op that reads them — DTensor does not cache a
+      redistribution, and the residual stream is read by the add, the norm's ``pow`` and its
+      ``mul``: each would all-reduce it again. A product that is not partial passes unchanged.
+    """
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
-        found = [n for n in graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-                 and n.target.__name__.split(".")[0] in _MATMULS]
-        for node in found:
+        if node.target is torch.ops.aten._assert_tensor_metadata.default and not node.users:
+            graph.erase_node(node)
+            changed = True
+        elif node.target.__name__.split(".")[0] in _MATMULS:
             with graph.inserting_after(node):
                 settled = graph.call_function(replicate_partial, (node,))
             node.replace_all_uses_with(settled, delete_user_cb=lambda user, s=settled: user is not s)
-            inserted += 1
-        if found:
+            changed = True
+    return changed
+
+
+def _rewrite_stage_graphs(module: nn.Module) -> None:
+    """:func:`_rewrite_for_dtensors` on every graph of the stage (its submodules are torch.export's
+    ``InterpreterModule`` modules, whose code is made from their graph by ``finalize``)."""
+    for m in module.modules():
+        graph = getattr(m, "graph", None)
+        if isinstance(graph, fx.Graph) and _rewrite_for_dtensors(graph):
             if isinstance(m, fx.GraphModule):
                 m.recompile()
             elif hasattr(m, "finalize"):
                 m.finalize()
-    return inserted
 
 
 def _set(module: nn.Module, name: str, value: Any, buffer: bool = False) -> None:
@@ -117,8 +110,7 @@ def distribute_stage(module: nn.Module, shard_dims: dict[str, int | None], tp_me
     whole tensors (see the module docstring). Returns ``module``."""
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-    _drop_metadata_asserts(module)
-    _reduce_after_matmuls(module)
+    _rewrite_stage_graphs(module)
     for name, p in list(module.named_parameters()):
         dim = shard_dims.get(name)
         placement = Shard(dim) if dim is not None else Replicate()

@@ -212,6 +212,12 @@ def mesh_case(case: str, dp: int) -> MeshCase:
     return MeshCase(case, model, (x,), y)
 
 
+def _dp_group(mesh):
+    """The data-parallel process group of a ``("dp", "tp")`` mesh — what a loss over the whole batch
+    gathers over (:attr:`MeshCase.loss`) — or None with one dp rank."""
+    return mesh["dp"].get_group() if mesh["dp"].size() > 1 else None
+
+
 def _dp_mean(value: torch.Tensor, mesh) -> float:
     if mesh["dp"].size() == 1:
         return float(value)
@@ -233,7 +239,7 @@ def run_mesh(rank: int, world_size: int, case: str, dp: int, tp: int, *, vocab: 
     reference = single_step(copy.deepcopy(model), spec.inputs, spec.target, spec.loss)
     mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
     d = mesh["dp"].get_local_rank()
-    group = mesh["dp"].get_group() if dp > 1 else None
+    group = _dp_group(mesh)
     xs, ys = spec.local(d, dp)
     plan = fxmem.shard.plan(copy.deepcopy(model), *xs, mesh={"dp": dp, "tp": tp}, vocab=vocab)
     compiled, plans = {}, {}
@@ -408,7 +414,7 @@ def _compiled_step(spec: MeshCase, plan, mesh, xs: tuple, ys, reference, **compi
     opt = torch.optim.AdamW(sharded.parameters(), lr=LR)
     torch._dynamo.reset()
     compiled = torch.compile(sharded, **({"backend": "fxmem"} | compile_kwargs))
-    group = mesh["dp"].get_group() if mesh["dp"].size() > 1 else None
+    group = _dp_group(mesh)
     loss = spec.loss(compiled(*xs), ys, group)
     loss.backward()
     opt.step()
@@ -467,14 +473,10 @@ def run_mesh_precision(rank: int, world_size: int, case: str, dp: int, tp: int, 
     opt = torch.optim.AdamW(sharded.parameters(), lr=LR)
     scaler = fxmem.shard.grad_scaler(plan, "cpu", init_scale=loss_scale or 1.0)
 
-    def forward_backward():
-        out = sharded(*xs)
-        loss = spec.loss(out, ys, mesh["dp"].get_group() if dp > 1 else None)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        return out, loss
-
-    out, loss = forward_backward()
+    out = sharded(*xs)
+    loss = spec.loss(out, ys, _dp_group(mesh))
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)  # the gradients compared are the unscaled ones
     grads = {n: _full(p.grad) for n, p in sharded.named_parameters()}
     master_dtypes = {str(p.dtype) for p in sharded.parameters()} | {str(g.dtype) for g in grads.values()}
     scaler.step(opt)
@@ -533,7 +535,7 @@ def _overflow_step(rank: int, world_size: int, sharded: nn.Module, opt, scaler, 
 
     opt.zero_grad()
     out = sharded(*xs)
-    scaler.scale(spec.loss(out, ys, mesh["dp"].get_group() if mesh["dp"].size() > 1 else None)).backward()
+    scaler.scale(spec.loss(out, ys, _dp_group(mesh))).backward()
     tp_sharded = [p for p in sharded.parameters() if isinstance(p.grad, DTensor)
                   and any(pl.is_shard() for pl, name in zip(p.grad.placements, p.grad.device_mesh.mesh_dim_names)
                           if name == "tp")]
