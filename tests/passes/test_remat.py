@@ -320,8 +320,10 @@ def test_random_graphs_properties(graph, budget):
     _assert_same(out, out_ref)
     _assert_same(grads, grads_ref)
     prob = remat._classify(copy.deepcopy(j.graph_module), j.num_fwd_outputs, j.static_lifetime_input_indices)
-    if r.stats["peak_guard_taken"]:  # a cut saving more bytes replaced the budget's: it peaks lower
-        assert r.stats["saved_bytes"] > r.stats["budget_cut_saved_bytes"]
+    if r.stats["peak_guard_taken"]:  # a cut saving more bytes, or the default's, replaced the budget's: it peaks lower
+        default = _ilp(prob, "bytes", allow_compute=False)
+        assert (r.stats["saved_bytes"] > r.stats["budget_cut_saved_bytes"]
+                or r.stats["saved_bytes"] == pytest.approx(default, abs=1))
         assert r.stats["peak_estimate_bytes"] < r.stats["budget_cut_peak_bytes"]
     elif budget is None:
         assert r.stats["recompute_flops"] == 0
