@@ -21,6 +21,11 @@ and the relative error of all gradients together against eager's.
     PYTHONPATH=. python benchmarks/train_peak.py --quick           # small shapes, a few minutes
     PYTHONPATH=. python benchmarks/train_peak.py --device cuda --out $OUT/train_peak.json
 
+By default the step is ``loss_of(model(...)).backward()``: the output object dies before the
+backward (HF Trainer's ``compute_loss`` returns the loss alone). ``--hold-outputs`` keeps it alive
+through the backward (``out = model(...); out.loss.backward()``): an HF model's logits then stay
+in memory for torch.compile and fxmem alike, and fxmem's estimate (which assumes it) applies.
+
 Each case runs in its own process. Writes JSON after every case (a run cut short keeps what it
 measured) and a PNG beside it.
 """
@@ -159,7 +164,8 @@ def _sync(device: torch.device) -> None:
 
 
 def run_variant(base: nn.Module, args: tuple, kwargs: dict, loss_of: Callable, device: torch.device,
-                label: str, backend: str, budget: float | None, steps: int, reference: dict | None) -> dict:
+                label: str, backend: str, budget: float | None, steps: int, reference: dict | None,
+                hold_outputs: bool = False) -> dict:
     torch._dynamo.reset()
     model = copy.deepcopy(base).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -170,7 +176,12 @@ def run_variant(base: nn.Module, args: tuple, kwargs: dict, loss_of: Callable, d
     def step() -> None:
         for p in params:
             p.grad = None
-        loss_of(fn(*args, **kwargs)).backward()
+        if hold_outputs:  # `out = model(...); out.loss.backward()`: the logits live through the backward
+            out = fn(*args, **kwargs)
+            loss_of(out).backward()
+            del out
+        else:  # the output object dies before the backward (HF Trainer's compute_loss returns the loss only)
+            loss_of(fn(*args, **kwargs)).backward()
 
     with torch._functorch.config.patch(activation_memory_budget=torch_budget):
         _sync(device)
@@ -210,7 +221,7 @@ def run_variant(base: nn.Module, args: tuple, kwargs: dict, loss_of: Callable, d
     return row
 
 
-def run_case(name: str, quick: bool, device: torch.device, variants, steps: int) -> dict:
+def run_case(name: str, quick: bool, device: torch.device, variants, steps: int, hold_outputs: bool = False) -> dict:
     torch.manual_seed(0)
     base, args, kwargs, loss_of, desc = CASES[name](quick)
     args = tuple(a.to(device) for a in args)
@@ -219,7 +230,8 @@ def run_case(name: str, quick: bool, device: torch.device, variants, steps: int)
     reference = None
     for label, backend, budget in variants:
         try:
-            row = run_variant(base, args, kwargs, loss_of, device, label, backend, budget, steps, reference)
+            row = run_variant(base, args, kwargs, loss_of, device, label, backend, budget, steps, reference,
+                              hold_outputs=hold_outputs)
         except Exception as exc:  # a failing backend is a result too: record it, go on
             row = {"variant": label, "backend": backend, "budget": budget, "error": f"{type(exc).__name__}: {exc}"[:500]}
         if reference is None and "_grads" in row:
@@ -235,7 +247,8 @@ def run_case(name: str, quick: bool, device: torch.device, variants, steps: int)
             r["peak_vs_torch_compile"] = r["peak_bytes"] / compiled["peak_bytes"]
             r["step_vs_torch_compile"] = r["step_s"] / compiled["step_s"]
             r["compile_vs_torch_compile"] = r["compile_s"] / compiled["compile_s"]
-    return {"case": name, "description": desc, "params": sum(p.numel() for p in base.parameters()), "rows": rows}
+    return {"case": name, "description": desc, "params": sum(p.numel() for p in base.parameters()), "rows": rows,
+            "hold_outputs": hold_outputs}
 
 
 def device_name(device: torch.device) -> str:
@@ -281,6 +294,9 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=[v[0] for v in VARIANTS], help="labels from VARIANTS")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 3 on the CPU, 20 on CUDA)")
     parser.add_argument("--no-eager-codegen", action="store_true", help="leave out the 'fxmem codegen=eager' row (shorter runs)")
+    parser.add_argument("--hold-outputs", action="store_true",
+                        help="keep the model's output alive through the backward (`out = model(...); "
+                             "out.loss.backward()`); by default it dies first, as in HF Trainer")
     parser.add_argument("--out", default=None)
     parser.add_argument("--case-json", default=None, help=argparse.SUPPRESS)  # internal: one case, in a child
     opts = parser.parse_args()
@@ -296,7 +312,7 @@ def main() -> None:
     if opts.case_json:  # one case, in this (child) process
         cold_caches()
         print(f"{opts.cases[0]}:", flush=True)
-        case = run_case(opts.cases[0], opts.quick, device, variants, steps)
+        case = run_case(opts.cases[0], opts.quick, device, variants, steps, hold_outputs=opts.hold_outputs)
         case["env_TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET")
         with open(opts.case_json, "w") as f:
             json.dump(case, f)
@@ -321,6 +337,8 @@ def run_case_in_child(name: str, opts: argparse.Namespace, steps: int) -> dict:
                "--steps", str(steps), "--case-json", case_json, "--variants", *opts.variants]
         if opts.quick:
             cmd.append("--quick")
+        if opts.hold_outputs:
+            cmd.append("--hold-outputs")
         proc = subprocess.run(cmd, check=False)
         if proc.returncode == 0 and os.path.exists(case_json):
             with open(case_json) as f:

@@ -32,6 +32,7 @@ from fxmem.analysis.sizes import PARAM_META_KEY
 from fxmem.analysis.timeline import step_timeline
 from fxmem.codegen import casts_for_inductor, inductor_inference, inductor_training, releasing_call
 from fxmem.config import FxmemConfig, LowerConfig, OptionError, parse_options
+from fxmem.detached_logits import detach_logits_outputs, reattaching
 from fxmem.freeze import WeightWatch, freeze_parameters
 from fxmem.passes.base import copy_graph
 from fxmem.pipeline import Recorder, run_partition, run_pipeline
@@ -196,8 +197,16 @@ class FxmemBackend:
 
     # -- training --------------------------------------------------------------------------
     def _compile_training(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        backend = self
         gm = self._run_dynamo_pipeline(gm)
+        num_outputs = len(next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0])
+        # the chunk pass's logits outputs leave the compiled function without a gradient path (no
+        # materialized zero gradient in the backward); their gradient path is put back outside
+        plan = detach_logits_outputs(gm)
+        compiled = self._compile_training_graph(gm, example_inputs)
+        return reattaching(compiled, plan, num_outputs) if plan else compiled
+
+    def _compile_training_graph(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        backend = self
         inductor = self.config.codegen == "inductor"
         state: dict[str, Any] = {}
 
