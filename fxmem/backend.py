@@ -198,12 +198,11 @@ class FxmemBackend:
     # -- training --------------------------------------------------------------------------
     def _compile_training(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         gm = self._run_dynamo_pipeline(gm)
-        num_outputs = len(next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0])
         # the chunk pass's logits outputs leave the compiled function without a gradient path (no
         # materialized zero gradient in the backward); their gradient path is put back outside
         plan = detach_logits_outputs(gm)
         compiled = self._compile_training_graph(gm, example_inputs)
-        return reattaching(compiled, plan, num_outputs) if plan else compiled
+        return reattaching(compiled, plan) if plan else compiled
 
     def _compile_training_graph(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         backend = self

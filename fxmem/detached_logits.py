@@ -40,30 +40,21 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxmem.kernels import logits_output  # noqa: F401 - registers fxmem::output_linear
+from fxmem.kernels.logits_output import linear_gradients, linear_setup_context  # registers fxmem::output_linear
 
 
 class LinearOutput(torch.autograd.Function):
-    """``logits`` (computed without a gradient path) with ``linear(hidden, weight, bias)``'s gradient."""
+    """``logits`` (computed without a gradient path) with ``linear(hidden, weight, bias)``'s gradient
+    (``fxmem::output_linear``'s own backward)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        ctx.save_for_backward(hidden, weight)
-        ctx.has_bias = bias is not None
+        linear_setup_context(ctx, (hidden, weight, bias), logits)
         return logits
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        hidden, weight = ctx.saved_tensors
-        flat_grad = grad.reshape(-1, grad.shape[-1])
-        grad_hidden = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[1]:
-            grad_hidden = (flat_grad @ weight.to(flat_grad.dtype)).reshape(hidden.shape).to(hidden.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_weight = (flat_grad.t() @ hidden.reshape(-1, hidden.shape[-1]).to(flat_grad.dtype)).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = flat_grad.sum(0)
-        return None, grad_hidden, grad_weight, grad_bias
+        return None, *linear_gradients(ctx, grad, *ctx.needs_input_grad[1:])
 
 
 @dataclass(frozen=True)
@@ -77,37 +68,23 @@ class Reattach:
     bias: int | None
 
 
-def _output_linears(gm: fx.GraphModule) -> list[tuple[int, fx.Node]]:
-    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    values = out.args[0]
-    if not isinstance(values, (tuple, list)):
-        return []
-    target = torch.ops.fxmem.output_linear.default
-    return [(i, v) for i, v in enumerate(values)
-            if isinstance(v, fx.Node) and v.op == "call_function" and v.target is target]
-
-
 def detach_logits_outputs(gm: fx.GraphModule) -> list[Reattach]:
     """Rewrite ``gm`` in place (see the module docstring); returns what the caller must put back.
 
     Only logits that are a graph output themselves, computed by ``fxmem::output_linear`` (the
     chunk pass's head) from a weight (and bias) that are graph inputs; anything else is left as it is.
     """
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    position = {n: i for i, n in enumerate(placeholders)}
-    found = []
-    for i, node in _output_linears(gm):
+    out = gm.graph.output_node()
+    values = list(out.args[0]) if isinstance(out.args[0], (tuple, list)) else []
+    position = {n: i for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
+    target = torch.ops.fxmem.output_linear.default
+    plan = []
+    for i, node in enumerate(values[:]):
+        if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is target):
+            continue
         hidden, weight, bias = node.args
         if weight not in position or (bias is not None and bias not in position):
             continue
-        found.append((i, node))
-    if not found:
-        return []
-    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    values = list(out.args[0])
-    plan = []
-    for i, node in found:
-        hidden, weight, bias = node.args
         with gm.graph.inserting_before(node):
             detached = [None if a is None else gm.graph.call_function(torch.ops.aten.detach.default, (a,))
                         for a in (hidden, weight, bias)]
@@ -117,15 +94,18 @@ def detach_logits_outputs(gm: fx.GraphModule) -> list[Reattach]:
         node.args = tuple(detached)
         plan.append(Reattach(i, len(values), position[weight], None if bias is None else position[bias]))
         values.append(hidden)
-    out.args = (tuple(values),)
-    gm.graph.lint()
-    gm.recompile()
+    if plan:
+        out.args = (tuple(values),)
+        gm.graph.lint()
+        gm.recompile()
     return plan
 
 
-def reattaching(compiled: Callable, plan: Sequence[Reattach], num_outputs: int) -> Callable:
+def reattaching(compiled: Callable, plan: Sequence[Reattach]) -> Callable:
     """``compiled`` (a Dynamo backend's callable: ``compiled(*args)``), returning the graph's
-    original ``num_outputs`` outputs with each logits output given back its gradient path."""
+    original outputs (those before the first extra one) with each logits output given back its
+    gradient path."""
+    num_outputs = min(r.hidden_output for r in plan)
 
     def run(*args: Any) -> Any:
         result = compiled(*args)

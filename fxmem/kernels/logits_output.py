@@ -128,22 +128,27 @@ def _(grad, hidden, weight, has_bias, need_hidden, need_weight, need_bias):
             weight.new_empty(weight.shape[0]) if (has_bias and need_bias) else weight.new_empty(0))
 
 
-def _linear_setup_context(ctx, inputs, output):
+def linear_setup_context(ctx, inputs, output):
     hidden, weight, bias = inputs
     ctx.save_for_backward(hidden, weight)
     ctx.has_bias = bias is not None
 
 
-def _linear_backward(ctx, grad):
+def linear_gradients(ctx, grad, need_hidden: bool, need_weight: bool, need_bias: bool) -> tuple:
+    """``(grad_hidden, grad_weight, grad_bias)`` of the linear whose ``hidden`` and ``weight``
+    :func:`linear_setup_context` saved in ``ctx``; ``None`` for a gradient not asked for."""
     hidden, weight = ctx.saved_tensors
-    need_hidden, need_weight, need_bias = ctx.needs_input_grad
     grad_h, grad_w, grad_b = torch.ops.fxmem.output_linear_backward(grad, hidden, weight, ctx.has_bias,
                                                                     need_hidden, need_weight, bool(need_bias))
     return (grad_h if need_hidden else None, grad_w if need_weight else None,
             grad_b if (ctx.has_bias and need_bias) else None)
 
 
-output_linear.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+def _linear_backward(ctx, grad):
+    return linear_gradients(ctx, grad, *ctx.needs_input_grad)
+
+
+output_linear.register_autograd(_linear_backward, setup_context=linear_setup_context)
 
 
 @flop_counter.register_flop_formula(torch.ops.fxmem.output_linear)

@@ -552,7 +552,7 @@ def _step_peak_once(prob: _Problem, choice: _Choice, num_fwd_outputs: int, fused
 
 def _peak_guard(prob: _Problem, choice: _Choice, num_fwd_outputs: int, *, ladder: bool = True,
                 fused: bool = False) -> tuple[_Choice, dict[str, Any]]:
-    """Replace ``choice`` by a cut that saves more bytes if that cut's estimated step peak is lower.
+    """Replace ``choice`` by a compared cut (see below) if that cut's estimated step peak is lower.
 
     Candidates: the cuts of the λ ladder and the no-recompute cut, kept when they save more bytes
     than ``choice`` (the cuts a higher budget would pick from), and the free-recompute cut — what
