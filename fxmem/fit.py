@@ -54,6 +54,7 @@ import torch.fx as fx
 
 from fxmem.analysis.cost import graph_cost
 from fxmem.analysis.timeline import step_timeline
+from fxmem.analysis.workspace import cpu_conv_layout_copies
 from fxmem.config import FxmemConfig, parse_options
 from fxmem.passes.base import copy_graph
 from fxmem.passes.remat import shared_cuts
@@ -420,114 +421,14 @@ class _Estimated(Exception):
     """Raised by fit's partitioner inside Inductor once every candidate is estimated: stops the compile."""
 
 
-def _op_workspace(node: fx.Node, copies: bool = True) -> int:
-    """Bytes an op allocates inside itself, beyond its outputs (what the graph does not show).
-
-    * ``fxmem::linear_cross_entropy`` holds one chunk's logits and their softmax-gradient at a
-      time (``2 × chunk_tokens × vocab`` fp32 values, :mod:`fxmem.kernels.linear_ce`); with no
-      gradient wanted (an evaluation loss) the exponent is taken in place: one ``[chunk, V]``.
-    * ``fxmem::chunked_mlp`` holds one chunk's projections and every value of its activation
-      program, and the chunk's down projection before it is copied into the output
-      (:func:`fxmem.kernels.chunked_mlp.forward_workspace_bytes`).
-    * a convolution on the CPU: oneDNN's weight reorder and scratchpad, and Inductor's
-      channels-last copies of its graph inputs (``copies``; :func:`_cpu_conv_workspace`).
-    """
-    if node.op != "call_function":
-        return 0
-    if node.target in (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default):
-        return _cpu_conv_workspace(node, copies)
-    target = str(node.target)
-    if "chunked_mlp" in target and "backward" not in target:
-        from fxmem.kernels.chunked_mlp import forward_workspace_bytes
-
-        vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in node.args]
-        return forward_workspace_bytes(*vals) if isinstance(vals[0], torch.Tensor) else 0
-    if "linear_cross_entropy" not in target:
-        return 0
-    from fxmem.kernels.linear_ce import auto_chunk_tokens
-
-    hidden, weight = (a.meta.get("val") for a in node.args[:2])
-    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        return 0
-    rows, d = int(hidden.shape[0]), int(hidden.shape[-1])
-    vocab = int(weight.shape[0])
-    chunk = node.args[8] if len(node.args) > 8 and isinstance(node.args[8], int) and node.args[8] > 0 else 0
-    chunk = min(rows, chunk or auto_chunk_tokens(rows, vocab, d))
-    wants_grad = any(bool(a) for a in node.args[9:12])
-    return (2 if wants_grad else 1) * chunk * vocab * 4
-
-
-# oneDNN's convolution scratchpad on the CPU: a fixed page plus one per thread, whatever the
-# shape (measured with torch 2.13's oneDNN on x86: 8216 B at 1 thread, 12336 at 2, 20576 at 4,
-# for 3×3 and 5×5 kernels from 3 to 256 channels; its backward 128 B more per thread)
-_ONEDNN_SCRATCH_BASE, _ONEDNN_SCRATCH_PER_THREAD = 4096, 4120
-
-
-def _cpu_conv_workspace(node: fx.Node, copies: bool = True) -> int:
-    """What a convolution allocates on the CPU beside its outputs when Inductor runs it.
-
-    Inductor always lays a CPU graph with convolutions out channels-last
-    (``GraphLowering.decide_layout_opt``, where mkldnn is available): it copies each weight that is
-    not channels-last, and a graph input it convolves, to channels-last before the op, and frees
-    the copies after it. Inside, oneDNN reorders a spatial kernel's weight into its blocked format
-    (one weight's bytes; twice in the backward) and takes a scratchpad. A 1×1 kernel runs as a
-    plain matmul: no reorder, no scratchpad. Measured against the allocator on the ``conv_norm``
-    sample (docs/fit.md); 0 off the CPU (cuDNN's workspaces are not modelled). ``copies=False``:
-    leave the channels-last copies out — in training Inductor saves them for the backward
-    instead of freeing them (:func:`cpu_conv_layout_copies` counts them there).
-    """
-    vals = [a.meta.get("val") if isinstance(a, fx.Node) else None for a in node.args[:3]]
-    backward = node.target is torch.ops.aten.convolution_backward.default
-    x, w = (vals[1], vals[2]) if backward else (vals[0], vals[1])
-    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or x.device.type != "cpu" or w.dim() != 4:
-        return 0
-    if not (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()):
-        return 0
-    w_bytes = w.numel() * w.element_size()
-    workspace = sum(_layout_copies(node).values()) if copies and not backward else 0
-    if w.shape[2] * w.shape[3] > 1:
-        threads = torch.get_num_threads()
-        workspace += (2 if backward else 1) * w_bytes + _ONEDNN_SCRATCH_BASE + _ONEDNN_SCRATCH_PER_THREAD * threads
-    return workspace
-
-
-def _layout_copies(node: fx.Node) -> dict[fx.Node, int]:
-    """The graph inputs a CPU convolution reads that Inductor copies to channels-last: its weight
-    and its data where they are placeholders not laid out channels-last (what a kernel of Inductor's
-    produces already is)."""
-    copies = {}
-    for arg in node.args[:2]:
-        val = arg.meta.get("val") if isinstance(arg, fx.Node) else None
-        if (isinstance(val, torch.Tensor) and val.dim() == 4 and val.device.type == "cpu" and arg.op == "placeholder"
-                and not val.is_contiguous(memory_format=torch.channels_last)):
-            copies[arg] = val.numel() * val.element_size()
-    return copies
-
-
-def cpu_conv_layout_copies(fw: fx.GraphModule) -> int:
-    """Bytes of the channels-last copies of a training forward's convolution inputs: Inductor
-    copies each weight and input once at the start of the forward and saves the copies for the
-    backward (its ``convolution_backward`` reads them), so they stay alive through the step."""
-    if not (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()):
-        return 0
-    copies: dict[fx.Node, int] = {}
-    for node in fw.graph.find_nodes(op="call_function", target=torch.ops.aten.convolution.default):
-        copies.update(_layout_copies(node))
-    return sum(copies.values())
-
-
-def _peak_with_workspace(timeline, fw: fx.GraphModule, bw: fx.GraphModule | None,
-                         extra: Mapping[str, int] | None = None, grads_made: Mapping[str, int] | None = None,
-                         dp: int = 1, training: bool = False) -> int:
-    """The timeline's peak, or higher where an op's own workspace sits on top of the live bytes.
+def _peak_with_collectives(timeline, extra: Mapping[str, int] | None = None,
+                           grads_made: Mapping[str, int] | None = None, dp: int = 1) -> int:
+    """The timeline's peak (each op's own workspace is in it: :mod:`fxmem.analysis.workspace`),
+    or higher where a collective's buffers sit on top of the live bytes.
     ``extra``: node name → bytes alive while it runs beyond its output (a collective's buffers).
     ``grads_made``: backward node name → bytes of the gradient it makes; each then counts ÷ ``dp``
-    from that node on (FSDP2's reduce-scatter after each unit's backward).
-    ``training``: a CPU convolution's channels-last copies are held, not workspace."""
+    from that node on (FSDP2's reduce-scatter after each unit's backward)."""
 
-    nodes = {("forward", n.name): n for n in fw.graph.nodes}
-    if bw is not None:
-        nodes.update({("backward", n.name): n for n in bw.graph.nodes})
     peak = timeline.peak_bytes if grads_made is None else 0
     made = 0
     for stage, name, live in timeline.points:
@@ -535,15 +436,8 @@ def _peak_with_workspace(timeline, fw: fx.GraphModule, bw: fx.GraphModule | None
             made += grads_made.get(name, 0) if stage == "backward" else 0
             live = live - made + made // dp
             peak = max(peak, live)
-        node = nodes.get((stage, name))
-        if node is not None:
-            workspace = _op_workspace(node, copies=not training)
-            if extra and name in extra:
-                peak = max(peak, live + extra[name])
-            if workspace:
-                # the timeline adds a multi-output op's outputs where it runs (with its inputs
-                # still alive): the workspace comes on top of both
-                peak = max(peak, live + workspace)
+        if extra and name in extra:
+            peak = max(peak, live + extra[name])
     return peak
 
 
@@ -600,8 +494,7 @@ def _estimate_partition(cand: Candidate, joint: fx.GraphModule, joint_inputs, co
     # else every gradient held to the end (fit swaps in the per-rank figure)
     grads_made = {r.name: node_bytes(r) for r in roots} if dp > 1 else None
     key = "_dp_activations" if dp > 1 else "activations"
-    peak = _peak_with_workspace(timeline, fw, bw, local.transients if local is not None else None, grads_made, dp,
-                                training=True)
+    peak = _peak_with_collectives(timeline, local.transients if local is not None else None, grads_made, dp)
     parts[key] = parts.get(key, 0) + peak - timeline.input_bytes + cpu_conv_layout_copies(fw)
     if local is not None:  # the gradients the timeline holds are this rank's (fit swaps in the plan's)
         parts["_grads"] = parts.get("_grads", 0) + sum(node_bytes(r) for r in roots)
@@ -866,7 +759,7 @@ def _estimate_inference_trace(gm: fx.GraphModule, device_inputs: list, params: M
                 linears.append((live_after[node.name], node_bytes(node), tuple(weight.meta["val"].shape)))
         floats = {n for n in outputs if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].is_floating_point()}
         end = timeline.points[-1][2] if timeline.points else timeline.input_bytes
-        peak = _peak_with_workspace(timeline, aten_gm, None, local.transients if local is not None else None)
+        peak = _peak_with_collectives(timeline, local.transients if local is not None else None)
         sink.setdefault("_graphs", []).append(_InferenceGraph(peak, timeline.input_bytes, linears, end,
                                                               unique_storage_bytes(floats)))
 

@@ -182,3 +182,50 @@ def test_a_budget_never_peaks_above_the_default_on_hf_gpt2():
     assert peaks[0.5] <= peaks[None], f"budget 0.5 peaks at {peaks[0.5]} B, the default at {peaks[None]} B"
     for a, b in zip(grads[None], grads[0.5]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _hf_causal_lm_with_its_loss(name: str):
+    """A causal LM whose head dominates, as in real ones (vocab ≫ width): the chunked loss's own
+    workspace is a sixth of the step's peak here."""
+    if name == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=4096, n_positions=128,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=4096,
+                                       max_position_embeddings=128, attn_implementation="sdpa")
+        model = transformers.LlamaForCausalLM(cfg)
+    model.loss_type = "ForCausalLM"  # no graph break between the head and the loss
+    return model, cfg.vocab_size
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_the_estimate_is_within_10_percent_of_the_measured_peak_on_hf_causal_lms(name):
+    """explain()'s and the peak guard's timeline against the allocator, on the code Inductor
+    generates, with the loss inside (HF Trainer's step: the output dropped before the backward is
+    what the benchmark measures; here it is held, as the timeline assumes). The chunked loss's
+    workspace used to be missing: 0.85 of the measured peak on HF GPT-2 at B 4 × T 512."""
+    from fxmem.measure import training_step_peak
+
+    torch.manual_seed(0)
+    model, vocab = _hf_causal_lm_with_its_loss(name)
+    model.train()
+    ids = torch.randint(0, vocab, (2, 128), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    backend = fxmem.backend()
+    fn = torch.compile(model, backend=backend)
+
+    def step():
+        for p in model.parameters():
+            p.grad = None
+        out = fn(input_ids=ids, labels=ids)
+        out.loss.backward()
+
+    step()
+    measured = training_step_peak(step).peak_bytes
+    timeline = backend.recorder.timelines[-1]
+    estimate = timeline.peak_bytes - timeline.input_bytes  # the measurement leaves the inputs out
+    assert abs(estimate - measured) <= 0.10 * measured, f"{name}: estimated {estimate} B, measured {measured} B"
+    if name == "gpt2":  # its peak is in the loss op (0.89 of the measured peak without it): explain names it
+        assert [t.name for t in timeline.live_at_peak if t.kind == "workspace"] == ["logits_cross_entropy (workspace)"]

@@ -15,8 +15,10 @@ peak?") and gives remat a peak to compare splits by. The model of a step, run op
   the incoming gradients until the backward returns (2.11; :data:`RUNTIME_RELEASES_TANGENTS`),
   the tangents stay alive through the whole backward, as measured there.
 
-The estimate is exact for ``codegen="eager"`` up to allocations inside ops (an op's workspace)
-and the caller's own ops outside the graph (the loss of ``model(x).sum()``). Inductor fuses
+An op's own workspace (what it allocates inside itself: fxmem's chunked loss and MLP, a CPU
+convolution; :mod:`fxmem.analysis.workspace`) sits on top of the live bytes at its point. The
+estimate is exact for ``codegen="eager"`` up to other ops' internal allocations (an ATen kernel's
+scratch) and the caller's own ops outside the graph (the loss of ``model(x).sum()``). Inductor fuses
 pointwise chains, so their intermediates never exist and its peak is lower where transients
 dominate; the saved tensors — what remat chooses — are the same in both.
 """
@@ -34,6 +36,7 @@ import torch.fx as fx
 from fxmem.analysis.liveness import last_uses
 from fxmem.analysis.saved import forward_outputs
 from fxmem.analysis.sizes import is_alias_op, is_parameter_node, node_bytes, storage_root
+from fxmem.analysis.workspace import op_workspace
 from fxmem.codegen import INDUCTOR_BUFFER_POOL
 
 COMPUTING = ("call_function", "call_module", "call_method")
@@ -60,7 +63,7 @@ class LiveTensor:
 
     name: str
     stage: str            # "forward" | "backward": the graph that made it (or received it)
-    kind: str             # "input" | "saved" | "output" | "transient" | "tangent" | "gradient"
+    kind: str             # "input" | "saved" | "output" | "transient" | "tangent" | "gradient" | "workspace"
     shape: tuple[int, ...]
     dtype: str
     bytes: int
@@ -138,6 +141,16 @@ def _describe(node: fx.Node, stage: str, kind: str) -> LiveTensor:
     return LiveTensor(node.name, stage, kind, shape, dtype, node_bytes(node), op, _source_line(node))
 
 
+def _workspace(node: fx.Node, stage: str, copies: bool) -> LiveTensor | None:
+    """The op's own workspace (:func:`fxmem.analysis.workspace.op_workspace`) as a tensor alive
+    while it runs, or None."""
+    nbytes = op_workspace(node, copies=copies)
+    if not nbytes:
+        return None
+    desc = _describe(node, stage, "workspace")
+    return LiveTensor(f"{node.name} (workspace)", stage, "workspace", (), "", nbytes, desc.op, desc.source)
+
+
 class _Live:
     """The live set: storage key → (bytes, description).
 
@@ -182,12 +195,16 @@ class _Live:
         if tensor is not None:
             self.total -= tensor.bytes
 
-    def mark(self, stage: str, name: str) -> None:
+    def mark(self, stage: str, name: str, workspace: LiveTensor | None = None) -> None:
+        """A point after ``name`` ran; its ``workspace`` (what the op allocated inside itself, gone
+        after it) on top of the live bytes: the most the op held at once."""
         tl = self.timeline
-        tl.points.append((stage, name, self.total))
-        if self.total > tl.peak_bytes or len(tl.points) == 1:
-            tl.peak_bytes, tl.peak_index = self.total, len(tl.points) - 1
-            tl.live_at_peak = sorted(self.items.values(), key=lambda t: -t.bytes)
+        total = self.total + (workspace.bytes if workspace is not None else 0)
+        tl.points.append((stage, name, total))
+        if total > tl.peak_bytes or len(tl.points) == 1:
+            tl.peak_bytes, tl.peak_index = total, len(tl.points) - 1
+            alive = list(self.items.values()) + ([workspace] if workspace is not None else [])
+            tl.live_at_peak = sorted(alive, key=lambda t: -t.bytes)
 
 
 def _pool_plan(events: list[tuple[str, str, object, tuple[str, int]]]) -> tuple[set, dict]:
@@ -539,7 +556,7 @@ def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *
                 fw_add(item)
                 early.add(item)
         if node.op in COMPUTING:
-            live.mark("forward", node.name)
+            live.mark("forward", node.name, _workspace(node, "forward", copies=fused and bw is None))
         for root in frees.get(i, ()):
             live.drop(root, pooled=pooled(root))
     if bw is None:
@@ -602,7 +619,7 @@ def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *
                 bw_add(item)
                 early.add(item)
         if node.op in COMPUTING:
-            live.mark("backward", node.name)
+            live.mark("backward", node.name, _workspace(node, "backward", copies=False))
         for root in frees.get(i, ()):
             if root in placeholder_root:
                 key = placeholder_root[root]

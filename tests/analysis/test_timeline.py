@@ -27,7 +27,7 @@ def test_explain_shows_the_peak_and_what_is_alive_there(report, tmp_path):
     # the tensors alive at the peak add up to it, and say where they come from
     assert sum(t.bytes for t in tl.live_at_peak) == tl.peak_bytes
     kinds = {t.kind for t in tl.live_at_peak}
-    assert kinds <= {"input", "saved", "output", "transient", "tangent", "gradient"}
+    assert kinds <= {"input", "saved", "output", "transient", "tangent", "gradient", "workspace"}
     made = [t for t in tl.live_at_peak if t.kind not in ("input", "tangent")]
     assert made and all("gpt.py:" in t.source for t in made), [t.source for t in made]
     text = str(report)

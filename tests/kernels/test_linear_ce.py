@@ -157,3 +157,35 @@ def test_internal_bytes_formula_matches_the_loops_traffic(dtype, label_smoothing
                                    label_smoothing=label_smoothing, chunk_tokens=chunk, need_hidden=True,
                                    need_weight=True, need_bias=False, triton=False)
     assert formula == pytest.approx(traffic.bytes - inputs_and_outputs, rel=0.05)
+
+
+@pytest.mark.parametrize("dtype,upcast", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("need_grad", [True, False])
+@pytest.mark.parametrize("logits_given", [False, True])
+def test_the_workspace_formula_is_what_the_allocator_sees(dtype, upcast, need_grad, logits_given):
+    # fit, explain and the peak guard count the chunked loss's workspace from this formula; one
+    # chunk's buffers at a time (the loop once held two: the previous chunk's until reassigned)
+    from fxmem.kernels.linear_ce import workspace_bytes
+    from fxmem.measure import peak_memory
+
+    n, d, vocab, chunk = 512, 32, 4096, 128
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, d, generator=g).to(dtype)
+    weight = torch.randn(vocab, d, generator=g).to(dtype)
+    target = torch.randint(0, vocab, (n,), generator=g)
+    logits = F.linear(hidden, weight) if logits_given else None
+    args = (-100, "mean", 0.0, upcast, chunk, need_grad, need_grad, False)
+
+    def run():
+        if logits_given:
+            return torch.ops.fxmem.logits_cross_entropy(logits, hidden, weight, None, target, *args)
+        return torch.ops.fxmem.linear_cross_entropy(hidden, weight, None, target, *args)
+
+    run()
+    peak, out = peak_memory(run, device="cpu")
+    outputs = sum(t.untyped_storage().nbytes() for t in out)
+    # beside the workspace: the row-validity mask, the loss's scalars and a chunk's row vectors
+    small = 4 * n + 64 * chunk * 4
+    expected = workspace_bytes(chunk, vocab, d, hidden_dtype=dtype, weight_dtype=dtype, upcast=upcast,
+                                     need_grad=need_grad, need_weight=need_grad, logits_given=logits_given)
+    assert expected <= peak.peak_bytes - outputs <= expected + small, (peak.peak_bytes - outputs, expected)
