@@ -228,7 +228,8 @@ class FxmemBackend:
             fw, bw = partition(joint_gm, joint_inputs, backend.config, backend.recorder, num_fwd_outputs=num_fwd_outputs,
                                static_lifetime_input_indices=static_lifetime_input_indices)
             mark_static(fw)
-            backend.recorder.timelines.append(step_timeline(fw, bw, num_fwd_outputs, fused=inductor))
+            # as fit does: Inductor's fusion, in-place reuse and addmm epilogues (analysis.timeline)
+            backend.recorder.timelines.append(step_timeline(fw, bw, num_fwd_outputs, fused=inductor, reuse=inductor))
             if inductor:  # Inductor compiles what this returns: fxmem's forward/backward passes run here
                 fw, bw = finish_forward(fw), finish_backward(bw)
                 casts_for_inductor(fw), casts_for_inductor(bw)

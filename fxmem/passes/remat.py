@@ -88,6 +88,10 @@ LAMBDA_STEPS = 18
 PEAK_LADDER = tuple(10.0 ** (k / 8) for k in range(-48, 17))
 """λ values whose cuts the peak guard compares a budget's cut with (see :func:`_peak_guard`)."""
 
+PEAK_BUDGETS = (0.25, 0.5, 0.75, 1.0)
+"""Budgets whose cuts the peak guard of every lower budget compares too (see :func:`_peak_guard`):
+a budget sweep over them, or down from any of them, never raises the estimated peak."""
+
 PEAK_TOLERANCE = 0.0
 """A cut that saves more bytes replaces the budget's cut only if its estimated step peak is lower
 by more than this fraction: equal peaks keep the budget's choice. Zero: with 1 % (until
@@ -468,6 +472,22 @@ def _polish(prob: _Problem, target: float, incumbent: _Choice, time_limit: float
 
 
 def _search(prob: _Problem, target: float) -> tuple[_Choice, int]:
+    """Least recompute cost with saved bytes ≤ target (:func:`_search_once`), shared like
+    :func:`_solve` (fit's candidates, and the peak guard's higher budgets, search the same
+    targets on the same graph)."""
+    if prob.key is None or _SHARED.get() is None:
+        return _search_once(prob, target)
+    names, solves = _shared(prob, ("search", target), lambda: _named_search(_search_once(prob, target)))
+    by_name = {n.name: n for n in prob.nodes}
+    saved, recomputed, *rest = names
+    return _Choice([by_name[n] for n in saved], [by_name[n] for n in recomputed], *rest), solves
+
+
+def _named_search(found: tuple[_Choice, int]) -> tuple[tuple, int]:
+    return _named(found[0]), found[1]
+
+
+def _search_once(prob: _Problem, target: float) -> tuple[_Choice, int]:
     """Least recompute cost with saved bytes ≤ target: λ bisection in log space, then the ILP
     polish where the hull point is not already exact."""
     solves = 1
@@ -547,11 +567,11 @@ def _step_peak_once(prob: _Problem, choice: _Choice, num_fwd_outputs: int, fused
     with _use_lazy_graph_module(True):  # the graphs are read, never run: skip generating their code
         fw, bw = _build(prob.joint, prob, choice.saved, num_fwd_outputs)
     _mark_params(fw, prob)
-    return step_timeline(fw, bw, num_fwd_outputs, fused=fused).peak_bytes
+    return step_timeline(fw, bw, num_fwd_outputs, fused=fused, reuse=fused).peak_bytes
 
 
 def _peak_guard(prob: _Problem, choice: _Choice, num_fwd_outputs: int, *, ladder: bool = True,
-                fused: bool = False) -> tuple[_Choice, dict[str, Any]]:
+                fused: bool = False, budget: float | None = None) -> tuple[_Choice, dict[str, Any]]:
     """Replace ``choice`` by a compared cut (see below) if that cut's estimated step peak is lower.
 
     Candidates: the cuts of the λ ladder and the no-recompute cut, kept when they save more bytes
@@ -559,7 +579,13 @@ def _peak_guard(prob: _Problem, choice: _Choice, num_fwd_outputs: int, *, ladder
     ``budget=None`` chooses, no matmul recomputed — whatever it saves, so that a budget never
     peaks above the default (it can save fewer bytes than a budget's cut: HF GPT-2 saves 47 % of
     eager's bytes by default, and budget 0.5's least-recompute cut 50 %); one cut per distinct
-    saved set. The lowest peak wins, then the lowest recompute cost. Without
+    saved set. And the cut each budget of :data:`PEAK_BUDGETS` above ``budget`` chooses (its
+    λ search and ILP polish): the λ ladder holds only the hull's cuts, and a lower budget's
+    ladder cut could peak above a higher budget's polished one (the built-in GPT at fit's quick
+    shape: budget 0.0 took a ladder cut measured at 8.26 MiB, budget 0.25's cut measured 7.85).
+    Since each grid budget's own candidates are among a lower budget's, the peak never rises down
+    the grid. The lowest peak wins, then the fewest saved bytes, then the lowest recompute cost;
+    the budget's own cut stays on a tie. Without
     ``ladder`` (``budget=None``: free recomputation only) only the no-recompute cut is compared.
     Each comparison builds the two graphs (about as long as one partition), the solves are cheap.
     """
@@ -577,10 +603,21 @@ def _peak_guard(prob: _Problem, choice: _Choice, num_fwd_outputs: int, *, ladder
         default_cut = ladder and lam is None and not allow
         if (cut.saved_bytes > choice.saved_bytes or default_cut) and key != choice_key and key not in candidates:
             candidates[key] = cut
+    for higher in (b for b in PEAK_BUDGETS if ladder and budget is not None and b > budget):
+        cut, n = _search(prob, higher * prob.eager_bytes)
+        solves += n
+        key = frozenset(x.name for x in cut.saved)
+        if key != choice_key and key not in candidates:
+            candidates[key] = cut
     best, best_peak = choice, peak
-    for cut in sorted(candidates.values(), key=lambda c: c.cost):
+    for cut in sorted(candidates.values(), key=lambda c: (c.saved_bytes, c.cost)):
         cut_peak = _step_peak(prob, cut, num_fwd_outputs, fused)
-        if cut_peak < best_peak * (1 - PEAK_TOLERANCE) or (best is not choice and cut_peak == best_peak and cut.cost < best.cost):
+        # equal estimated peaks: the cut saving fewer bytes (what a budget asks for; the estimate
+        # ties where the saved tensors are not on the peak, and the allocator then tells them
+        # apart by what the smaller set frees), then the cheaper one
+        if cut_peak < best_peak * (1 - PEAK_TOLERANCE) or (
+                best is not choice and cut_peak == best_peak
+                and (cut.saved_bytes, cut.cost) < (best.saved_bytes, best.cost)):
             best, best_peak = cut, cut_peak
     facts = {"solves": solves, "budget_cut_peak_bytes": peak, "budget_cut_saved_bytes": choice.saved_bytes}
     if best is choice:
@@ -657,7 +694,8 @@ def rematerialize(joint_gm: fx.GraphModule, config: RematConfig = RematConfig(),
     else:
         target = config.budget * prob.eager_bytes
         choice, solves = _search(prob, target)
-    choice, guard = _peak_guard(prob, choice, num_fwd_outputs, ladder=config.budget is not None, fused=config.fused)
+    choice, guard = _peak_guard(prob, choice, num_fwd_outputs, ladder=config.budget is not None, fused=config.fused,
+                                budget=config.budget)
     solve_s = time.perf_counter() - t0
     fw, bw = _build(joint_gm, prob, choice.saved, num_fwd_outputs)
     _mark_params(fw, prob)
