@@ -492,7 +492,8 @@ def step_timeline(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs
       ``a`` and ``b`` live until then (a tied head's ``[N, V]`` logits gradient, read by the
       weight gradient's ``addmm`` at the end of the backward).
 
-    Reordering is not modelled. ``fit`` uses ``reuse=True``; remat's peak guard does not (yet).
+    Reordering is not modelled. ``fit``, remat's peak guard and explain (under Inductor) use
+    ``reuse=True``.
     """
     reuse = reuse and fused
     pool = INDUCTOR_BUFFER_POOL if pool is None else pool
