@@ -28,7 +28,7 @@ from __future__ import annotations
 import operator
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx as fx
@@ -147,8 +147,8 @@ def _workspace(node: fx.Node, stage: str, copies: bool) -> LiveTensor | None:
     nbytes = op_workspace(node, copies=copies)
     if not nbytes:
         return None
-    desc = _describe(node, stage, "workspace")
-    return LiveTensor(f"{node.name} (workspace)", stage, "workspace", (), "", nbytes, desc.op, desc.source)
+    return replace(_describe(node, stage, "workspace"), name=f"{node.name} (workspace)", shape=(), dtype="",
+                   bytes=nbytes)
 
 
 class _Live:

@@ -11,7 +11,7 @@ formula (``register_autograd``). It computes exactly what
 
 computes, up to float rounding, but walks the rows ``chunk_tokens`` at a time: only one chunk's
 logits exist at a time, and its softmax and logit gradient overwrite them in place
-(:func:`chunk_workspace_bytes` counts what a chunk holds).
+(:func:`workspace_bytes` counts what a chunk holds).
 
 The gradients are computed in the forward loop, at the same time as the loss (what Liger's
 ``FusedLinearCrossEntropy`` does): for a mean or sum reduction the loss is a scalar, so the
@@ -101,15 +101,61 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_h = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else weight.new_empty(0)
-    grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if (need_bias and bias is not None) else weight.new_empty(0)
-    any_grad = need_hidden or need_weight or (need_bias and bias is not None)
+    need_bias = need_bias and bias is not None
+    grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_bias else weight.new_empty(0)
+    any_grad = need_hidden or need_weight or need_bias
+    full_logits = logits
+
+    def chunk_loss(start: int, stop: int) -> Tensor:
+        """Rows ``start:stop``: their summed (scaled) loss; their share of the gradients goes into
+        ``grad_h``, ``grad_w``, ``grad_b``. A call of its own, so that the chunk's ``[chunk, V]``
+        buffer is freed when it returns, before the next chunk's is allocated (a loop body's
+        locals would hold it until reassigned — two chunks alive at once, measured: 62.5 MiB of
+        workspace instead of 31.25 at 256 × 32k)."""
+        h = hidden[start:stop]
+        logits = torch.nn.functional.linear(h, weight, bias) if full_logits is None else full_logits[start:stop]
+        if upcast:
+            logits = logits.float()
+        t = target[start:stop]
+        # the chunk's logits are ours to overwrite unless they are a slice of logits given to us
+        owned = full_logits is None or logits.untyped_storage().data_ptr() != full_logits.untyped_storage().data_ptr()
+        if use_kernel if use_kernel is not None else (hidden.is_cuda and linear_ce_triton.can_run(logits)):
+            # one Triton program per row: row losses, and the logits overwritten by their gradient
+            logits = logits if owned else logits.clone()
+            total = linear_ce_triton.cross_entropy_rows_(logits, t, row_scale, ignore_index, label_smoothing).sum()
+            if any_grad:
+                _accumulate(logits.to(hidden.dtype), h, weight, grad_h, grad_w, grad_b, start, stop,
+                            need_hidden, need_weight, need_bias)
+            return total
+        keep = valid[start:stop]
+        safe_t = torch.where(keep, t, torch.zeros_like(t)).unsqueeze(1)
+        # what the loss needs of the logits themselves is read first, so that the exp can then be
+        # taken in place: one [chunk, V] buffer per chunk, not two (the logits and their exp)
+        row = -(1.0 - label_smoothing) * logits.gather(1, safe_t).squeeze(1)
+        if label_smoothing:
+            row = row - (label_smoothing / vocab) * logits.sum(dim=1)
+        # one exp pass serves the log-sum-exp and the softmax
+        peak = logits.amax(dim=1, keepdim=True)
+        probs = (logits.sub_(peak) if owned else logits - peak).exp_()
+        del logits
+        sums = probs.sum(dim=1, keepdim=True)
+        row = row + (peak + sums.log()).squeeze(1)
+        total = torch.where(keep, row, torch.zeros_like(row)).float().sum()
+        if not any_grad:
+            return total
+        # d loss / d logits = softmax - (1 - eps) onehot - eps / V, zero on ignored rows, times 1/count
+        dlogits = probs.div_(sums)
+        dlogits.scatter_add_(1, safe_t, torch.full_like(safe_t, -(1.0 - label_smoothing), dtype=dlogits.dtype))
+        if label_smoothing:
+            dlogits.sub_(label_smoothing / vocab)
+        scale = torch.where(keep, row_scale, torch.zeros((), dtype=torch.float32, device=hidden.device))
+        dlogits.mul_(scale.to(dlogits.dtype).unsqueeze(1))
+        _accumulate(dlogits.to(hidden.dtype), h, weight, grad_h, grad_w, grad_b, start, stop,
+                    need_hidden, need_weight, need_bias)
+        return total
+
     for start in range(0, n, chunk):
-        # one call per chunk: its [chunk, V] buffer is freed when the call returns, before the
-        # next chunk's is allocated (a loop body's locals would hold it until reassigned — two
-        # chunks alive at once, measured: 62.5 MiB of workspace instead of 31.25 at 256 × 32k)
-        total = total + _chunk_loss(hidden, weight, bias, target, valid, row_scale, start, min(start + chunk, n),
-                                    logits, ignore_index, label_smoothing, upcast, use_kernel, any_grad,
-                                    grad_h, grad_w, grad_b, need_hidden, need_weight, need_bias)
+        total = total + chunk_loss(start, min(start + chunk, n))
     loss = total * row_scale if reduction == "mean" else total
     if need_weight:
         grad_w = grad_w.to(weight.dtype)
@@ -118,60 +164,10 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
     return loss.to(out_dtype), grad_h, grad_w, grad_b
 
 
-def _chunk_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, valid: Tensor,
-                row_scale: Tensor, start: int, stop: int, full_logits: Tensor | None, ignore_index: int,
-                label_smoothing: float, upcast: bool, use_kernel: bool | None, any_grad: bool, grad_h: Tensor,
-                grad_w: Tensor, grad_b: Tensor, need_hidden: bool, need_weight: bool, need_bias: bool) -> Tensor:
-    """Rows ``start:stop`` of :func:`_forward_impl`'s loop: their summed (scaled) loss; their share
-    of the gradients is accumulated into ``grad_h``, ``grad_w``, ``grad_b``."""
-    vocab = weight.shape[0]
-    h = hidden[start:stop]
-    logits = torch.nn.functional.linear(h, weight, bias) if full_logits is None else full_logits[start:stop]
-    if upcast:
-        logits = logits.float()
-    t = target[start:stop]
-    # the chunk's logits are ours to overwrite unless they are a slice of logits given to us
-    owned = full_logits is None or logits.untyped_storage().data_ptr() != full_logits.untyped_storage().data_ptr()
-    if use_kernel if use_kernel is not None else (hidden.is_cuda and linear_ce_triton.can_run(logits)):
-        # one Triton program per row: row losses, and the logits overwritten by their gradient
-        logits = logits if owned else logits.clone()
-        total = linear_ce_triton.cross_entropy_rows_(logits, t, row_scale, ignore_index, label_smoothing).sum()
-        if any_grad:
-            _accumulate(logits.to(hidden.dtype), h, weight, grad_h, grad_w, grad_b, start, stop,
-                        need_hidden, need_weight, need_bias and bias is not None)
-        return total
-    keep = valid[start:stop]
-    safe_t = torch.where(keep, t, torch.zeros_like(t)).unsqueeze(1)
-    # what the loss needs of the logits themselves is read first, so that the exp can then be
-    # taken in place: one [chunk, V] buffer per chunk, not two (the logits and their exp)
-    row = -(1.0 - label_smoothing) * logits.gather(1, safe_t).squeeze(1)
-    if label_smoothing:
-        row = row - (label_smoothing / vocab) * logits.sum(dim=1)
-    # one exp pass serves the log-sum-exp and the softmax
-    peak = logits.amax(dim=1, keepdim=True)
-    probs = (logits.sub_(peak) if owned else logits - peak).exp_()
-    del logits
-    sums = probs.sum(dim=1, keepdim=True)
-    row = row + (peak + sums.log()).squeeze(1)
-    total = torch.where(keep, row, torch.zeros_like(row)).float().sum()
-    if not any_grad:
-        return total
-    # d loss / d logits = softmax - (1 - eps) onehot - eps / V, zero on ignored rows, times 1/count
-    dlogits = probs.div_(sums)
-    dlogits.scatter_add_(1, safe_t, torch.full_like(safe_t, -(1.0 - label_smoothing), dtype=dlogits.dtype))
-    if label_smoothing:
-        dlogits.sub_(label_smoothing / vocab)
-    scale = torch.where(keep, row_scale, torch.zeros((), dtype=torch.float32, device=hidden.device))
-    dlogits.mul_(scale.to(dlogits.dtype).unsqueeze(1))
-    _accumulate(dlogits.to(hidden.dtype), h, weight, grad_h, grad_w, grad_b, start, stop,
-                need_hidden, need_weight, need_bias and bias is not None)
-    return total
-
-
 def workspace_bytes(chunk: int, vocab: int, d: int, *, hidden_dtype: torch.dtype, weight_dtype: torch.dtype,
-                          upcast: bool, need_grad: bool, need_weight: bool, need_bias: bool = False,
-                          logits_given: bool = False, on_cpu: bool = True) -> int:
-    """The most bytes the op holds at once beyond its inputs and outputs: :func:`_chunk_loss`'s
+                    upcast: bool, need_grad: bool, need_weight: bool, need_bias: bool = False,
+                    logits_given: bool = False, on_cpu: bool = True) -> int:
+    """The most bytes the op holds at once beyond its inputs and outputs: one chunk's
     ``[chunk, V]`` block (``V = vocab``), whether the logits are computed per chunk or given, and
     the fp32 accumulators of ``grad_weight`` and ``grad_bias`` beyond their outputs' bytes (a
     narrower weight's gradient is cast to its dtype at the end).
@@ -182,8 +178,9 @@ def workspace_bytes(chunk: int, vocab: int, d: int, *, hidden_dtype: torch.dtype
     gradient overwrite in place; ``upcast`` from a narrower ``L`` holds the ``L`` logits beside
     their fp32 copy for a moment. With a gradient: its cast to ``H`` (when ``C ≠ H``) beside
     it, and the fp32 copy ``grad_weight``'s ``addmm_`` (or ``grad_bias``'s sum) reads when ``H`` is
-    not fp32, with that chunk's ``[chunk, d]`` hidden rows in fp32 for the ``addmm_``. Checked against the allocator in
-    ``tests/kernels/test_linear_ce.py`` (fp32 and bf16, upcast or not, with and without grads).
+    not fp32, with that chunk's ``[chunk, d]`` hidden rows in fp32 for the ``addmm_``. Checked
+    against the allocator in ``tests/kernels/test_linear_ce.py`` (fp32 and bf16, upcast or not,
+    logits given or computed, with and without grads).
     """
     f32 = 4
     logits_dtype = torch.promote_types(hidden_dtype, weight_dtype)

@@ -355,15 +355,24 @@ def _solve(prob: _Problem, lam: float | None, *, allow_compute: bool) -> _Choice
     if prob.key is None or _SHARED.get() is None:
         return _solve_once(prob, lam, allow_compute)
     # shared by node *names*: an equal graph in another call has other node objects
-    names = _shared(prob, ("solve", lam, allow_compute), lambda: _named(_solve_once(prob, lam, allow_compute)))
-    by_name = {n.name: n for n in prob.nodes}
-    saved, recomputed, *rest = names
-    return _Choice([by_name[n] for n in saved], [by_name[n] for n in recomputed], *rest)
+    return _unnamed(prob, _shared(prob, ("solve", lam, allow_compute), lambda: _named(_solve_once(prob, lam, allow_compute))))
 
 
 def _named(choice: _Choice) -> tuple:
     return ([n.name for n in choice.saved], [n.name for n in choice.recomputed], choice.saved_bytes, choice.cost,
             choice.flops, choice.lam)
+
+
+def _saved_key(choice: _Choice) -> frozenset:
+    """The saved set by node names: equal cuts (of equal graphs) have equal keys."""
+    return frozenset(n.name for n in choice.saved)
+
+
+def _unnamed(prob: _Problem, names: tuple) -> _Choice:
+    """:func:`_named`'s choice on ``prob``'s own nodes."""
+    by_name = {n.name: n for n in prob.nodes}
+    saved, recomputed, *rest = names
+    return _Choice([by_name[n] for n in saved], [by_name[n] for n in recomputed], *rest)
 
 
 def _solve_once(prob: _Problem, lam: float | None, allow_compute: bool) -> _Choice:
@@ -477,14 +486,13 @@ def _search(prob: _Problem, target: float) -> tuple[_Choice, int]:
     targets on the same graph)."""
     if prob.key is None or _SHARED.get() is None:
         return _search_once(prob, target)
-    names, solves = _shared(prob, ("search", target), lambda: _named_search(_search_once(prob, target)))
-    by_name = {n.name: n for n in prob.nodes}
-    saved, recomputed, *rest = names
-    return _Choice([by_name[n] for n in saved], [by_name[n] for n in recomputed], *rest), solves
 
+    def search() -> tuple[tuple, int]:
+        choice, solves = _search_once(prob, target)
+        return _named(choice), solves
 
-def _named_search(found: tuple[_Choice, int]) -> tuple[tuple, int]:
-    return _named(found[0]), found[1]
+    names, solves = _shared(prob, ("search", target), search)
+    return _unnamed(prob, names), solves
 
 
 def _search_once(prob: _Problem, target: float) -> tuple[_Choice, int]:
@@ -557,7 +565,7 @@ def _build(joint: fx.GraphModule, prob: _Problem, saved: list[fx.Node], num_fwd_
 
 def _step_peak(prob: _Problem, choice: _Choice, num_fwd_outputs: int, fused: bool = False) -> int:
     """Estimated peak of a training step (forward then backward) under ``choice``'s split."""
-    key = ("peak", frozenset(n.name for n in choice.saved), num_fwd_outputs, fused)
+    key = ("peak", _saved_key(choice), num_fwd_outputs, fused)
     return _shared(prob, key, lambda: _step_peak_once(prob, choice, num_fwd_outputs, fused))
 
 
@@ -570,8 +578,8 @@ def _step_peak_once(prob: _Problem, choice: _Choice, num_fwd_outputs: int, fused
     return step_timeline(fw, bw, num_fwd_outputs, fused=fused, reuse=fused).peak_bytes
 
 
-def _peak_guard(prob: _Problem, choice: _Choice, num_fwd_outputs: int, *, ladder: bool = True,
-                fused: bool = False, budget: float | None = None) -> tuple[_Choice, dict[str, Any]]:
+def _peak_guard(prob: _Problem, choice: _Choice, num_fwd_outputs: int, *, budget: float | None,
+                fused: bool = False) -> tuple[_Choice, dict[str, Any]]:
     """Replace ``choice`` by a compared cut (see below) if that cut's estimated step peak is lower.
 
     Candidates: the cuts of the λ ladder and the no-recompute cut, kept when they save more bytes
@@ -585,28 +593,29 @@ def _peak_guard(prob: _Problem, choice: _Choice, num_fwd_outputs: int, *, ladder
     shape: budget 0.0 took a ladder cut measured at 8.26 MiB, budget 0.25's cut measured 7.85).
     Since each grid budget's own candidates are among a lower budget's, the peak never rises down
     the grid. The lowest peak wins, then the fewest saved bytes, then the lowest recompute cost;
-    the budget's own cut stays on a tie. Without
-    ``ladder`` (``budget=None``: free recomputation only) only the no-recompute cut is compared.
+    the budget's own cut stays on a tie. With ``budget=None`` (free recomputation only) only the
+    no-recompute cut is compared.
     Each comparison builds the two graphs (about as long as one partition), the solves are cheap.
     """
     peak = _step_peak(prob, choice, num_fwd_outputs, fused)
+    ladder = budget is not None
     candidates: dict[frozenset, _Choice] = {}
     solves = 0
     trials = ([(lam, True) for lam in PEAK_LADDER] if ladder else []) + [(None, False), (INF, True)]
-    choice_key = frozenset(n.name for n in choice.saved)
+    choice_key = _saved_key(choice)
     for lam, allow in trials:
         cut = _solve(prob, lam, allow_compute=allow)
         solves += 1
-        key = frozenset(n.name for n in cut.saved)
+        key = _saved_key(cut)
         # the free-recompute cut (what budget=None chooses, no matmul recomputed) may save fewer
         # bytes than a budget's cut: it is compared too, so a budget never peaks above the default
         default_cut = ladder and lam is None and not allow
         if (cut.saved_bytes > choice.saved_bytes or default_cut) and key != choice_key and key not in candidates:
             candidates[key] = cut
-    for higher in (b for b in PEAK_BUDGETS if ladder and budget is not None and b > budget):
+    for higher in (b for b in PEAK_BUDGETS if ladder and b > budget):
         cut, n = _search(prob, higher * prob.eager_bytes)
         solves += n
-        key = frozenset(x.name for x in cut.saved)
+        key = _saved_key(cut)
         if key != choice_key and key not in candidates:
             candidates[key] = cut
     best, best_peak = choice, peak
@@ -694,8 +703,7 @@ def rematerialize(joint_gm: fx.GraphModule, config: RematConfig = RematConfig(),
     else:
         target = config.budget * prob.eager_bytes
         choice, solves = _search(prob, target)
-    choice, guard = _peak_guard(prob, choice, num_fwd_outputs, ladder=config.budget is not None, fused=config.fused,
-                                budget=config.budget)
+    choice, guard = _peak_guard(prob, choice, num_fwd_outputs, budget=config.budget, fused=config.fused)
     solve_s = time.perf_counter() - t0
     fw, bw = _build(joint_gm, prob, choice.saved, num_fwd_outputs)
     _mark_params(fw, prob)
