@@ -20,8 +20,10 @@ so Inductor's fusion, re-inplacing, buffer reuse and peak-memory reordering appl
 fxmem chose. Inductor's config is patched only for fxmem's own compile (``compile_fx``'s
 ``config_patches``), never process-wide.
 
-One of Inductor's defaults is turned off there: its buffer pool (``allow_buffer_reuse``, see
-:data:`INDUCTOR_BUFFER_POOL`). In-place reuse (``inplace_buffers``) stays on.
+Two of Inductor's defaults are turned off there, both for the same reason — Inductor's own
+peak estimate does not fit fxmem's recomputing backwards: its buffer pool (``allow_buffer_reuse``,
+see :data:`INDUCTOR_BUFFER_POOL`) and its reordering for peak memory (``reorder_for_peak_memory``,
+see :data:`INDUCTOR_PEAK_REORDER`). In-place reuse (``inplace_buffers``) stays on.
 """
 
 from __future__ import annotations
@@ -43,6 +45,20 @@ a whole attention backward, 390.1 → 384.0 MiB measured; the same blocks with S
 MiB; HF GPT-2 and HF Llama unchanged. Every allocator fxmem meets recycles a freed block (CUDA's
 caching allocator, glibc's arenas), and step time did not rise on the CPU (docs/architecture.md, "Inductor as the code generator").
 :func:`fxmem.analysis.timeline.step_timeline` models the pool only when this is on."""
+
+
+INDUCTOR_PEAK_REORDER = False
+"""Whether Inductor may reorder fxmem's training graphs for its estimate of their peak
+(``reorder_for_peak_memory``). Off under fxmem: the order fxmem hands over is already chosen for
+the peak (remat places recomputation before its first use, :mod:`fxmem.passes._sink` moves matmuls
+down), and Inductor's estimate of an order ignores the in-place reuse its own code generation does
+later, so it misjudges these graphs. Measured on torch 2.13 (CPU), one GPT-2 block of the
+``gpt_block_manual`` sample at 16 × 16 × 64: Inductor estimated fxmem's order at 1.51 MB and took
+its DFS order (estimated 1.44), which measured 1.38 MB; fxmem's order measures 1.05 MB (fxmem's own
+estimate: 1.11), the same at every budget, so remat lost all its effect; the SDPA block 1.38 → 0.99
+MB. One SDPA block at d 768, B 8 × T 256, budget 0.0: 126.1 → 93.0 MiB. torch 2.11 chose fxmem's
+order on those graphs. On the issue-11 cases (4 GPT-2 blocks, HF GPT-2, HF Llama, MiniLM) the
+two measure the same (docs/architecture.md, "Inductor as the code generator")."""
 
 
 class _ReleasingCodeGen(fx.graph.CodeGen):
@@ -178,7 +194,8 @@ def inductor_training(gm: fx.GraphModule, example_inputs: Sequence[Any],
     # backward lazily, at the first backward call (torch 2.11 does), and compile_fx re-applies its
     # config_patches around that later compile too.
     patches = dict(custom_partitioner_fn=make_partitioner(partition_fn), fx_graph_cache=False,
-                   fallback_random=True, allow_buffer_reuse=INDUCTOR_BUFFER_POOL)
+                   fallback_random=True, allow_buffer_reuse=INDUCTOR_BUFFER_POOL,
+                   reorder_for_peak_memory=INDUCTOR_PEAK_REORDER)
     # the fusion guard (fxmem.fusion_guard) wraps inner_compile, the call compile_fx makes for
     # the forward and, possibly later and lazily, the backward: active for fxmem's graphs only
     with functorch_config.patch(enable_autograd_cache=False):
