@@ -163,9 +163,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def profile_step(step: Callable[[], None], device: torch.device, top: int = 12) -> dict:
+    """Where one step's time goes (``--profile``): on CUDA the kernels launched and their device
+    time — a step slower than torch.compile's is either more launches (the GPU waits on Python)
+    or slower kernels, and this tells which; on the CPU the ATen ops by their own CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    _sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+
+    def self_time(e) -> float:  # µs; the attribute was cuda_* before torch 2.4
+        if on_cuda:
+            return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+        return float(e.self_cpu_time_total)
+
+    if on_cuda:
+        rows = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    else:
+        rows = [e for e in events if e.key.startswith(("aten::", "fxmem::"))]
+    rows.sort(key=self_time, reverse=True)
+    return {"wall_s_under_profiler": wall,
+            "kernels" if on_cuda else "aten_ops": sum(e.count for e in rows),
+            "device_time_s" if on_cuda else "aten_self_cpu_s": sum(self_time(e) for e in rows) / 1e6,
+            "top": [{"name": e.key[:100], "count": e.count, "self_us": round(self_time(e), 1)} for e in rows[:top]]}
+
+
 def run_variant(base: nn.Module, args: tuple, kwargs: dict, loss_of: Callable, device: torch.device,
                 label: str, backend: str, budget: float | None, steps: int, reference: dict | None,
-                hold_outputs: bool = False) -> dict:
+                hold_outputs: bool = False, profile: bool = False) -> dict:
     torch._dynamo.reset()
     model = copy.deepcopy(base).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -200,6 +232,7 @@ def run_variant(base: nn.Module, args: tuple, kwargs: dict, loss_of: Callable, d
             _sync(device)
             times.append(time.perf_counter() - start)
         saved = measure_saved_bytes(lambda: loss_of(fn(*args, **kwargs)), params)
+        breakdown = profile_step(step, device) if profile else None
     row = {"variant": label, "backend": backend, "budget": budget, "peak_bytes": peak.peak_bytes,
            "peak_mib": round(peak.mib, 1), "step_s": statistics.median(times), "compile_s": compile_s,
            "saved_bytes": saved.bytes, "peak_method": peak.method}
@@ -209,6 +242,8 @@ def run_variant(base: nn.Module, args: tuple, kwargs: dict, loss_of: Callable, d
         est = sum(t.peak_bytes - t.input_bytes for t in fx_backend.recorder.timelines[-1:])
         row["estimated_peak_bytes"] = est
         row["estimate_vs_measured"] = est / peak.peak_bytes if peak.peak_bytes else None
+    if breakdown is not None:
+        row["profile"] = breakdown
     if reference is not None:
         # over all gradients together: some are zero in exact arithmetic (a key projection's bias
         # under softmax), and a per-tensor ratio of rounding noise to rounding noise means nothing
@@ -221,7 +256,8 @@ def run_variant(base: nn.Module, args: tuple, kwargs: dict, loss_of: Callable, d
     return row
 
 
-def run_case(name: str, quick: bool, device: torch.device, variants, steps: int, hold_outputs: bool = False) -> dict:
+def run_case(name: str, quick: bool, device: torch.device, variants, steps: int, hold_outputs: bool = False,
+             profile: bool = False) -> dict:
     torch.manual_seed(0)
     base, args, kwargs, loss_of, desc = CASES[name](quick)
     args = tuple(a.to(device) for a in args)
@@ -231,7 +267,7 @@ def run_case(name: str, quick: bool, device: torch.device, variants, steps: int,
     for label, backend, budget in variants:
         try:
             row = run_variant(base, args, kwargs, loss_of, device, label, backend, budget, steps, reference,
-                              hold_outputs=hold_outputs)
+                              hold_outputs=hold_outputs, profile=profile)
         except Exception as exc:  # a failing backend is a result too: record it, go on
             row = {"variant": label, "backend": backend, "budget": budget, "error": f"{type(exc).__name__}: {exc}"[:500]}
         if reference is None and "_grads" in row:
@@ -241,6 +277,13 @@ def run_case(name: str, quick: bool, device: torch.device, variants, steps: int,
         print(f"  {name:14s} {label:26s} " + (f"peak {row['peak_mib']:8.1f} MiB  step {row['step_s'] * 1e3:8.1f} ms  "
               f"compile {row['compile_s']:6.1f} s  grad err {row.get('grad_rel_err') or 0.0:.1e}"
               if "error" not in row else row["error"][:120]), flush=True)
+        if "profile" in row:
+            prof = row["profile"]
+            count = prof.get("kernels", prof.get("aten_ops"))
+            busy = prof.get("device_time_s", prof.get("aten_self_cpu_s"))
+            print(f"  {'':14s} {'':26s} profiled: {count} {'kernels' if 'kernels' in prof else 'ATen ops'}, "
+                  f"{busy * 1e3:.1f} ms {'on the device' if 'kernels' in prof else 'in them'}, "
+                  f"{prof['wall_s_under_profiler'] * 1e3:.1f} ms wall", flush=True)
     compiled = next((r for r in rows if r["variant"] == "torch.compile" and "error" not in r), None)
     for r in rows:
         if compiled and "error" not in r:
@@ -297,10 +340,20 @@ def main() -> None:
     parser.add_argument("--hold-outputs", action="store_true",
                         help="keep the model's output alive through the backward (`out = model(...); "
                              "out.loss.backward()`); by default it dies first, as in HF Trainer")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one more step per variant: CUDA kernels launched and their time "
+                             "(CPU: ATen ops), the top ones by time, into the JSON")
+    parser.add_argument("--inductor-reorder", action="store_true",
+                        help="let Inductor reorder fxmem's training graphs for its peak estimate "
+                             "(reorder_for_peak_memory; off under fxmem, fxmem.codegen.INDUCTOR_PEAK_REORDER)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--case-json", default=None, help=argparse.SUPPRESS)  # internal: one case, in a child
     opts = parser.parse_args()
     device = torch.device(opts.device)
+    if opts.inductor_reorder:
+        import fxmem.codegen
+
+        fxmem.codegen.INDUCTOR_PEAK_REORDER = True
     if device.type == "cuda" and not torch.cuda.is_available():
         print("train_peak: --device cuda asked for, but CUDA is not available; nothing measured")
         return
@@ -312,13 +365,14 @@ def main() -> None:
     if opts.case_json:  # one case, in this (child) process
         cold_caches()
         print(f"{opts.cases[0]}:", flush=True)
-        case = run_case(opts.cases[0], opts.quick, device, variants, steps, hold_outputs=opts.hold_outputs)
+        case = run_case(opts.cases[0], opts.quick, device, variants, steps, hold_outputs=opts.hold_outputs,
+                        profile=opts.profile)
         case["env_TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET")
         with open(opts.case_json, "w") as f:
             json.dump(case, f)
         return
     results: dict[str, Any] = {"question": __doc__.split("\n")[0], "device": device_name(device), "torch": torch.__version__,
-                               "quick": opts.quick, "steps": steps, "cases": []}
+                               "quick": opts.quick, "steps": steps, "inductor_reorder": opts.inductor_reorder, "cases": []}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     for name in opts.cases:
         results["cases"].append(run_case_in_child(name, opts, steps))
@@ -339,6 +393,10 @@ def run_case_in_child(name: str, opts: argparse.Namespace, steps: int) -> dict:
             cmd.append("--quick")
         if opts.hold_outputs:
             cmd.append("--hold-outputs")
+        if opts.inductor_reorder:
+            cmd.append("--inductor-reorder")
+        if opts.profile:
+            cmd.append("--profile")
         proc = subprocess.run(cmd, check=False)
         if proc.returncode == 0 and os.path.exists(case_json):
             with open(case_json) as f:

@@ -10,7 +10,8 @@
 #                the kernels, the measurer), results in the log
 #   tests        the whole pytest suite on the machine's torch (2.11 there), as far as its limit goes
 #   train_peak   peak memory (max_memory_allocated) and step time of a training step: eager,
-#                torch.compile at activation budgets 1.0/0.5/0.0, fxmem default/0.5/0.0
+#                torch.compile at activation budgets 1.0/0.5/0.0, fxmem default/0.5/0.0; with
+#                each variant's kernels per step and their device time (--profile)
 #   kernels_gpu  fxmem's generated Triton kernels vs eager and Inductor; int8 matmul vs bf16 cuBLAS
 #   int4         the int4 and int8 weight-only matmuls at decode shapes (tiled, split-K, GEMV launches)
 #                vs bf16 cuBLAS and torchao int4/int8 (when the script exists)
@@ -54,8 +55,10 @@ for name in $PARTS; do
   case $name in
     # the HF cases after the logits-output change (Llama was 3.5x torch.compile's step time) and
     # the two cases without any GPU figure yet; budgets: TRAIN_PEAK_ARGS="--cases blocks_manual"
+    # --profile: per variant, the kernels one step launches and their device time (is a slower
+    # step more launches or slower kernels?), so one lent session both measures and diagnoses
     train_peak) part train_peak "${TRAIN_PEAK_LIMIT:-200}" "$PY" benchmarks/train_peak.py --device cuda --steps 20 \
-        ${TRAIN_PEAK_ARGS:---cases hf_llama hf_gpt2 blocks_sdpa --variants eager torch.compile fxmem} \
+        --profile ${TRAIN_PEAK_ARGS:---cases hf_llama hf_gpt2 blocks_sdpa --variants eager torch.compile fxmem} \
         --out "$OUT/train_peak.json" ;;
     # the JSON is rewritten after each workload: a part cut short by its limit keeps what it measured
     chunked_loss) part chunked_loss "${CHUNKED_LOSS_LIMIT:-60}" "$PY" benchmarks/chunked_loss.py --device cuda \
