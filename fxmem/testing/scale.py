@@ -888,6 +888,17 @@ def _sharded_fit_case(case: str, dp: int, tp: int, shape: str, layers: int, per_
     return fxmem.shard.apply(model, plan, mesh), args, kw
 
 
+def _param_groups(state) -> list:
+    """An FSDP2 state's parameter groups: torch 2.13 keeps a list (``_fsdp_param_groups``), 2.11
+    one group or None (``_fsdp_param_group``)."""
+    if state is None:
+        return []
+    if hasattr(state, "_fsdp_param_groups"):
+        return list(state._fsdp_param_groups)
+    group = getattr(state, "_fsdp_param_group", None)
+    return [group] if group is not None else []
+
+
 def _held_bytes(sharded: nn.Module, args: tuple, kw: dict) -> int:
     """This rank's local bytes of the parameters, buffers and batch, each tensor once (HF models
     take their ``labels`` as the ``input_ids`` tensor itself). A module FSDP2 left unsharded (the
@@ -897,7 +908,7 @@ def _held_bytes(sharded: nn.Module, args: tuple, kw: dict) -> int:
                if isinstance(t, torch.Tensor)}
     for module in sharded.modules():
         state = module._get_fsdp_state() if hasattr(module, "_get_fsdp_state") else None
-        for group in state._fsdp_param_groups if state is not None else ():
+        for group in _param_groups(state):
             tensors.update((id(fp.sharded_param), fp.sharded_param) for fp in group.fsdp_params)
     return sum(tensor_bytes(_local(t)) for t in tensors.values())
 
