@@ -189,9 +189,9 @@ def profile_step(step: Callable[[], None], device: torch.device, top: int = 12) 
     else:
         rows = [e for e in events if e.key.startswith(("aten::", "fxmem::"))]
     rows.sort(key=self_time, reverse=True)
-    return {"wall_s_under_profiler": wall,
-            "kernels" if on_cuda else "aten_ops": sum(e.count for e in rows),
-            "device_time_s" if on_cuda else "aten_self_cpu_s": sum(self_time(e) for e in rows) / 1e6,
+    # count: CUDA kernels launched (CPU: ATen ops called); busy_s: their device (CPU: own) time
+    return {"counted": "CUDA kernels" if on_cuda else "ATen ops", "count": sum(e.count for e in rows),
+            "busy_s": sum(self_time(e) for e in rows) / 1e6, "wall_s_under_profiler": wall,
             "top": [{"name": e.key[:100], "count": e.count, "self_us": round(self_time(e), 1)} for e in rows[:top]]}
 
 
@@ -279,11 +279,8 @@ def run_case(name: str, quick: bool, device: torch.device, variants, steps: int,
               if "error" not in row else row["error"][:120]), flush=True)
         if "profile" in row:
             prof = row["profile"]
-            count = prof.get("kernels", prof.get("aten_ops"))
-            busy = prof.get("device_time_s", prof.get("aten_self_cpu_s"))
-            print(f"  {'':14s} {'':26s} profiled: {count} {'kernels' if 'kernels' in prof else 'ATen ops'}, "
-                  f"{busy * 1e3:.1f} ms {'on the device' if 'kernels' in prof else 'in them'}, "
-                  f"{prof['wall_s_under_profiler'] * 1e3:.1f} ms wall", flush=True)
+            print(f"  {'':14s} {'':26s} profiled: {prof['count']} {prof['counted']}, {prof['busy_s'] * 1e3:.1f} ms "
+                  f"in them, {prof['wall_s_under_profiler'] * 1e3:.1f} ms wall", flush=True)
     compiled = next((r for r in rows if r["variant"] == "torch.compile" and "error" not in r), None)
     for r in rows:
         if compiled and "error" not in r:
