@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 
 import fxmem
 from fxmem.analysis import parameter_bytes
@@ -94,6 +94,9 @@ def test_random_programs_within_tolerance(program):
         ref = module(x)
         out = out_module(x)
     assert out.shape == ref.shape
+    # a program whose output is zero in exact arithmetic (a layer norm of a row-constant value:
+    # both sides were ±1.8e-8 of rounding, rel_err 1.41) has no accuracy to compare
+    assume(float(ref.norm()) > 1e-4 * float(x.norm()))
     assert rel_err(out, ref) < 0.05
 
 
