@@ -28,6 +28,7 @@ see :data:`INDUCTOR_PEAK_REORDER`). In-place reuse (``inplace_buffers``) stays o
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -132,21 +133,78 @@ def make_partitioner(partition_fn: Callable[..., tuple[fx.GraphModule, fx.GraphM
 
     Inductor calls it after its own joint-graph passes with ``(joint_gm, joint_inputs,
     num_fwd_outputs=..., static_lifetime_input_indices=..., compiler="inductor")``.
-    ``uuid()`` is ``None``: Inductor then neither reads nor writes its FX-graph and AOTAutograd
-    caches for this compile — a cache hit would skip fxmem's partition, so explain would see no
-    records and a changed budget could reuse an old split.
+
+    ``uuid()`` is the part of Inductor's FX-graph cache key that fxmem adds (see
+    :func:`partition_cache_key`). The partition itself always runs — AOTAutograd's cache, which
+    would skip it, stays off — so explain records it and a new budget makes a new split; what a
+    warm cache skips is Inductor compiling the forward and backward graphs fxmem returned.
     """
     base = _partitioner_base()
 
     class FxmemPartitioner(base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            self.graphs: tuple[fx.GraphModule, ...] = ()
+
         def __call__(self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any):
             kwargs.pop("compiler", None)
-            return partition_fn(gm, joint_inputs, **kwargs)
+            graphs = partition_fn(gm, joint_inputs, **kwargs)
+            self.graphs = tuple(graphs)
+            return graphs
 
         def uuid(self) -> Any:
-            return None
+            return partition_cache_key(self.graphs)
+
+        def __reduce__(self) -> tuple:
+            # Inductor pickles its whole config into the cache key, this object included (torch
+            # 2.13 leaves custom_partitioner_fn out of _cache_config_ignore_prefix): a local
+            # class with a closure cannot be pickled, so it pickles as its key — the same bytes
+            # for the same partition in every process.
+            return (_unpickled_partitioner, (self.uuid(),))
 
     return FxmemPartitioner()
+
+
+def _unpickled_partitioner(key: str) -> str:
+    """What a pickled ``FxmemPartitioner`` loads as: its key. Inductor only hashes the pickle."""
+    return key
+
+
+def partition_cache_key(graphs: Sequence[fx.GraphModule]) -> str:
+    """What Inductor's FX-graph cache key needs beyond the graph's code and Inductor's config.
+
+    Inductor hashes a graph by its code, not its nodes' ``meta``, and calls fxmem's custom ops
+    (``fxmem::linear_cross_entropy``, ...) by name. So the key adds what fxmem changes in a
+    compile besides the config (hashed already): the fusion guard (:mod:`fxmem.fusion_guard`)
+    with, per graph, the names of the nodes remat tagged as recomputed — the tag the guard reads —
+    and fxmem's kernel modules, whose fake implementations give the shapes and strides Inductor
+    plans the ops' outputs by. Called by Inductor when it hashes the forward and the backward,
+    after the partition ran.
+    """
+    import hashlib
+
+    from fxmem.passes.base import RECOMPUTED_KEY
+
+    digest = hashlib.sha256(_compile_sources_digest().encode())
+    for gm in graphs:
+        recomputed = sorted(n.name for n in gm.graph.nodes if n.meta.get(RECOMPUTED_KEY))
+        digest.update(("|" + ",".join(recomputed)).encode())
+    return "fxmem-partition-" + digest.hexdigest()
+
+
+@functools.cache
+def _compile_sources_digest() -> str:
+    """sha256 of the sources that shape Inductor's code for a given graph: the fusion guard and
+    the kernel modules (read once per process)."""
+    import hashlib
+    import pathlib
+
+    from fxmem import fusion_guard, kernels
+
+    files = [pathlib.Path(fusion_guard.__file__), *sorted(pathlib.Path(kernels.__file__).parent.glob("*.py"))]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def casts_for_inductor(gm: fx.GraphModule) -> int:
@@ -186,16 +244,16 @@ def inductor_training(gm: fx.GraphModule, example_inputs: Sequence[Any],
 
     from fxmem.fusion_guard import guarded_inner_compile
 
-    # no caches for this compile: fxmem's partition depends on its options and must run (see
-    # make_partitioner); Inductor cannot pickle a partitioner into its cache key anyway.
+    # Inductor's FX-graph cache serves fxmem's forward and backward (keyed by the partitioner's
+    # uuid, see make_partitioner); AOTAutograd's cache stays off, because a hit there would skip
+    # fxmem's partition: explain would see no records and a new budget could reuse an old split.
     # fallback_random: random ops draw from eager's generator, so a dropout mask is eager's
     # (fxmem's promise: gradients equal eager's), at the cost of not fusing them.
     # Passed as compile_fx's config_patches, not only as a context: AOTAutograd may compile the
     # backward lazily, at the first backward call (torch 2.11 does), and compile_fx re-applies its
     # config_patches around that later compile too.
-    patches = dict(custom_partitioner_fn=make_partitioner(partition_fn), fx_graph_cache=False,
-                   fallback_random=True, allow_buffer_reuse=INDUCTOR_BUFFER_POOL,
-                   reorder_for_peak_memory=INDUCTOR_PEAK_REORDER)
+    patches = dict(custom_partitioner_fn=make_partitioner(partition_fn), fallback_random=True,
+                   allow_buffer_reuse=INDUCTOR_BUFFER_POOL, reorder_for_peak_memory=INDUCTOR_PEAK_REORDER)
     # the fusion guard (fxmem.fusion_guard) wraps inner_compile, the call compile_fx makes for
     # the forward and, possibly later and lazily, the backward: active for fxmem's graphs only
     with functorch_config.patch(enable_autograd_cache=False):

@@ -186,7 +186,8 @@ def test_inductor_compiles_fxmems_graphs_without_its_buffer_pool(monkeypatch):
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
     x = torch.randn(4, 8)
     torch._dynamo.reset()
-    torch.compile(model, backend=fxmem.backend())(x).sum().backward()
+    with inductor_config.patch(fx_graph_cache=False):  # a cache hit skips codegen
+        torch.compile(model, backend=fxmem.backend())(x).sum().backward()
     assert seen and all(s == (False, True) for s in seen), seen  # forward and backward
     assert inductor_config.allow_buffer_reuse is True  # nothing process-wide
     with torch.no_grad(), inductor_config.patch(fx_graph_cache=False):  # a cache hit skips codegen
@@ -239,3 +240,61 @@ def test_budget_zero_never_peaks_above_budget_quarter_on_the_built_in_gpt():
         step()
         peaks[budget] = training_step_peak(step).peak_bytes
     assert peaks[0.0] <= peaks[0.25], f"budget 0.0 peaks at {peaks[0.0]} B, budget 0.25 at {peaks[0.25]} B"
+
+
+# -- Inductor's FX-graph cache ------------------------------------------------------------------------
+
+
+def test_a_second_compile_is_served_by_inductors_cache_and_still_partitions():
+    """A restarted run compiles the same model again: Inductor's on-disk cache serves fxmem's
+    forward and backward, while fxmem's partition runs (explain records it) and a new budget,
+    which recomputes, is compiled afresh."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
+    from torch._inductor import utils as inductor_utils
+
+    fresh_cache = getattr(inductor_utils, "fresh_cache", None) or inductor_utils.fresh_inductor_cache
+    s = sample("gpt_block_manual")
+    x = torch.randn(BATCH, *s.args[0].shape[1:], generator=torch.Generator().manual_seed(0))
+    runs = []
+    with fresh_cache(), inductor_config.patch(fx_graph_cache=True):
+        for options in ({}, {}, {"remat": {"budget": 0.0}}):
+            torch._dynamo.reset()
+            before = dict(counters["inductor"])
+            model = copy.deepcopy(s.model).train()
+            backend = fxmem.backend(**options)
+            _loss(torch.compile(model, backend=backend)(x)).backward()
+            cache = {k: counters["inductor"][k] - before.get(k, 0) for k in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
+            runs.append((cache, backend.recorder, [p.grad for p in model.parameters()]))
+    (first, rec1, grads1), (second, rec2, grads2), (zero, rec0, grads0) = runs
+    assert first == {"fxgraph_cache_hit": 0, "fxgraph_cache_miss": 2}, first
+    assert second == {"fxgraph_cache_hit": 2, "fxgraph_cache_miss": 0}, second
+    assert rec2.partitions and rec2.timelines  # the partition ran again, with the same cut
+    assert [p["saved"] for p in rec2.partitions] == [p["saved"] for p in rec1.partitions]
+    for a, b in zip(grads1, grads2):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert rec0.timelines[-1].peak_bytes < rec1.timelines[-1].peak_bytes  # budget 0 recomputes ...
+    assert zero["fxgraph_cache_miss"] >= 1, zero  # ... and that split is compiled, not taken from the cache
+    for a, b in zip(grads1, grads0):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_the_cache_key_names_the_recomputed_nodes():
+    """Two partitions with the same code but different nodes recomputed (the tag the fusion guard
+    reads) are two cache entries; the partitioner pickles as its key, the same in every process."""
+    import pickle
+
+    from fxmem.codegen import make_partitioner, partition_cache_key
+    from fxmem.passes.base import RECOMPUTED_KEY
+
+    def graph() -> fx.GraphModule:
+        return fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU()))
+
+    plain, tagged = graph(), graph()
+    next(n for n in tagged.graph.nodes if n.op == "call_module" and n.target == "1").meta[RECOMPUTED_KEY] = True
+    assert plain.code == tagged.code
+    assert partition_cache_key([plain]) == partition_cache_key([graph()])
+    assert partition_cache_key([plain]) != partition_cache_key([tagged])
+    partitioner = make_partitioner(lambda gm, inputs, **kwargs: (plain, tagged))
+    partitioner(graph(), [], compiler="inductor")
+    assert pickle.loads(pickle.dumps(partitioner)) == partitioner.uuid() == partition_cache_key([plain, tagged])

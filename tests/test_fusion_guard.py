@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from torch._inductor import config as inductor_config
 
 import fxmem
 import fxmem.fusion_guard as fusion_guard
@@ -52,7 +53,8 @@ def measured():
     eager = _run(eager_model, eager_model)
     model = _model()
     on = _run(model, _fxmem(model))
-    with pytest.MonkeyPatch.context() as mp:
+    # a cache hit would serve the guarded compile's code: the patched guard is not in the key
+    with pytest.MonkeyPatch.context() as mp, inductor_config.patch(fx_graph_cache=False):
         mp.setattr(fusion_guard, "delays_recomputation", lambda node1, node2: False)
         mp.setattr(remat, "sink_compute", lambda graph, parameters: 0)
         model = _model()
@@ -87,12 +89,11 @@ def test_guard_is_installed_for_fxmems_compiles_only(monkeypatch):
     monkeypatch.setattr(GraphLowering, "codegen", recording)
     model = _model()
     x = torch.randn(8, D)
-    _fxmem(model)(x).sum().backward()  # the backward is compiled here, possibly lazily
+    with inductor_config.patch(fx_graph_cache=False):  # a cache hit skips codegen
+        _fxmem(model)(x).sum().backward()  # the backward is compiled here, possibly lazily
     assert seen == [True, True], seen  # forward and backward
     assert not isinstance(V.choices, fusion_guard.RecomputeFusionGuard)  # nothing left behind
     assert type(V.choices) is InductorChoices
-
-    from torch._inductor import config as inductor_config
 
     seen.clear()
     torch._dynamo.reset()
