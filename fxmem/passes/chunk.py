@@ -21,12 +21,16 @@ implementation and an autograd formula: AOTAutograd puts it in the joint graph a
 backward is a scaling of the gradients it computed), and Inductor compiles around it.
 
 Matched (each spelling Dynamo produces): ``F.linear`` (HF's ``lm_head``, tied to the embedding or
-not, with or without bias), then any of ``.float()``, ``.to(torch.float32)``, ``.view``,
-``.reshape``, ``.contiguous()``, ``.flatten`` and row slicing (``logits[..., :-1, :]``: it is replayed
-on ``hidden``), then ``F.cross_entropy`` (``ignore_index``, ``reduction`` ``"mean"``/``"sum"``,
-``label_smoothing``) or ``F.log_softmax`` + ``F.nll_loss``. Left unchanged, with the reason in the
-statistics: class weights, ``reduction="none"``, soft (probability) targets, a log-softmax used
-beyond the loss, an autocast region. Logits that something else uses (HF models return them)
+not, with or without bias) over a vocabulary wider than its input (a classifier's few labels are
+left alone: chunked, it would save no bytes), optionally ``+ b`` with one ``b`` per vocabulary
+entry (BART's ``final_logits_bias``, folded into the op's bias), then any of ``.float()``,
+``.to(torch.float32)``, ``.view``, ``.reshape``, ``.contiguous()``, ``.flatten`` and row slicing
+(``logits[..., :-1, :]``: it is replayed on ``hidden``), then ``F.cross_entropy``
+(``ignore_index``, ``reduction`` ``"mean"``/``"sum"``, ``label_smoothing``) or ``F.log_softmax``
++ ``F.nll_loss``. Left unchanged, with the reason in the statistics and a warning: class
+weights, ``reduction="none"``, soft (probability) targets, a log-softmax used beyond the loss,
+an autocast region, any other op between a vocabulary-sized output layer and the loss (Gemma 2's
+soft-capping ``tanh``). Logits that something else uses (HF models return them)
 stay computed for that use; the loss is chunked all the same.
 
 Why the torch-level graph and not the joint graph: at the torch level the pattern is the forward
@@ -91,6 +95,8 @@ class _Match:
     label_smoothing: float
     upcast: bool
     extra: list[fx.Node] = field(default_factory=list)  # log_softmax node (nll path)
+    bias_add: fx.Node | None = None  # ``linear(h, W) + b`` with a [V] (or [1, .., V]) b: BART's final_logits_bias
+    bias_term: fx.Node | None = None  # that ``b``
 
 
 def _bind(sig: inspect.Signature, node: fx.Node) -> dict[str, Any]:
@@ -153,6 +159,7 @@ def find_loss(node: fx.Node) -> _Match | None:
         return None
     x, args, needs_log_softmax = found
     upcast, extra = False, []
+    bias_add = bias_term = None
     for key in ("weight", "size_average", "reduce"):
         if args.get(key) is not None:
             raise NotChunkable(f"{node.target.__name__} with {key}= (class weights / legacy reduction)")
@@ -192,7 +199,16 @@ def find_loss(node: fx.Node) -> _Match | None:
             raise NotChunkable("the logits are an input of this graph: the output layer is in another graph, split "
                                "from the loss by a graph break (TORCH_LOGS=graph_breaks shows where; "
                                "docs/passes/chunk.md lists known ones, e.g. transformers' GPT2LMHeadModel)")
+        term = _vocabulary_bias(x)
+        if term is not None and bias_add is None:
+            bias_add, bias_term = x, term
+            x = next(a for a in x.args if a is not term)
+            continue
         if not (passes_through or row_slice):
+            head = _vocabulary_head_above(x, xval.shape[-1])
+            if head is not None:
+                raise NotChunkable(f"{_describe(x)} between the output layer {head.name} and the loss (chunked "
+                                   f"between them: casts, reshapes, row slices, a bias add)")
             return None
         if not isinstance(v, torch.Tensor) or v.dim() < 1:
             return None
@@ -205,10 +221,22 @@ def find_loss(node: fx.Node) -> _Match | None:
     linear = x
     lin_args = list(linear.args) + [None] * (3 - len(linear.args))
     weight = linear.kwargs.get("weight", lin_args[1])
-    vocab = traced_value(weight).shape[0]
+    vocab, d = traced_value(weight).shape
+    if vocab <= d:
+        # a classifier (2 labels, 10 classes): chunked, the loss would save its [N, d] and [V, d]
+        # gradients instead of [N, V] logits — no fewer bytes — at the cost of the op's loop
+        return None
     for n in [linear, *chain]:
         if traced_value(n).shape[-1] != vocab:
             raise NotChunkable(f"{n.name} reshapes the vocabulary dimension")
+    if bias_add is not None:
+        if linear.kwargs.get("bias", lin_args[2]) is not None:
+            raise NotChunkable(f"{bias_add.name} adds a second bias to the output layer {linear.name}")
+        if len(linear.users) != 1:
+            raise NotChunkable(f"the output layer {linear.name} is used before its bias {bias_term.name} is added")
+        if traced_value(bias_add).dtype != traced_value(linear).dtype:
+            raise NotChunkable(f"{bias_add.name} adds a {traced_value(bias_term).dtype} bias to "
+                               f"{traced_value(linear).dtype} logits (the sum changes their dtype)")
     chain.reverse()
     # Logits also used elsewhere (HF returns them) stay computed for that use, and the loss is
     # chunked all the same: the log-softmax and the gradients of the loss are still never whole
@@ -217,7 +245,48 @@ def find_loss(node: fx.Node) -> _Match | None:
         raise NotChunkable("cast to a dtype other than float32")
     return _Match(loss=node, linear=linear, chain=chain, target=target, ignore_index=int(args["ignore_index"]),
                   reduction=args["reduction"], label_smoothing=float(args["label_smoothing"]), upcast=upcast,
-                  extra=extra)
+                  extra=extra, bias_add=bias_add, bias_term=bias_term)
+
+
+_ADD = {operator.add, torch.add}
+
+
+def _vocabulary_bias(node: fx.Node) -> fx.Node | None:
+    """``b`` when ``node`` is ``logits + b`` (either order) and ``b`` is one value per vocabulary entry
+    (shape ``[V]`` or ``[1, .., 1, V]``) that broadcasts over the logits' rows; else None."""
+    if node.op != "call_function" or node.target not in _ADD or len(node.args) != 2 or node.kwargs:
+        return None
+    out = traced_value(node)
+    for term, other in (node.args, node.args[::-1]):
+        tv, ov = traced_value(term), traced_value(other)
+        if not (isinstance(term, fx.Node) and isinstance(other, fx.Node) and isinstance(tv, torch.Tensor)
+                and isinstance(ov, torch.Tensor)):
+            continue
+        if tv.dim() >= 1 and tv.numel() == tv.shape[-1] == out.shape[-1] and ov.shape == out.shape:
+            return term
+    return None
+
+
+def _vocabulary_head_above(node: fx.Node, vocab: int, depth: int = 8) -> fx.Node | None:
+    """A ``linear`` with ``vocab`` > its input width among the first tensor inputs above ``node``
+    (``depth`` steps): the output layer of a loss whose logits pass through an op the pattern does
+    not cover (Gemma 2's soft-capping ``tanh``). None for anything else — a classifier, a loss
+    over values that no output layer made."""
+    x = node
+    for _ in range(depth):
+        if not isinstance(x, fx.Node):
+            return None
+        if x.op == "call_function" and x.target in _LINEAR:
+            w = traced_value(x.kwargs.get("weight", x.args[1] if len(x.args) > 1 else None))
+            return x if isinstance(w, torch.Tensor) and w.shape[0] == vocab > w.shape[1] else None
+        x = next((a for a in x.args if isinstance(a, fx.Node) and isinstance(traced_value(a), torch.Tensor)), None)
+    return None
+
+
+def _describe(node: fx.Node) -> str:
+    """``tanh (node tanh_1)``: the op a node calls, for a message."""
+    target = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+    return f"{target} (node {node.name})"
 
 
 def _fake_mode(gm: fx.GraphModule):
@@ -257,7 +326,8 @@ def _rewrite(gm: fx.GraphModule, m: _Match, config: ChunkConfig, fake_mode) -> i
     vocab, d = traced_value(weight).shape
     # forward tensors that are never made: the logits, their fp32 copy, the log-softmax (inside
     # cross_entropy, or its own node); the backward makes a gradient of each of them
-    made = [n for n in [m.linear, *m.chain] if not (n.op == "call_method" and n.target in _RESHAPE_METHODS | {"contiguous"})
+    head = [m.linear, *([m.bias_add] if m.bias_add is not None else []), *m.chain]
+    made = [n for n in head if not (n.op == "call_method" and n.target in _RESHAPE_METHODS | {"contiguous"})
             and not (n.op == "call_function" and n.target in (operator.getitem, torch.reshape))
             and not (_is_float32_cast(n) and traced_value(n.args[0]).dtype == torch.float32)]  # .float() of fp32: no copy
     logits_in = traced_value(m.loss.args[0])  # the size of the log-softmax (cross_entropy makes one inside)
@@ -286,7 +356,7 @@ def _rewrite(gm: fx.GraphModule, m: _Match, config: ChunkConfig, fake_mode) -> i
     # Logits that something else uses (HF models return them) are computed once for that use;
     # the loss then reads them instead of multiplying again, and their backward skips the
     # matmuls when their gradient is zero (an output nobody differentiates): kernels/logits_output.py
-    pattern = {m.linear, *m.chain, *m.extra, m.loss}
+    pattern = {m.linear, *m.chain, *m.extra, m.loss} | ({m.bias_add} if m.bias_add is not None else set())
     logits_kept = any(u not in pattern for n in pattern - {m.loss} for u in n.users)
     with graph.inserting_before(m.loss):
         rows = traced_value(m.loss.args[0]).shape[0]
@@ -296,13 +366,22 @@ def _rewrite(gm: fx.GraphModule, m: _Match, config: ChunkConfig, fake_mode) -> i
                 graph.erase_node(node)
             raise NotChunkable("the rows of the loss do not map onto the rows of the hidden states")
     logits = None
+    # the logits after a folded bias add (BART's final_logits_bias): the linear with that bias
+    source = m.bias_add if m.bias_add is not None else m.linear
+    last = source
+    if m.bias_add is not None:
+        with graph.inserting_after(source):
+            bias = last = add("call_method", "reshape", (m.bias_term, -1))
     if logits_kept:
-        with graph.inserting_after(m.linear):
+        with graph.inserting_after(last):  # (each inserting_after puts its node right after `last`)
             logits = add("call_function", torch.ops.fxmem.output_linear.default, (hidden, weight, bias))
-        m.linear.replace_all_uses_with(logits)
-        logits.meta.update({k: v for k, v in m.linear.meta.items() if k not in ("example_value", "val")})
-        graph.erase_node(m.linear)
-        m.linear = logits
+    if logits_kept:
+        source.replace_all_uses_with(logits)
+        logits.meta.update({k: v for k, v in source.meta.items() if k not in ("example_value", "val")})
+        graph.erase_node(source)
+        if source is not m.linear:  # its one user was the bias add
+            graph.erase_node(m.linear)
+        m.linear, m.bias_add = logits, None
     with graph.inserting_before(m.loss):
         tgt = add("call_method", "reshape", (m.target, -1))
         bval = traced_value(bias)
@@ -325,7 +404,8 @@ def _rewrite(gm: fx.GraphModule, m: _Match, config: ChunkConfig, fake_mode) -> i
     loss.meta.update({k: v for k, v in m.loss.meta.items() if k not in ("example_value", "val")})
     position = {n: i for i, n in enumerate(graph.nodes)}
     erased = set()
-    for node in sorted([m.loss, *m.chain, *m.extra, m.linear], key=position.__getitem__, reverse=True):
+    doomed = [m.loss, *m.chain, *m.extra, m.linear, *([m.bias_add] if m.bias_add is not None else [])]
+    for node in sorted(doomed, key=position.__getitem__, reverse=True):
         if not node.users:
             graph.erase_node(node)
             erased.add(node)

@@ -1,5 +1,6 @@
 """The chunk pass: losses computed without whole logits equal eager (loss and every gradient)."""
 
+import operator
 import re
 import warnings
 
@@ -223,6 +224,65 @@ def test_pass_refuses_a_loss_over_a_vocabulary_slice():
 
     gm, _ = _dynamo_graph(step, torch.randn(6, 8, requires_grad=True), torch.randint(0, 20, (6,)))
     result = chunk(gm, ChunkConfig())
+    assert not result.changed
+
+
+class _BiasedHead(torch.nn.Module):
+    """BART's output layer: ``lm_head(h) + final_logits_bias`` (a [1, V] buffer), logits returned."""
+
+    def __init__(self, d=16, vocab=40):
+        super().__init__()
+        self.body = torch.nn.Linear(d, d)
+        self.head = torch.nn.Linear(d, vocab, bias=False)
+        self.register_buffer("final_logits_bias", torch.randn(1, vocab))
+
+    def forward(self, h, t):
+        logits = self.head(self.body(h)) + self.final_logits_bias
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), t.view(-1)), logits
+
+
+def test_a_bias_added_after_the_head_is_folded_into_the_chunked_loss():
+    """BART adds ``final_logits_bias`` to the head's output: that add is the op's bias, so the loss
+    is chunked (it was left whole, silently), and the returned logits still carry the bias."""
+    torch.manual_seed(0)
+    model = _BiasedHead()
+    h, t = torch.randn(3, 5, 16), torch.randint(0, 40, (3, 5))
+    stats = check_against_eager(model, model, h, t)
+    assert stats[0]["regions"] == ["linear_1 → cross_entropy"], stats
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(model, backend="fxmem")(h, t)[1], model(h, t)[1], rtol=1e-5, atol=1e-6)
+    gm, inputs = _dynamo_graph(model, h, t)
+    result = chunk(gm, ChunkConfig())
+    targets = [n.target for n in result.gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.fxmem.output_linear.default in targets and operator.add not in targets
+
+
+def test_a_classifier_loss_is_left_alone_without_a_warning():
+    """Two labels over a width of 16: chunked, the loss would save [N, d] and [V, d] gradients
+    instead of [N, 2] logits. Left as written, and nothing to warn about."""
+    lin = torch.nn.Linear(16, 2)
+
+    def step(h, t):
+        return F.cross_entropy(lin(h), t)
+
+    gm, _ = _dynamo_graph(step, torch.randn(8, 16, requires_grad=True), torch.randint(0, 2, (8,)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = chunk(gm, ChunkConfig())
+    assert not result.changed and "not_chunked" not in result.stats
+
+
+def test_soft_capped_logits_are_left_with_a_warning_naming_the_op():
+    """Gemma 2's ``cap * tanh(logits / cap)`` between the head and the loss is not chunked yet:
+    the warning names the op and the output layer (it used to be silent)."""
+    lin = torch.nn.Linear(8, 40, bias=False)
+
+    def step(h, t):
+        return F.cross_entropy(torch.tanh(lin(h) / 30.0) * 30.0, t)
+
+    gm, _ = _dynamo_graph(step, torch.randn(6, 8, requires_grad=True), torch.randint(0, 40, (6,)))
+    with pytest.warns(UserWarning, match=r"mul \(node \w+\) between the output layer"):
+        result = chunk(gm, ChunkConfig())
     assert not result.changed
 
 
