@@ -1,12 +1,14 @@
 """Real model code: HF transformers models built from small configs (random weights, no downloads)."""
 
 import copy
+import re
 
 import pytest
 import torch
 
 import fxmem
 from fxmem.testing import assert_equivalent
+from fxmem.testing.hf_zoo import ARCHITECTURES, build
 
 transformers = pytest.importorskip("transformers")
 
@@ -229,3 +231,46 @@ def test_the_estimate_is_within_10_percent_of_the_measured_peak_on_hf_causal_lms
     assert abs(estimate - measured) <= 0.10 * measured, f"{name}: estimated {estimate} B, measured {measured} B"
     if name == "gpt2":  # its peak is in the loss op (0.89 of the measured peak without it): explain names it
         assert [t.name for t in timeline.live_at_peak if t.kind == "workspace"] == ["logits_cross_entropy (workspace)"]
+
+
+# -- the architecture zoo (fxmem.testing.hf_zoo) -------------------------------------------------------
+
+# the losses the chunk pass leaves, and why: a classifier's few labels (chunking saves nothing),
+# and Gemma 2's soft-capped logits (tanh between the head and the loss: said in a warning)
+NOT_CHUNKED = {"distilbert": None, "vit": None, "gemma2": r"mul \(node \w+\) between the output layer"}
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_every_zoo_architecture_trains_like_eager(name):
+    """Fifteen HF architectures, each a different shape of graph for fxmem's passes (sliding
+    windows, soft-capping, ALiBi, experts, relative position bias, encoder-decoders, images): one
+    training step with the loss inside through ``torch.compile(backend=fxmem.backend(...))``
+    gives eager's loss and gradients; every loss over a vocabulary is chunked, or a warning says
+    why not. ``codegen="eager"``: the passes and the partition are what is tested here; Inductor
+    compiles the same graphs in ``benchmarks/hf_architectures.py`` (and above, for three models)."""
+    import warnings
+
+    case = build(name)
+    reference = copy.deepcopy(case.model)
+    ref_loss = reference(**case.inputs).loss
+    ref_loss.backward()
+    backend = fxmem.backend(codegen="eager")
+    torch._dynamo.reset()
+    expected_warning = NOT_CHUNKED.get(name)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        loss = torch.compile(case.model, backend=backend)(**case.inputs).loss
+        loss.backward()
+    ours = [str(w.message) for w in seen if "fxmem" in str(w.message)]
+    if expected_warning is None:
+        assert not ours, ours
+    else:
+        assert len(ours) == 1 and re.search(expected_warning, ours[0]), ours
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    for (pname, want), got in zip(reference.named_parameters(), case.model.parameters()):
+        if want.grad is None:
+            assert got.grad is None, pname
+            continue
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-6, rtol=1e-4, msg=lambda m: f"{name} {pname}: {m}")
+    chunked = [r for r in backend.recorder.records if r.name == "chunk" and r.stats.get("regions")]
+    assert bool(chunked) == (name not in NOT_CHUNKED), [(r.name, r.stats) for r in backend.recorder.records]
