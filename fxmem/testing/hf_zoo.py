@@ -11,7 +11,7 @@ in front of fxmem's passes:
 
 Every model is built with dropout 0 (a dropout mask would differ between two compiled runs) and
 its loss inside (``labels=``), as HF's Trainer calls it. ``size="tiny"`` is for tests (d 64,
-vocab 512, B 2 × T 32); ``size="small"`` for benchmarks (d 128, vocab 8192, B 4 × T 256: the
+vocab 512, B 2 × T 32); ``size="small"`` for benchmarks (d 128, vocab 8192, B 4 × T 128: the
 activations, not the weights, make a step's peak).
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-SIZES = {"tiny": dict(d=64, vocab=512, batch=2, seq=32), "small": dict(d=128, vocab=8192, batch=4, seq=256)}
+SIZES = {"tiny": dict(d=64, vocab=512, batch=2, seq=32), "small": dict(d=128, vocab=8192, batch=4, seq=128)}
 
 
 @dataclass
