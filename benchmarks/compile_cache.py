@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +30,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _child  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CASES = ("hf_llama", "hf_gpt2", "blocks_manual")
@@ -62,7 +63,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(RESULTS, "compile_cache_cpu.json"))
     opts = parser.parse_args()
     if opts.child:
-        print("RESULT " + json.dumps(child(*opts.child)))
+        _child.report(child(*opts.child))
         return
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     results = {"question": __doc__.splitlines()[0], "device": f"cpu: {platform.machine()}, {env['OMP_NUM_THREADS']} threads",
@@ -73,12 +74,11 @@ def main() -> None:
             cache_dir = tempfile.mkdtemp(prefix=f"fxmem-compile-cache-{backend}-")
             runs = []
             for _ in range(RUNS):
-                proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", case, backend],
-                                      env=dict(env, TORCHINDUCTOR_CACHE_DIR=cache_dir), capture_output=True, text=True)
-                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-                if line is None:
-                    raise RuntimeError(f"{case} / {label}: the child failed:\n{proc.stderr[-3000:]}")
-                runs.append(json.loads(line[len("RESULT "):]))
+                run, stderr = _child.run(__file__, ["--child", case, backend],
+                                         dict(env, TORCHINDUCTOR_CACHE_DIR=cache_dir))
+                if run is None:
+                    raise RuntimeError(f"{case} / {label}: the child failed:\n{stderr[-3000:]}")
+                runs.append(run)
             entry["description"] = runs[0].pop("description")
             for r in runs[1:]:
                 r.pop("description")

@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 
@@ -39,6 +38,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _child  # noqa: E402
 
 from fxmem.testing.hf_zoo import ARCHITECTURES, SIZES, build  # noqa: E402
 
@@ -88,21 +89,18 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(RESULTS, "hf_architectures_cpu.json"))
     opts = parser.parse_args()
     if opts.child:
-        print("RESULT " + json.dumps(child(opts.child, opts.steps)))
+        _child.report(child(opts.child, opts.steps))
         return
     threads = os.environ.get("OMP_NUM_THREADS", "1")
     results = {"question": __doc__.splitlines()[0], "device": f"cpu: {platform.machine()}, {threads} threads",
                "torch": torch.__version__, "size": SIZES["small"], "archs": []}
     for name in opts.archs:
         env = dict(os.environ, OMP_NUM_THREADS=threads, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="fxmem-zoo-"))
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name, "--steps", str(opts.steps)],
-                              env=env, capture_output=True, text=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            entry = {"arch": name, "error": proc.stderr[-3000:]}
-            print(f"{name:11s} FAILED: {proc.stderr[-400:]}", flush=True)
+        entry, stderr = _child.run(__file__, ["--child", name, "--steps", str(opts.steps)], env)
+        if entry is None:
+            entry = {"arch": name, "error": stderr[-3000:]}
+            print(f"{name:11s} FAILED: {stderr[-400:]}", flush=True)
         else:
-            entry = json.loads(line[len("RESULT "):])
             fx = next(r for r in entry["rows"] if r["variant"] == "fxmem")
             tc = next(r for r in entry["rows"] if r["variant"] == "torch.compile")
             print(f"{name:11s} peak MiB tc {tc['peak_mib']:7.1f} fxmem {fx['peak_mib']:7.1f} "

@@ -29,6 +29,8 @@ see :data:`INDUCTOR_PEAK_REORDER`). In-place reuse (``inplace_buffers``) stays o
 from __future__ import annotations
 
 import functools
+import hashlib
+import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -180,8 +182,6 @@ def partition_cache_key(graphs: Sequence[fx.GraphModule]) -> str:
     plans the ops' outputs by. Called by Inductor when it hashes the forward and the backward,
     after the partition ran.
     """
-    import hashlib
-
     from fxmem.passes.base import RECOMPUTED_KEY
 
     digest = hashlib.sha256(_compile_sources_digest().encode())
@@ -195,9 +195,6 @@ def partition_cache_key(graphs: Sequence[fx.GraphModule]) -> str:
 def _compile_sources_digest() -> str:
     """sha256 of the sources that shape Inductor's code for a given graph: the fusion guard and
     the kernel modules (read once per process)."""
-    import hashlib
-    import pathlib
-
     from fxmem import fusion_guard, kernels
 
     files = [pathlib.Path(fusion_guard.__file__), *sorted(pathlib.Path(kernels.__file__).parent.glob("*.py"))]

@@ -98,6 +98,11 @@ class _Match:
     bias_add: fx.Node | None = None  # ``linear(h, W) + b`` with a [V] (or [1, .., V]) b: BART's final_logits_bias
     bias_term: fx.Node | None = None  # that ``b``
 
+    @property
+    def head(self) -> list[fx.Node]:
+        """The output layer: the linear, and the bias add folded into it if there is one."""
+        return [self.linear] if self.bias_add is None else [self.linear, self.bias_add]
+
 
 def _bind(sig: inspect.Signature, node: fx.Node) -> dict[str, Any]:
     bound = sig.bind(*node.args, **node.kwargs)
@@ -326,8 +331,7 @@ def _rewrite(gm: fx.GraphModule, m: _Match, config: ChunkConfig, fake_mode) -> i
     vocab, d = traced_value(weight).shape
     # forward tensors that are never made: the logits, their fp32 copy, the log-softmax (inside
     # cross_entropy, or its own node); the backward makes a gradient of each of them
-    head = [m.linear, *([m.bias_add] if m.bias_add is not None else []), *m.chain]
-    made = [n for n in head if not (n.op == "call_method" and n.target in _RESHAPE_METHODS | {"contiguous"})
+    made = [n for n in [*m.head, *m.chain] if not (n.op == "call_method" and n.target in _RESHAPE_METHODS | {"contiguous"})
             and not (n.op == "call_function" and n.target in (operator.getitem, torch.reshape))
             and not (_is_float32_cast(n) and traced_value(n.args[0]).dtype == torch.float32)]  # .float() of fp32: no copy
     logits_in = traced_value(m.loss.args[0])  # the size of the log-softmax (cross_entropy makes one inside)
@@ -356,7 +360,7 @@ def _rewrite(gm: fx.GraphModule, m: _Match, config: ChunkConfig, fake_mode) -> i
     # Logits that something else uses (HF models return them) are computed once for that use;
     # the loss then reads them instead of multiplying again, and their backward skips the
     # matmuls when their gradient is zero (an output nobody differentiates): kernels/logits_output.py
-    pattern = {m.linear, *m.chain, *m.extra, m.loss} | ({m.bias_add} if m.bias_add is not None else set())
+    pattern = {*m.head, *m.chain, *m.extra, m.loss}
     logits_kept = any(u not in pattern for n in pattern - {m.loss} for u in n.users)
     with graph.inserting_before(m.loss):
         rows = traced_value(m.loss.args[0]).shape[0]
@@ -366,16 +370,16 @@ def _rewrite(gm: fx.GraphModule, m: _Match, config: ChunkConfig, fake_mode) -> i
                 graph.erase_node(node)
             raise NotChunkable("the rows of the loss do not map onto the rows of the hidden states")
     logits = None
-    # the logits after a folded bias add (BART's final_logits_bias): the linear with that bias
-    source = m.bias_add if m.bias_add is not None else m.linear
-    last = source
+    # the logits are the output layer's last node: after a folded bias add (BART's
+    # final_logits_bias), the linear with that bias
+    source = m.head[-1]
     if m.bias_add is not None:
         with graph.inserting_after(source):
-            bias = last = add("call_method", "reshape", (m.bias_term, -1))
+            bias = add("call_method", "reshape", (m.bias_term, -1))
     if logits_kept:
-        with graph.inserting_after(last):  # (each inserting_after puts its node right after `last`)
+        # after the bias, which it reads (each inserting_after puts its node right after the one named)
+        with graph.inserting_after(source if m.bias_add is None else bias):
             logits = add("call_function", torch.ops.fxmem.output_linear.default, (hidden, weight, bias))
-    if logits_kept:
         source.replace_all_uses_with(logits)
         logits.meta.update({k: v for k, v in source.meta.items() if k not in ("example_value", "val")})
         graph.erase_node(source)
@@ -404,8 +408,7 @@ def _rewrite(gm: fx.GraphModule, m: _Match, config: ChunkConfig, fake_mode) -> i
     loss.meta.update({k: v for k, v in m.loss.meta.items() if k not in ("example_value", "val")})
     position = {n: i for i, n in enumerate(graph.nodes)}
     erased = set()
-    doomed = [m.loss, *m.chain, *m.extra, m.linear, *([m.bias_add] if m.bias_add is not None else [])]
-    for node in sorted(doomed, key=position.__getitem__, reverse=True):
+    for node in sorted([m.loss, *m.chain, *m.extra, *m.head], key=position.__getitem__, reverse=True):
         if not node.users:
             graph.erase_node(node)
             erased.add(node)

@@ -35,97 +35,21 @@ class Case:
     inputs: dict[str, torch.Tensor]
 
 
-def _causal(config_cls: str, model_cls: str, **extra: Any) -> Callable[[dict], tuple]:
+def _arch(config_cls: str, model_cls: str, kind: str, config: Callable[[dict], dict]) -> Callable[[dict], tuple]:
+    """A builder: ``transformers.<model_cls>(<config_cls>(**config(size)))`` and the kind of its batch."""
     def build(s: dict) -> tuple:
         import transformers
 
-        d = s["d"]
-        cfg = getattr(transformers, config_cls)(vocab_size=s["vocab"], hidden_size=d, intermediate_size=2 * d,
-                                                num_hidden_layers=2, num_attention_heads=4,
-                                                max_position_embeddings=2 * s["seq"], **extra)
-        return getattr(transformers, model_cls)(cfg), "causal"
+        return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config(s))), kind
 
     return build
 
 
-def _gpt_neox(s: dict) -> tuple:
-    import transformers
-
-    cfg = transformers.GPTNeoXConfig(vocab_size=s["vocab"], hidden_size=s["d"], intermediate_size=2 * s["d"],
-                                     num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=2 * s["seq"],
-                                     hidden_dropout=0.0, attention_dropout=0.0)
-    return transformers.GPTNeoXForCausalLM(cfg), "causal"
-
-
-def _opt(s: dict) -> tuple:
-    import transformers
-
-    cfg = transformers.OPTConfig(vocab_size=s["vocab"], hidden_size=s["d"], ffn_dim=2 * s["d"], num_hidden_layers=2,
-                                 num_attention_heads=4, max_position_embeddings=2 * s["seq"],
-                                 word_embed_proj_dim=s["d"], dropout=0.0, attention_dropout=0.0)
-    return transformers.OPTForCausalLM(cfg), "causal"
-
-
-def _falcon(s: dict) -> tuple:
-    import transformers
-
-    cfg = transformers.FalconConfig(vocab_size=s["vocab"], hidden_size=s["d"], num_hidden_layers=2,
-                                    num_attention_heads=4, alibi=True, hidden_dropout=0.0, attention_dropout=0.0)
-    return transformers.FalconForCausalLM(cfg), "causal"
-
-
-def _bloom(s: dict) -> tuple:
-    import transformers
-
-    cfg = transformers.BloomConfig(vocab_size=s["vocab"], hidden_size=s["d"], n_layer=2, n_head=4,
-                                   hidden_dropout=0.0, attention_dropout=0.0)
-    return transformers.BloomForCausalLM(cfg), "causal"
-
-
-def _t5(s: dict) -> tuple:
-    import transformers
-
-    cfg = transformers.T5Config(vocab_size=s["vocab"], d_model=s["d"], d_kv=s["d"] // 4, d_ff=2 * s["d"],
-                                num_layers=2, num_heads=4, dropout_rate=0.0, decoder_start_token_id=0)
-    return transformers.T5ForConditionalGeneration(cfg), "seq2seq"
-
-
-def _bart(s: dict) -> tuple:
-    import transformers
-
-    cfg = transformers.BartConfig(vocab_size=s["vocab"], d_model=s["d"], encoder_layers=2, decoder_layers=2,
-                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=2 * s["d"],
-                                  decoder_ffn_dim=2 * s["d"], max_position_embeddings=2 * s["seq"], dropout=0.0,
-                                  attention_dropout=0.0, activation_dropout=0.0)
-    return transformers.BartForConditionalGeneration(cfg), "seq2seq"
-
-
-def _roberta(s: dict) -> tuple:
-    import transformers
-
-    cfg = transformers.RobertaConfig(vocab_size=s["vocab"], hidden_size=s["d"], num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=2 * s["d"],
-                                     max_position_embeddings=s["seq"] + 4, hidden_dropout_prob=0.0,
-                                     attention_probs_dropout_prob=0.0)
-    return transformers.RobertaForMaskedLM(cfg), "masked"
-
-
-def _distilbert(s: dict) -> tuple:
-    import transformers
-
-    cfg = transformers.DistilBertConfig(vocab_size=s["vocab"], dim=s["d"], n_layers=2, n_heads=4,
-                                        hidden_dim=2 * s["d"], max_position_embeddings=s["seq"], dropout=0.0,
-                                        attention_dropout=0.0, seq_classif_dropout=0.0)
-    return transformers.DistilBertForSequenceClassification(cfg), "classify"
-
-
-def _vit(s: dict) -> tuple:
-    import transformers
-
-    cfg = transformers.ViTConfig(hidden_size=s["d"], num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=2 * s["d"], image_size=8 * int(s["seq"] ** 0.5), patch_size=8,
-                                 num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return transformers.ViTForImageClassification(cfg), "image"
+def _causal(config_cls: str, model_cls: str, **extra: Any) -> Callable[[dict], tuple]:
+    """A decoder-only LM whose config takes the Llama-style names."""
+    return _arch(config_cls, model_cls, "causal", lambda s: dict(
+        vocab_size=s["vocab"], hidden_size=s["d"], intermediate_size=2 * s["d"], num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=2 * s["seq"], **extra))
 
 
 ARCHITECTURES: dict[str, Callable[[dict], tuple]] = {
@@ -135,17 +59,35 @@ ARCHITECTURES: dict[str, Callable[[dict], tuple]] = {
                     eos_token_id=2),
     "gemma": _causal("GemmaConfig", "GemmaForCausalLM", num_key_value_heads=1, head_dim=16),
     "gemma2": _causal("Gemma2Config", "Gemma2ForCausalLM", num_key_value_heads=2, head_dim=16, sliding_window=16),
-    "gpt_neox": _gpt_neox,
-    "opt": _opt,
-    "falcon": _falcon,
-    "bloom": _bloom,
+    "gpt_neox": _causal("GPTNeoXConfig", "GPTNeoXForCausalLM", hidden_dropout=0.0, attention_dropout=0.0),
+    "opt": _arch("OPTConfig", "OPTForCausalLM", "causal", lambda s: dict(
+        vocab_size=s["vocab"], hidden_size=s["d"], ffn_dim=2 * s["d"], num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=2 * s["seq"], word_embed_proj_dim=s["d"], dropout=0.0, attention_dropout=0.0)),
+    "falcon": _arch("FalconConfig", "FalconForCausalLM", "causal", lambda s: dict(
+        vocab_size=s["vocab"], hidden_size=s["d"], num_hidden_layers=2, num_attention_heads=4, alibi=True,
+        hidden_dropout=0.0, attention_dropout=0.0)),
+    "bloom": _arch("BloomConfig", "BloomForCausalLM", "causal", lambda s: dict(
+        vocab_size=s["vocab"], hidden_size=s["d"], n_layer=2, n_head=4, hidden_dropout=0.0, attention_dropout=0.0)),
     "mixtral": _causal("MixtralConfig", "MixtralForCausalLM", num_key_value_heads=2, num_local_experts=4,
                        num_experts_per_tok=2),
-    "t5": _t5,
-    "bart": _bart,
-    "roberta": _roberta,
-    "distilbert": _distilbert,
-    "vit": _vit,
+    "t5": _arch("T5Config", "T5ForConditionalGeneration", "seq2seq", lambda s: dict(
+        vocab_size=s["vocab"], d_model=s["d"], d_kv=s["d"] // 4, d_ff=2 * s["d"], num_layers=2, num_heads=4,
+        dropout_rate=0.0, decoder_start_token_id=0)),
+    "bart": _arch("BartConfig", "BartForConditionalGeneration", "seq2seq", lambda s: dict(
+        vocab_size=s["vocab"], d_model=s["d"], encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=2 * s["d"], decoder_ffn_dim=2 * s["d"],
+        max_position_embeddings=2 * s["seq"], dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)),
+    "roberta": _arch("RobertaConfig", "RobertaForMaskedLM", "masked", lambda s: dict(
+        vocab_size=s["vocab"], hidden_size=s["d"], num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=2 * s["d"], max_position_embeddings=s["seq"] + 4, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0)),
+    "distilbert": _arch("DistilBertConfig", "DistilBertForSequenceClassification", "classify", lambda s: dict(
+        vocab_size=s["vocab"], dim=s["d"], n_layers=2, n_heads=4, hidden_dim=2 * s["d"],
+        max_position_embeddings=s["seq"], dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)),
+    "vit": _arch("ViTConfig", "ViTForImageClassification", "image", lambda s: dict(
+        hidden_size=s["d"], num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * s["d"],
+        image_size=8 * int(s["seq"] ** 0.5), patch_size=8, num_labels=10, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0)),
 }
 
 
