@@ -54,7 +54,6 @@ import torch.fx as fx
 
 from fxmem.analysis.cost import graph_cost
 from fxmem.analysis.timeline import step_timeline
-from fxmem.analysis.workspace import cpu_conv_layout_copies
 from fxmem.config import FxmemConfig, parse_options
 from fxmem.passes.base import copy_graph
 from fxmem.passes.remat import shared_cuts
@@ -495,7 +494,7 @@ def _estimate_partition(cand: Candidate, joint: fx.GraphModule, joint_inputs, co
     grads_made = {r.name: node_bytes(r) for r in roots} if dp > 1 else None
     key = "_dp_activations" if dp > 1 else "activations"
     peak = _peak_with_collectives(timeline, local.transients if local is not None else None, grads_made, dp)
-    parts[key] = parts.get(key, 0) + peak - timeline.input_bytes + cpu_conv_layout_copies(fw)
+    parts[key] = parts.get(key, 0) + peak - timeline.input_bytes
     if local is not None:  # the gradients the timeline holds are this rank's (fit swaps in the plan's)
         parts["_grads"] = parts.get("_grads", 0) + sum(node_bytes(r) for r in roots)
     parts["_flops"] = parts.get("_flops", 0) + fw_cost.flops + bw_cost.flops

@@ -233,6 +233,32 @@ def test_the_estimate_is_within_10_percent_of_the_measured_peak_on_hf_causal_lms
         assert [t.name for t in timeline.live_at_peak if t.kind == "workspace"] == ["logits_cross_entropy (workspace)"]
 
 
+@pytest.mark.parametrize("name", ["gemma2", "distilbert", "vit"])
+def test_the_estimate_is_within_10_percent_on_the_zoo_models_it_once_missed(name):
+    """The three zoo architectures whose estimate under Inductor once missed (at the benchmark's
+    shapes: Gemma 2 1.30, DistilBERT 0.81, ViT 0.89 of the measured peak; here, at tiny shapes,
+    ViT was 0.83): Inductor's fusion through views and into scatters, where it realizes values,
+    and its channels-last copies of a convolution's inputs (docs/architecture.md)."""
+    from fxmem.measure import training_step_peak
+
+    case = build(name)
+    torch._dynamo.reset()
+    backend = fxmem.backend()
+    fn = torch.compile(case.model, backend=backend)
+
+    def step():
+        for p in case.model.parameters():
+            p.grad = None
+        out = fn(**case.inputs)
+        out.loss.backward()
+
+    step()
+    measured = training_step_peak(step).peak_bytes
+    timeline = backend.recorder.timelines[-1]
+    estimate = timeline.peak_bytes - timeline.input_bytes
+    assert abs(estimate - measured) <= 0.10 * measured, f"{name}: estimated {estimate} B, measured {measured} B"
+
+
 # -- the architecture zoo (fxmem.testing.hf_zoo) -------------------------------------------------------
 
 # the losses the chunk pass leaves, and why: a classifier's few labels (chunking saves nothing),

@@ -36,7 +36,7 @@ import torch.fx as fx
 from fxmem.analysis.liveness import last_uses
 from fxmem.analysis.saved import forward_outputs
 from fxmem.analysis.sizes import is_alias_op, is_parameter_node, node_bytes, storage_root
-from fxmem.analysis.workspace import op_workspace
+from fxmem.analysis.workspace import layout_copies, op_workspace
 from fxmem.codegen import INDUCTOR_BUFFER_POOL
 
 COMPUTING = ("call_function", "call_module", "call_method")
@@ -261,6 +261,11 @@ _SCATTERS = frozenset({"index_put", "_unsafe_index_put", "_unsafe_masked_index_p
 """Functional scatters: Inductor writes them into their first argument's buffer when it dies there."""
 
 
+_GENERATORS = frozenset({"full", "scalar_tensor", "iota", "arange", "zeros", "ones", "full_like", "zeros_like",
+                         "ones_like"})
+"""Ops Inductor lowers to a constant or an index expression: a kernel that reads them loads nothing."""
+
+
 def _opname(node: fx.Node) -> str:
     return str(getattr(getattr(node.target, "_schema", None), "name", "")).split("::")[-1]
 
@@ -269,15 +274,107 @@ def _reduction(node: fx.Node) -> bool:
     return node.op == "call_function" and not _pointwise(node) and _opname(node) in _REDUCTIONS
 
 
-def _fused_away(gm: fx.GraphModule, keep: set, *, into_reductions: bool = False) -> set[fx.Node]:
-    """Pointwise nodes whose every user is pointwise too (or, ``into_reductions``, a reduction):
-    Inductor fuses them into their users' kernel, so their output never exists (unless it leaves
-    the graph: ``keep``)."""
-    def fuses(user: fx.Node) -> bool:
-        return _pointwise(user) or (into_reductions and _reduction(user))
+def _readers(node: fx.Node) -> list[fx.Node]:
+    """The nodes that read ``node``'s output, looking through the views of it that keep its last
+    dimension (``[B, T, V] → [B·T, V]``: the reading kernel's inner loop is unchanged, an index
+    expression). A view that regroups the last dimension is a reader itself: Inductor wrote the
+    ReLU gradient a group norm's backward reads as ``[N, G, C/G, H·W]`` to a buffer
+    (``conv_norm``; looking through it put the estimate at 0.81 of the measured peak)."""
+    out, stack = [], list(node.users)
+    last = _last_dim(node)
+    while stack:
+        user = stack.pop()
+        if is_alias_op(user) and last is not None and _last_dim(user) == last:
+            stack.extend(user.users)
+        else:
+            out.append(user)
+    return out
 
-    return {n for n in gm.graph.nodes
-            if _pointwise(n) and n not in keep and n.users and all(fuses(u) for u in n.users)}
+
+def _last_dim(node: fx.Node) -> int | None:
+    val = node.meta.get("val")
+    return int(val.shape[-1]) if isinstance(val, torch.Tensor) and val.dim() and not isinstance(val.shape[-1], torch.SymInt) \
+        else None
+
+
+def _fused_away(gm: fx.GraphModule, keep: set, *, into_reductions: bool = False) -> set[fx.Node]:
+    """Pointwise nodes whose every reader (through views) is pointwise too — or, with
+    ``into_reductions``, a reduction or a functional scatter: Inductor inlines them into their
+    readers' kernels, so their output never exists (unless it leaves the graph: ``keep``).
+
+    Views: Gemma 2's soft-capped logits ``mul(tanh, 30)`` reach the log-softmax's ``amax`` and
+    ``sub`` through a view to ``[N, V]``; Inductor computes them inside those kernels.
+    Scatters: an embedding's gradient (``index_put(zeros, ids, grad)``) reads the layer norm
+    backward's last pointwise ops in its own kernel, so their inputs — the three projections'
+    input gradients of the first layer — are alive when the ``[V, d]`` zeros are allocated.
+
+    Inlining stops where Inductor realizes a pointwise value anyway (:class:`_InlineLimits`):
+    without that, a backward's residual-gradient adds would inline one into the next through
+    every layer, and the first matmul's output would live until the embedding's scatter.
+    """
+    def fuses(user: fx.Node) -> bool:
+        return _pointwise(user) or (into_reductions and (_reduction(user) or _opname(user) in _SCATTERS))
+
+    devices = {v.device.type for n in gm.graph.nodes if isinstance(v := n.meta.get("val"), torch.Tensor)}
+    limits = _InlineLimits.of_inductor(cpu=devices <= {"cpu"})
+    fused: set[fx.Node] = set()
+    inlined: dict[fx.Node, tuple[frozenset, int]] = {}  # fused node → (buffers read, op count)
+    for n in gm.graph.nodes:
+        if not _pointwise(n) or n in keep:
+            continue
+        readers = _readers(n)
+        if not readers or not all(fuses(u) for u in readers):
+            continue
+        reads, ops = set(), 1
+        for arg in n.all_input_nodes:
+            root = storage_root(arg)
+            if _opname(root) in _GENERATORS:
+                pass  # an index expression or a constant in the kernel: no buffer to read
+            elif root in inlined:
+                more, count = inlined[root]
+                reads |= more
+                ops += count
+            else:
+                reads.add(root)
+        if limits.realizes(len(reads), ops):
+            continue
+        fused.add(n)
+        inlined[n] = (frozenset(reads), ops)
+    return fused
+
+
+@dataclass(frozen=True)
+class _InlineLimits:
+    """Where Inductor stops inlining a pointwise value into its readers and writes it to a buffer
+    that outlives the kernel (``GraphLowering.run_node``'s ``has_exceeded_max_reads``: an
+    expression reading more than ``reads`` buffers or with more than ``ops`` ops; thresholds from
+    ``torch._inductor.config``). The op count here is one per inlined node: a lower bound of
+    Inductor's, which counts its loads and constants too.
+
+    Left out on purpose: Inductor also realizes a value read twice when its expression reads more
+    than ``realize_reads_threshold`` buffers or (on a CPU) holds an ``exp``/``tanh``, but its
+    scheduler then fuses the readers into the producer's kernel and drops the buffer as
+    kernel-local. Counting those (GELU's ``tanh``, read twice in a recomputing backward) put the
+    estimate of ``gpt_block_manual`` at 1.31 of the measured peak."""
+
+    reads: int
+    ops: int
+
+    @classmethod
+    def of_inductor(cls, cpu: bool = True) -> _InlineLimits:
+        from torch._inductor import config
+
+        # torch 2.13 has CPU thresholds of its own (realize_cpu_*); 2.11 one for every device
+        ops = config.realize_opcount_threshold
+        if ops is None:
+            ops = config.realize_cpu_opcount_threshold if cpu else config._realize_opcount_threshold_default
+        reads = config.realize_acc_reads_threshold
+        if reads is None:
+            reads = config.realize_cpu_acc_reads_threshold if cpu else config._realize_acc_reads_threshold_default
+        return cls(reads, ops)
+
+    def realizes(self, reads: int, ops: int) -> bool:
+        return reads > self.reads or ops > self.ops
 
 
 def _addmm_fused(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
@@ -374,10 +471,13 @@ def _storages_through(inputs: list[fx.Node], skip: set[fx.Node]) -> list[fx.Node
         if inp in seen:
             continue
         seen.add(inp)
+        root = storage_root(inp)
         if inp in skip:
             stack.extend(inp.all_input_nodes)
+        elif root in skip:  # a view of a fused-away op: read its inputs
+            stack.append(root)
         else:
-            out.append(storage_root(inp))
+            out.append(root)
     return out
 
 
@@ -396,7 +496,7 @@ def _kernel_last_uses(gm: fx.GraphModule, skip: set[fx.Node],
     for node in reversed(nodes):
         if node in joins:
             runs_at[node] = position[joins[node]]
-        elif node in skip or (joins and is_alias_op(node) and node.users):
+        elif node in skip or (is_alias_op(node) and node.users):  # a view is read where its readers run
             runs_at[node] = max((runs_at[u] for u in node.users), default=position[node])
         else:
             runs_at[node] = position[node]
@@ -452,6 +552,52 @@ def _joined_kernels(gm: fx.GraphModule, skip: set[fx.Node], externs: set[fx.Node
     return host_of
 
 
+def _channels_last_copies(fw: fx.GraphModule) -> dict[fx.Node, fx.Node]:
+    """Graph inputs Inductor copies into channels-last layout for a convolution of a training
+    forward: ``{input: the first convolution that reads it}``.
+
+    On a CPU with oneDNN, Inductor lays every convolution out channels-last
+    (``GraphLowering.decide_layout_opt``). A computed activation is produced in that layout
+    directly; a graph input — the batch of images, the convolution's weight — is copied
+    (:func:`fxmem.analysis.workspace.layout_copies`), and in training the copy, not the input, is
+    what the forward saves for the convolution's backward. A ViT's patch embedding: the images
+    and the patch weight exist twice from the convolution to the end of the backward. (In
+    inference the copies are freed after the op: its workspace counts them.)
+    """
+    copies: dict[fx.Node, fx.Node] = {}
+    if not (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()):
+        return copies  # decide_layout_opt's CPU rule needs oneDNN
+    for conv in fw.graph.find_nodes(op="call_function", target=torch.ops.aten.convolution.default):
+        for placeholder in layout_copies(conv):
+            copies.setdefault(placeholder, conv)
+    return copies
+
+
+def _scatter_destinations(gm: fx.GraphModule, skip: set[fx.Node]) -> dict[fx.Node, fx.Node]:
+    """A scatter's zero-filled destination, allocated with the kernel that computes its values:
+    ``{fill: values}``.
+
+    Inductor's scheduler fuses the fill, the pointwise kernel that makes the scatter's values and
+    the scatter into one kernel, whose buffers are all allocated before it starts — while the
+    values' own inputs are still alive. DistilBERT's word-embedding gradient: the ``[V, d]`` zeros
+    beside the last layer norm backward's inputs (the first layer's three input-gradient matmul
+    outputs), where the graph's order allocates them after those died."""
+    nodes = list(gm.graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    out: dict[fx.Node, fx.Node] = {}
+    for node in nodes:
+        if node.op != "call_function" or _opname(node) not in _SCATTERS or not node.args:
+            continue
+        fill = node.args[0]
+        if not isinstance(fill, fx.Node) or _opname(fill) not in _GENERATORS or len(fill.users) != 1:
+            continue
+        producers = [storage_root(a) for a in node.all_input_nodes if a is not fill]
+        producers = [p for p in producers if _pointwise(p) and p not in skip and position[p] < position[fill]]
+        if producers:
+            out[fill] = max(producers, key=position.__getitem__)
+    return out
+
+
 def _reuse_in_place(live: _Live, node: fx.Node, skip: set[fx.Node], dying) -> None:
     """Free the first input buffer ``node``'s kernel can write its output into (``dying(root)``
     gives its live-set key when it dies at ``node``, else None, and whether it is pooled): the
@@ -491,6 +637,11 @@ def step_timeline(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs
     * ``add(mm(a, b), c)`` is one ``addmm`` where the ``add`` stands (:func:`_addmm_fused`):
       ``a`` and ``b`` live until then (a tied head's ``[N, V]`` logits gradient, read by the
       weight gradient's ``addmm`` at the end of the backward).
+    * pointwise ops are inlined through views that keep the last dimension and into scatters,
+      up to where Inductor realizes them (:func:`_fused_away`); a scatter's zero fill is
+      allocated with its values' kernel (:func:`_scatter_destinations`);
+    * in a training step, the channels-last copies Inductor makes of a CPU convolution's graph
+      inputs are saved for the backward (:func:`_channels_last_copies`).
 
     Reordering is not modelled. ``fit``, remat's peak guard and explain (under Inductor) use
     ``reuse=True``.
@@ -530,7 +681,7 @@ def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *
     timeline.input_bytes = live.total
     held = set(live.items) | user_roots  # the caller holds these through the step
     skip, externs = _fusion(fw, user_roots | saved_roots, fused=fused, reuse=reuse)
-    joins = _joined_kernels(fw, skip, externs) if reuse else {}
+    joins = {**_joined_kernels(fw, skip, externs), **_scatter_destinations(fw, skip)} if reuse else {}
     last = _kernel_last_uses(fw, skip, joins) if reuse else last_uses(fw)
     frees: dict[int, list[fx.Node]] = {}
     for root, pos in last.items():
@@ -544,8 +695,18 @@ def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *
         kind = "saved" if node in saved_roots else "output" if node in user_roots else "transient"
         live.add(node, _describe(node, "forward", kind), pooled=pooled(node))
 
+    copies = _channels_last_copies(fw) if reuse and bw is not None else {}
+    copy_frees: dict[int, list[fx.Node]] = {}
+    for placeholder in copies:
+        if placeholder not in saved_roots:  # else the backward releases it
+            copy_frees.setdefault(last.get(placeholder, 0), []).append(placeholder)
+
     early: set[fx.Node] = set()  # outputs of a multi-output op, added where the op runs
     for i, node in enumerate(fw.graph.nodes):
+        for placeholder in (p for p, conv in copies.items() if conv is node):
+            kind = "saved" if placeholder in saved_roots else "transient"
+            live.add(("channels_last", placeholder.name),
+                     replace(_describe(placeholder, "forward", kind), name=f"{placeholder.name} (channels-last copy)"))
         if node.op in COMPUTING and storage_root(node) is node and not is_parameter_node(node) and node not in skip \
                 and node not in joins and node not in early:
             if reuse and node not in externs:
@@ -560,6 +721,8 @@ def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *
             live.mark("forward", node.name, _workspace(node, "forward", copies=fused and bw is None))
         for root in frees.get(i, ()):
             live.drop(root, pooled=pooled(root))
+        for placeholder in copy_frees.get(i, ()):
+            live.drop(("channels_last", placeholder.name))
     if bw is None:
         return timeline, live.events
     live.stage = "backward"
@@ -568,7 +731,7 @@ def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *
     bw_nodes = list(bw.graph.nodes)
     grad_roots = {storage_root(n) for n in forward_outputs(bw) if isinstance(n, fx.Node)}
     skip, externs = _fusion(bw, grad_roots, fused=fused, reuse=reuse)
-    joins = _joined_kernels(bw, skip, externs) if reuse else {}
+    joins = {**_joined_kernels(bw, skip, externs), **_scatter_destinations(bw, skip)} if reuse else {}
     last = _kernel_last_uses(bw, skip, joins) if reuse else last_uses(bw)
     placeholder_root: dict[fx.Node, object] = {}
     for node in bw_nodes:
@@ -594,6 +757,11 @@ def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *
             frees.setdefault(pos, []).append(root)
         elif root.op in COMPUTING:
             frees.setdefault(pos, []).append(root)
+
+    copy_names = {p.name for p in copies}
+    for node in bw_nodes:
+        if node.op == "placeholder" and node.name in copy_names:
+            frees.setdefault(last.get(node, len(bw_nodes) - 1), []).append(("channels_last", node.name))
 
     def bw_dying(root: fx.Node, i: int) -> tuple[object | None, bool]:
         if root not in frees.get(i, ()):
@@ -622,7 +790,9 @@ def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *
         if node.op in COMPUTING:
             live.mark("backward", node.name, _workspace(node, "backward", copies=False))
         for root in frees.get(i, ()):
-            if root in placeholder_root:
+            if isinstance(root, tuple):  # a channels-last copy of a graph input
+                live.drop(root)
+            elif root in placeholder_root:
                 key = placeholder_root[root]
                 readers[key] -= 1
                 if readers[key] == 0 and key not in held:

@@ -84,7 +84,7 @@ def _cpu_conv_workspace(node: fx.Node, copies: bool = True) -> int:
     plain matmul: no reorder, no scratchpad. Measured against the allocator on the ``conv_norm``
     sample (docs/fit.md); 0 off the CPU (cuDNN's workspaces are not modelled). ``copies=False``:
     leave the channels-last copies out — in training Inductor saves them for the backward
-    instead of freeing them (:func:`cpu_conv_layout_copies` counts them there).
+    instead of freeing them (:func:`fxmem.analysis.timeline.step_timeline` holds them there).
     """
     vals = [a.meta.get("val") if isinstance(a, fx.Node) else None for a in node.args[:3]]
     backward = node.target is torch.ops.aten.convolution_backward.default
@@ -94,14 +94,14 @@ def _cpu_conv_workspace(node: fx.Node, copies: bool = True) -> int:
     if not (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()):
         return 0
     w_bytes = w.numel() * w.element_size()
-    workspace = sum(_layout_copies(node).values()) if copies and not backward else 0
+    workspace = sum(layout_copies(node).values()) if copies and not backward else 0
     if w.shape[2] * w.shape[3] > 1:
         threads = torch.get_num_threads()
         workspace += (2 if backward else 1) * w_bytes + _ONEDNN_SCRATCH_BASE + _ONEDNN_SCRATCH_PER_THREAD * threads
     return workspace
 
 
-def _layout_copies(node: fx.Node) -> dict[fx.Node, int]:
+def layout_copies(node: fx.Node) -> dict[fx.Node, int]:
     """The graph inputs a CPU convolution reads that Inductor copies to channels-last: its weight
     and its data where they are placeholders not laid out channels-last (what a kernel of Inductor's
     produces already is)."""
@@ -112,15 +112,3 @@ def _layout_copies(node: fx.Node) -> dict[fx.Node, int]:
                 and not val.is_contiguous(memory_format=torch.channels_last)):
             copies[arg] = val.numel() * val.element_size()
     return copies
-
-
-def cpu_conv_layout_copies(fw: fx.GraphModule) -> int:
-    """Bytes of the channels-last copies of a training forward's convolution inputs: Inductor
-    copies each weight and input once at the start of the forward and saves the copies for the
-    backward (its ``convolution_backward`` reads them), so they stay alive through the step."""
-    if not (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()):
-        return 0
-    copies: dict[fx.Node, int] = {}
-    for node in fw.graph.find_nodes(op="call_function", target=torch.ops.aten.convolution.default):
-        copies.update(_layout_copies(node))
-    return sum(copies.values())
