@@ -329,8 +329,8 @@ def _fused_away(gm: fx.GraphModule, keep: set, *, into_reductions: bool = False)
         for arg in n.all_input_nodes:
             root = storage_root(arg)
             if _opname(root) in _GENERATORS:
-                pass  # an index expression or a constant in the kernel: no buffer to read
-            elif root in inlined:
+                continue  # an index expression or a constant in the kernel: no buffer to read
+            if root in inlined:
                 more, count = inlined[root]
                 reads |= more
                 ops += count
@@ -371,7 +371,7 @@ class _InlineLimits:
         if cpu:
             # 2.13's CPU value. 2.11 realizes at 8 reads on a CPU too, but its scheduler fuses the
             # realized value back into the kernel that reads it, and what is alive follows 12:
-            # DistilBERT's embedding gradient on 2.11 measured 0.985 of the estimate at 12, 0.84 at 8
+            # DistilBERT's estimate on 2.11 (tiny) is 0.97 of the measured peak at 12, 0.84 at 8
             reads = getattr(config, "realize_cpu_acc_reads_threshold", 12)
         else:
             reads = getattr(config, "_realize_acc_reads_threshold_default", config.realize_acc_reads_threshold)
@@ -569,37 +569,10 @@ def _channels_last_copies(fw: fx.GraphModule) -> dict[fx.Node, fx.Node]:
     inference the copies are freed after the op: its workspace counts them.)
     """
     copies: dict[fx.Node, fx.Node] = {}
-    if not (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()):
-        return copies  # decide_layout_opt's CPU rule needs oneDNN
     for conv in fw.graph.find_nodes(op="call_function", target=torch.ops.aten.convolution.default):
         for placeholder in layout_copies(conv):
             copies.setdefault(placeholder, conv)
     return copies
-
-
-def _scatter_destinations(gm: fx.GraphModule, skip: set[fx.Node]) -> dict[fx.Node, fx.Node]:
-    """A scatter's zero-filled destination, allocated with the kernel that computes its values:
-    ``{fill: values}``.
-
-    Inductor's scheduler fuses the fill, the pointwise kernel that makes the scatter's values and
-    the scatter into one kernel, whose buffers are all allocated before it starts — while the
-    values' own inputs are still alive. DistilBERT's word-embedding gradient: the ``[V, d]`` zeros
-    beside the last layer norm backward's inputs (the first layer's three input-gradient matmul
-    outputs), where the graph's order allocates them after those died."""
-    nodes = list(gm.graph.nodes)
-    position = {n: i for i, n in enumerate(nodes)}
-    out: dict[fx.Node, fx.Node] = {}
-    for node in nodes:
-        if node.op != "call_function" or _opname(node) not in _SCATTERS or not node.args:
-            continue
-        fill = node.args[0]
-        if not isinstance(fill, fx.Node) or _opname(fill) not in _GENERATORS or len(fill.users) != 1:
-            continue
-        producers = [storage_root(a) for a in node.all_input_nodes if a is not fill]
-        producers = [p for p in producers if _pointwise(p) and p not in skip and position[p] < position[fill]]
-        if producers:
-            out[fill] = max(producers, key=position.__getitem__)
-    return out
 
 
 def _reuse_in_place(live: _Live, node: fx.Node, skip: set[fx.Node], dying) -> None:
@@ -642,8 +615,7 @@ def step_timeline(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs
       ``a`` and ``b`` live until then (a tied head's ``[N, V]`` logits gradient, read by the
       weight gradient's ``addmm`` at the end of the backward).
     * pointwise ops are inlined through views that keep the last dimension and into scatters,
-      up to where Inductor realizes them (:func:`_fused_away`); a scatter's zero fill is
-      allocated with its values' kernel (:func:`_scatter_destinations`);
+      up to where Inductor realizes them (:func:`_fused_away`);
     * in a training step, the channels-last copies Inductor makes of a CPU convolution's graph
       inputs are saved for the backward (:func:`_channels_last_copies`).
 
@@ -685,7 +657,7 @@ def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *
     timeline.input_bytes = live.total
     held = set(live.items) | user_roots  # the caller holds these through the step
     skip, externs = _fusion(fw, user_roots | saved_roots, fused=fused, reuse=reuse)
-    joins = {**_joined_kernels(fw, skip, externs), **_scatter_destinations(fw, skip)} if reuse else {}
+    joins = _joined_kernels(fw, skip, externs) if reuse else {}
     last = _kernel_last_uses(fw, skip, joins) if reuse else last_uses(fw)
     frees: dict[int, list[fx.Node]] = {}
     for root, pos in last.items():
@@ -735,7 +707,7 @@ def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *
     bw_nodes = list(bw.graph.nodes)
     grad_roots = {storage_root(n) for n in forward_outputs(bw) if isinstance(n, fx.Node)}
     skip, externs = _fusion(bw, grad_roots, fused=fused, reuse=reuse)
-    joins = {**_joined_kernels(bw, skip, externs), **_scatter_destinations(bw, skip)} if reuse else {}
+    joins = _joined_kernels(bw, skip, externs) if reuse else {}
     last = _kernel_last_uses(bw, skip, joins) if reuse else last_uses(bw)
     placeholder_root: dict[fx.Node, object] = {}
     for node in bw_nodes:
@@ -763,9 +735,10 @@ def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *
             frees.setdefault(pos, []).append(root)
 
     copy_names = {p.name for p in copies}
+    copy_frees = {}  # a saved copy is released after the backward's last read of its input
     for node in bw_nodes:
         if node.op == "placeholder" and node.name in copy_names:
-            frees.setdefault(last.get(node, len(bw_nodes) - 1), []).append(("channels_last", node.name))
+            copy_frees.setdefault(last.get(node, len(bw_nodes) - 1), []).append(node)
 
     def bw_dying(root: fx.Node, i: int) -> tuple[object | None, bool]:
         if root not in frees.get(i, ()):
@@ -794,13 +767,13 @@ def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *
         if node.op in COMPUTING:
             live.mark("backward", node.name, _workspace(node, "backward", copies=False))
         for root in frees.get(i, ()):
-            if isinstance(root, tuple):  # a channels-last copy of a graph input
-                live.drop(root)
-            elif root in placeholder_root:
+            if root in placeholder_root:
                 key = placeholder_root[root]
                 readers[key] -= 1
                 if readers[key] == 0 and key not in held:
                     live.drop(key)
             else:
                 live.drop(root, pooled=pooled(root))
+        for placeholder in copy_frees.get(i, ()):
+            live.drop(("channels_last", placeholder.name))
     return timeline, live.events

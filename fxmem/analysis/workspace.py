@@ -104,8 +104,11 @@ def _cpu_conv_workspace(node: fx.Node, copies: bool = True) -> int:
 def layout_copies(node: fx.Node) -> dict[fx.Node, int]:
     """The graph inputs a CPU convolution reads that Inductor copies to channels-last: its weight
     and its data where they are placeholders not laid out channels-last (what a kernel of Inductor's
-    produces already is)."""
+    produces already is). None without oneDNN: Inductor's CPU layout rule
+    (``GraphLowering.decide_layout_opt``) needs it."""
     copies = {}
+    if not (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()):
+        return copies
     for arg in node.args[:2]:
         val = arg.meta.get("val") if isinstance(arg, fx.Node) else None
         if (isinstance(val, torch.Tensor) and val.dim() == 4 and val.device.type == "cpu" and arg.op == "placeholder"
