@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from fxmem.analysis.sizes import PARAM_META_KEY
 from fxmem.analysis.timeline import step_timeline
-from fxmem.codegen import casts_for_inductor, inductor_inference, inductor_training, releasing_call
+from fxmem.codegen import casts_for_inductor, fxmem_identity, inductor_inference, inductor_training, releasing_call
 from fxmem.config import FxmemConfig, LowerConfig, OptionError, parse_options
 from fxmem.detached_logits import detach_logits_outputs, reattaching
 from fxmem.freeze import WeightWatch, freeze_parameters
@@ -84,7 +84,7 @@ def parameter_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[
 class FxmemBackend:
     """A ``torch.compile`` backend bound to one parsed config (and, for explain, a recorder)."""
 
-    def __init__(self, config: FxmemConfig, recorder: Recorder | None = None):
+    def __init__(self, config: FxmemConfig, recorder: Recorder | None = None, *, autograd_cache: bool = False):
         if config.codegen == "inductor":
             if config.lower.mode == "on":
                 raise OptionError(
@@ -96,6 +96,9 @@ class FxmemBackend:
                                          remat=dataclasses.replace(config.remat, fused=True))
         self.config = config
         self.recorder = recorder if recorder is not None else Recorder()
+        # AOTAutograd's on-disk cache may serve a training compile only where nobody reads the
+        # recorder (a hit skips the partition, which then records nothing): backend="fxmem"
+        self.autograd_cache = autograd_cache
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         if is_training_call(example_inputs):
@@ -241,7 +244,8 @@ class FxmemBackend:
             try:
                 # Dynamo's graph itself (a copy loses the node meta AOTAutograd reads, and the partition
                 # then saves more); Inductor's pre-grad rewrites keep its meaning if we fall back
-                return inductor_training(gm, example_inputs, partition_fn)
+                return inductor_training(gm, example_inputs, partition_fn, identity=fxmem_identity(backend.config),
+                                         autograd_cache=backend.autograd_cache)
             except Exception as exc:  # noqa: BLE001 - Inductor's own failure; fxmem's graphs are sound
                 self._inductor_failed(exc, "the training graphs")
                 del rec.records[marks[0]:], rec.partitions[marks[1]:], rec.timelines[marks[2]:]
@@ -359,4 +363,6 @@ def fxmem_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options:
     """The entry point registered as ``backend="fxmem"``."""
     if mode is not None:
         raise OptionError(f"fxmem takes no torch.compile mode (got mode={mode!r}); pass options={{...}} instead")
-    return FxmemBackend(parse_options(options))(gm, example_inputs)
+    # nobody can read this backend's recorder, so AOTAutograd's cache may serve it (a restarted
+    # run then loads its compiled step as torch.compile's does, docs/architecture.md)
+    return FxmemBackend(parse_options(options), autograd_cache=True)(gm, example_inputs)

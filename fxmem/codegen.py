@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import pathlib
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -130,31 +131,40 @@ def _partitioner_base() -> type:
     return base
 
 
-def make_partitioner(partition_fn: Callable[..., tuple[fx.GraphModule, fx.GraphModule]]):
+def make_partitioner(partition_fn: Callable[..., tuple[fx.GraphModule, fx.GraphModule]], identity: str = ""):
     """Wrap fxmem's partition function as Inductor's ``custom_partitioner_fn``.
 
     Inductor calls it after its own joint-graph passes with ``(joint_gm, joint_inputs,
     num_fwd_outputs=..., static_lifetime_input_indices=..., compiler="inductor")``.
 
-    ``uuid()`` is the part of Inductor's FX-graph cache key that fxmem adds (see
-    :func:`partition_cache_key`). The partition itself always runs — AOTAutograd's cache, which
-    would skip it, stays off — so explain records it and a new budget makes a new split; what a
-    warm cache skips is Inductor compiling the forward and backward graphs fxmem returned.
+    ``uuid()`` is what fxmem adds to the caches' keys (see :func:`partition_cache_key`):
+    ``identity`` (fxmem's options and sources, :func:`fxmem_identity`) and, once the partition
+    ran, the nodes it tagged as recomputed. AOTAutograd's cache computes its key before the
+    partition runs, so ``identity`` is what keeps a new budget or a changed pass from reusing an
+    old split there; Inductor's FX-graph cache computes its keys after, per graph.
     """
     base = _partitioner_base()
 
     class FxmemPartitioner(base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
             self.graphs: tuple[fx.GraphModule, ...] = ()
+            self.warned = False
 
         def __call__(self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any):
             kwargs.pop("compiler", None)
-            graphs = partition_fn(gm, joint_inputs, **kwargs)
+            # the warnings the passes give (under the user's filters) are shown as they come and
+            # remembered: a step whose partition warned is not put in AOTAutograd's cache
+            # (inductor_training), so that every compile of it says so again
+            with warnings.catch_warnings(record=True) as caught:
+                graphs = partition_fn(gm, joint_inputs, **kwargs)
+            for w in caught:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+            self.warned = self.warned or bool(caught)
             self.graphs = tuple(graphs)
             return graphs
 
         def uuid(self) -> Any:
-            return partition_cache_key(self.graphs)
+            return partition_cache_key(self.graphs, identity)
 
         def __reduce__(self) -> tuple:
             # Inductor pickles its whole config into the cache key, this object included (torch
@@ -171,20 +181,22 @@ def _unpickled_partitioner(key: str) -> str:
     return key
 
 
-def partition_cache_key(graphs: Sequence[fx.GraphModule]) -> str:
-    """What Inductor's FX-graph cache key needs beyond the graph's code and Inductor's config.
+def partition_cache_key(graphs: Sequence[fx.GraphModule], identity: str = "") -> str:
+    """What the caches' keys need beyond the graph's code and Inductor's config.
 
     Inductor hashes a graph by its code, not its nodes' ``meta``, and calls fxmem's custom ops
     (``fxmem::linear_cross_entropy``, ...) by name. So the key adds what fxmem changes in a
-    compile besides the config (hashed already): the fusion guard (:mod:`fxmem.fusion_guard`)
-    with, per graph, the names of the nodes remat tagged as recomputed — the tag the guard reads —
-    and fxmem's kernel modules, whose fake implementations give the shapes and strides Inductor
-    plans the ops' outputs by. Called by Inductor when it hashes the forward and the backward,
-    after the partition ran.
+    compile besides the config (hashed already): ``identity`` (:func:`fxmem_identity`), the
+    fusion guard (:mod:`fxmem.fusion_guard`) with, per graph, the names of the nodes remat tagged
+    as recomputed — the tag the guard reads — and fxmem's kernel modules, whose fake
+    implementations give the shapes and strides Inductor plans the ops' outputs by. Called by
+    AOTAutograd before the partition (no graphs yet) and by Inductor when it hashes the forward
+    and the backward, after the partition ran.
     """
     from fxmem.passes.base import RECOMPUTED_KEY
 
     digest = hashlib.sha256(_compile_sources_digest().encode())
+    digest.update(identity.encode())
     for gm in graphs:
         recomputed = sorted(n.name for n in gm.graph.nodes if n.meta.get(RECOMPUTED_KEY))
         digest.update(("|" + ",".join(recomputed)).encode())
@@ -198,10 +210,33 @@ def _compile_sources_digest() -> str:
     from fxmem import fusion_guard, kernels
 
     files = [pathlib.Path(fusion_guard.__file__), *sorted(pathlib.Path(kernels.__file__).parent.glob("*.py"))]
+    return _digest_files(files)
+
+
+@functools.cache
+def _package_sources_digest() -> str:
+    """sha256 of every fxmem source file (read once per process): any pass can change the split."""
+    import fxmem
+
+    root = pathlib.Path(fxmem.__file__).parent
+    return _digest_files(sorted(root.rglob("*.py")), root)
+
+
+def _digest_files(files: Sequence[pathlib.Path], root: pathlib.Path | None = None) -> str:
     digest = hashlib.sha256()
     for path in files:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        name = str(path.relative_to(root)) if root is not None else path.name
+        digest.update(name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
+
+
+def fxmem_identity(config: Any) -> str:
+    """What, besides the Dynamo graph, decides what fxmem's partition returns: the options (their
+    ``repr``, every field of the frozen config dataclasses), fxmem's own sources, and what the
+    peak model reads from the process (a CPU convolution's oneDNN workspace grows with the
+    thread count, and remat's peak guard compares cuts by that model)."""
+    onednn = torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()
+    return f"{config!r}|{_package_sources_digest()}|threads={torch.get_num_threads()}|onednn={onednn}"
 
 
 def casts_for_inductor(gm: fx.GraphModule) -> int:
@@ -234,28 +269,47 @@ def casts_for_inductor(gm: fx.GraphModule) -> int:
 
 
 def inductor_training(gm: fx.GraphModule, example_inputs: Sequence[Any],
-                      partition_fn: Callable[..., tuple[fx.GraphModule, fx.GraphModule]]) -> Callable:
-    """Compile a Dynamo graph for training with Inductor, fxmem's ``partition_fn`` as its partitioner."""
+                      partition_fn: Callable[..., tuple[fx.GraphModule, fx.GraphModule]], *,
+                      identity: str = "", autograd_cache: bool = False) -> Callable:
+    """Compile a Dynamo graph for training with Inductor, fxmem's ``partition_fn`` as its partitioner.
+
+    ``identity`` (:func:`fxmem_identity`) goes into both caches' keys. ``autograd_cache``: whether
+    AOTAutograd's cache may serve this compile (then the user's own setting decides). A hit there
+    skips the joint trace, fxmem's partition and Inductor, as it does for torch.compile; the
+    partition is then not recorded, so a backend whose recorder someone reads keeps the default,
+    False (as does fit, whose partition function only estimates and then stops the compile).
+    """
+    import contextlib
+
     from torch._functorch import config as functorch_config
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
     from fxmem.fusion_guard import guarded_inner_compile
 
-    # Inductor's FX-graph cache serves fxmem's forward and backward (keyed by the partitioner's
-    # uuid, see make_partitioner); AOTAutograd's cache stays off, because a hit there would skip
-    # fxmem's partition: explain would see no records and a new budget could reuse an old split.
     # fallback_random: random ops draw from eager's generator, so a dropout mask is eager's
     # (fxmem's promise: gradients equal eager's), at the cost of not fusing them.
     # Passed as compile_fx's config_patches, not only as a context: AOTAutograd may compile the
     # backward lazily, at the first backward call (torch 2.11 does), and compile_fx re-applies its
     # config_patches around that later compile too.
-    patches = dict(custom_partitioner_fn=make_partitioner(partition_fn), fallback_random=True,
+    partitioner = make_partitioner(partition_fn, identity)
+    patches = dict(custom_partitioner_fn=partitioner, fallback_random=True,
                    allow_buffer_reuse=INDUCTOR_BUFFER_POOL, reorder_for_peak_memory=INDUCTOR_PEAK_REORDER)
+    no_autograd_cache = contextlib.nullcontext() if autograd_cache else functorch_config.patch(enable_autograd_cache=False)
     # the fusion guard (fxmem.fusion_guard) wraps inner_compile, the call compile_fx makes for
     # the forward and, possibly later and lazily, the backward: active for fxmem's graphs only
-    with functorch_config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, list(example_inputs), inner_compile=guarded_inner_compile(compile_fx_inner),
-                          config_patches=patches)
+    guarded = guarded_inner_compile(compile_fx_inner)
+
+    def inner_compile(*args: Any, **kwargs: Any) -> Any:
+        compiled = guarded(*args, **kwargs)
+        if partitioner.warned and hasattr(compiled, "_fx_graph_cache_key"):
+            # AOTAutograd saves a step only when Inductor's FX-graph cache keyed both its graphs
+            # (graph_compile._should_save_cache, torch 2.11 and 2.13): without the key the step
+            # is compiled again next time, and the partition's warnings are given again
+            del compiled._fx_graph_cache_key
+        return compiled
+
+    with no_autograd_cache:
+        return compile_fx(gm, list(example_inputs), inner_compile=inner_compile, config_patches=patches)
 
 
 def _decompose(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:

@@ -279,6 +279,96 @@ def test_a_second_compile_is_served_by_inductors_cache_and_still_partitions():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_backend_fxmem_is_loaded_from_autograds_cache_and_keyed_by_the_options():
+    """``torch.compile(model, backend="fxmem")`` compiled again (a restarted run) loads the whole
+    step from AOTAutograd's cache, as torch.compile does: no joint trace, no partition, no
+    Inductor. Other options (a budget) are another entry, not the old split. A backend object,
+    whose recorder explain and tests read, still partitions every time (the test above)."""
+    import sys
+    from unittest import mock
+
+    from torch._dynamo.utils import counters
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+    from torch._inductor import utils as inductor_utils
+
+    backend_module = sys.modules["fxmem.backend"]
+    fresh_cache = getattr(inductor_utils, "fresh_cache", None) or inductor_utils.fresh_inductor_cache
+    s = sample("gpt_block_manual")
+    x = torch.randn(BATCH, *s.args[0].shape[1:], generator=torch.Generator().manual_seed(0))
+    runs = []
+    with fresh_cache(), inductor_config.patch(fx_graph_cache=True), functorch_config.patch(enable_autograd_cache=True):
+        for options in ({}, {}, {"remat": {"budget": 0.0}}):
+            torch._dynamo.reset()
+            before = dict(counters["aot_autograd"])
+            model = copy.deepcopy(s.model).train()
+            with mock.patch.object(backend_module, "partition", wraps=backend_module.partition) as partitions:
+                _loss(torch.compile(model, backend="fxmem", options=options)(x)).backward()
+            cache = {k: counters["aot_autograd"][k] - before.get(k, 0) for k in ("autograd_cache_hit", "autograd_cache_miss")}
+            runs.append((cache, partitions.call_count, [p.grad for p in model.parameters()]))
+    (first, parts1, grads1), (second, parts2, grads2), (zero, parts0, grads0) = runs
+    assert (first, parts1) == ({"autograd_cache_hit": 0, "autograd_cache_miss": 1}, 1), (first, parts1)
+    assert (second, parts2) == ({"autograd_cache_hit": 1, "autograd_cache_miss": 0}, 0), (second, parts2)
+    for a, b in zip(grads1, grads2):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert (zero, parts0) == ({"autograd_cache_hit": 0, "autograd_cache_miss": 1}, 1), (zero, parts0)
+    for a, b in zip(grads1, grads0):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_a_step_whose_partition_warned_is_not_cached_so_the_warning_comes_again():
+    """fxmem's promise: a graph it leaves unchanged is left with a warning that names the op —
+    on every compile, a restarted run's too. A step whose partition warned is not put in
+    AOTAutograd's cache (Inductor's FX-graph cache still serves its graphs)."""
+    import sys
+    import warnings
+    from unittest import mock
+
+    from torch._dynamo.utils import counters
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+    from torch._inductor import utils as inductor_utils
+
+    backend_module = sys.modules["fxmem.backend"]
+    real_partition = backend_module.partition
+
+    def warning_partition(*args, **kwargs):
+        warnings.warn("fxmem: remat left op 'frobnicate' (node x_7) unchanged", UserWarning, stacklevel=1)
+        return real_partition(*args, **kwargs)
+
+    fresh_cache = getattr(inductor_utils, "fresh_cache", None) or inductor_utils.fresh_inductor_cache
+    s = sample("mlp")
+    x = torch.randn(BATCH, *s.args[0].shape[1:], generator=torch.Generator().manual_seed(0))
+    runs = []
+    with fresh_cache(), inductor_config.patch(fx_graph_cache=True), functorch_config.patch(enable_autograd_cache=True), \
+            mock.patch.object(backend_module, "partition", warning_partition):
+        for _ in range(2):
+            torch._dynamo.reset()
+            before = dict(counters["aot_autograd"])
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                _loss(torch.compile(copy.deepcopy(s.model).train(), backend="fxmem")(x)).backward()
+            cache = {k: counters["aot_autograd"][k] - before.get(k, 0) for k in ("autograd_cache_hit", "autograd_cache_saved")}
+            runs.append((cache, [str(w.message) for w in caught if "frobnicate" in str(w.message)]))
+    for cache, said in runs:
+        assert cache == {"autograd_cache_hit": 0, "autograd_cache_saved": 0}, runs
+        assert said == ["fxmem: remat left op 'frobnicate' (node x_7) unchanged"], runs
+
+
+def test_the_cache_identity_names_the_options_and_the_sources():
+    """What AOTAutograd's key gets from fxmem before the partition runs: the options, fxmem's
+    sources and the thread count; the partitioner pickles as it, the same in every process."""
+    import pickle
+
+    from fxmem.codegen import fxmem_identity, make_partitioner
+
+    default, budget = fxmem_identity(parse_options({})), fxmem_identity(parse_options({"remat": {"budget": 0.5}}))
+    assert default == fxmem_identity(parse_options({})) and default != budget
+    assert f"threads={torch.get_num_threads()}" in default
+    assert pickle.loads(pickle.dumps(make_partitioner(lambda *a, **k: (), default))) != \
+        pickle.loads(pickle.dumps(make_partitioner(lambda *a, **k: (), budget)))
+
+
 def test_the_cache_key_names_the_recomputed_nodes():
     """Two partitions with the same code but different nodes recomputed (the tag the fusion guard
     reads) are two cache entries; the partitioner pickles as its key, the same in every process."""
