@@ -48,13 +48,14 @@ class LinearOutput(torch.autograd.Function):
     (``fxmem::output_linear``'s own backward)."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        linear_setup_context(ctx, (hidden, weight, bias), logits)
+    def forward(ctx, logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                softcap: float = 0.0):
+        linear_setup_context(ctx, (hidden, weight, bias, softcap), logits)
         return logits
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return None, *linear_gradients(ctx, grad, *ctx.needs_input_grad[1:])
+        return None, *linear_gradients(ctx, grad, *ctx.needs_input_grad[1:4]), None
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Reattach:
     hidden_output: int
     weight: int
     bias: int | None
+    softcap: float = 0.0  # the logits are c·tanh(linear / c) (Gemma 2), their gradient scaled by 1 - tanh²
 
 
 def detach_logits_outputs(gm: fx.GraphModule) -> list[Reattach]:
@@ -82,7 +84,7 @@ def detach_logits_outputs(gm: fx.GraphModule) -> list[Reattach]:
     for i, node in enumerate(values[:]):
         if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is target):
             continue
-        hidden, weight, bias = node.args
+        hidden, weight, bias, *softcap = node.args
         if weight not in position or (bias is not None and bias not in position):
             continue
         with gm.graph.inserting_before(node):
@@ -91,8 +93,9 @@ def detach_logits_outputs(gm: fx.GraphModule) -> list[Reattach]:
         for d, a in zip(detached, (hidden, weight, bias)):
             if d is not None:
                 d.meta.update({k: v for k, v in a.meta.items() if k in ("example_value", "val", "stack_trace")})
-        node.args = tuple(detached)
-        plan.append(Reattach(i, len(values), position[weight], None if bias is None else position[bias]))
+        node.args = (*detached, *softcap)
+        plan.append(Reattach(i, len(values), position[weight], None if bias is None else position[bias],
+                             float(softcap[0]) if softcap else 0.0))
         values.append(hidden)
     if plan:
         out.args = (tuple(values),)
@@ -112,7 +115,8 @@ def reattaching(compiled: Callable, plan: Sequence[Reattach]) -> Callable:
         outputs = list(result)
         for r in plan:
             bias = None if r.bias is None else args[r.bias]
-            outputs[r.output] = LinearOutput.apply(outputs[r.output], outputs[r.hidden_output], args[r.weight], bias)
+            outputs[r.output] = LinearOutput.apply(outputs[r.output], outputs[r.hidden_output], args[r.weight], bias,
+                                                   r.softcap)
         del outputs[num_outputs:]
         return outputs if isinstance(result, list) else tuple(outputs)
 

@@ -88,3 +88,23 @@ def test_no_zero_gradient_of_the_logits_is_allocated(gpt2, monkeypatch):
     # measured 6.10 against 7.31 MB: the zero gradient was on the peak; at these small shapes the
     # peak then moves to where other tensors add up to more than the rest of the logits
     assert with_rewrite <= without - 0.5 * logits_bytes, (with_rewrite, without, logits_bytes)
+
+
+def test_soft_capped_logits_keep_the_caps_gradient_outside_the_graph():
+    """Gemma 2 returns ``c·tanh(logits / c)``: the chunk pass folds the cap into
+    ``output_linear``, whose output is detached like any other and given back a gradient path
+    through the cap. A caller who differentiates the capped logits (z-loss) gets eager's gradients;
+    the returned logits are the model's and carry that path."""
+    from fxmem.testing.hf_zoo import build
+
+    case = build("gemma2")
+    assert case.model.config.final_logit_softcapping
+    ids = case.inputs["input_ids"]
+    ref = _Run(case.model, ids, _z_loss)
+    got = _Run(case.model, ids, _z_loss, {"codegen": "eager"}, hold=True)
+    for name, g in ref.grads.items():
+        torch.testing.assert_close(got.grads[name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    with torch.no_grad():
+        expected = case.model(input_ids=ids).logits
+    torch.testing.assert_close(got.logits, expected, rtol=1e-5, atol=1e-5)
+    assert type(got.logits.grad_fn).__name__ == "LinearOutputBackward"

@@ -64,7 +64,7 @@ def _chunked_loss_workspace(node: fx.Node, logits_given: bool) -> int:
     return workspace_bytes(chunk, vocab, d, hidden_dtype=hidden.dtype, weight_dtype=weight.dtype,
                            upcast=bool(args[7]), need_grad=need_hidden or need_weight or (need_bias and has_bias),
                            need_weight=need_weight, need_bias=need_bias and has_bias, logits_given=logits_given,
-                           on_cpu=hidden.device.type == "cpu")
+                           on_cpu=hidden.device.type == "cpu", softcap=bool(args[12]) if len(args) > 12 else False)
 
 
 # oneDNN's convolution scratchpad on the CPU: a fixed page plus one per thread, whatever the

@@ -6,6 +6,7 @@ fake implementation (so AOTAutograd and Inductor trace and compile around it) an
 formula (``register_autograd``). It computes exactly what
 
     logits = F.linear(hidden, weight, bias)               # [N, V], hidden's dtype
+    logits = softcap * torch.tanh(logits / softcap)       # only when softcap > 0 (Gemma 2)
     logits = logits.float()                               # only when upcast=True
     loss = F.cross_entropy(logits, target, ignore_index=..., reduction=..., label_smoothing=...)
 
@@ -31,6 +32,10 @@ Per row ``i`` with target ``t`` (not ignored), ``x = logits[i]``, ``lse = logsum
     dloss_i / dx = softmax(x) - (1 - eps) * onehot(t) - eps / V
 
 which is PyTorch's ``(1 - eps) * nll + eps * smooth`` with ``smooth = -mean_j log_softmax(x)_j``.
+With soft-capping (``softcap = c > 0``, Gemma 2's ``final_logit_softcapping``) ``x = c·tanh(z / c)``
+of the head's output ``z``, computed in place in the logits' own dtype before any upcast (as the
+model computes it), and the gradient of ``z`` is that of ``x`` times ``1 - tanh(z / c)²``: one more
+``[chunk, V]`` buffer per chunk, kept from the cap to the gradient.
 ``mean`` divides by the number of rows not ignored (NaN when every row is ignored, as eager).
 The gradient of the logits is cast to ``hidden``'s dtype before its two matmuls, as eager's
 backward does; ``grad_weight`` accumulates over chunks in fp32 and is cast to ``weight``'s dtype
@@ -85,14 +90,16 @@ def auto_chunk_tokens(n_rows: int, vocab: int, hidden: int) -> int:
 def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, ignore_index: int,
                   reduction: str, label_smoothing: float, upcast: bool, chunk_tokens: int, need_hidden: bool,
                   need_weight: bool, need_bias: bool, logits: Tensor | None = None, *,
-                  use_kernel: bool | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The loop of the module docstring. ``logits`` (``[N, V]``, already computed for another use)
-    replaces each chunk's ``linear``: the loop then reads them instead of multiplying again (and
-    never writes them). ``use_kernel``: each chunk's softmax and gradient by the Triton kernel
+                  use_kernel: bool | None = None, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The loop of the module docstring. ``logits`` (``[N, V]``, already computed for another use,
+    and already soft-capped when ``softcap`` is set: the model's output) replaces each chunk's
+    ``linear``: the loop then reads them instead of multiplying again (and never writes them).
+    ``use_kernel``: each chunk's softmax and gradient by the Triton kernel
     (:mod:`fxmem.kernels.linear_ce_triton`) instead of ATen ops — ``None``: on CUDA tensors."""
     n, d = hidden.shape
     vocab = weight.shape[0]
     out_dtype = torch.float32 if upcast else torch.promote_types(hidden.dtype, weight.dtype)
+    compute_dtype = torch.float32 if upcast else (logits.dtype if logits is not None else out_dtype)
     chunk = chunk_tokens if chunk_tokens > 0 else auto_chunk_tokens(n, vocab, d)
     valid = target != ignore_index
     count = valid.sum()
@@ -114,6 +121,13 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
         workspace instead of 31.25 at 256 × 32k)."""
         h = hidden[start:stop]
         logits = torch.nn.functional.linear(h, weight, bias) if full_logits is None else full_logits[start:stop]
+        capped = None  # 1 - tanh(z / c)², the soft-cap's derivative, in the compute dtype
+        if softcap and full_logits is None:
+            logits = logits.div_(softcap).tanh_()
+            capped = _one_minus_square(logits, 1.0, compute_dtype) if any_grad else None
+            logits = logits.mul_(softcap)
+        elif softcap and any_grad:  # given: they are c·tanh(z / c) already
+            capped = _one_minus_square(logits, softcap, compute_dtype)
         if upcast:
             logits = logits.float()
         t = target[start:stop]
@@ -123,6 +137,8 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
             # one Triton program per row: row losses, and the logits overwritten by their gradient
             logits = logits if owned else logits.clone()
             total = linear_ce_triton.cross_entropy_rows_(logits, t, row_scale, ignore_index, label_smoothing).sum()
+            if capped is not None:
+                logits.mul_(capped)
             if any_grad:
                 _accumulate(logits.to(hidden.dtype), h, weight, grad_h, grad_w, grad_b, start, stop,
                             need_hidden, need_weight, need_bias)
@@ -150,6 +166,8 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
             dlogits.sub_(label_smoothing / vocab)
         scale = torch.where(keep, row_scale, torch.zeros((), dtype=torch.float32, device=hidden.device))
         dlogits.mul_(scale.to(dlogits.dtype).unsqueeze(1))
+        if capped is not None:
+            dlogits.mul_(capped)
         _accumulate(dlogits.to(hidden.dtype), h, weight, grad_h, grad_w, grad_b, start, stop,
                     need_hidden, need_weight, need_bias)
         return total
@@ -164,9 +182,17 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
     return loss.to(out_dtype), grad_h, grad_w, grad_b
 
 
+def _one_minus_square(values: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """``1 - (values / scale)²`` as a new ``dtype`` tensor: one buffer, the rest in place."""
+    out = values.to(dtype, copy=True)
+    if scale != 1.0:
+        out.div_(scale)
+    return out.square_().neg_().add_(1.0)
+
+
 def workspace_bytes(chunk: int, vocab: int, d: int, *, hidden_dtype: torch.dtype, weight_dtype: torch.dtype,
                     upcast: bool, need_grad: bool, need_weight: bool, need_bias: bool = False,
-                    logits_given: bool = False, on_cpu: bool = True) -> int:
+                    logits_given: bool = False, on_cpu: bool = True, softcap: bool = False) -> int:
     """The most bytes the op holds at once beyond its inputs and outputs: one chunk's
     ``[chunk, V]`` block (``V = vocab``), whether the logits are computed per chunk or given, and
     the fp32 accumulators of ``grad_weight`` and ``grad_bias`` beyond their outputs' bytes (a
@@ -180,7 +206,10 @@ def workspace_bytes(chunk: int, vocab: int, d: int, *, hidden_dtype: torch.dtype
     it, and the fp32 copy ``grad_weight``'s ``addmm_`` (or ``grad_bias``'s sum) reads when ``H`` is
     not fp32, with that chunk's ``[chunk, d]`` hidden rows in fp32 for the ``addmm_``. Checked
     against the allocator in ``tests/kernels/test_linear_ce.py`` (fp32 and bf16, upcast or not,
-    logits given or computed, with and without grads).
+    logits given or computed, with and without grads, soft-capped or not).
+
+    Soft-capping with a gradient keeps ``1 - tanh²`` (compute dtype) beside the chunk's logits from
+    the cap to the gradient.
     """
     f32 = 4
     logits_dtype = torch.promote_types(hidden_dtype, weight_dtype)
@@ -196,6 +225,8 @@ def workspace_bytes(chunk: int, vocab: int, d: int, *, hidden_dtype: torch.dtype
         weight_copy = f32 if (need_weight or need_bias) and hidden_dtype != torch.float32 else 0
         per_element = max(per_element, compute_dtype.itemsize + cast + weight_copy)
         extra_rows = chunk * d * f32 if need_weight and weight_copy else 0
+    if softcap and need_grad:
+        per_element += compute_dtype.itemsize
     accumulators = 0
     if need_grad and weight_dtype != torch.float32:
         accumulators = (vocab * d * int(need_weight) + vocab * int(need_bias)) * (f32 - weight_dtype.itemsize)
@@ -218,17 +249,24 @@ def _accumulate(dlogits: Tensor, h: Tensor, weight: Tensor, grad_h: Tensor, grad
 @torch.library.custom_op("fxmem::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, ignore_index: int,
                          reduction: str, label_smoothing: float, upcast: bool, chunk_tokens: int, need_hidden: bool,
-                         need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                         need_weight: bool, need_bias: bool, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(loss, grad_hidden, grad_weight, grad_bias)``; see the module docstring."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"fxmem::linear_cross_entropy: reduction {reduction!r}; accepted: {REDUCTIONS}")
+    check_arguments("linear_cross_entropy", reduction, softcap)
     return _forward_impl(hidden, weight, bias, target, ignore_index, reduction, label_smoothing, upcast,
-                         chunk_tokens, need_hidden, need_weight, need_bias)
+                         chunk_tokens, need_hidden, need_weight, need_bias, softcap=softcap)
+
+
+def check_arguments(op: str, reduction: str, softcap: float) -> None:
+    """The two arguments the op refuses: a reduction it does not chunk and a negative cap."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"fxmem::{op}: reduction {reduction!r}; accepted: {REDUCTIONS}")
+    if softcap < 0:
+        raise ValueError(f"fxmem::{op}: softcap {softcap!r}; accepted: 0 (none) or a positive cap")
 
 
 @linear_cross_entropy.register_fake
 def _(hidden, weight, bias, target, ignore_index, reduction, label_smoothing, upcast, chunk_tokens, need_hidden,
-      need_weight, need_bias):
+      need_weight, need_bias, softcap=0.0):
     out_dtype = torch.float32 if upcast else torch.promote_types(hidden.dtype, weight.dtype)
     loss = hidden.new_empty((), dtype=out_dtype)
     grad_h = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
@@ -260,7 +298,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g_loss, _g_h, _g_w, _g_b):
-    return (*scaled_loss_gradients(ctx, g_loss), None, None, None, None, None, None, None, None, None)
+    return (*scaled_loss_gradients(ctx, g_loss), None, None, None, None, None, None, None, None, None, None)
 
 
 linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
@@ -282,7 +320,7 @@ def _flops(hidden_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
 
 def internal_bytes_moved(n: int, vocab: int, d: int, *, hidden_itemsize: int, upcast: bool, label_smoothing: float,
                          chunk_tokens: int, need_hidden: bool, need_weight: bool, need_bias: bool,
-                         triton: bool) -> int:
+                         triton: bool, softcap: bool = False) -> int:
     """Bytes :func:`_forward_impl` moves beyond reading its inputs and writing its outputs once:
     what a cost model must charge for the loop (its logits never leave it, but each chunk's
     ``[chunk, V]`` logits are written and read again by every step below). Counted pass by pass
@@ -292,7 +330,9 @@ def internal_bytes_moved(n: int, vocab: int, d: int, *, hidden_itemsize: int, up
     read and write in place; sum reads (7 passes: the loss); with gradients ``div_`` and ``mul_``
     read and write, the cast to the hidden dtype reads and writes when it differs, the two
     gradient matmuls read (13 passes in fp32). Triton (CUDA): linear writes; the row kernel reads
-    and writes in place; the same cast and matmul reads. Per chunk the weight is read by the
+    and writes in place; the same cast and matmul reads. Soft-capping: ``div_``, ``tanh_`` and
+    ``mul_`` in place on the logits (in their own dtype); with gradients its derivative is copied
+    out, squared, negated and shifted in place, and read again by the gradient's ``mul_``. Per chunk the weight is read by the
     linear and by the ``grad_hidden`` matmul, and the fp32 ``grad_weight`` accumulator is read and
     written by its ``addmm_``.
     """
@@ -304,6 +344,11 @@ def internal_bytes_moved(n: int, vocab: int, d: int, *, hidden_itemsize: int, up
     if upcast and hidden_itemsize != 4:
         passes += hidden_itemsize / 4 + 1             # .float(): read the low-precision copy, write fp32
     any_grad = need_hidden or need_weight or need_bias
+    if softcap:
+        low_logits = hidden_itemsize / itemsize       # the cap runs in the logits' own dtype
+        passes += 6 * low_logits                      # div_, tanh_, mul_: read and write
+        if any_grad:
+            passes += low_logits + 1 + 6 + 3          # copy out; square_, neg_, add_; the gradient's mul_
     if triton:
         passes += 2                                   # one program per row: read, write the gradient in place
     else:
@@ -328,14 +373,15 @@ def _internal_bytes(node) -> int:
     hidden, weight = (a.meta.get("val") for a in node.args[:2])
     if not isinstance(hidden, Tensor) or not isinstance(weight, Tensor):
         return 0
-    args = list(node.args) + [None] * (12 - len(node.args))
-    (label_smoothing, upcast, chunk_tokens, need_hidden, need_weight, need_bias) = args[6:12]
+    args = list(node.args) + [None] * (13 - len(node.args))
+    (label_smoothing, upcast, chunk_tokens, need_hidden, need_weight, need_bias, softcap) = args[6:13]
     return internal_bytes_moved(int(hidden.shape[0]), int(weight.shape[0]), int(hidden.shape[-1]),
                                 hidden_itemsize=hidden.element_size(), upcast=bool(upcast),
                                 label_smoothing=float(label_smoothing or 0.0), chunk_tokens=int(chunk_tokens or 0),
                                 need_hidden=bool(need_hidden), need_weight=bool(need_weight),
                                 need_bias=bool(need_bias) and args[2] is not None,
-                                triton=hidden.device.type == "cuda" and linear_ce_triton.triton is not None)
+                                triton=hidden.device.type == "cuda" and linear_ce_triton.triton is not None,
+                                softcap=bool(softcap))
 
 
 register_internal_bytes(torch.ops.fxmem.linear_cross_entropy, _internal_bytes)
@@ -343,11 +389,12 @@ register_internal_bytes(torch.ops.fxmem.linear_cross_entropy, _internal_bytes)
 
 def chunked_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None, *,
                                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                                 upcast: bool = False, chunk_tokens: int = 0) -> Tensor:
-    """The loss alone, differentiable: ``cross_entropy(linear(hidden, weight, bias)[.float()], target)``.
+                                 upcast: bool = False, chunk_tokens: int = 0, softcap: float = 0.0) -> Tensor:
+    """The loss alone, differentiable: ``cross_entropy(linear(hidden, weight, bias)[.float()], target)``,
+    the logits soft-capped first (``softcap · tanh(logits / softcap)``) when ``softcap > 0``.
 
     ``hidden`` is ``[N, d]``, ``target`` ``[N]``; ``chunk_tokens=0`` picks :func:`auto_chunk_tokens`.
     """
     need_bias = bias is not None and bias.requires_grad
     return linear_cross_entropy(hidden, weight, bias, target, ignore_index, reduction, float(label_smoothing), upcast,
-                                chunk_tokens, hidden.requires_grad, weight.requires_grad, need_bias)[0]
+                                chunk_tokens, hidden.requires_grad, weight.requires_grad, need_bias, float(softcap))[0]

@@ -29,6 +29,11 @@ After (three: the output's linear, ``dlogits @ W`` and ``dlogits.T @ h`` per chu
     logits = fxmem.output_linear(hidden, W, None)               # output
     lce = fxmem.logits_cross_entropy(logits_2d, hidden_2d, W, None, target, ...)
 
+Soft-capped logits (Gemma 2's ``final_logit_softcapping``): ``output_linear(..., softcap=c)`` returns
+``c·tanh(linear / c)`` (its backward scales the gradient by ``1 - (logits / c)²`` first, from the
+logits it returned), and ``logits_cross_entropy(..., softcap=c)`` reads those capped logits and
+carries the same factor into the head's gradients.
+
 Numerical promise: exact up to float rounding, as ``fxmem::linear_cross_entropy``.
 """
 
@@ -46,16 +51,16 @@ from fxmem.kernels import linear_ce
 @torch.library.custom_op("fxmem::logits_cross_entropy", mutates_args=())
 def logits_cross_entropy(logits: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                          ignore_index: int, reduction: str, label_smoothing: float, upcast: bool, chunk_tokens: int,
-                         need_hidden: bool, need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                         need_hidden: bool, need_weight: bool, need_bias: bool,
+                         softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(loss, grad_hidden, grad_weight, grad_bias)`` of ``cross_entropy(logits[.float()], target)``,
-    where ``logits == linear(hidden, weight, bias)``."""
-    if reduction not in linear_ce.REDUCTIONS:
-        raise ValueError(f"fxmem::logits_cross_entropy: reduction {reduction!r}; accepted: {linear_ce.REDUCTIONS}")
+    where ``logits == linear(hidden, weight, bias)`` (soft-capped: ``c·tanh(linear / c)``, ``c = softcap``)."""
+    linear_ce.check_arguments("logits_cross_entropy", reduction, softcap)
     if logits.shape != (hidden.shape[0], weight.shape[0]):
         raise ValueError(f"fxmem::logits_cross_entropy: logits {tuple(logits.shape)} are not "
                          f"[rows of hidden, rows of weight] = [{hidden.shape[0]}, {weight.shape[0]}]")
     return linear_ce._forward_impl(hidden, weight, bias, target, ignore_index, reduction, label_smoothing, upcast,
-                                   chunk_tokens, need_hidden, need_weight, need_bias, logits=logits)
+                                   chunk_tokens, need_hidden, need_weight, need_bias, logits=logits, softcap=softcap)
 
 
 @logits_cross_entropy.register_fake
@@ -70,7 +75,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, g_loss, _g_h, _g_w, _g_b):
     # logits: None — the loss reaches hidden/weight/bias through them, and that gradient is returned
     # here directly (the linear producing the logits adds only its other users' gradient)
-    return (None, *linear_ce.scaled_loss_gradients(ctx, g_loss), None, None, None, None, None, None, None, None, None)
+    return (None, *linear_ce.scaled_loss_gradients(ctx, g_loss), None, None, None, None, None, None, None, None, None,
+            None)
 
 
 logits_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
@@ -86,22 +92,27 @@ def _flops(logits_shape, hidden_shape, weight_shape, *args, out_shape=None, **kw
 
 
 @torch.library.custom_op("fxmem::output_linear", mutates_args=())
-def output_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.linear(hidden, weight, bias)``; its backward skips the matmuls for an all-zero gradient."""
-    return torch.nn.functional.linear(hidden, weight, bias)
+def output_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float = 0.0) -> Tensor:
+    """``F.linear(hidden, weight, bias)``, soft-capped to ``softcap·tanh(· / softcap)`` when
+    ``softcap > 0``; its backward skips the matmuls for an all-zero gradient."""
+    out = torch.nn.functional.linear(hidden, weight, bias)
+    # in place on its own result, in its dtype: what the model's div → tanh → mul computes
+    return out.div_(softcap).tanh_().mul_(softcap) if softcap else out
 
 
 @output_linear.register_fake
-def _(hidden, weight, bias):
+def _(hidden, weight, bias, softcap=0.0):
     return torch.nn.functional.linear(hidden, weight, bias)
 
 
 @torch.library.custom_op("fxmem::output_linear_backward", mutates_args=())
 def output_linear_backward(grad: Tensor, hidden: Tensor, weight: Tensor, has_bias: bool, need_hidden: bool,
-                           need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+                           need_weight: bool, need_bias: bool, capped: Tensor | None = None,
+                           softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_hidden, grad_weight, grad_bias)`` of ``linear``; zeros without a matmul when ``grad`` is all zeros.
 
-    A gradient that is not asked for comes back empty.
+    ``capped``: the soft-capped output (``softcap > 0``), whose cap's derivative ``1 - (capped /
+    softcap)²`` scales ``grad`` first. A gradient that is not asked for comes back empty.
     """
     flat_grad = grad.reshape(-1, grad.shape[-1])
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -113,6 +124,10 @@ def output_linear_backward(grad: Tensor, hidden: Tensor, weight: Tensor, has_bia
     else:
         low, high = torch.aminmax(flat_grad)
         zero = bool((low == 0) & (high == 0))
+    if softcap and not zero:
+        if capped is None:
+            raise ValueError("fxmem::output_linear_backward: softcap without the capped output it differentiates")
+        flat_grad = flat_grad * linear_ce._one_minus_square(capped.reshape(flat_grad.shape), softcap, flat_grad.dtype)
     grad_h = (torch.zeros_like(hidden) if zero else (flat_grad @ weight).reshape(hidden.shape)) if need_hidden \
         else hidden.new_empty(0)
     grad_w = (torch.zeros_like(weight) if zero else flat_grad.t() @ flat_hidden) if need_weight else weight.new_empty(0)
@@ -122,30 +137,33 @@ def output_linear_backward(grad: Tensor, hidden: Tensor, weight: Tensor, has_bia
 
 
 @output_linear_backward.register_fake
-def _(grad, hidden, weight, has_bias, need_hidden, need_weight, need_bias):
+def _(grad, hidden, weight, has_bias, need_hidden, need_weight, need_bias, capped=None, softcap=0.0):
     return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_weight else weight.new_empty(0),
             weight.new_empty(weight.shape[0]) if (has_bias and need_bias) else weight.new_empty(0))
 
 
 def linear_setup_context(ctx, inputs, output):
-    hidden, weight, bias = inputs
-    ctx.save_for_backward(hidden, weight)
+    hidden, weight, bias, *rest = inputs
+    ctx.softcap = float(rest[0]) if rest and rest[0] else 0.0
+    # the capped output is what the cap's derivative is computed from (it is an output: no copy)
+    ctx.save_for_backward(hidden, weight, output if ctx.softcap else None)
     ctx.has_bias = bias is not None
 
 
 def linear_gradients(ctx, grad, need_hidden: bool, need_weight: bool, need_bias: bool) -> tuple:
     """``(grad_hidden, grad_weight, grad_bias)`` of the linear whose ``hidden`` and ``weight``
     :func:`linear_setup_context` saved in ``ctx``; ``None`` for a gradient not asked for."""
-    hidden, weight = ctx.saved_tensors
+    hidden, weight, capped = ctx.saved_tensors
     grad_h, grad_w, grad_b = torch.ops.fxmem.output_linear_backward(grad, hidden, weight, ctx.has_bias,
-                                                                    need_hidden, need_weight, bool(need_bias))
+                                                                    need_hidden, need_weight, bool(need_bias),
+                                                                    capped, ctx.softcap)
     return (grad_h if need_hidden else None, grad_w if need_weight else None,
             grad_b if (ctx.has_bias and need_bias) else None)
 
 
 def _linear_backward(ctx, grad):
-    return linear_gradients(ctx, grad, *ctx.needs_input_grad)
+    return (*linear_gradients(ctx, grad, *ctx.needs_input_grad[:3]), None)
 
 
 output_linear.register_autograd(_linear_backward, setup_context=linear_setup_context)

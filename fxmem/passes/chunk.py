@@ -23,14 +23,17 @@ backward is a scaling of the gradients it computed), and Inductor compiles aroun
 Matched (each spelling Dynamo produces): ``F.linear`` (HF's ``lm_head``, tied to the embedding or
 not, with or without bias) over a vocabulary wider than its input (a classifier's few labels are
 left alone: chunked, it would save no bytes), optionally ``+ b`` with one ``b`` per vocabulary
-entry (BART's ``final_logits_bias``, folded into the op's bias), then any of ``.float()``,
+entry (BART's ``final_logits_bias``, folded into the op's bias), optionally soft-capped right after
+(Gemma 2's ``final_logit_softcapping``: ``logits / c → tanh → * c``, folded into the op's
+``softcap``), then any of ``.float()``,
 ``.to(torch.float32)``, ``.view``, ``.reshape``, ``.contiguous()``, ``.flatten`` and row slicing
 (``logits[..., :-1, :]``: it is replayed on ``hidden``), then ``F.cross_entropy``
 (``ignore_index``, ``reduction`` ``"mean"``/``"sum"``, ``label_smoothing``) or ``F.log_softmax``
 + ``F.nll_loss``. Left unchanged, with the reason in the statistics and a warning: class
 weights, ``reduction="none"``, soft (probability) targets, a log-softmax used beyond the loss,
-an autocast region, any other op between a vocabulary-sized output layer and the loss (Gemma 2's
-soft-capping ``tanh``). Logits that something else uses (HF models return them)
+an autocast region, any other op between a vocabulary-sized output layer and the loss (a
+soft-cap after a cast or a reshape, or one whose intermediate values are used elsewhere). Logits
+that something else uses (HF models return them)
 stay computed for that use; the loss is chunked all the same.
 
 Why the torch-level graph and not the joint graph: at the torch level the pattern is the forward
@@ -97,11 +100,13 @@ class _Match:
     extra: list[fx.Node] = field(default_factory=list)  # log_softmax node (nll path)
     bias_add: fx.Node | None = None  # ``linear(h, W) + b`` with a [V] (or [1, .., V]) b: BART's final_logits_bias
     bias_term: fx.Node | None = None  # that ``b``
+    softcap: float = 0.0  # Gemma 2's final soft-cap ``c`` of ``c·tanh(logits / c)``, 0 for none
+    cap: list[fx.Node] = field(default_factory=list)  # its div, tanh and mul nodes, in order
 
     @property
     def head(self) -> list[fx.Node]:
-        """The output layer: the linear, and the bias add folded into it if there is one."""
-        return [self.linear] if self.bias_add is None else [self.linear, self.bias_add]
+        """The output layer, in order: the linear, the bias add folded into it and the soft-cap, if any."""
+        return [self.linear, *([self.bias_add] if self.bias_add is not None else []), *self.cap]
 
 
 def _bind(sig: inspect.Signature, node: fx.Node) -> dict[str, Any]:
@@ -165,6 +170,7 @@ def find_loss(node: fx.Node) -> _Match | None:
     x, args, needs_log_softmax = found
     upcast, extra = False, []
     bias_add = bias_term = None
+    softcap, cap = 0.0, []
     for key in ("weight", "size_average", "reduce"):
         if args.get(key) is not None:
             raise NotChunkable(f"{node.target.__name__} with {key}= (class weights / legacy reduction)")
@@ -204,6 +210,16 @@ def find_loss(node: fx.Node) -> _Match | None:
             raise NotChunkable("the logits are an input of this graph: the output layer is in another graph, split "
                                "from the loss by a graph break (TORCH_LOGS=graph_breaks shows where; "
                                "docs/passes/chunk.md lists known ones, e.g. transformers' GPT2LMHeadModel)")
+        found_cap = _soft_cap(x)
+        if found_cap is not None and not cap:
+            if bias_add is not None:
+                raise NotChunkable(f"a bias {bias_add.name} added after the soft-cap {_describe(x)}")
+            softcap, cap = found_cap
+            x = cap[0].args[0]
+            if not (x.op == "call_function" and x.target in _LINEAR) and _vocabulary_bias(x) is None:
+                raise NotChunkable(f"the soft-cap {_describe(cap[-1])} is not applied right after the output layer "
+                                   f"(chunked: linear [+ bias] → div → tanh → mul)")
+            continue
         term = _vocabulary_bias(x)
         if term is not None and bias_add is None:
             bias_add, bias_term = x, term
@@ -234,6 +250,11 @@ def find_loss(node: fx.Node) -> _Match | None:
     for n in [linear, *chain]:
         if traced_value(n).shape[-1] != vocab:
             raise NotChunkable(f"{n.name} reshapes the vocabulary dimension")
+    if cap:
+        # the chunked op makes the capped logits only: the uncapped ones and tanh may have no other use
+        for n in [bias_add or linear, *cap[:-1]]:
+            if len(n.users) != 1:
+                raise NotChunkable(f"{n.name}, inside the soft-cap of the output layer {linear.name}, is used elsewhere")
     if bias_add is not None:
         if linear.kwargs.get("bias", lin_args[2]) is not None:
             raise NotChunkable(f"{bias_add.name} adds a second bias to the output layer {linear.name}")
@@ -250,10 +271,33 @@ def find_loss(node: fx.Node) -> _Match | None:
         raise NotChunkable("cast to a dtype other than float32")
     return _Match(loss=node, linear=linear, chain=chain, target=target, ignore_index=int(args["ignore_index"]),
                   reduction=args["reduction"], label_smoothing=float(args["label_smoothing"]), upcast=upcast,
-                  extra=extra, bias_add=bias_add, bias_term=bias_term)
+                  extra=extra, bias_add=bias_add, bias_term=bias_term, softcap=softcap, cap=cap)
 
 
 _ADD = {operator.add, torch.add}
+_DIV = {operator.truediv, torch.div, torch.true_divide}
+_MUL = {operator.mul, torch.mul}
+_TANH = {torch.tanh, torch._C._VariableFunctions.tanh}
+
+
+def _is_call(node: Any, functions: set, method: str) -> bool:
+    return isinstance(node, fx.Node) and (
+        (node.op == "call_function" and node.target in functions) or (node.op == "call_method" and node.target == method))
+
+
+def _soft_cap(node: fx.Node) -> tuple[float, list[fx.Node]] | None:
+    """``(c, [div, tanh, mul])`` when ``node`` is ``tanh(x / c) * c`` (either factor order), the
+    final logit soft-capping of Gemma 2 (transformers' ``final_logit_softcapping``); else None."""
+    if not _is_call(node, _MUL, "mul") or len(node.args) != 2 or node.kwargs:
+        return None
+    for tanh, c in (node.args, node.args[::-1]):
+        if not (_is_call(tanh, _TANH, "tanh") and isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0):
+            continue
+        div = tanh.args[0] if len(tanh.args) == 1 and not tanh.kwargs else None
+        if _is_call(div, _DIV, "div") and len(div.args) == 2 and not div.kwargs and isinstance(div.args[0], fx.Node) \
+                and div.args[1] == c and not isinstance(div.args[1], bool):
+            return float(c), [div, tanh, node]
+    return None
 
 
 def _vocabulary_bias(node: fx.Node) -> fx.Node | None:
@@ -379,13 +423,13 @@ def _rewrite(gm: fx.GraphModule, m: _Match, config: ChunkConfig, fake_mode) -> i
     if logits_kept:
         # after the bias, which it reads (each inserting_after puts its node right after the one named)
         with graph.inserting_after(source if m.bias_add is None else bias):
-            logits = add("call_function", torch.ops.fxmem.output_linear.default, (hidden, weight, bias))
+            logits = add("call_function", torch.ops.fxmem.output_linear.default,
+                         (hidden, weight, bias, *([m.softcap] if m.softcap else [])))
         source.replace_all_uses_with(logits)
         logits.meta.update({k: v for k, v in source.meta.items() if k not in ("example_value", "val")})
-        graph.erase_node(source)
-        if source is not m.linear:  # its one user was the bias add
-            graph.erase_node(m.linear)
-        m.linear, m.bias_add = logits, None
+        for node in reversed(m.head):  # the logits' last node, then what only it used (bias add, cap)
+            graph.erase_node(node)
+        m.linear, m.bias_add, m.cap = logits, None, []
     with graph.inserting_before(m.loss):
         tgt = add("call_method", "reshape", (m.target, -1))
         bval = traced_value(bias)
@@ -395,7 +439,8 @@ def _rewrite(gm: fx.GraphModule, m: _Match, config: ChunkConfig, fake_mode) -> i
         loss_args = (h2d, weight, bias, tgt, m.ignore_index, m.reduction, m.label_smoothing, m.upcast,
                      config.chunk_tokens or 0, grad and bool(traced_value(hidden).requires_grad),
                      grad and bool(traced_value(weight).requires_grad),
-                     grad and bool(bval is not None and bval.requires_grad))
+                     grad and bool(bval is not None and bval.requires_grad),
+                     *([m.softcap] if m.softcap else []))
         # a row slice (``logits[..., :-1, :]``) replayed on the logits would copy them whole: the
         # op then multiplies its chunks again instead (one matmul more, no [N, V] copy)
         sliced = any(n.op == "call_function" and n.target is operator.getitem for n in m.chain)

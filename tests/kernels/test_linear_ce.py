@@ -57,6 +57,40 @@ def test_any_chunk_size_equals_eager(n, chunk, ignored):
         _assert_close_rel(g_got, g_want, 1e-5)
 
 
+@pytest.mark.parametrize("dtype,upcast,bias", [(torch.float32, False, False), (torch.float32, True, True),
+                                               (torch.bfloat16, True, False)])
+@pytest.mark.parametrize("use_kernel", [False, None])
+def test_soft_capped_logits_equal_eager(dtype, upcast, bias, use_kernel):
+    """Gemma 2's ``c·tanh(logits / c)`` before the loss, capped in the logits' own dtype before the
+    upcast as the model does: eager's loss and gradients (fp32 exact up to rounding, bf16 within
+    its rounding); the given-logits op (HF returns the capped logits) the same."""
+    h, w, b, t = _inputs(37, 16, 50, bias=bias, dtype=dtype)
+    w = (w.detach() * 4).requires_grad_()  # logits well past the cap, where tanh bends
+    cap = 3.0
+    capped = torch.tanh(F.linear(h, w, b) / cap) * cap
+    want = F.cross_entropy(capped.float() if upcast else capped, t)
+    got = chunked_linear_cross_entropy(h, w, t, b, upcast=upcast, chunk_tokens=8, softcap=cap)
+    rtol = 1e-5 if dtype == torch.float32 else 2e-2
+    _assert_close_rel(got.float(), want.float(), rtol)
+    wants = _grads(want, (h, w, b))
+    for g_got, g_want in zip(_grads(got, (h, w, b)), wants):
+        _assert_close_rel(g_got.float(), g_want.float(), rtol)
+    args = (t, -100, "mean", 0.0, upcast, 8, True, True, bias)
+    given = torch.ops.fxmem.logits_cross_entropy(capped.detach(), h.detach(), w.detach(), None if b is None else b.detach(),
+                                                 *args, cap)
+    _assert_close_rel(given[0].float(), want.float(), rtol)
+    for g_got, g_want in zip(given[1:], wants):
+        _assert_close_rel(g_got.float() * 1.7, g_want.float(), rtol)
+    without_cap = chunked_linear_cross_entropy(h, w, t, b, upcast=upcast, chunk_tokens=8)
+    assert (without_cap - got).abs().item() > 0.1  # the cap changes the loss: the test sees it
+
+
+def test_a_negative_soft_cap_is_refused():
+    h, w, _, t = _inputs(4, 8, 12)
+    with pytest.raises(ValueError, match="softcap -1.0; accepted: 0 \\(none\\) or a positive cap"):
+        chunked_linear_cross_entropy(h, w, t, softcap=-1.0)
+
+
 def test_every_row_ignored_gives_nan_like_eager():
     h, w, _, t = _inputs(6, 8, 11, ignored=1.0)
     assert torch.isnan(F.cross_entropy(F.linear(h, w), t))
@@ -97,6 +131,7 @@ def test_opcheck_fake_and_autograd_registrations():
     h, w, b, t = _inputs(9, 8, 12, bias=True)
     args = (h, w, b, t, -100, "mean", 0.0, True, 4, True, True, True)
     torch.library.opcheck(torch.ops.fxmem.linear_cross_entropy.default, args)
+    torch.library.opcheck(torch.ops.fxmem.linear_cross_entropy.default, (*args, 30.0))  # soft-capped
 
 
 def test_auto_chunk_keeps_a_chunk_near_the_hidden_size():
@@ -140,8 +175,8 @@ class _Traffic(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
-def test_internal_bytes_formula_matches_the_loops_traffic(dtype, label_smoothing):
+@pytest.mark.parametrize("label_smoothing,softcap", [(0.0, 0.0), (0.1, 0.0), (0.0, 30.0)])
+def test_internal_bytes_formula_matches_the_loops_traffic(dtype, label_smoothing, softcap):
     """fit's cost model charges the chunked loss :func:`internal_bytes_moved`: it must be the
     traffic the loop really has (counted op by op), or fit picks chunking for speed wrongly."""
     from fxmem.kernels.linear_ce import _forward_impl, internal_bytes_moved
@@ -151,18 +186,19 @@ def test_internal_bytes_formula_matches_the_loops_traffic(dtype, label_smoothing
     target = torch.randint(0, vocab, (n,))
     with _Traffic() as traffic:
         _forward_impl(h, w, None, target, -100, "mean", label_smoothing, True, chunk, True, True, False,
-                      use_kernel=False)
+                      use_kernel=False, softcap=softcap)
     inputs_and_outputs = 2 * h.nbytes + 2 * w.nbytes + target.nbytes  # hidden, weight, target; their gradients
     formula = internal_bytes_moved(n, vocab, d, hidden_itemsize=h.element_size(), upcast=True,
                                    label_smoothing=label_smoothing, chunk_tokens=chunk, need_hidden=True,
-                                   need_weight=True, need_bias=False, triton=False)
+                                   need_weight=True, need_bias=False, triton=False, softcap=bool(softcap))
     assert formula == pytest.approx(traffic.bytes - inputs_and_outputs, rel=0.05)
 
 
 @pytest.mark.parametrize("dtype,upcast", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
 @pytest.mark.parametrize("need_grad", [True, False])
 @pytest.mark.parametrize("logits_given", [False, True])
-def test_the_workspace_formula_is_what_the_allocator_sees(dtype, upcast, need_grad, logits_given):
+@pytest.mark.parametrize("softcap", [0.0, 30.0])
+def test_the_workspace_formula_is_what_the_allocator_sees(dtype, upcast, need_grad, logits_given, softcap):
     # fit, explain and the peak guard count the chunked loss's workspace from this formula; one
     # chunk's buffers at a time (the loop once held two: the previous chunk's until reassigned)
     from fxmem.kernels.linear_ce import workspace_bytes
@@ -174,7 +210,7 @@ def test_the_workspace_formula_is_what_the_allocator_sees(dtype, upcast, need_gr
     weight = torch.randn(vocab, d, generator=g).to(dtype)
     target = torch.randint(0, vocab, (n,), generator=g)
     logits = F.linear(hidden, weight) if logits_given else None
-    args = (-100, "mean", 0.0, upcast, chunk, need_grad, need_grad, False)
+    args = (-100, "mean", 0.0, upcast, chunk, need_grad, need_grad, False, softcap)
 
     def run():
         if logits_given:
@@ -187,5 +223,6 @@ def test_the_workspace_formula_is_what_the_allocator_sees(dtype, upcast, need_gr
     # beside the workspace: the row-validity mask, the loss's scalars and a chunk's row vectors
     small = 4 * n + 64 * chunk * 4
     expected = workspace_bytes(chunk, vocab, d, hidden_dtype=dtype, weight_dtype=dtype, upcast=upcast,
-                                     need_grad=need_grad, need_weight=need_grad, logits_given=logits_given)
+                                     need_grad=need_grad, need_weight=need_grad, logits_given=logits_given,
+                                     softcap=bool(softcap))
     assert expected <= peak.peak_bytes - outputs <= expected + small, (peak.peak_bytes - outputs, expected)

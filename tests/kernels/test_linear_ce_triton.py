@@ -39,17 +39,21 @@ def _inputs(n, d, vocab, *, bias, seed=0):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("reduction,label_smoothing,bias,vocab", [
-    ("mean", 0.0, False, 50), ("sum", 0.1, True, 50), ("mean", 0.1, False, 130), ("sum", 0.0, True, 64)])
-def test_kernel_path_equals_the_aten_path(reduction, label_smoothing, bias, vocab):
-    """Loss and the three gradients, with vocabularies that are and are not a multiple of the block."""
+@pytest.mark.parametrize("reduction,label_smoothing,bias,vocab,softcap", [
+    ("mean", 0.0, False, 50, 0.0), ("sum", 0.1, True, 50, 0.0), ("mean", 0.1, False, 130, 0.0),
+    ("sum", 0.0, True, 64, 0.0), ("mean", 0.0, False, 50, 1.5)])
+def test_kernel_path_equals_the_aten_path(reduction, label_smoothing, bias, vocab, softcap):
+    """Loss and the three gradients, with vocabularies that are and are not a multiple of the block,
+    and with Gemma 2's soft-cap (applied before the kernel, its derivative after)."""
     h, w, b, t = _inputs(19, 16, vocab, bias=bias)
     args = (h, w, b, t, -100, reduction, label_smoothing, True, 8, True, True, bias)
-    got = _forward_impl(*args, use_kernel=True)
-    want = _forward_impl(*args, use_kernel=False)
+    got = _forward_impl(*args, use_kernel=True, softcap=softcap)
+    want = _forward_impl(*args, use_kernel=False, softcap=softcap)
     for g_got, g_want in zip(got, want):
         torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6)
-    eager = F.cross_entropy(F.linear(h, w, b), t, reduction=reduction, label_smoothing=label_smoothing)
+    logits = F.linear(h, w, b)
+    logits = torch.tanh(logits / softcap) * softcap if softcap else logits
+    eager = F.cross_entropy(logits, t, reduction=reduction, label_smoothing=label_smoothing)
     torch.testing.assert_close(got[0], eager, rtol=1e-5, atol=1e-6)
 
 

@@ -52,6 +52,23 @@ def test_output_linear_equals_linear_and_skips_a_zero_gradient():
     assert torch.autograd.grad(out, h, nan)[0].isnan().any()
 
 
+def test_soft_capped_output_linear_equals_the_models_cap_and_its_gradient():
+    """``output_linear(..., softcap=c)`` is Gemma 2's ``c·tanh(linear / c)``; its backward is eager's
+    through the cap, and a zero gradient still skips the matmuls."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 8, requires_grad=True)
+    w = (4 * torch.randn(13, 8)).requires_grad_()
+    out = torch.ops.fxmem.output_linear(h, w, None, 3.0)
+    want = torch.tanh(F.linear(h, w) / 3.0) * 3.0
+    torch.testing.assert_close(out, want)
+    g = torch.randn_like(want)
+    for a, e in zip(torch.autograd.grad(out, (h, w), g), torch.autograd.grad(want, (h, w), g)):
+        torch.testing.assert_close(a, e)
+    out = torch.ops.fxmem.output_linear(h, w, None, 3.0)
+    assert head_matmuls(lambda: torch.autograd.grad(out, (h, w), torch.zeros_like(out)), 13) == 0
+    torch.library.opcheck(torch.ops.fxmem.output_linear.default, (h, w, None, 3.0))
+
+
 @pytest.mark.parametrize("reduction,upcast", [("mean", False), ("sum", True)])
 def test_logits_cross_entropy_equals_the_chunked_op(reduction, upcast):
     torch.manual_seed(1)

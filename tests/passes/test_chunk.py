@@ -272,16 +272,61 @@ def test_a_classifier_loss_is_left_alone_without_a_warning():
     assert not result.changed and "not_chunked" not in result.stats
 
 
-def test_soft_capped_logits_are_left_with_a_warning_naming_the_op():
-    """Gemma 2's ``cap * tanh(logits / cap)`` between the head and the loss is not chunked yet:
-    the warning names the op and the output layer (it used to be silent)."""
+@pytest.mark.parametrize("kept", [False, True], ids=["loss_only", "logits_returned"])
+def test_soft_capped_logits_are_chunked_with_the_cap_folded_in(kept):
+    """Gemma 2's ``cap * tanh(logits / cap)`` between the head and the loss is folded into the op
+    (``softcap``); loss and gradients equal eager's. Returned logits (HF returns the capped ones)
+    come from ``output_linear(..., softcap)``, and their gradient, when the caller asks, is eager's."""
+    torch.manual_seed(0)
     lin = torch.nn.Linear(8, 40, bias=False)
 
     def step(h, t):
-        return F.cross_entropy(torch.tanh(lin(h) / 30.0) * 30.0, t)
+        logits = torch.tanh(lin(h) / 30.0) * 30.0
+        loss = F.cross_entropy(logits.float(), t)
+        return (loss, logits) if kept else loss
+
+    h, t = torch.randn(6, 8, requires_grad=True), torch.randint(0, 40, (6,))
+    gm, inputs = _dynamo_graph(step, h, t)  # the inputs are h, t and the weight themselves
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = chunk(gm, ChunkConfig(chunk_tokens=2))
+    assert result.changed
+    calls = [n for n in result.gm.graph.nodes if n.op == "call_function"]
+    assert not any(n.target is torch.tanh for n in calls)
+    (op,) = [n for n in calls if "cross_entropy" in str(n.target)]
+    assert op.args[-1] == 30.0  # the cap, folded into the op
+    if kept:
+        (head,) = [n for n in calls if n.target is torch.ops.fxmem.output_linear.default]
+        assert head.args[-1] == 30.0
+
+    def run(fn, *args):
+        lin.weight.grad = h.grad = None
+        out = fn(*args)
+        out = out if isinstance(out, tuple) else (out,)
+        # the caller differentiates the returned (capped) logits too
+        (out[0] + (1e-2 * out[1].pow(2).mean() if kept else 0)).backward()
+        return [out[0].detach(), *(o.detach() for o in out[1:2]), lin.weight.grad.clone(), h.grad.clone()]
+
+    for got, want in zip(run(result.gm, *inputs), run(step, h, t)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("spelling", ["cast_first", "tanh_used_elsewhere"])
+def test_a_soft_cap_the_op_cannot_fold_is_left_with_a_warning_naming_it(spelling):
+    """A cap after a cast (the op caps in the logits' own dtype, before any upcast) or one whose
+    ``tanh`` is also used elsewhere is left as written, and the warning says why."""
+    lin = torch.nn.Linear(8, 40, bias=False)
+
+    def step(h, t):
+        z = lin(h)
+        if spelling == "cast_first":
+            return F.cross_entropy(torch.tanh(z.float() / 30.0) * 30.0, t)
+        capped = torch.tanh(z / 30.0)
+        return F.cross_entropy(capped * 30.0, t) + capped.mean()
 
     gm, _ = _dynamo_graph(step, torch.randn(6, 8, requires_grad=True), torch.randint(0, 40, (6,)))
-    with pytest.warns(UserWarning, match=r"mul \(node \w+\) between the output layer"):
+    why = r"not applied right after the output layer" if spelling == "cast_first" else r"inside the soft-cap .* used elsewhere"
+    with pytest.warns(UserWarning, match=why):
         result = chunk(gm, ChunkConfig())
     assert not result.changed
 
