@@ -254,10 +254,35 @@ def _cache_note(paths: list[str]) -> str:
             "unchanged. Pass use_cache=False to not compute the cache at all.")
 
 
+def training_loss(out: Any) -> torch.Tensor | None:
+    """What explain's training step differentiates: the loss the model returns, else the sum of
+    its outputs.
+
+    * an HF output (a mapping) with a ``loss`` that requires grad: that loss, as a training loop
+      calls ``out.loss.backward()`` — the logits beside it are not differentiated (their gradient
+      would be a ``[B, T, V]`` tensor and two head matmuls no real step has);
+    * else the 0-dim outputs that require grad (a loss returned in a tuple), summed;
+    * else every output that requires grad, summed (a model that returns activations: the step
+      a loss over all of them would take). None when nothing requires grad.
+    """
+    import collections.abc
+
+    if isinstance(out, collections.abc.Mapping):
+        loss = out.get("loss")
+        if isinstance(loss, torch.Tensor) and loss.requires_grad:
+            return loss
+    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+    scalars = [t for t in leaves if t.dim() == 0]
+    chosen = scalars or leaves
+    return sum(t.float().sum() for t in chosen) if chosen else None
+
+
 def _explain_training(model, args, kwargs, config, recorder) -> tuple[torch.nn.Module, PeakMemory]:
-    """Compile and run one step (forward + backward), then measure a second step's peak from
-    outside (:func:`fxmem.measure.peak_memory`), gradients set to None first as a training loop's
-    ``zero_grad`` does. The parameters' existing ``.grad`` are restored afterwards."""
+    """Compile and run one step (forward + backward of :func:`training_loss`), then measure a
+    second step's peak from outside (:func:`fxmem.measure.peak_memory`), gradients set to None
+    first as a training loop's ``zero_grad`` does. The parameters' existing ``.grad`` are restored
+    afterwards. The output is held through the backward, as ``out = model(...);
+    out.loss.backward()`` holds it (and as the estimate assumes)."""
     compiled = torch.compile(model, backend=FxmemBackend(config, recorder))
     params = list(model.parameters())
     grads = {p: p.grad for p in params}
@@ -266,8 +291,8 @@ def _explain_training(model, args, kwargs, config, recorder) -> tuple[torch.nn.M
         for p in params:
             p.grad = None
         out = compiled(*args, **kwargs)
-        loss = sum(t.float().sum() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad)
-        if isinstance(loss, torch.Tensor):
+        loss = training_loss(out)
+        if loss is not None:
             loss.backward()
 
     device = params[0].device if params else torch.device("cpu")

@@ -226,3 +226,26 @@ def test_the_workspace_formula_is_what_the_allocator_sees(dtype, upcast, need_gr
                                      need_grad=need_grad, need_weight=need_grad, logits_given=logits_given,
                                      softcap=bool(softcap))
     assert expected <= peak.peak_bytes - outputs <= expected + small, (peak.peak_bytes - outputs, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("softcap", [0.0, 30.0])
+def test_cuda_kernel_path_equals_the_aten_path_and_eager(softcap):
+    # runs only where a GPU is lent: the compiled (not interpreted) Triton row kernel, bf16 logits
+    # upcast to fp32 as HF's loss does, with and without Gemma 2's soft-cap
+    from fxmem.kernels.linear_ce import _forward_impl
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, d, vocab = 512, 256, 32000
+    h = torch.randn(n, d, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.randn(vocab, d, device="cuda", generator=g) / d**0.5 * 8).to(torch.bfloat16)
+    t = torch.randint(0, vocab, (n,), device="cuda", generator=g)
+    t[::7] = -100
+    args = (h, w, None, t, -100, "mean", 0.0, True, 128, True, True, False)
+    kernel = _forward_impl(*args, use_kernel=None, softcap=softcap)  # None: the kernel on CUDA tensors
+    aten = _forward_impl(*args, use_kernel=False, softcap=softcap)
+    for a, b in zip(kernel[:3], aten[:3]):
+        _assert_close_rel(a.float(), b.float(), 1e-2)
+    logits = F.linear(h, w)
+    logits = torch.tanh(logits / softcap) * softcap if softcap else logits
+    _assert_close_rel(kernel[0], F.cross_entropy(logits.float(), t), 1e-4)
