@@ -20,6 +20,9 @@ def test_demo_prints_the_report_and_the_side_by_side_tables(capsys):
                 "fxmem remat budget=0.5", "fxmem chunk (default), step returns the loss only"):
         assert row in out
     assert "fxmem report (training" in out and "partition:" in out
+    # side by side with torch.compile, and fit's choice compiled and measured
+    assert "torch.compile (Inductor)" in out and "peak × torch.compile" in out
+    assert "and measured: whole step" in out
 
 
 def test_explain_builtin_and_a_module_class(capsys, tmp_path):
