@@ -1,6 +1,6 @@
 """Question: across HF architectures, does fxmem's training step peak below torch.compile's, with eager's gradients?
 
-The fifteen architectures of :mod:`fxmem.testing.hf_zoo` at its ``"small"`` size (2 layers,
+The sixteen architectures of :mod:`fxmem.testing.hf_zoo` at its ``"small"`` size (2 layers,
 d 128, vocab 8192, B 4 × T 128; ViT 121 patches; T5 and BART a target half as long), loss inside.
 Each architecture runs in its own process with a fresh Inductor cache directory. Side by side,
 the same weights and batch:

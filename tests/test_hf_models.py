@@ -268,7 +268,7 @@ NOT_CHUNKED = {"distilbert": None, "vit": None}
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_every_zoo_architecture_trains_like_eager(name):
-    """Fifteen HF architectures, each a different shape of graph for fxmem's passes (sliding
+    """Sixteen HF architectures, each a different shape of graph for fxmem's passes (sliding
     windows, soft-capping, ALiBi, experts, relative position bias, encoder-decoders, images): one
     training step with the loss inside through ``torch.compile(backend=fxmem.backend(...))``
     gives eager's loss and gradients; every loss over a vocabulary is chunked, or a warning says

@@ -4,7 +4,8 @@ Random weights, no downloads. One builder per architecture family that puts some
 in front of fxmem's passes:
 
 * decoder-only causal LMs: rotary attention with grouped KV heads (Mistral with a sliding window,
-  Qwen2, Phi-3, Gemma, Gemma 2 with soft-capping), GPT-NeoX's partial rotary, OPT's learned
+  Qwen2, Phi-3, Gemma, Gemma 2 with soft-capping, Gemma 3 with q/k norms and mixed sliding and
+  global layers), GPT-NeoX's partial rotary, OPT's learned
   positions, Falcon and BLOOM's ALiBi, Mixtral's mixture of experts (data-dependent routing);
 * encoder-decoders: T5 (relative position bias) and BART;
 * encoders: RoBERTa (masked LM), DistilBERT (sequence classification), ViT (images).
@@ -59,6 +60,9 @@ ARCHITECTURES: dict[str, Callable[[dict], tuple]] = {
                     eos_token_id=2),
     "gemma": _causal("GemmaConfig", "GemmaForCausalLM", num_key_value_heads=1, head_dim=16),
     "gemma2": _causal("Gemma2Config", "Gemma2ForCausalLM", num_key_value_heads=2, head_dim=16, sliding_window=16),
+    # Gemma 3: q/k norms, one sliding-window and one global layer, no final soft-cap
+    "gemma3": _causal("Gemma3TextConfig", "Gemma3ForCausalLM", num_key_value_heads=2, head_dim=16, sliding_window=16,
+                      layer_types=["sliding_attention", "full_attention"]),
     "gpt_neox": _causal("GPTNeoXConfig", "GPTNeoXForCausalLM", hidden_dropout=0.0, attention_dropout=0.0),
     "opt": _arch("OPTConfig", "OPTForCausalLM", "causal", lambda s: dict(
         vocab_size=s["vocab"], hidden_size=s["d"], ffn_dim=2 * s["d"], num_hidden_layers=2, num_attention_heads=4,
