@@ -14,7 +14,7 @@ Side by side: for each case and for torch.compile and fxmem (defaults), one fres
 two are warm. Each process times its first training step, which is compile plus one step, and
 reports Inductor's cache counters. The cases are train_peak's at its quick shapes.
 
-    PYTHONPATH=. python benchmarks/compile_cache.py        # ~9 min on 2 cores
+    PYTHONPATH=. python benchmarks/compile_cache.py        # ~20 min on 2 cores
 
 Writes ``results/compile_cache_cpu.json``.
 """
