@@ -189,9 +189,13 @@ def test_random_graphs_bitwise_identical(program):
     check_graph(res.gm, expected_outputs=_output_signature(c.gm))
     with torch.no_grad():
         assert torch.equal(res.gm(x)[0], module(x))
-    # layer norms of one width start at ones/zeros: equal values are found and tied — when the
-    # program reads two of them (a random program may leave a norm unused, and then out of the graph)
-    read = {n.target for n in c.gm.graph.nodes if n.op == "get_attr" and n.users}  # frozen as norms._<i>.weight
-    widths = [n.normalized_shape for i, n in enumerate(module.norms) if {f"norms.{i}.weight", f"norms._{i}.weight"} & read]
+    # layer norms of one width start at ones/zeros, bitwise equal: 1-D tensors are tied by storage
+    # only, never by value (docs/passes/tying.md; since 27988e8 — this test still asked for a tie
+    # whenever a random program read two norms of one width, and failed on those programs)
+    params = dict(module.named_parameters())
+    for tie in res.stats["ties"]:
+        value = params.get(tie["tied"], params.get(tie["tied"].replace("._", ".")))
+        assert tie["how"] == "same storage" or (value is not None and value.dim() >= 2), tie
+    widths = [n.normalized_shape for n in module.norms]
     if len(set(widths)) < len(widths):
-        assert res.stats["tied"] > 0
+        assert not any("norms" in t["tied"] and t["how"] != "same storage" for t in res.stats["ties"]), res.stats
