@@ -137,9 +137,9 @@ def make_partitioner(partition_fn: Callable[..., tuple[fx.GraphModule, fx.GraphM
     Inductor calls it after its own joint-graph passes with ``(joint_gm, joint_inputs,
     num_fwd_outputs=..., static_lifetime_input_indices=..., compiler="inductor")``.
 
-    ``uuid()`` is what fxmem adds to the caches' keys (see :func:`partition_cache_key`):
-    ``identity`` (fxmem's options and sources, :func:`fxmem_identity`) and, once the partition
-    ran, the nodes it tagged as recomputed. AOTAutograd's cache computes its key before the
+    ``uuid()`` is what fxmem adds to the caches' keys (see :func:`partition_cache_key`): fxmem's
+    sources, ``identity`` (the options, :func:`fxmem_identity`) and, once the partition ran, the
+    nodes it tagged as recomputed. AOTAutograd's cache computes its key before the
     partition runs, so ``identity`` is what keeps a new budget or a changed pass from reusing an
     old split there; Inductor's FX-graph cache computes its keys after, per graph.
     """
@@ -186,16 +186,17 @@ def partition_cache_key(graphs: Sequence[fx.GraphModule], identity: str = "") ->
 
     Inductor hashes a graph by its code, not its nodes' ``meta``, and calls fxmem's custom ops
     (``fxmem::linear_cross_entropy``, ...) by name. So the key adds what fxmem changes in a
-    compile besides the config (hashed already): ``identity`` (:func:`fxmem_identity`), the
-    fusion guard (:mod:`fxmem.fusion_guard`) with, per graph, the names of the nodes remat tagged
-    as recomputed — the tag the guard reads — and fxmem's kernel modules, whose fake
-    implementations give the shapes and strides Inductor plans the ops' outputs by. Called by
-    AOTAutograd before the partition (no graphs yet) and by Inductor when it hashes the forward
-    and the backward, after the partition ran.
+    compile besides the config (hashed already): ``identity`` (:func:`fxmem_identity`), fxmem's
+    sources — any pass can change the split, the fusion guard (:mod:`fxmem.fusion_guard`) reads
+    the tag remat puts on the nodes it recomputes, and the kernel modules' fake implementations
+    give the shapes and strides Inductor plans fxmem's ops' outputs by — and, per graph, the
+    names of the nodes remat tagged as recomputed. Called by AOTAutograd before the partition
+    (no graphs yet) and by Inductor when it hashes the forward and the backward, after the
+    partition ran.
     """
     from fxmem.passes.base import RECOMPUTED_KEY
 
-    digest = hashlib.sha256(_compile_sources_digest().encode())
+    digest = hashlib.sha256(_package_sources_digest().encode())
     digest.update(identity.encode())
     for gm in graphs:
         recomputed = sorted(n.name for n in gm.graph.nodes if n.meta.get(RECOMPUTED_KEY))
@@ -204,39 +205,25 @@ def partition_cache_key(graphs: Sequence[fx.GraphModule], identity: str = "") ->
 
 
 @functools.cache
-def _compile_sources_digest() -> str:
-    """sha256 of the sources that shape Inductor's code for a given graph: the fusion guard and
-    the kernel modules (read once per process)."""
-    from fxmem import fusion_guard, kernels
-
-    files = [pathlib.Path(fusion_guard.__file__), *sorted(pathlib.Path(kernels.__file__).parent.glob("*.py"))]
-    return _digest_files(files)
-
-
-@functools.cache
 def _package_sources_digest() -> str:
-    """sha256 of every fxmem source file (read once per process): any pass can change the split."""
+    """sha256 of every fxmem source file, by its path in the package (read once per process)."""
     import fxmem
 
     root = pathlib.Path(fxmem.__file__).parent
-    return _digest_files(sorted(root.rglob("*.py")), root)
-
-
-def _digest_files(files: Sequence[pathlib.Path], root: pathlib.Path | None = None) -> str:
     digest = hashlib.sha256()
-    for path in files:
-        name = str(path.relative_to(root)) if root is not None else path.name
-        digest.update(name.encode() + b"\0" + path.read_bytes())
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
 def fxmem_identity(config: Any) -> str:
-    """What, besides the Dynamo graph, decides what fxmem's partition returns: the options (their
-    ``repr``, every field of the frozen config dataclasses), fxmem's own sources, and what the
-    peak model reads from the process (a CPU convolution's oneDNN workspace grows with the
-    thread count, and remat's peak guard compares cuts by that model)."""
+    """What, besides the Dynamo graph and fxmem's sources (:func:`partition_cache_key` hashes
+    those), decides what fxmem's partition returns: the options (their ``repr``, every field of
+    the frozen config dataclasses) and what the peak model reads from the process (a CPU
+    convolution's oneDNN workspace grows with the thread count, and remat's peak guard compares
+    cuts by that model)."""
     onednn = torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()
-    return f"{config!r}|{_package_sources_digest()}|threads={torch.get_num_threads()}|onednn={onednn}"
+    return f"{config!r}|threads={torch.get_num_threads()}|onednn={onednn}"
 
 
 def casts_for_inductor(gm: fx.GraphModule) -> int:

@@ -356,8 +356,9 @@ def test_a_step_whose_partition_warned_is_not_cached_so_the_warning_comes_again(
 
 
 def test_the_cache_identity_names_the_options_and_the_sources():
-    """What AOTAutograd's key gets from fxmem before the partition runs: the options, fxmem's
-    sources and the thread count; the partitioner pickles as it, the same in every process."""
+    """What AOTAutograd's key gets from fxmem before the partition runs: the options and the
+    thread count (the identity), fxmem's sources (the partitioner's key hashes them); the
+    partitioner pickles as its key, the same in every process."""
     import pickle
 
     from fxmem.codegen import fxmem_identity, make_partitioner

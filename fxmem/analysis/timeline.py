@@ -672,14 +672,16 @@ def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *
         live.add(node, _describe(node, "forward", kind), pooled=pooled(node))
 
     copies = _channels_last_copies(fw) if reuse and bw is not None else {}
+    copies_made: dict[fx.Node, list[fx.Node]] = {}  # convolution → the inputs it copies first
     copy_frees: dict[int, list[fx.Node]] = {}
-    for placeholder in copies:
+    for placeholder, conv in copies.items():
+        copies_made.setdefault(conv, []).append(placeholder)
         if placeholder not in saved_roots:  # else the backward releases it
             copy_frees.setdefault(last.get(placeholder, 0), []).append(placeholder)
 
     early: set[fx.Node] = set()  # outputs of a multi-output op, added where the op runs
     for i, node in enumerate(fw.graph.nodes):
-        for placeholder in (p for p, conv in copies.items() if conv is node):
+        for placeholder in copies_made.get(node, ()):
             kind = "saved" if placeholder in saved_roots else "transient"
             live.add(("channels_last", placeholder.name),
                      replace(_describe(placeholder, "forward", kind), name=f"{placeholder.name} (channels-last copy)"))

@@ -124,10 +124,10 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
         capped = None  # 1 - tanh(z / c)², the soft-cap's derivative, in the compute dtype
         if softcap and full_logits is None:
             logits = logits.div_(softcap).tanh_()
-            capped = _one_minus_square(logits, 1.0, compute_dtype) if any_grad else None
+            capped = one_minus_square(logits, 1.0, compute_dtype) if any_grad else None
             logits = logits.mul_(softcap)
         elif softcap and any_grad:  # given: they are c·tanh(z / c) already
-            capped = _one_minus_square(logits, softcap, compute_dtype)
+            capped = one_minus_square(logits, softcap, compute_dtype)
         if upcast:
             logits = logits.float()
         t = target[start:stop]
@@ -182,7 +182,7 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
     return loss.to(out_dtype), grad_h, grad_w, grad_b
 
 
-def _one_minus_square(values: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+def one_minus_square(values: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
     """``1 - (values / scale)²`` as a new ``dtype`` tensor: one buffer, the rest in place."""
     out = values.to(dtype, copy=True)
     if scale != 1.0:

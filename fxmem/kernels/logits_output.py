@@ -127,7 +127,7 @@ def output_linear_backward(grad: Tensor, hidden: Tensor, weight: Tensor, has_bia
     if softcap and not zero:
         if capped is None:
             raise ValueError("fxmem::output_linear_backward: softcap without the capped output it differentiates")
-        flat_grad = flat_grad * linear_ce._one_minus_square(capped.reshape(flat_grad.shape), softcap, flat_grad.dtype)
+        flat_grad = flat_grad * linear_ce.one_minus_square(capped.reshape(flat_grad.shape), softcap, flat_grad.dtype)
     grad_h = (torch.zeros_like(hidden) if zero else (flat_grad @ weight).reshape(hidden.shape)) if need_hidden \
         else hidden.new_empty(0)
     grad_w = (torch.zeros_like(weight) if zero else flat_grad.t() @ flat_hidden) if need_weight else weight.new_empty(0)
