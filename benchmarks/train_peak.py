@@ -24,7 +24,8 @@ and the relative error of all gradients together against eager's.
 By default the step is ``loss_of(model(...)).backward()``: the output object dies before the
 backward (HF Trainer's ``compute_loss`` returns the loss alone). ``--hold-outputs`` keeps it alive
 through the backward (``out = model(...); out.loss.backward()``): an HF model's logits then stay
-in memory for torch.compile and fxmem alike, and fxmem's estimate (which assumes it) applies.
+in memory for torch.compile and fxmem alike. fxmem's estimate is compared to the step as run:
+its timeline with the outputs held, or dropped (``StepTimeline.outputs_dropped``).
 
 Each case runs in its own process. Writes JSON after every case (a run cut short keeps what it
 measured) and a PNG beside it.
@@ -238,8 +239,12 @@ def run_variant(base: nn.Module, args: tuple, kwargs: dict, loss_of: Callable, d
            "saved_bytes": saved.bytes, "peak_method": peak.method}
     if fx_backend is not None and fx_backend.recorder.timelines:
         # fxmem's own estimate of the same step (analysis.timeline), the caller's inputs left out
-        # as the measurement leaves them out (they exist before the step)
-        est = sum(t.peak_bytes - t.input_bytes for t in fx_backend.recorder.timelines[-1:])
+        # as the measurement leaves them out (they exist before the step); the outputs held or
+        # dropped as this step holds or drops them
+        timeline = fx_backend.recorder.timelines[-1]
+        if not hold_outputs and timeline.outputs_dropped is not None:
+            timeline = timeline.outputs_dropped
+        est = timeline.peak_bytes - timeline.input_bytes
         row["estimated_peak_bytes"] = est
         row["estimate_vs_measured"] = est / peak.peak_bytes if peak.peak_bytes else None
     if breakdown is not None:

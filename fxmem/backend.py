@@ -232,7 +232,11 @@ class FxmemBackend:
                                static_lifetime_input_indices=static_lifetime_input_indices)
             mark_static(fw)
             # as fit does: Inductor's fusion, in-place reuse and addmm epilogues (analysis.timeline)
-            backend.recorder.timelines.append(step_timeline(fw, bw, num_fwd_outputs, fused=inductor, reuse=inductor))
+            timeline = step_timeline(fw, bw, num_fwd_outputs, fused=inductor, reuse=inductor)
+            # and the step of a caller that keeps only the loss (HF's Trainer): explain shows both
+            timeline.outputs_dropped = step_timeline(fw, bw, num_fwd_outputs, fused=inductor, reuse=inductor,
+                                                     outputs_held=False)
+            backend.recorder.timelines.append(timeline)
             if inductor:  # Inductor compiles what this returns: fxmem's forward/backward passes run here
                 fw, bw = finish_forward(fw), finish_backward(bw)
                 casts_for_inductor(fw), casts_for_inductor(bw)

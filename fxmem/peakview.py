@@ -37,7 +37,20 @@ def text(timeline: StepTimeline, *, top: int = 8, width: int = 60) -> str:
             lines.append(f"  {name:<16} {kind:<9} {shape:<16} {mib:>8} MiB  {op}  {source}")
         if len(alive) > top:
             lines.append(f"  ... {len(alive) - top} more ({_mib(sum(t.bytes for t in alive[top:]))} MiB)")
+    dropped = dropped_outputs_line(timeline)
+    if dropped:
+        lines.append(dropped)
     return "\n".join(lines)
+
+
+def dropped_outputs_line(timeline: StepTimeline) -> str:
+    """One line on the same step when the caller keeps only the loss (``loss = model(**batch).loss``,
+    as HF's ``Trainer`` does), where that lowers the peak; else ``""``."""
+    other = timeline.outputs_dropped
+    if other is None or other.peak_bytes >= timeline.peak_bytes:
+        return ""
+    return (f"if the caller keeps only the loss (drops the other outputs before the backward, as HF's "
+            f"Trainer does): peak {_mib(other.peak_bytes)} MiB at {other.peak_stage} {other.peak_node}")
 
 
 def svg(timeline: StepTimeline, *, width: int = 900, height: int = 220) -> str:
@@ -81,4 +94,5 @@ def html_section(timeline: StepTimeline, *, top: int = 30) -> str:
             f"<h3>alive at the peak ({_mib(timeline.peak_bytes)} MiB, {html.escape(timeline.peak_stage)} "
             f"{html.escape(timeline.peak_node)})</h3><table border=1 cellspacing=0><tr>"
             + "".join(f"<th>{c}</th>" for c in HEADER) + "</tr>" + rows + "</table>"
-            + (f"<p>… {more} more</p>" if more > 0 else ""))
+            + (f"<p>… {more} more</p>" if more > 0 else "")
+            + (f"<p>{html.escape(dropped_outputs_line(timeline))}</p>" if dropped_outputs_line(timeline) else ""))

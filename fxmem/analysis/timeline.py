@@ -80,6 +80,9 @@ class StepTimeline:
     peak_index: int = 0
     input_bytes: int = 0
     live_at_peak: list[LiveTensor] = field(default_factory=list)
+    outputs_held: bool = True  # the caller holds the forward's outputs through the backward
+    # the same step when the caller keeps only the loss (set by the backend beside a held one)
+    outputs_dropped: StepTimeline | None = None
 
     @property
     def peak_stage(self) -> str:
@@ -593,7 +596,8 @@ def _reuse_in_place(live: _Live, node: fx.Node, skip: set[fx.Node], dying) -> No
 
 
 def step_timeline(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *,
-                  fused: bool = False, reuse: bool = False, pool: bool | None = None) -> StepTimeline:
+                  fused: bool = False, reuse: bool = False, pool: bool | None = None,
+                  outputs_held: bool = True) -> StepTimeline:
     """Walk ``fw`` then ``bw`` (a partition's two graphs) and record the live bytes after each node.
 
     ``fused``: model Inductor's code — a pointwise op feeding only pointwise ops allocates
@@ -621,14 +625,22 @@ def step_timeline(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs
 
     Reordering is not modelled. ``fit``, remat's peak guard and explain (under Inductor) use
     ``reuse=True``.
+
+    ``outputs_held``: the caller holds the forward's outputs through the backward
+    (``out = model(...); out.loss.backward()``), the default. ``False``: it keeps only the loss —
+    the 0-dim outputs — and drops the rest when the forward returns, as Hugging Face's
+    ``Trainer`` does (``loss = model(**batch).loss``): an output the backward does not read (the
+    logits beside the loss) is freed at the end of the forward; one it reads (saved too) when the
+    backward is done with it.
     """
     reuse = reuse and fused
     pool = INDUCTOR_BUFFER_POOL if pool is None else pool
+    walk = dict(fused=fused, reuse=reuse, outputs_held=outputs_held)
     if not reuse or not pool:
-        return _walk(fw, bw, num_fwd_outputs, fused=fused, reuse=reuse, pool=None)[0]
+        return _walk(fw, bw, num_fwd_outputs, pool=None, **walk)[0]
     # twice: the first walk lists the pooled allocations and frees, the second parks the reused
-    _, events = _walk(fw, bw, num_fwd_outputs, fused=True, reuse=True, pool=None)
-    return _walk(fw, bw, num_fwd_outputs, fused=True, reuse=True, pool=_pool_plan(events))[0]
+    _, events = _walk(fw, bw, num_fwd_outputs, pool=None, **walk)
+    return _walk(fw, bw, num_fwd_outputs, pool=_pool_plan(events), **walk)[0]
 
 
 def _output_items(node: fx.Node) -> list[fx.Node]:
@@ -641,9 +653,23 @@ def _output_items(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if u.op == "call_function" and u.target is operator.getitem]
 
 
+def _dropped_outputs(user_outputs: list, saved_roots: set) -> set[fx.Node]:
+    """The storages a caller that keeps only the loss drops when the forward returns: the roots of
+    the non-scalar user outputs that the forward computed (not its inputs) and did not save."""
+    dropped = set()
+    for n in user_outputs:
+        if not isinstance(n, fx.Node):
+            continue
+        val = n.meta.get("val")
+        root = storage_root(n)
+        if isinstance(val, torch.Tensor) and val.dim() > 0 and root.op in COMPUTING and root not in saved_roots:
+            dropped.add(root)
+    return dropped
+
+
 def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *, fused: bool, reuse: bool,
-          pool: tuple[set, dict] | None) -> tuple[StepTimeline, list]:
-    timeline = StepTimeline()
+          pool: tuple[set, dict] | None, outputs_held: bool = True) -> tuple[StepTimeline, list]:
+    timeline = StepTimeline(outputs_held=outputs_held)
     live = _Live(timeline, pool)
     pooled = _pooled if reuse else (lambda node: False)
     fw_out = forward_outputs(fw)
@@ -655,7 +681,10 @@ def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *
         if node.op == "placeholder" and not is_parameter_node(node):
             live.add(node, _describe(node, "forward", "input"))
     timeline.input_bytes = live.total
-    held = set(live.items) | user_roots  # the caller holds these through the step
+    dropped = set() if outputs_held else _dropped_outputs(fw_out[:num_fwd_outputs], saved_roots)
+    # the caller holds these through the step (a dropped output only until the forward returns;
+    # one the backward reads too, until the backward is done with it)
+    held = set(live.items) | (user_roots if outputs_held else {r for r in user_roots if r.op not in COMPUTING})
     skip, externs = _fusion(fw, user_roots | saved_roots, fused=fused, reuse=reuse)
     joins = _joined_kernels(fw, skip, externs) if reuse else {}
     last = _kernel_last_uses(fw, skip, joins) if reuse else last_uses(fw)
@@ -703,6 +732,8 @@ def _walk(fw: fx.GraphModule, bw: fx.GraphModule | None, num_fwd_outputs: int, *
             live.drop(("channels_last", placeholder.name))
     if bw is None:
         return timeline, live.events
+    for root in dropped:  # the caller dropped them when the forward returned
+        live.drop(root, pooled=pooled(root))
     live.stage = "backward"
     # backward: saved tensors arrive by name; each is released after its last use -------------
     fw_by_name = {n.name: storage_root(n) for n in saved}

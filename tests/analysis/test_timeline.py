@@ -264,3 +264,50 @@ def test_reuse_stops_inlining_where_inductor_realizes_a_value():
     # the product is realized where it has read `limit` buffers: those die there, and the
     # sum's kernel reads the rest — never all of them alive at once
     assert tl.peak_bytes - tl.input_bytes < count * buf
+
+
+class _LossAndLogits(torch.nn.Module):
+    """An HF-style LM: a wide MLP (its backward is the step's peak) and a head; returns the loss
+    and the logits beside it."""
+
+    def __init__(self, d: int = 32, wide: int = 2048, vocab: int = 1024):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(d, wide), torch.nn.Linear(wide, d)
+        self.head = torch.nn.Linear(d, vocab)
+
+    def forward(self, x, labels):
+        logits = self.head(self.down(torch.relu(self.up(x))))
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_the_estimate_follows_whether_the_caller_holds_or_drops_the_logits():
+    torch.manual_seed(0)
+    model = _LossAndLogits().train()
+    x, labels = torch.randn(256, 32), torch.randint(0, 1024, (256,))
+    backend = fxmem.backend(codegen="eager")
+    fn = torch.compile(model, backend=backend)
+
+    def step(hold: bool):
+        def run():
+            for p in model.parameters():
+                p.grad = None
+            out = fn(x, labels)
+            if hold:  # `out = model(...); out["loss"].backward()`
+                out["loss"].backward()
+            else:  # `loss = model(...)["loss"]` (HF's Trainer): the logits die before the backward
+                loss = out["loss"]
+                del out
+                loss.backward()
+        return run
+
+    held = training_step_peak(step(True)).peak_bytes
+    dropped = training_step_peak(step(False)).peak_bytes
+    tl = backend.recorder.timelines[-1]
+    assert tl.outputs_held and tl.outputs_dropped is not None and not tl.outputs_dropped.outputs_held
+    logits_bytes = 256 * 1024 * 4
+    # holding the logits through the backward costs them, measured and estimated alike
+    assert held - dropped >= logits_bytes // 2, (held, dropped)
+    for estimate, measured in ((tl.peak_bytes - tl.input_bytes, held),
+                               (tl.outputs_dropped.peak_bytes - tl.outputs_dropped.input_bytes, dropped)):
+        assert abs(estimate - measured) <= 0.10 * measured, (estimate, measured)
+    assert "if the caller keeps only the loss" in fxmem.peakview.text(tl)
