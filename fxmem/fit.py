@@ -55,6 +55,7 @@ import torch.fx as fx
 from fxmem.analysis.cost import graph_cost
 from fxmem.analysis.timeline import step_timeline
 from fxmem.config import FxmemConfig, parse_options
+from fxmem.measure import training_loss
 from fxmem.passes.base import copy_graph
 from fxmem.passes.remat import shared_cuts
 
@@ -1235,19 +1236,6 @@ def _impossible_message(candidates: list[Candidate], limit: int, headroom: float
 # --------------------------------------------------------------------------------------------
 
 
-def default_loss(out: Any) -> torch.Tensor:
-    """The loss of a model's output: ``out.loss`` (Hugging Face), the last element of a
-    ``(logits, loss)`` tuple, a scalar output itself, else the mean of squares."""
-    loss = getattr(out, "loss", None)
-    if isinstance(loss, torch.Tensor):
-        return loss
-    if isinstance(out, (tuple, list)):
-        return default_loss(out[-1])
-    if isinstance(out, torch.Tensor) and out.dim() == 0:
-        return out
-    return out.float().pow(2).mean()
-
-
 def _sync(dev: torch.device) -> None:
     """Wait for the device, so that a timing covers the work it launched."""
     if dev.type == "cuda":
@@ -1255,10 +1243,12 @@ def _sync(dev: torch.device) -> None:
 
 
 def training_step(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = None,
-                  options: Mapping[str, Any] | None, loss_of=default_loss):
+                  options: Mapping[str, Any] | None, loss_of=None):
     """A training step of ``model`` compiled with ``backend="fxmem"`` and ``options`` (``None``:
     plain ``torch.compile``): gradients set to None, forward, backward — the output held through
-    the backward, as a training loop holds it (and fit assumes). Compiles on its first call."""
+    the backward, as a training loop holds it (and fit assumes). ``loss_of``: the loss of the output
+    (default :func:`fxmem.measure.training_loss`, the rule explain uses too). Compiles on its first
+    call."""
     kwargs = dict(kwargs or {})
     fn = torch.compile(model) if options is None else torch.compile(model, backend="fxmem", options=dict(options))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -1267,13 +1257,17 @@ def training_step(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] 
         for p in params:
             p.grad = None
         out = fn(*args, **kwargs)
-        loss_of(out).backward()
+        loss = (loss_of or training_loss)(out)
+        if loss is None:
+            raise FitError("fxmem.fit: no output of the model requires grad, so a training step has no backward "
+                           "(is the model in eval mode, or are its parameters frozen? mode='inference' fits a forward)")
+        loss.backward()
 
     return step
 
 
 def measure_options(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = None,
-                    options: Mapping[str, Any] | None, loss_of=default_loss, steps: int = 3,
+                    options: Mapping[str, Any] | None, loss_of=None, steps: int = 3,
                     device: str | torch.device | None = None, keep: dict | None = None) -> dict[str, float]:
     """Compile ``model`` with ``backend="fxmem"`` and ``options`` (``None``: plain ``torch.compile``),
     run training steps, and measure what :func:`fit` estimates: the whole step's peak in bytes

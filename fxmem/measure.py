@@ -128,10 +128,33 @@ class TrainingMeasurement:
         return asdict(self)
 
 
-def _loss_of(out: Any) -> torch.Tensor:
-    if isinstance(out, tuple):  # (logits, loss)
-        return out[1]
-    return out.float().pow(2).mean()
+def training_loss(out: Any) -> torch.Tensor | None:
+    """What a measured training step differentiates — one rule for explain, fit and the benchmarks:
+
+    * an HF output (or any object with a ``loss`` attribute or key) whose ``loss`` requires grad:
+      that loss, as a training loop calls ``out.loss.backward()`` — the logits beside it are not
+      differentiated (their gradient would be a ``[B, T, V]`` tensor and two head matmuls no real
+      step has);
+    * else the 0-dim outputs that require grad (a loss returned in a tuple, the built-in GPT's
+      ``(logits, loss)``), summed;
+    * else, for a model that returns activations, the mean of squares of every output that requires
+      grad, summed: a stand-in loss whose gradient is as large as the output, as a real loss's is
+      (a plain ``sum``'s is a broadcast constant no real loss has).
+
+    ``None`` when nothing requires grad (the step then has no backward)."""
+    import collections.abc
+
+    loss = out.get("loss") if isinstance(out, collections.abc.Mapping) else getattr(out, "loss", None)
+    if isinstance(loss, torch.Tensor) and loss.requires_grad:
+        return loss
+    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+    scalars = [t for t in leaves if t.dim() == 0]
+    if scalars:
+        return sum(scalars[1:], scalars[0])
+    if not leaves:
+        return None
+    squares = [t.float().pow(2).mean() for t in leaves]
+    return sum(squares[1:], squares[0])
 
 
 def measure_training(
@@ -150,7 +173,10 @@ def measure_training(
 
     def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
-        loss = _loss_of(fn(*args))
+        loss = training_loss(fn(*args))
+        if loss is None:
+            raise ValueError("measure_training: no output of the model requires grad, so a step has no backward "
+                             "(is the model in eval mode, or are its parameters frozen?)")
         loss.backward()
         opt.step()
         return loss.detach()

@@ -32,7 +32,7 @@ from fxmem.backend import DECOMPOSITIONS, FxmemBackend
 from fxmem.capture import OptimizedModule, capture_inference
 from fxmem.config import FxmemConfig, OptionError, parse_options
 from fxmem.freeze import WeightWatch
-from fxmem.measure import PeakMemory, peak_memory
+from fxmem.measure import PeakMemory, peak_memory, training_loss
 from fxmem.pipeline import PassRecord, Recorder, run_pipeline
 
 MODES = ("inference", "training")
@@ -254,31 +254,8 @@ def _cache_note(paths: list[str]) -> str:
             "unchanged. Pass use_cache=False to not compute the cache at all.")
 
 
-def training_loss(out: Any) -> torch.Tensor | None:
-    """What explain's training step differentiates: the loss the model returns, else the sum of
-    its outputs.
-
-    * an HF output (a mapping) with a ``loss`` that requires grad: that loss, as a training loop
-      calls ``out.loss.backward()`` — the logits beside it are not differentiated (their gradient
-      would be a ``[B, T, V]`` tensor and two head matmuls no real step has);
-    * else the 0-dim outputs that require grad (a loss returned in a tuple), summed;
-    * else every output that requires grad, summed (a model that returns activations: the step
-      a loss over all of them would take). None when nothing requires grad.
-    """
-    import collections.abc
-
-    if isinstance(out, collections.abc.Mapping):
-        loss = out.get("loss")
-        if isinstance(loss, torch.Tensor) and loss.requires_grad:
-            return loss
-    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
-    scalars = [t for t in leaves if t.dim() == 0]
-    chosen = scalars or leaves
-    return sum(t.float().sum() for t in chosen) if chosen else None
-
-
 def _explain_training(model, args, kwargs, config, recorder) -> tuple[torch.nn.Module, PeakMemory]:
-    """Compile and run one step (forward + backward of :func:`training_loss`), then measure a
+    """Compile and run one step (forward + backward of :func:`fxmem.measure.training_loss`), then measure a
     second step's peak from outside (:func:`fxmem.measure.peak_memory`), gradients set to None
     first as a training loop's ``zero_grad`` does. The parameters' existing ``.grad`` are restored
     afterwards. The output is held through the backward, as ``out = model(...);
