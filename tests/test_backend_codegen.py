@@ -254,7 +254,7 @@ def test_a_second_compile_is_served_by_inductors_cache_and_still_partitions():
     from torch._inductor import utils as inductor_utils
 
     fresh_cache = getattr(inductor_utils, "fresh_cache", None) or inductor_utils.fresh_inductor_cache
-    s = sample("gpt_block_manual")
+    s = sample("mlp")  # the cheapest compile: what is tested is the cache, not the model
     x = torch.randn(BATCH, *s.args[0].shape[1:], generator=torch.Generator().manual_seed(0))
     runs = []
     with fresh_cache(), inductor_config.patch(fx_graph_cache=True):
@@ -273,7 +273,7 @@ def test_a_second_compile_is_served_by_inductors_cache_and_still_partitions():
     assert [p["saved"] for p in rec2.partitions] == [p["saved"] for p in rec1.partitions]
     for a, b in zip(grads1, grads2):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-    assert rec0.timelines[-1].peak_bytes < rec1.timelines[-1].peak_bytes  # budget 0 recomputes ...
+    assert rec0.partitions[-1]["saved_bytes"] < rec1.partitions[-1]["saved_bytes"]  # budget 0 recomputes ...
     assert zero["fxgraph_cache_miss"] >= 1, zero  # ... and that split is compiled, not taken from the cache
     for a, b in zip(grads1, grads0):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
