@@ -43,6 +43,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import inspect
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -136,12 +137,15 @@ class FitResult:
     tp: int = 1
     # where the per-rank state figures come from (a line naming fxmem.shard.plan, or why not)
     per_rank_source: str = ""
+    # training: whether the estimates hold the model's outputs through the backward (fit's
+    # hold_outputs; measure_options(hold_outputs=...) measures the same step)
+    hold_outputs: bool = True
 
     def refit(self, memory: int | float | str) -> FitResult:
         """The choice for another limit among the same candidates, without tracing again
         (:class:`FitError` if none fits it)."""
         return choose(self.candidates, memory, headroom=self.headroom, mode=self.mode, allow=self.allow,
-                      dp=self.dp, tp=self.tp, per_rank_source=self.per_rank_source)
+                      dp=self.dp, tp=self.tp, per_rank_source=self.per_rank_source, hold_outputs=self.hold_outputs)
 
     @property
     def table(self) -> str:
@@ -196,10 +200,34 @@ def _to_meta(value: Any) -> Any:
     return value
 
 
+def without_kv_cache(model: torch.nn.Module, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with ``use_cache=False`` added for a Hugging Face model whose config turns its KV
+    cache on (every ``*ForCausalLM`` built from a config) and whose ``forward`` takes ``use_cache``,
+    unless the caller chose it.
+
+    Why: the cache's layers start as ``torch.tensor([], device=keys.device)``, and Dynamo, tracing
+    the meta twin, makes that a real meta tensor its fake tensors refuse (the trace fails in
+    ``torch.cat``; torch 2.11 and 2.13). What the estimate loses is small: in training the cache's
+    keys and values are the ones attention saves for the backward anyway (the cache holds them
+    from the forward to the end of the step instead of to their last use), and fxmem's optimized
+    inference module returns no cache (``explain``'s note). An explicit ``use_cache=True`` is kept,
+    and fails to trace with :class:`FitError` saying so."""
+    kwargs = dict(kwargs)
+    if "use_cache" in kwargs or not getattr(getattr(model, "config", None), "use_cache", False):
+        return kwargs
+    try:
+        accepts = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    return {**kwargs, "use_cache": False} if accepts else kwargs
+
+
 def capture_graphs(model: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any], *, training: bool,
                    on_graph) -> int:
     """Trace ``model(*args, **kwargs)`` with Dynamo on the meta device; ``on_graph(gm, example_inputs)``
-    runs for every graph Dynamo makes. Returns the number of graphs."""
+    runs for every graph Dynamo makes. Returns the number of graphs. An HF model's KV cache is
+    left off (:func:`without_kv_cache`)."""
+    kwargs = without_kv_cache(model, kwargs)
     twin = meta_twin(model).train(training)
     count = [0]
 
@@ -210,7 +238,14 @@ def capture_graphs(model: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[
 
     compiled = torch.compile(twin, backend=backend, dynamic=False)
     with torch.set_grad_enabled(training):
-        compiled(*_to_meta(tuple(args)), **_to_meta(dict(kwargs)))
+        try:
+            compiled(*_to_meta(tuple(args)), **_to_meta(dict(kwargs)))
+        except torch._dynamo.exc.TorchRuntimeError as exc:
+            if kwargs.get("use_cache"):
+                raise FitError("fxmem.fit: Dynamo cannot trace this model's KV cache on the meta device (its layers "
+                               "start as torch.tensor([]), which stays a real meta tensor); pass use_cache=False "
+                               "(a training step does not read the cache)") from exc
+            raise
     if count[0] == 0:
         raise FitError("fxmem.fit: Dynamo captured no graph of this model (it ran entirely in eager); nothing to fit")
     return count[0]
@@ -347,7 +382,7 @@ def ban_collective_recompute(joint: fx.GraphModule, local) -> int:
 
 def _estimate_training_graph(gm: fx.GraphModule, example_inputs: list, candidates: list[Candidate],
                              device: torch.device, tp_plan=None, tp: int = 1, tp_notes: list | None = None,
-                             dp: int = 1) -> None:
+                             dp: int = 1, hold_outputs: bool = True) -> None:
     """Add one Dynamo graph's activation peak and time cost to each training candidate (the joint
     graph traced with fake tensors on ``device``: :func:`on_device`). With ``tp_plan`` (a
     :class:`fxmem.shard.tensor_parallel.ShardPlan` over ``tp`` ranks) the estimate is one rank's:
@@ -358,6 +393,7 @@ def _estimate_training_graph(gm: fx.GraphModule, example_inputs: list, candidate
 
     from fxmem.backend import DECOMPOSITIONS, parameter_inputs
     from fxmem.codegen import inductor_training
+    from fxmem.detached_logits import detach_logits_outputs
     from fxmem.pipeline import Recorder, run_pipeline
 
     # Dynamo lifts parameters and buffers to graph inputs; AOTAutograd keeps their positions as
@@ -382,6 +418,10 @@ def _estimate_training_graph(gm: fx.GraphModule, example_inputs: list, candidate
                                  _with_inductor_estimates(parse_options(group[0].options)), recorder)
         if chunk:
             chunked = any(r.status == "changed" for r in recorder.records)
+        # as the backend does: logits returned beside a chunked loss leave without a gradient path,
+        # else the joint graph has a tangent for them — a [B, T, V] gradient of zeros the real step
+        # never allocates (fit's estimate of a model returning its logits was 1.47 of the measured)
+        detach_logits_outputs(dynamo_gm)
 
         def partition_fn(joint, joint_inputs, *, num_fwd_outputs, static_lifetime_input_indices=None,
                          group=group, stop=False, **kw):
@@ -392,7 +432,7 @@ def _estimate_training_graph(gm: fx.GraphModule, example_inputs: list, candidate
                     ban_collective_recompute(joint, local)
             with shared_cuts():  # the budgets' peak guards compare the same cuts: build each once
                 _estimate_group(group, joint, joint_inputs, num_fwd_outputs,
-                                static_lifetime_input_indices or params, local, dp)
+                                static_lifetime_input_indices or params, local, dp, hold_outputs)
             if stop:  # Inductor need not lower or generate code: the estimates are all fit wanted
                 raise _Estimated
             return default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs,
@@ -442,7 +482,7 @@ def _peak_with_collectives(timeline, extra: Mapping[str, int] | None = None,
 
 
 def _estimate_group(group: list[Candidate], joint: fx.GraphModule, joint_inputs, num_fwd_outputs: int,
-                    static, local=None, dp: int = 1) -> None:
+                    static, local=None, dp: int = 1, hold_outputs: bool = True) -> None:
     """Each candidate of ``group`` partitions (a copy of) the same joint graph; its estimate is added
     (one rank's, under ``local``: :class:`fxmem.analysis.local_sizes.LocalSizes`)."""
     from fxmem.analysis.sizes import local_sizes
@@ -454,13 +494,14 @@ def _estimate_group(group: list[Candidate], joint: fx.GraphModule, joint_inputs,
         try:
             with local_sizes(local) if local is not None else contextlib.nullcontext():
                 # the partition too: a rank's remat weighs its local tensors
-                _estimate_partition(cand, joint, joint_inputs, config, num_fwd_outputs, static, local, dp)
+                _estimate_partition(cand, joint, joint_inputs, config, num_fwd_outputs, static, local, dp,
+                                    hold_outputs)
         except Exception as exc:  # noqa: BLE001 - a candidate that cannot compile is reported, not chosen
             cand.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
 
 
 def _estimate_partition(cand: Candidate, joint: fx.GraphModule, joint_inputs, config: FxmemConfig,
-                        num_fwd_outputs: int, static, local=None, dp: int = 1) -> None:
+                        num_fwd_outputs: int, static, local=None, dp: int = 1, hold_outputs: bool = True) -> None:
     """Add one candidate's partition of ``joint`` to ``cand.parts``: the timeline's peak above the
     inputs (``activations``: saved activations, temporaries and every gradient, held to the end),
     the gradients it holds (``_grads``, with ``local``), FLOPs and bytes moved. With ``dp`` > 1,
@@ -468,7 +509,8 @@ def _estimate_partition(cand: Candidate, joint: fx.GraphModule, joint_inputs, co
     on — FSDP2 reduce-scatters a unit's gradients right after its backward, so a rank never holds
     them all whole, and its peak is earlier, where the activations are (on the dp 2 × tp 2 GPT
     the single-process peak is at the end of the backward, every gradient alive; a rank's is at
-    its start)."""
+    its start). ``hold_outputs``: the caller holds the model's outputs through the backward, else
+    it keeps only the loss (``StepTimeline.outputs_held``)."""
     from fxmem.analysis.saved import forward_outputs
     from fxmem.analysis.sizes import PARAM_META_KEY, node_bytes, storage_root
     from fxmem.backend import partition
@@ -484,7 +526,7 @@ def _estimate_partition(cand: Candidate, joint: fx.GraphModule, joint_inputs, co
             node.meta[PARAM_META_KEY] = True
     fw = run_pipeline(fw, "forward", config, recorder)
     bw = run_pipeline(bw, "backward", config, recorder)
-    timeline = step_timeline(fw, bw, num_fwd_outputs, fused=True, reuse=True)
+    timeline = step_timeline(fw, bw, num_fwd_outputs, fused=True, reuse=True, outputs_held=hold_outputs)
     # Inductor generates the code: the bytes its kernels move, not the ATen graph's op by op
     fw_cost, bw_cost = graph_cost(fw, fused=True), graph_cost(bw, fused=True)
     parts = cand.parts
@@ -1035,7 +1077,7 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
         mode: str = "training", allow: Iterable[str] = (), optimizer: str | None = None,
         world_size: int | None = None, mesh: Mapping[str, int] | None = None, plan: Any = None,
         headroom: float = 0.10, device: str | torch.device | None = None,
-        budgets: Sequence[float] = REMAT_BUDGETS) -> FitResult:
+        budgets: Sequence[float] = REMAT_BUDGETS, hold_outputs: bool = True) -> FitResult:
     """The fastest fxmem options whose estimated peak fits ``memory`` (bytes, or ``"12GiB"``).
 
     ``mode``: ``"training"`` (a step: forward, backward, gradients; ``optimizer`` ``"sgd"``,
@@ -1056,7 +1098,10 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
     fraction of ``memory`` kept free for what the estimate does not see (allocator rounding,
     the caller's own tensors). ``device``: whose speeds rank the candidates (default: the model's).
     ``budgets``: the remat budgets tried beside remat off and free recompute (each costs a min-cut
-    search; fewer make the fit faster).
+    search; fewer make the fit faster). ``hold_outputs`` (training): the loop holds the model's
+    outputs through the backward (``out = model(**batch); out.loss.backward()``), the default;
+    ``False``: it keeps only the loss (``loss = model(**batch).loss``, HF's ``Trainer``), so the
+    logits a model returns beside its loss are freed before the backward and not estimated there.
 
     The model is never run and no memory is allocated: Dynamo traces a meta-device twin. Raises
     :class:`FitError` when no candidate fits, naming the smallest estimate and what it would take.
@@ -1077,9 +1122,12 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
         raise FitError(f"fxmem.fit: headroom={headroom!r}; accepted: a float in [0, 1)")
     if not isinstance(model, torch.nn.Module):
         raise FitError(f"fxmem.fit: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(hold_outputs, bool):
+        raise FitError(f"fxmem.fit: hold_outputs={hold_outputs!r}; accepted: True (the loop holds the model's "
+                       "outputs through the backward) or False (it keeps only the loss)")
     dp, tp = _ranks(world_size, mesh) if plan is None else _plan_ranks(plan, model, world_size, mesh)
     ranks = dp * tp
-    kwargs = dict(kwargs or {})
+    kwargs = without_kv_cache(model, kwargs or {})  # every trace below: the plan's and the estimates'
     dev_type = torch.device(device).type if device is not None else next(
         (p.device.type for p in model.parameters()), "cpu")
     balance = MACHINE_BALANCE.get(dev_type, MACHINE_BALANCE["cuda"])
@@ -1101,7 +1149,7 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
     if training:
         capture_graphs(model, args, kwargs, training=True,
                        on_graph=lambda gm, ex: _estimate_training_graph(gm, ex, candidates, traced_on, tp_plan, tp,
-                                                                        tp_notes, dp))
+                                                                        tp_notes, dp, hold_outputs))
     else:
         capture_graphs(model, args, kwargs, training=False,
                        on_graph=lambda gm, ex: _estimate_inference_graph(
@@ -1178,11 +1226,12 @@ def fit(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = N
         cand.estimate = int(sum(new.values()))
         cand.cost = float(flops + balance * moved)
     return choose(candidates, limit, headroom=headroom, mode=mode, allow=allow, dp=dp, tp=tp,
-                  per_rank_source=source)
+                  per_rank_source=source, hold_outputs=hold_outputs)
 
 
 def choose(candidates: list[Candidate], memory: int | float | str, *, headroom: float, mode: str,
-           allow: tuple = (), dp: int = 1, tp: int = 1, per_rank_source: str = "") -> FitResult:
+           allow: tuple = (), dp: int = 1, tp: int = 1, per_rank_source: str = "",
+           hold_outputs: bool = True) -> FitResult:
     """The candidate within ``memory · (1 - headroom)`` with the fewest lossy options, then the
     cheapest (:class:`FitError` if none fits)."""
     limit = parse_memory(memory)
@@ -1196,7 +1245,7 @@ def choose(candidates: list[Candidate], memory: int | float | str, *, headroom: 
     chosen = min(fitting, key=lambda c: (len(c.lossy), c.cost, c.estimate))
     return FitResult(options=copy.deepcopy(chosen.options), estimate=chosen.estimate, memory=limit, mode=mode,
                      chosen=chosen, candidates=candidates, headroom=headroom, world_size=dp * tp,
-                     allow=allow, dp=dp, tp=tp, per_rank_source=per_rank_source)
+                     allow=allow, dp=dp, tp=tp, per_rank_source=per_rank_source, hold_outputs=hold_outputs)
 
 
 def _impossible_message(candidates: list[Candidate], limit: int, headroom: float, mode: str, allow: tuple,
@@ -1243,12 +1292,13 @@ def _sync(dev: torch.device) -> None:
 
 
 def training_step(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = None,
-                  options: Mapping[str, Any] | None, loss_of=None):
+                  options: Mapping[str, Any] | None, loss_of=None, hold_outputs: bool = True):
     """A training step of ``model`` compiled with ``backend="fxmem"`` and ``options`` (``None``:
     plain ``torch.compile``): gradients set to None, forward, backward — the output held through
-    the backward, as a training loop holds it (and fit assumes). ``loss_of``: the loss of the output
-    (default :func:`fxmem.measure.training_loss`, the rule explain uses too). Compiles on its first
-    call."""
+    the backward, as a training loop holds it (and fit assumes) — or, with ``hold_outputs=False``,
+    dropped before the backward, the loss kept (HF's ``Trainer``; ``fit(hold_outputs=False)``).
+    ``loss_of``: the loss of the output (default :func:`fxmem.measure.training_loss`, the rule
+    explain uses too). Compiles on its first call."""
     kwargs = dict(kwargs or {})
     fn = torch.compile(model) if options is None else torch.compile(model, backend="fxmem", options=dict(options))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -1258,6 +1308,8 @@ def training_step(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] 
             p.grad = None
         out = fn(*args, **kwargs)
         loss = (loss_of or training_loss)(out)
+        if not hold_outputs:
+            del out  # the loss alone outlives the forward
         if loss is None:
             raise FitError("fxmem.fit: no output of the model requires grad, so a training step has no backward "
                            "(is the model in eval mode, or are its parameters frozen? mode='inference' fits a forward)")
@@ -1268,14 +1320,16 @@ def training_step(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] 
 
 def measure_options(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = None,
                     options: Mapping[str, Any] | None, loss_of=None, steps: int = 3,
-                    device: str | torch.device | None = None, keep: dict | None = None) -> dict[str, float]:
+                    device: str | torch.device | None = None, keep: dict | None = None,
+                    hold_outputs: bool = True) -> dict[str, float]:
     """Compile ``model`` with ``backend="fxmem"`` and ``options`` (``None``: plain ``torch.compile``),
     run training steps, and measure what :func:`fit` estimates: the whole step's peak in bytes
     (``peak_bytes``: parameters, buffers and the batch that exist before the step, plus the peak
     above them measured by :func:`fxmem.measure.peak_memory`) and the median step time
     (``step_s``). Gradients are set to None before each step, as ``optimizer.zero_grad()`` does.
     The model is compiled in place of nothing: the caller's module is left as it was. ``keep``: a
-    dict that receives the compiled step (``keep["step"]``), to time it again later."""
+    dict that receives the compiled step (``keep["step"]``), to time it again later.
+    ``hold_outputs``: as :func:`training_step` (pass the fit's ``FitResult.hold_outputs``)."""
     import statistics
     import time
 
@@ -1283,7 +1337,7 @@ def measure_options(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any
 
     kwargs = dict(kwargs or {})
     dev = torch.device(device) if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
-    step = training_step(model, *args, kwargs=kwargs, options=options, loss_of=loss_of)
+    step = training_step(model, *args, kwargs=kwargs, options=options, loss_of=loss_of, hold_outputs=hold_outputs)
     if keep is not None:
         keep["step"] = step
     params = [p for p in model.parameters() if p.requires_grad]

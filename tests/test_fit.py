@@ -170,6 +170,63 @@ def test_bad_arguments_raise_naming_what_is_accepted(step):
         fxmem.fit(model, *args, memory="1GiB", allow=["magic"])
     with pytest.raises(FitError, match="mesh"):
         fxmem.fit(model, *args, memory="1GiB", mesh={"pp": 2})
+    with pytest.raises(FitError, match="hold_outputs.*accepted"):
+        fxmem.fit(model, *args, memory="1GiB", hold_outputs="loss")
+
+
+@pytest.fixture(scope="module")
+def logits_step():
+    """The built-in GPT as a user calls it, unwrapped: it returns its logits beside the loss."""
+    torch.manual_seed(0)
+    model = GPT(CFG).train()
+    args = (example_batch(CFG, batch=4), example_batch(CFG, batch=4, seed=1))
+    held = fxmem.fit(model, *args, memory="1GiB", budgets=())
+    dropped = fxmem.fit(model, *args, memory="1GiB", budgets=(), hold_outputs=False)
+    return model, args, held, dropped
+
+
+def test_a_model_returning_its_logits_is_estimated_as_the_backend_runs_it(logits_step):
+    """The backend detaches logits returned beside a chunked loss (fxmem.detached_logits); fit's
+    joint graph did not, and counted a tangent for them — a [B, T, V] gradient the real step
+    never allocates (the estimate was 1.47 of the measured peak)."""
+    model, args, held, _ = logits_step
+    torch._dynamo.reset()
+    measured = measure_options(model, *args, options=held.options, steps=1)["peak_bytes"]
+    assert abs(held.estimate / measured - 1) <= TOLERANCE, (held.estimate, measured)
+
+
+def test_hold_outputs_false_estimates_a_loop_that_keeps_only_the_loss(logits_step):
+    """``hold_outputs=False`` (HF's Trainer: ``loss = model(**batch).loss``): the logits die before
+    the backward. Without the chunked loss the step's peak is in the backward, so holding them or
+    not moves it by their size, measured and estimated alike."""
+    model, args, held, dropped = logits_step
+    assert held.hold_outputs and not dropped.hold_outputs and not dropped.refit("1GiB").hold_outputs
+    label = "remat off, no chunk"
+    options = next(c for c in held.candidates if c.label == label).options
+    estimates = {hold: next(c for c in fitted.candidates if c.label == label).estimate
+                 for hold, fitted in ((True, held), (False, dropped))}
+    torch._dynamo.reset()
+    measured = {hold: measure_options(model, *args, options=options, steps=1, hold_outputs=hold)["peak_bytes"]
+                for hold in (False, True)}
+    logits = 4 * CFG.block_size * CFG.vocab_size * 4
+    assert measured[True] - measured[False] >= logits // 2, measured
+    for hold in (True, False):
+        assert abs(estimates[hold] / measured[hold] - 1) <= TOLERANCE, (hold, estimates, measured)
+
+
+def test_an_hf_causal_lm_fits_as_built_with_its_kv_cache_on():
+    """``*ForCausalLM`` built from a config has ``use_cache=True``; Dynamo cannot trace the cache's
+    creation on fit's meta twin, so fit leaves it off (``without_kv_cache``) — it once failed with
+    a TorchRuntimeError from inside Dynamo. An explicit ``use_cache=True`` is a clear FitError."""
+    from fxmem.testing.hf_zoo import build
+
+    case = build("qwen2")
+    assert case.model.config.use_cache
+    fitted = fxmem.fit(case.model.eval(), kwargs={"input_ids": case.inputs["input_ids"]}, memory="1GiB",
+                       mode="inference")
+    assert fitted.estimate > 0
+    with pytest.raises(FitError, match="use_cache=False"):
+        fxmem.fit(case.model, kwargs={**case.inputs, "use_cache": True}, memory="1GiB", budgets=())
 
 
 class Wide(nn.Module):
