@@ -233,12 +233,17 @@ def test_the_estimate_is_within_10_percent_of_the_measured_peak_on_hf_causal_lms
         assert [t.name for t in timeline.live_at_peak if t.kind == "workspace"] == ["logits_cross_entropy (workspace)"]
 
 
-@pytest.mark.parametrize("name", ["gemma2", "distilbert", "vit"])
+@pytest.mark.parametrize("name", ["distilbert", "vit"])
 def test_the_estimate_is_within_10_percent_on_the_zoo_models_it_once_missed(name):
-    """The three zoo architectures whose estimate under Inductor once missed (at the benchmark's
-    shapes: Gemma 2 1.30, DistilBERT 0.81, ViT 0.89 of the measured peak; here, at tiny shapes,
-    ViT was 0.83): Inductor's fusion through views and into scatters, where it realizes values,
-    and its channels-last copies of a convolution's inputs (docs/architecture.md)."""
+    """Two of the three zoo architectures whose estimate under Inductor once missed (at the
+    benchmark's shapes: DistilBERT 0.81, ViT 0.89 of the measured peak; here, at tiny shapes,
+    ViT was 0.83): Inductor's fusion into scatters, where it realizes values, and its
+    channels-last copies of a convolution's inputs (docs/architecture.md). The third, Gemma 2
+    (1.30: fusion through views, its soft-capped logits read as ``[N, V]`` by the log-softmax),
+    left this test when the chunk pass took over its loss: at the defaults the unchunked
+    log-softmax is gone, so the case no longer tested the fusion (the timeline unit test
+    ``test_reuse_fuses_pointwise_ops_through_views_into_their_readers`` does), at 45 s of the
+    suite; its chunked estimate is checked by ``benchmarks/hf_architectures.py`` (1.00)."""
     from fxmem.measure import training_step_peak
 
     case = build(name)
