@@ -26,11 +26,9 @@ Writes ``results/fit_as_called_cpu.json`` after every architecture.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
-import tempfile
 
 import torch
 
@@ -84,27 +82,19 @@ def main() -> None:
     threads = os.environ.get("OMP_NUM_THREADS", "1")
     results = {"question": __doc__.splitlines()[0], "device": f"cpu: {platform.machine()}, {threads} threads",
                "torch": torch.__version__, "archs": []}
-    for name in opts.archs:
-        env = dict(os.environ, OMP_NUM_THREADS=threads, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="fxmem-fit-"))
-        entry, stderr = _child.run(__file__, ["--child", name], env)
-        if entry is None:
-            entry = {"arch": name, "error": stderr[-3000:]}
-            print(f"{name:8s} FAILED: {stderr[-400:]}", flush=True)
-        else:
-            for r in entry["rows"]:
-                if "error" in r:
-                    print(f"{name:8s} {r['label']:24s} error: {r['error'][:80]}", flush=True)
-                    continue
-                print(f"{name:8s} {r['label']:24s} held est/meas {r['held']['estimate_vs_measured']:.3f}  "
-                      f"dropped est/meas {r['dropped']['estimate_vs_measured']:.3f}  "
-                      f"held est / dropped meas {r['held_estimate_vs_dropped_measured']:.3f}  "
-                      f"(meas held {r['held']['measured'] / 2**20:.1f} MiB, dropped {r['dropped']['measured'] / 2**20:.1f})",
-                      flush=True)
-        results["archs"].append(entry)
-        os.makedirs(os.path.dirname(opts.out), exist_ok=True)
-        with open(opts.out, "w") as f:
-            json.dump(results, f, indent=2)
+    def describe(entry: dict) -> None:
+        name = entry["arch"]
+        for r in entry["rows"]:
+            if "error" in r:
+                print(f"{name:8s} {r['label']:24s} error: {r['error'][:80]}", flush=True)
+                continue
+            print(f"{name:8s} {r['label']:24s} held est/meas {r['held']['estimate_vs_measured']:.3f}  "
+                  f"dropped est/meas {r['dropped']['estimate_vs_measured']:.3f}  "
+                  f"held est / dropped meas {r['held_estimate_vs_dropped_measured']:.3f}  "
+                  f"(meas held {r['held']['measured'] / 2**20:.1f} MiB, dropped {r['dropped']['measured'] / 2**20:.1f})",
+                  flush=True)
 
+    _child.run_each(__file__, opts.archs, lambda name: [], results, opts.out, describe, threads, "fxmem-fit-")
 
 if __name__ == "__main__":
     main()

@@ -29,11 +29,9 @@ Writes ``results/hf_architectures_cpu.json`` after every architecture.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
-import tempfile
 
 import torch
 
@@ -95,26 +93,19 @@ def main() -> None:
     threads = os.environ.get("OMP_NUM_THREADS", "1")
     results = {"question": __doc__.splitlines()[0], "device": f"cpu: {platform.machine()}, {threads} threads",
                "torch": torch.__version__, "size": SIZES["small"], "archs": []}
-    for name in opts.archs:
-        env = dict(os.environ, OMP_NUM_THREADS=threads, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="fxmem-zoo-"))
-        entry, stderr = _child.run(__file__, ["--child", name, "--steps", str(opts.steps)], env)
-        if entry is None:
-            entry = {"arch": name, "error": stderr[-3000:]}
-            print(f"{name:11s} FAILED: {stderr[-400:]}", flush=True)
-        else:
-            fx = next(r for r in entry["rows"] if r["variant"] == "fxmem")
-            tc = next(r for r in entry["rows"] if r["variant"] == "torch.compile")
-            print(f"{name:11s} peak MiB tc {tc['peak_mib']:7.1f} fxmem {fx['peak_mib']:7.1f} "
-                  f"({fx['peak_vs_torch_compile']:.2f}x; held {fx['peak_vs_torch_compile_outputs_held']:.2f}x)  "
-                  f"step {fx['step_vs_torch_compile']:.2f}x  compile {fx['compile_s'] / tc['compile_s']:.2f}x  "
-                  f"grad err {fx.get('grad_rel_err', float('nan')):.1e}  est/meas {fx.get('estimate_vs_measured', 0):.2f} "
-                  f"(held {fx.get('estimate_vs_measured_outputs_held', 0):.2f})",
-                  flush=True)
-        results["archs"].append(entry)
-        os.makedirs(os.path.dirname(opts.out), exist_ok=True)
-        with open(opts.out, "w") as f:
-            json.dump(results, f, indent=2)
+    def describe(entry: dict) -> None:
+        name = entry["arch"]
+        fx = next(r for r in entry["rows"] if r["variant"] == "fxmem")
+        tc = next(r for r in entry["rows"] if r["variant"] == "torch.compile")
+        print(f"{name:11s} peak MiB tc {tc['peak_mib']:7.1f} fxmem {fx['peak_mib']:7.1f} "
+              f"({fx['peak_vs_torch_compile']:.2f}x; held {fx['peak_vs_torch_compile_outputs_held']:.2f}x)  "
+              f"step {fx['step_vs_torch_compile']:.2f}x  compile {fx['compile_s'] / tc['compile_s']:.2f}x  "
+              f"grad err {fx.get('grad_rel_err', float('nan')):.1e}  est/meas {fx.get('estimate_vs_measured', 0):.2f} "
+              f"(held {fx.get('estimate_vs_measured_outputs_held', 0):.2f})",
+              flush=True)
 
+    _child.run_each(__file__, opts.archs, lambda name: ["--steps", str(opts.steps)], results, opts.out, describe,
+                    threads, "fxmem-zoo-")
 
 if __name__ == "__main__":
     main()
