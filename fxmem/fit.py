@@ -225,9 +225,8 @@ def without_kv_cache(model: torch.nn.Module, kwargs: Mapping[str, Any]) -> dict[
 def capture_graphs(model: torch.nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any], *, training: bool,
                    on_graph) -> int:
     """Trace ``model(*args, **kwargs)`` with Dynamo on the meta device; ``on_graph(gm, example_inputs)``
-    runs for every graph Dynamo makes. Returns the number of graphs. An HF model's KV cache is
-    left off (:func:`without_kv_cache`)."""
-    kwargs = without_kv_cache(model, kwargs)
+    runs for every graph Dynamo makes. Returns the number of graphs. ``kwargs`` as :func:`fit`
+    passes them: an HF model's KV cache already left off (:func:`without_kv_cache`)."""
     twin = meta_twin(model).train(training)
     count = [0]
 

@@ -90,9 +90,10 @@ def html_section(timeline: StepTimeline, *, top: int = 30) -> str:
     """The plot and the table of tensors alive at the peak."""
     rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _row(t)) + "</tr>" for t in timeline.live_at_peak[:top])
     more = len(timeline.live_at_peak) - top
+    dropped = dropped_outputs_line(timeline)
     return (f"<h2>live bytes over the step</h2>{svg(timeline)}"
             f"<h3>alive at the peak ({_mib(timeline.peak_bytes)} MiB, {html.escape(timeline.peak_stage)} "
             f"{html.escape(timeline.peak_node)})</h3><table border=1 cellspacing=0><tr>"
             + "".join(f"<th>{c}</th>" for c in HEADER) + "</tr>" + rows + "</table>"
             + (f"<p>… {more} more</p>" if more > 0 else "")
-            + (f"<p>{html.escape(dropped_outputs_line(timeline))}</p>" if dropped_outputs_line(timeline) else ""))
+            + (f"<p>{html.escape(dropped)}</p>" if dropped else ""))
