@@ -5,16 +5,17 @@ both on by default), so a second run of the same script mostly loads its code. f
 used to bypass both caches and was cold on every run. Now Inductor's FX-graph cache serves fxmem's
 forward and backward graphs, and ``backend="fxmem"`` is served by AOTAutograd's cache too (keyed
 by fxmem's options and sources): a warm run then skips the joint trace, the partition and
-Inductor, as torch.compile's does. A backend object (``fxmem.backend(...)``), whose recorder
-explain and the benchmarks read, keeps AOTAutograd's cache off and partitions every time
-(docs/architecture.md); it is measured as the third variant.
+Inductor, as torch.compile's does. So is a backend object (``fxmem.backend(...)``, the form
+docs/usage.md shows first); it used to keep AOTAutograd's cache off. A recording backend
+(``fxmem.testing.recording_backend``: explain's, fit's and the benchmarks', which read what the
+partition did) still partitions every time (docs/architecture.md): the fourth variant.
 
 Side by side: for each case and for torch.compile and fxmem (defaults), one fresh cache directory
 (``TORCHINDUCTOR_CACHE_DIR``), then three processes in a row on it: the first is cold, the next
 two are warm. Each process times its first training step, which is compile plus one step, and
 reports Inductor's cache counters. The cases are train_peak's at its quick shapes.
 
-    PYTHONPATH=. python benchmarks/compile_cache.py        # ~20 min on 2 cores
+    PYTHONPATH=. python benchmarks/compile_cache.py        # ~30 min on 2 cores
 
 Writes ``results/compile_cache_cpu.json``.
 """
@@ -38,7 +39,8 @@ import _child  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CASES = ("hf_llama", "hf_gpt2", "blocks_manual")
-VARIANTS = (("torch.compile", "inductor"), ("fxmem", "fxmem"), ("fxmem.backend()", "fxmem-object"))
+VARIANTS = (("torch.compile", "inductor"), ("fxmem", "fxmem"), ("fxmem.backend()", "fxmem-object"),
+            ("recording_backend()", "fxmem-recording"))
 RUNS = 3  # the first cold, the rest warm
 
 
@@ -52,8 +54,12 @@ def child(case: str, backend: str) -> dict:
     model = base.train()
     if backend == "fxmem":
         fn = torch.compile(model, backend="fxmem")  # what a user writes
+    elif backend == "fxmem-object":
+        import fxmem
+
+        fn = torch.compile(model, backend=fxmem.backend())  # or this
     else:
-        fn, _ = compile_variant(model, "fxmem" if backend == "fxmem-object" else backend, None)
+        fn, _ = compile_variant(model, "fxmem" if backend == "fxmem-recording" else backend, None)
     start = time.perf_counter()
     loss_of(fn(*args, **kwargs)).backward()
     first_step_s = time.perf_counter() - start

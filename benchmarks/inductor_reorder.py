@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxmem  # noqa: E402
 import fxmem.codegen  # noqa: E402
 from fxmem.measure import training_step_peak  # noqa: E402
-from fxmem.testing import sample  # noqa: E402
+from fxmem.testing import recording_backend, sample  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLES = ("gpt_block_manual", "gpt_block_sdpa", "mlp")
@@ -84,7 +84,7 @@ def main() -> None:
         print(f"{name:18s} torch.compile            {tc['peak_bytes']:>10d} B", flush=True)
         for budget in BUDGETS:
             for reorder in (True, False):
-                backend = fxmem.backend(**({} if budget is None else {"remat": {"budget": budget}}))
+                backend = recording_backend(**({} if budget is None else {"remat": {"budget": budget}}))
                 row = measure(name, opts.batch, device, backend, reorder)
                 label = f"fxmem {'default' if budget is None else budget}, reorder {'on' if reorder else 'off'}"
                 results["rows"].append({"sample": name, "variant": label, "budget": budget, "inductor_reorder": reorder,

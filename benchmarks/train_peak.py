@@ -150,12 +150,13 @@ def compile_variant(model: nn.Module, backend: str, budget: float | None) -> tup
         return model, None
     if backend == "inductor":
         return torch.compile(model), None
-    import fxmem
 
     options: dict[str, Any] = {} if budget is None else {"remat": {"budget": budget}}
     if backend == "fxmem-eager":
         options["codegen"] = "eager"
-    fx_backend = fxmem.backend(**options)
+    from fxmem.testing import recording_backend  # explain reads its recorder: partitioned every time
+
+    fx_backend = recording_backend(**options)
     return torch.compile(model, backend=fx_backend), fx_backend
 
 

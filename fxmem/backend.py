@@ -97,7 +97,8 @@ class FxmemBackend:
         self.config = config
         self.recorder = recorder if recorder is not None else Recorder()
         # AOTAutograd's on-disk cache may serve a training compile only where nobody reads the
-        # recorder (a hit skips the partition, which then records nothing): backend="fxmem"
+        # recorder (a hit skips the partition, which then records nothing): fxmem.backend() and
+        # backend="fxmem", not explain's, fit's or a test's recording backend
         self.autograd_cache = autograd_cache
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
@@ -359,14 +360,18 @@ def partition(joint_gm: fx.GraphModule, joint_inputs, config: FxmemConfig, recor
 
 
 def backend(**options: Any) -> FxmemBackend:
-    """``fxmem.backend(**options)``: a backend object with the options parsed now (errors early)."""
-    return FxmemBackend(parse_options(options))
+    """``fxmem.backend(**options)``: a backend object with the options parsed now (errors early).
+
+    It compiles as ``backend="fxmem"`` does, AOTAutograd's cache included: a restarted run loads
+    its compiled step instead of partitioning again. A hit records nothing, so code that reads a
+    backend's recorder (explain, fit, fxmem's tests) builds a :class:`FxmemBackend` with a
+    recorder of its own (``fxmem.testing.recording_backend``), which partitions every time."""
+    return FxmemBackend(parse_options(options), autograd_cache=True)
 
 
 def fxmem_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: dict | None = None, mode: str | None = None) -> Callable:
     """The entry point registered as ``backend="fxmem"``."""
     if mode is not None:
         raise OptionError(f"fxmem takes no torch.compile mode (got mode={mode!r}); pass options={{...}} instead")
-    # nobody can read this backend's recorder, so AOTAutograd's cache may serve it (a restarted
-    # run then loads its compiled step as torch.compile's does, docs/architecture.md)
-    return FxmemBackend(parse_options(options), autograd_cache=True)(gm, example_inputs)
+    # AOTAutograd's cache may serve it, as it serves fxmem.backend() (docs/architecture.md)
+    return backend(**(options or {}))(gm, example_inputs)

@@ -10,7 +10,7 @@ import fxmem
 from fxmem.backend import FxmemBackend
 from fxmem.config import OptionError, parse_options
 from fxmem.pipeline import Recorder
-from fxmem.testing import SAMPLES, assert_equivalent, sample
+from fxmem.testing import SAMPLES, assert_equivalent, recording_backend, sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -222,7 +222,7 @@ def test_partition_knows_the_parameters_after_the_chunk_pass_rewrote_the_graph(c
     cfg = GPTConfig(n_layer=1, d_model=32, n_head=2, block_size=32, vocab_size=2048)
     model = GPT(cfg)
     idx, targets = example_batch(cfg, batch=2), example_batch(cfg, batch=2, seed=1)
-    be = fxmem.backend(codegen=codegen, remat={"budget": 0.5})
+    be = recording_backend(codegen=codegen, remat={"budget": 0.5})
     loss = torch.compile(model, backend=be)(idx, targets)[1]
     loss.backward()
     assert any(r.name == "chunk" and r.status == "changed" for r in be.recorder.records)

@@ -24,7 +24,7 @@ from fxmem.analysis.timeline import RUNTIME_RELEASES_TANGENTS
 from fxmem.codegen import releasing_call
 from fxmem.config import OptionError, parse_options
 from fxmem.measure import training_step_peak
-from fxmem.testing import sample
+from fxmem.testing import recording_backend, sample
 
 SAMPLES = ("mlp", "gpt_block_manual", "gpt_block_sdpa")
 BATCH = 16
@@ -49,7 +49,7 @@ class _Compiled:
             self.fn = torch.compile(self.model)
         else:
             options = {k: dict(v) if isinstance(v, tuple) else v for k, v in variant}
-            self.backend = fxmem.backend(**options)
+            self.backend = recording_backend(**options)
             self.fn = torch.compile(self.model, backend=self.backend)
         self.step()
         self.grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters()}
@@ -262,7 +262,7 @@ def test_a_second_compile_is_served_by_inductors_cache_and_still_partitions():
             torch._dynamo.reset()
             before = dict(counters["inductor"])
             model = copy.deepcopy(s.model).train()
-            backend = fxmem.backend(**options)
+            backend = recording_backend(**options)
             _loss(torch.compile(model, backend=backend)(x)).backward()
             cache = {k: counters["inductor"][k] - before.get(k, 0) for k in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
             runs.append((cache, backend.recorder, [p.grad for p in model.parameters()]))
@@ -282,8 +282,9 @@ def test_a_second_compile_is_served_by_inductors_cache_and_still_partitions():
 def test_backend_fxmem_is_loaded_from_autograds_cache_and_keyed_by_the_options():
     """``torch.compile(model, backend="fxmem")`` compiled again (a restarted run) loads the whole
     step from AOTAutograd's cache, as torch.compile does: no joint trace, no partition, no
-    Inductor. Other options (a budget) are another entry, not the old split. A backend object,
-    whose recorder explain and tests read, still partitions every time (the test above)."""
+    Inductor. So does a backend object with the same options (``fxmem.backend()``, the form the
+    usage docs show first). Other options (a budget) are another entry, not the old split. A
+    recording backend, whose recorder explain and tests read, still partitions every time."""
     import sys
     from unittest import mock
 
@@ -298,19 +299,26 @@ def test_backend_fxmem_is_loaded_from_autograds_cache_and_keyed_by_the_options()
     x = torch.randn(BATCH, *s.args[0].shape[1:], generator=torch.Generator().manual_seed(0))
     runs = []
     with fresh_cache(), inductor_config.patch(fx_graph_cache=True), functorch_config.patch(enable_autograd_cache=True):
-        for options in ({}, {}, {"remat": {"budget": 0.0}}):
+        compiles = (("fxmem", {}), ("fxmem", {}), ("fxmem", {"remat": {"budget": 0.0}}),
+                    (fxmem.backend(), None), (recording := recording_backend(), None))
+        for backend, options in compiles:
             torch._dynamo.reset()
             before = dict(counters["aot_autograd"])
             model = copy.deepcopy(s.model).train()
             with mock.patch.object(backend_module, "partition", wraps=backend_module.partition) as partitions:
-                _loss(torch.compile(model, backend="fxmem", options=options)(x)).backward()
+                _loss(torch.compile(model, backend=backend, options=options)(x)).backward()
             cache = {k: counters["aot_autograd"][k] - before.get(k, 0) for k in ("autograd_cache_hit", "autograd_cache_miss")}
             runs.append((cache, partitions.call_count, [p.grad for p in model.parameters()]))
-    (first, parts1, grads1), (second, parts2, grads2), (zero, parts0, grads0) = runs
+    (first, parts1, grads1), (second, parts2, grads2), (zero, parts0, grads0), *objects = runs
     assert (first, parts1) == ({"autograd_cache_hit": 0, "autograd_cache_miss": 1}, 1), (first, parts1)
     assert (second, parts2) == ({"autograd_cache_hit": 1, "autograd_cache_miss": 0}, 0), (second, parts2)
-    for a, b in zip(grads1, grads2):
+    (obj, parts_obj, grads_obj), (rec, parts_rec, grads_rec) = objects
+    assert (obj, parts_obj) == ({"autograd_cache_hit": 1, "autograd_cache_miss": 0}, 0), (obj, parts_obj)
+    assert (rec["autograd_cache_hit"], parts_rec, len(recording.recorder.partitions)) == (0, 1, 1), (rec, parts_rec)
+    for a, b, c, d in zip(grads1, grads2, grads_obj, grads_rec):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+        torch.testing.assert_close(a, c, atol=0, rtol=0)
+        torch.testing.assert_close(a, d, atol=0, rtol=0)
     assert (zero, parts0) == ({"autograd_cache_hit": 0, "autograd_cache_miss": 1}, 1), (zero, parts0)
     for a, b in zip(grads1, grads0):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -530,6 +530,7 @@ def test_weight_options_are_never_estimated_on_a_tensor_parallel_model():
 
     from torch.distributed.device_mesh import init_device_mesh
 
+    from fxmem.testing import recording_backend
     from fxmem.testing.scale import fake_rank
     from fxmem.testing.tp import TwoLayerMLP
 
@@ -541,7 +542,7 @@ def test_weight_options_are_never_estimated_on_a_tensor_parallel_model():
         for options, name, found in (({"prune": {"ratio": 0.5}}, "prune", "groups_found"),
                                      ({"int8": "weight_only"}, "int8", "layers")):
             torch._dynamo.reset()
-            backend = fxmem.backend(**options)
+            backend = recording_backend(**options)
             with torch.no_grad(), pytest.warns(UserWarning, match=rf"\['{name}'\] not applied to this inference "
                                                                   r"graph: its weights are tensor subclasses \(DTensor"):
                 torch.compile(sharded.eval(), backend=backend)(x)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fxmem
-from fxmem.testing import assert_equivalent
+from fxmem.testing import assert_equivalent, recording_backend
 from fxmem.testing.hf_zoo import ARCHITECTURES, build
 
 transformers = pytest.importorskip("transformers")
@@ -215,7 +215,7 @@ def test_the_estimate_is_within_10_percent_of_the_measured_peak_on_hf_causal_lms
     model.train()
     ids = torch.randint(0, vocab, (2, 128), generator=torch.Generator().manual_seed(0))
     torch._dynamo.reset()
-    backend = fxmem.backend()
+    backend = recording_backend()
     fn = torch.compile(model, backend=backend)
 
     def step():
@@ -248,7 +248,7 @@ def test_the_estimate_is_within_10_percent_on_the_zoo_models_it_once_missed(name
 
     case = build(name)
     torch._dynamo.reset()
-    backend = fxmem.backend()
+    backend = recording_backend()
     fn = torch.compile(case.model, backend=backend)
 
     def step():
@@ -285,7 +285,7 @@ def test_every_zoo_architecture_trains_like_eager(name):
     reference = copy.deepcopy(case.model)
     ref_loss = reference(**case.inputs).loss
     ref_loss.backward()
-    backend = fxmem.backend(codegen="eager")
+    backend = recording_backend(codegen="eager")
     torch._dynamo.reset()
     expected_warning = NOT_CHUNKED.get(name)
     with warnings.catch_warnings(record=True) as seen:

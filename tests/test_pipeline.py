@@ -7,7 +7,7 @@ import torch.fx as fx
 import fxmem
 from fxmem import pipeline
 from fxmem.pipeline import PassFailure, PassResult, PassSpec, Recorder, UnsupportedGraph, run_pipeline
-from fxmem.testing import sample
+from fxmem.testing import recording_backend, sample
 from fxmem.verify import VerificationError
 
 aten = torch.ops.aten
@@ -241,7 +241,7 @@ def test_a_failing_remat_falls_back_to_default_partition_with_a_warning(monkeypa
     _remat_refuses(monkeypatch)
     torch._dynamo.reset()
     s = sample("mlp")
-    be = fxmem.backend(remat=True)
+    be = recording_backend(remat=True)
     compiled = torch.compile(s.model, backend=be)
     with pytest.warns(UserWarning, match=r"pass 'remat'.*aten\.mm\.default.*default_partition was used instead"):
         out = compiled(*s.args)
@@ -278,7 +278,7 @@ def test_a_failing_remat_raises_under_strict_and_leaves_the_joint_graph_alone(mo
 def test_the_remat_report_row_is_made_by_the_runner():
     torch._dynamo.reset()
     s = sample("gpt_block_manual")
-    be = fxmem.backend(remat={"budget": 0.5})
+    be = recording_backend(remat={"budget": 0.5})
     torch.compile(s.model, backend=be)(*s.args).sum().backward()
     (row,) = [r for r in be.recorder.records if r.name == "remat"]
     (info,) = be.recorder.partitions

@@ -11,7 +11,7 @@ import fxmem
 from fxmem.analysis.timeline import step_timeline
 from fxmem.measure import training_step_peak
 from fxmem.passes import remat
-from fxmem.testing import sample
+from fxmem.testing import recording_backend, sample
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_saved_tensors_are_alive_at_the_end_of_the_forward():
 def test_estimate_matches_measured_peak_op_by_op(name):
     s = sample(name)
     model = s.model.train()
-    backend = fxmem.backend(codegen="eager")
+    backend = recording_backend(codegen="eager")
     fn = torch.compile(model, backend=backend)
 
     def step():
@@ -306,7 +306,7 @@ def test_the_estimate_follows_whether_the_caller_holds_or_drops_the_logits():
     torch.manual_seed(0)
     model = _LossAndLogits().train()
     x, labels = torch.randn(256, 32), torch.randint(0, 1024, (256,))
-    backend = fxmem.backend(codegen="eager")
+    backend = recording_backend(codegen="eager")
     fn = torch.compile(model, backend=backend)
 
     def step(hold: bool):

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fxmem
 from fxmem.kernels import linear_ce, logits_output  # noqa: F401  (registers the ops)
+from fxmem.testing import recording_backend
 
 transformers = pytest.importorskip("transformers")
 
@@ -104,7 +104,7 @@ def llama_and_compiled():
                                    num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32,
                                    attn_implementation="sdpa")
     model = transformers.LlamaForCausalLM(cfg)
-    backend = fxmem.backend(chunk={"chunk_tokens": 8})
+    backend = recording_backend(chunk={"chunk_tokens": 8})
     return model, torch.compile(model, backend=backend), backend
 
 

@@ -13,6 +13,7 @@ import fxmem
 from fxmem.config import ChunkConfig
 from fxmem.measure import peak_memory
 from fxmem.passes.chunk import chunk
+from fxmem.testing import recording_backend
 
 transformers = pytest.importorskip("transformers")
 
@@ -66,7 +67,7 @@ def check_against_eager(step, model, *args, options=None, floor=0.0):
     float noise in eager and in fxmem alike).
     """
     want_loss, want_grads = _run(step, model, *args)
-    backend = fxmem.backend(**(options or {}))
+    backend = recording_backend(**(options or {}))
     got_loss, got_grads = _run(torch.compile(step, backend=backend), model, *args)
     assert _rel(got_loss, want_loss) <= 1e-5
     assert got_grads.keys() == want_grads.keys()
@@ -501,7 +502,7 @@ def test_an_evaluation_loss_and_the_mlp_are_chunked_under_no_grad():
         peaks, codes = {}, {}
         for name, chunk in (("chunked", {"mlp": True}), ("whole", False)):
             torch._dynamo.reset()
-            backend = fxmem.backend(chunk=chunk)
+            backend = recording_backend(chunk=chunk)
             compiled = torch.compile(step, backend=backend)
             got = compiled(ids, ids)
             assert _rel(got, want) <= 1e-5, name
@@ -542,7 +543,7 @@ def test_inference_weight_passes_are_not_combined_with_chunking_and_say_so():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256)).eval()
     x = torch.randn(64, 256)
-    backend = fxmem.backend(chunk={"mlp": True}, int8="weight_only", codegen="eager")
+    backend = recording_backend(chunk={"mlp": True}, int8="weight_only", codegen="eager")
     with torch.no_grad(), pytest.warns(UserWarning, match=r"chunk is not applied .*\['int8'\]"):
         out = torch.compile(model, backend=backend)(x)
     statuses = {r.name: r.status for r in backend.recorder.records}

@@ -16,7 +16,7 @@ from fxmem.kernels import int8_matmul
 from fxmem.kernels import int8_matmul as k8
 from fxmem.passes.base import PassContext, UnsupportedGraph
 from fxmem.passes.int8 import quantize_int8
-from fxmem.testing import SAMPLES, sample
+from fxmem.testing import SAMPLES, recording_backend, sample
 from fxmem.testing.strategies import random_programs
 
 INT8_LINEAR = torch.ops.fxmem.int8_linear.default
@@ -438,7 +438,7 @@ def test_hf_gpt2_sdpa_through_the_backend():
                      attn_implementation="sdpa")
     model = GPT2LMHeadModel(cfg).eval()
     ids = torch.randint(0, 128, (1, 8))
-    backend = fxmem.backend(int8="weight_only", strict=True)
+    backend = recording_backend(int8="weight_only", strict=True)
     compiled = torch.compile(model, backend=backend)
     with torch.no_grad():
         assert rel_err(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits) < REL_TOL

@@ -18,7 +18,7 @@ from fxmem.analysis import measure_saved_bytes, saved_activation_bytes, storage_
 from fxmem.analysis.sizes import PARAM_META_KEY
 from fxmem.passes import remat
 from fxmem.passes._flow import INF
-from fxmem.testing import SAMPLES, assert_equivalent, sample
+from fxmem.testing import SAMPLES, assert_equivalent, recording_backend, sample
 from fxmem.testing.strategies import random_graphs
 
 CONFIGS = [remat.RematConfig(), remat.RematConfig(budget=1.0), remat.RematConfig(budget=0.5), remat.RematConfig(budget=0.0)]
@@ -102,7 +102,7 @@ def test_every_sample_bitwise_at_every_budget(name):
                                           ("dropout_mlp", {"budget": 0.0})])
 def test_training_through_torch_compile(name, options):
     s = sample(name)
-    be = fxmem.backend(remat=options, codegen="eager")  # the partition is the subject; test_codegen covers Inductor
+    be = recording_backend(remat=options, codegen="eager")  # the partition is the subject; test_codegen covers Inductor
     compiled = torch.compile(s.model, backend=be)
     assert_equivalent(s.model, compiled, s.args, s.kwargs)
     (info,) = be.recorder.partitions
@@ -126,7 +126,7 @@ def test_saved_bytes_measured_from_outside():
     for options in (False, True):
         torch._dynamo.reset()
         s = sample("gpt_block_manual")
-        be = fxmem.backend(remat=options, codegen="eager")  # the partition is the subject; test_codegen covers Inductor
+        be = recording_backend(remat=options, codegen="eager")  # the partition is the subject; test_codegen covers Inductor
         compiled = torch.compile(s.model, backend=be)
         compiled(*s.args)  # compile outside the hooks
         m = measure_saved_bytes(lambda: compiled(*s.args), [*s.model.parameters(), *s.model.buffers()])
@@ -464,6 +464,6 @@ def test_hf_models_train_with_remat(name, attn):
     ids = torch.randint(0, 100, (2, 16))
     for options in (True, {"budget": 0.0}):
         torch._dynamo.reset()
-        be = fxmem.backend(remat=options, codegen="eager")  # the partition is the subject; test_codegen covers Inductor
+        be = recording_backend(remat=options, codegen="eager")  # the partition is the subject; test_codegen covers Inductor
         assert_equivalent(_Logits(model), _Logits(torch.compile(model, backend=be)), (ids,), atol=1e-5, rtol=1e-4)
         assert all(p["saved_bytes"] < p["eager_saved_bytes"] for p in be.recorder.partitions)
