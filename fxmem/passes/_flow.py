@@ -18,8 +18,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import breadth_first_order, maximum_flow
 
 INF = math.inf
 SOURCE, SINK = 0, 1
@@ -59,6 +57,11 @@ class Cut:
 
 def min_cut(net: FlowNetwork) -> Cut:
     """The minimum s-t cut with the largest source side (see the module docstring)."""
+    # imported here: scipy takes ~0.3 s to import, and a compile that AOTAutograd's cache serves
+    # (a restarted run) imports fxmem's backend without ever cutting a graph
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import breadth_first_order, maximum_flow
+
     caps = np.asarray(net.caps, dtype=np.float64)
     tails = np.asarray(net.tails, dtype=np.int64)
     heads = np.asarray(net.heads, dtype=np.int64)
