@@ -28,9 +28,9 @@ def run(script: str, args: list[str], env: dict[str, str]) -> tuple[Any | None, 
     return (None if line is None else json.loads(line[len(MARK):])), proc.stderr
 
 
-def run_each(script: str, names: list[str], child_args, results: dict, out: str, describe,
+def run_each(script: str, names: list[str], child_args: list[str], results: dict, out: str, describe,
              threads: str, cache_prefix: str) -> None:
-    """In the parent: one child per name (``python script --child NAME *child_args(NAME)``), each
+    """In the parent: one child per name (``python script --child NAME *child_args``), each
     with ``threads`` threads and a fresh Inductor cache directory; its report (or its error) is
     appended to ``results["archs"]`` and ``results`` written to ``out`` after every child, so a
     run cut short keeps what it measured. ``describe(entry)`` prints a measured entry."""
@@ -38,7 +38,7 @@ def run_each(script: str, names: list[str], child_args, results: dict, out: str,
 
     for name in names:
         env = dict(os.environ, OMP_NUM_THREADS=threads, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix=cache_prefix))
-        entry, stderr = run(script, ["--child", name, *child_args(name)], env)
+        entry, stderr = run(script, ["--child", name, *child_args], env)
         if entry is None:
             entry = {"arch": name, "error": stderr[-3000:]}
             print(f"{name:11s} FAILED: {stderr[-400:]}", flush=True)

@@ -82,6 +82,7 @@ def main() -> None:
     threads = os.environ.get("OMP_NUM_THREADS", "1")
     results = {"question": __doc__.splitlines()[0], "device": f"cpu: {platform.machine()}, {threads} threads",
                "torch": torch.__version__, "archs": []}
+
     def describe(entry: dict) -> None:
         name = entry["arch"]
         for r in entry["rows"]:
@@ -94,7 +95,8 @@ def main() -> None:
                   f"(meas held {r['held']['measured'] / 2**20:.1f} MiB, dropped {r['dropped']['measured'] / 2**20:.1f})",
                   flush=True)
 
-    _child.run_each(__file__, opts.archs, lambda name: [], results, opts.out, describe, threads, "fxmem-fit-")
+    _child.run_each(__file__, opts.archs, [], results, opts.out, describe, threads, "fxmem-fit-")
+
 
 if __name__ == "__main__":
     main()

@@ -104,8 +104,9 @@ def main() -> None:
               f"(held {fx.get('estimate_vs_measured_outputs_held', 0):.2f})",
               flush=True)
 
-    _child.run_each(__file__, opts.archs, lambda name: ["--steps", str(opts.steps)], results, opts.out, describe,
-                    threads, "fxmem-zoo-")
+    _child.run_each(__file__, opts.archs, ["--steps", str(opts.steps)], results, opts.out, describe, threads,
+                    "fxmem-zoo-")
+
 
 if __name__ == "__main__":
     main()

@@ -106,10 +106,10 @@ def main() -> None:
                      "fxmem_custom_ops": custom, "rounds_us": [t * 1e6 for t in times[name]]})
         print(f"{name:20s} {median * 1e6:8.0f} us  {median / base:5.2f}x torch.compile  "
               f"{calls:4d} ATen calls  {custom}", flush=True)
-    results = {"question": __doc__.splitlines()[0], "device": f"{device.type}: {platform.machine()}, "
-               f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device),
-               "torch": torch.__version__, "model": "HF Llama, 2 layers, d 32, vocab 256, B 1 x T 8, labels inside",
-               "rows": rows}
+    where = (f"cpu: {platform.machine()}, {torch.get_num_threads()} threads" if device.type == "cpu"
+             else torch.cuda.get_device_name(device))
+    results = {"question": __doc__.splitlines()[0], "device": where, "torch": torch.__version__,
+               "model": "HF Llama, 2 layers, d 32, vocab 256, B 1 x T 8, labels inside", "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(results, f, indent=2)

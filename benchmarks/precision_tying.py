@@ -32,9 +32,7 @@ import warnings
 import torch
 
 from fxmem.analysis.sizes import module_parameter_bytes
-from fxmem.backend import FxmemBackend
-from fxmem.config import parse_options
-from fxmem.pipeline import Recorder
+from fxmem.testing import recording_backend
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -71,11 +69,12 @@ def rel_err(out, ref) -> float:
 
 
 def run_fxmem(model, name, ids, options):
-    rec = Recorder()
+    backend = recording_backend(strict=True, **options)
+    rec = backend.recorder
     torch._dynamo.reset()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = call(torch.compile(model, backend=FxmemBackend(parse_options(strict=True, **options), rec)), name, ids)
+        out = call(torch.compile(model, backend=backend), name, ids)
     torch._dynamo.reset()
     last = [r for r in rec.records if r.stage == "inference"][-1]
     return out, last.param_bytes, rec
@@ -128,7 +127,7 @@ def training_row():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         gauto = grads(auto, lambda i: call(auto, "gpt2", i))
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=FxmemBackend(parse_options(precision="bf16", strict=True), Recorder()))
+    compiled = torch.compile(model, backend=recording_backend(precision="bf16", strict=True))
     gfx = grads(model, lambda i: call(compiled, "gpt2", i))
     torch._dynamo.reset()
     scale = max(float(g.abs().max()) for g in g32)

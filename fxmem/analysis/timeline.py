@@ -270,6 +270,10 @@ _INDEXED_LOADS = frozenset({"gather", "index", "_unsafe_index", "index_select", 
 ``Pointwise.create``): an unrealized pointwise input is computed at the gathered positions only."""
 
 
+_INLINING_READERS = _SCATTERS | _INDEXED_LOADS
+"""Kernels that are not pointwise themselves but compute a pointwise input inside their own loop."""
+
+
 _GENERATORS = frozenset({"full", "scalar_tensor", "iota", "arange", "zeros", "ones", "full_like", "zeros_like",
                          "ones_like"})
 """Ops Inductor lowers to a constant or an index expression: a kernel that reads them loads nothing."""
@@ -326,7 +330,7 @@ def _fused_away(gm: fx.GraphModule, keep: set, *, into_reductions: bool = False)
     every layer, and the first matmul's output would live until the embedding's scatter.
     """
     def fuses(user: fx.Node) -> bool:
-        return _pointwise(user) or (into_reductions and (_reduction(user) or _opname(user) in _SCATTERS | _INDEXED_LOADS))
+        return _pointwise(user) or (into_reductions and (_reduction(user) or _opname(user) in _INLINING_READERS))
 
     devices = {v.device.type for n in gm.graph.nodes if isinstance(v := n.meta.get("val"), torch.Tensor)}
     limits = _InlineLimits.of_inductor(cpu=devices <= {"cpu"})

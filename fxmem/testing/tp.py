@@ -273,13 +273,12 @@ def _compiled(model, plan, mesh, args, reference) -> dict:
     # what explain(mode="training") records, through its backend and recorder (explain itself
     # stops at module_parameter_bytes, which reads storages a DTensor parameter does not have):
     # the "shard" pass lists the collectives of each compiled graph
-    from fxmem.backend import FxmemBackend
-    from fxmem.config import parse_options
-    from fxmem.pipeline import Recorder
+    from fxmem.testing.recording import recording_backend
 
-    recorder = Recorder()
+    backend = recording_backend()
+    recorder = backend.recorder
     torch._dynamo.reset()  # a fresh compile, so that this backend (not a cached graph) runs
-    again = torch.compile(fxmem.shard.apply(copy.deepcopy(model), plan, mesh), backend=FxmemBackend(parse_options({}), recorder))
+    again = torch.compile(fxmem.shard.apply(copy.deepcopy(model), plan, mesh), backend=backend)
     _logits(again(*args)).float().pow(2).mean().backward()
     shard_stats: dict[str, dict[str, int]] = {}
     for r in recorder.records:
