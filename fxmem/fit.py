@@ -55,6 +55,7 @@ import torch.fx as fx
 
 from fxmem.analysis.cost import graph_cost
 from fxmem.analysis.timeline import step_timeline
+from fxmem.analysis.workspace import cpu_matmul_widens
 from fxmem.config import FxmemConfig, parse_options
 from fxmem.measure import training_loss
 from fxmem.passes.base import copy_graph
@@ -767,7 +768,7 @@ def _estimate_inference_trace(gm: fx.GraphModule, device_inputs: list, params: M
     from torch._inductor.decomposition import select_decomp_table
 
     from fxmem.analysis.saved import forward_outputs
-    from fxmem.analysis.sizes import PARAM_META_KEY, local_sizes, node_bytes, unique_storage_bytes
+    from fxmem.analysis.sizes import PARAM_META_KEY, local_sizes, node_bytes, storage_root, unique_storage_bytes
     from fxmem.backend import DECOMPOSITIONS
 
     def compiler(aten_gm: fx.GraphModule, _args):
@@ -799,7 +800,9 @@ def _estimate_inference_trace(gm: fx.GraphModule, device_inputs: list, params: M
             if weight is not None and node.name in live_after:
                 linears.append((live_after[node.name], node_bytes(node), tuple(weight.meta["val"].shape)))
         floats = {n for n in outputs if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].is_floating_point()}
-        end = timeline.points[-1][2] if timeline.points else timeline.input_bytes
+        # when the graph returns: its inputs and outputs (a point is marked where its node runs,
+        # before that node's dead inputs are freed, so the last point is not the end)
+        end = timeline.input_bytes + unique_storage_bytes(n for n in outputs if storage_root(n).op != "placeholder")
         peak = _peak_with_collectives(timeline, local.transients if local is not None else None)
         sink.setdefault("_graphs", []).append(_InferenceGraph(peak, timeline.input_bytes, linears, end,
                                                               unique_storage_bytes(floats)))
@@ -929,10 +932,10 @@ def _inference_activations(graphs: list[_InferenceGraph], options: Mapping[str, 
         acts = peak - g.input_bytes
         if low:
             acts = max(acts // 2, (g.end - g.input_bytes - g.outputs) // 2 + g.outputs // 2 + g.outputs)
-            if device.type == "cpu":
-                # ATen's bf16 / fp16 matmul on the CPU accumulates into an fp32 [M, N] buffer beside
-                # its low-precision output (measured: MiniLM's [8192, 1536] addmm holds 48 MiB more
-                # than its 24 MiB output; a CPU with native bf16 may not — then this is high)
+            if device.type == "cpu" and cpu_matmul_widens(parse_options(dict(options)).precision.dtype):
+                # ATen's bf16 matmul on a CPU without native bf16 accumulates into an fp32 [M, N]
+                # buffer beside its low-precision output (measured: MiniLM's [8192, 1536] addmm holds
+                # 48 MiB more than its 24 MiB output; on a CPU with AVX-512 BF16 it does not)
                 acts = max([acts] + [(live - g.input_bytes) // 2 + out for live, out, _ in g.linears])
         total += acts
     return total

@@ -18,6 +18,20 @@ import torch
 import torch.fx as fx
 
 
+def cpu_matmul_widens(dtype: torch.dtype) -> bool:
+    """ATen's CPU matmul in ``dtype`` writes an fp32 ``[M, N]`` result first and rounds it into its
+    output: one fp32 buffer of the output's size more, for the matmul's duration.
+
+    bf16 does where oneDNN has no bf16 kernel for this CPU (no AVX-512 BF16 / AMX): ATen then goes
+    through MKL's bf16 GEMM, which accumulates into fp32. Measured with torch 2.13: a
+    ``[128, 32] × [32, 4096]`` bf16 ``F.linear`` peaks at its output plus 2 MiB of fp32 on the earlier
+    development and CI machines (``tests/kernels/test_linear_ce.py`` held it there), at its output
+    plus oneDNN's packing scratch (37 KiB) on an AMD EPYC with AVX-512 BF16, where
+    ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is true. fp16 measured there at its output alone.
+    """
+    return dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def op_workspace(node: fx.Node, copies: bool = True) -> int:
     """Bytes an op allocates inside itself, beyond its outputs (what the graph does not show).
 

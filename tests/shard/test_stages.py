@@ -19,6 +19,7 @@ all-reduces of the Megatron pairs it holds, no more.
 """
 
 import pytest
+import torch
 
 import fxmem
 from fxmem.testing import scale, tp
@@ -296,9 +297,13 @@ def test_two_stages_each_fsdp2_over_two_dp_ranks_equal_one_process():
         assert r["max_param_error_clear"] <= 1e-5, r
         assert r["noisy_share"] <= 0.3, r
         assert r["shard_bytes"] == r["plan_shard_bytes"], r
-    for rows in (fp32, bf16):
+    # where oneDNN runs the CPU's bf16 matmuls (AVX-512 BF16), each packs its operands in a scratch
+    # the plan does not count either: up to 0.6 MB at large shapes, 9-34 KiB at these (measured)
+    onednn_scratch = 64 * 1024 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 0
+    for rows, scratch in ((fp32, 0), (bf16, onednn_scratch)):
         plans = {r["stage"]: r["plan_bytes"] for r in rows}
         for stage, peak in _stage_peaks(rows).items():
-            assert plans[stage] <= peak <= 1.10 * plans[stage], (rows[0]["precision"], stage, peak, plans[stage])
+            assert plans[stage] <= peak <= 1.10 * plans[stage] + scratch, (rows[0]["precision"], stage, peak,
+                                                                          plans[stage])
     # bf16 gathers parameters and keeps activations at half the bytes: a smaller per-rank peak
     assert all(b["plan_bytes"] < f["plan_bytes"] for b, f in zip(bf16, fp32))
