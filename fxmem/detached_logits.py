@@ -24,7 +24,7 @@ Before (the Dynamo graph after the chunk pass)::
 
 After::
 
-    logits = fxmem.output_linear(hidden.detach(), W.detach(), None)   # no gradient path
+    logits = aten.linear(hidden.detach(), W.detach(), None)    # no gradient path (soft-capped: output_linear)
     lce = ...                                                  # unchanged: logits read as values
     return (loss, logits, hidden)                              # the caller sees (loss, LinearOutput(logits, hidden, W))
 
@@ -93,7 +93,13 @@ def detach_logits_outputs(gm: fx.GraphModule) -> list[Reattach]:
         for d, a in zip(detached, (hidden, weight, bias)):
             if d is not None:
                 d.meta.update({k: v for k, v in a.meta.items() if k in ("example_value", "val", "stack_trace")})
-        node.args = (*detached, *softcap)
+        if softcap:
+            node.args = (*detached, *softcap)
+        else:
+            # no gradient path left, so nothing needs the custom op's backward: a plain linear,
+            # which Inductor lowers to its own matmul call (one dispatcher and Python layer less
+            # per step than a custom op: host time that a small model's GPU step waits on)
+            node.target, node.args = torch.ops.aten.linear.default, tuple(detached)
         plan.append(Reattach(i, len(values), position[weight], None if bias is None else position[bias],
                              float(softcap[0]) if softcap else 0.0))
         values.append(hidden)

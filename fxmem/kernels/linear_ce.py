@@ -49,6 +49,7 @@ from torch import Tensor
 from torch.utils import flop_counter
 
 from fxmem.analysis.cost import register_internal_bytes
+from fxmem.analysis.workspace import cpu_matmul_widens
 from fxmem.kernels import linear_ce_triton
 
 REDUCTIONS = ("mean", "sum")
@@ -95,32 +96,60 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
     and already soft-capped when ``softcap`` is set: the model's output) replaces each chunk's
     ``linear``: the loop then reads them instead of multiplying again (and never writes them).
     ``use_kernel``: each chunk's softmax and gradient by the Triton kernel
-    (:mod:`fxmem.kernels.linear_ce_triton`) instead of ATen ops — ``None``: on CUDA tensors."""
+    (:mod:`fxmem.kernels.linear_ce_triton`) instead of ATen ops — ``None``: on CUDA tensors.
+
+    Host time: a small model's step waits on the host, and every ATen call here costs a few µs of
+    it (a launch on a GPU). What depends on the row alone — the safe target, the row's weight in
+    the gradient, the ``scatter_add_`` source, the weight in the gradient's dtype — is computed once
+    for all ``N`` rows before the loop (``[N]`` vectors, no ``[N, V]`` one); each chunk writes its
+    row losses into one ``[N]`` buffer, summed once at the end; a single chunk takes no slices.
+    """
     n, d = hidden.shape
     vocab = weight.shape[0]
-    out_dtype = torch.float32 if upcast else torch.promote_types(hidden.dtype, weight.dtype)
+    same = hidden.dtype == weight.dtype  # torch.promote_types is a dispatcher call: skipped when it is not needed
+    out_dtype = torch.float32 if upcast else (hidden.dtype if same else torch.promote_types(hidden.dtype, weight.dtype))
     compute_dtype = torch.float32 if upcast else (logits.dtype if logits is not None else out_dtype)
     chunk = chunk_tokens if chunk_tokens > 0 else auto_chunk_tokens(n, vocab, d)
-    valid = target != ignore_index
-    count = valid.sum()
+    device = hidden.device
+    targets = target.unsqueeze(1)  # [N, 1]: the shape of a row reduction with keepdim
+    valid = targets != ignore_index
     # mean: each kept row weighs 1/count (a 0-dim tensor: no host sync, NaN when count == 0)
-    row_scale = (1.0 / count.to(torch.float32)) if reduction == "mean" else torch.ones((), dtype=torch.float32, device=hidden.device)
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    row_scale = (valid.sum(dtype=torch.float32).reciprocal() if reduction == "mean"
+                 else torch.ones((), dtype=torch.float32, device=device))
+    row_losses = torch.empty(n, 1, dtype=torch.float32, device=device)  # [N, 1], the shape a row reduction keeps
     grad_h = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else weight.new_empty(0)
     need_bias = need_bias and bias is not None
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_bias else weight.new_empty(0)
     any_grad = need_hidden or need_weight or need_bias
     full_logits = logits
+    kernel = use_kernel if use_kernel is not None else (
+        hidden.is_cuda and linear_ce_triton.triton is not None and (full_logits is None or full_logits.stride(1) == 1))
+    if not kernel:  # what the ATen path needs of each row, for all rows at once
+        # an ignored row's target reads column 0 (its loss is masked out); any other stays as it
+        # is, so that one out of range still fails in the gather
+        safe_targets = targets * valid
+        if any_grad:
+            # d loss / d logits of a row is scaled by its weight: 1/count (mean) or 1, 0 when ignored
+            row_weights = torch.where(valid, row_scale, 0.0)
+            row_weights = row_weights if compute_dtype == torch.float32 else row_weights.to(compute_dtype)
+            onehot_step = torch.full((min(chunk, n), 1), -(1.0 - label_smoothing), dtype=compute_dtype, device=device)
+    grad_dtype = hidden.dtype
+    weight_for_grad = weight.to(grad_dtype) if need_hidden and weight.dtype != grad_dtype else weight
 
-    def chunk_loss(start: int, stop: int) -> Tensor:
-        """Rows ``start:stop``: their summed (scaled) loss; their share of the gradients goes into
-        ``grad_h``, ``grad_w``, ``grad_b``. A call of its own, so that the chunk's ``[chunk, V]``
+    def chunk_loss(start: int, stop: int) -> None:
+        """Rows ``start:stop``: their losses go into ``row_losses``, their share of the gradients
+        into ``grad_h``, ``grad_w``, ``grad_b``. A call of its own, so that the chunk's ``[chunk, V]``
         buffer is freed when it returns, before the next chunk's is allocated (a loop body's
         locals would hold it until reassigned — two chunks alive at once, measured: 62.5 MiB of
         workspace instead of 31.25 at 256 × 32k)."""
-        h = hidden[start:stop]
-        logits = torch.nn.functional.linear(h, weight, bias) if full_logits is None else full_logits[start:stop]
+        whole = start == 0 and stop == n
+
+        def rows(t: Tensor) -> Tensor:
+            return t if whole else t[start:stop]
+
+        h = rows(hidden)
+        logits = torch.nn.functional.linear(h, weight, bias) if full_logits is None else rows(full_logits)
         capped = None  # 1 - tanh(z / c)², the soft-cap's derivative, in the compute dtype
         if softcap and full_logits is None:
             logits = logits.div_(softcap).tanh_()
@@ -128,58 +157,57 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
             logits = logits.mul_(softcap)
         elif softcap and any_grad:  # given: they are c·tanh(z / c) already
             capped = one_minus_square(logits, softcap, compute_dtype)
-        if upcast:
+        if upcast and logits.dtype != torch.float32:
             logits = logits.float()
-        t = target[start:stop]
         # the chunk's logits are ours to overwrite unless they are a slice of logits given to us
         owned = full_logits is None or logits.untyped_storage().data_ptr() != full_logits.untyped_storage().data_ptr()
-        if use_kernel if use_kernel is not None else (hidden.is_cuda and linear_ce_triton.can_run(logits)):
+        if kernel:
             # one Triton program per row: row losses, and the logits overwritten by their gradient
             logits = logits if owned else logits.clone()
-            total = linear_ce_triton.cross_entropy_rows_(logits, t, row_scale, ignore_index, label_smoothing).sum()
-            if capped is not None:
-                logits.mul_(capped)
-            if any_grad:
-                _accumulate(logits.to(hidden.dtype), h, weight, grad_h, grad_w, grad_b, start, stop,
-                            need_hidden, need_weight, need_bias)
-            return total
-        keep = valid[start:stop]
-        safe_t = torch.where(keep, t, torch.zeros_like(t)).unsqueeze(1)
-        # what the loss needs of the logits themselves is read first, so that the exp can then be
-        # taken in place: one [chunk, V] buffer per chunk, not two (the logits and their exp)
-        row = -(1.0 - label_smoothing) * logits.gather(1, safe_t).squeeze(1)
-        if label_smoothing:
-            row = row - (label_smoothing / vocab) * logits.sum(dim=1)
-        # one exp pass serves the log-sum-exp and the softmax
-        peak = logits.amax(dim=1, keepdim=True)
-        probs = (logits.sub_(peak) if owned else logits - peak).exp_()
-        del logits
-        sums = probs.sum(dim=1, keepdim=True)
-        row = row + (peak + sums.log()).squeeze(1)
-        total = torch.where(keep, row, torch.zeros_like(row)).float().sum()
+            linear_ce_triton.cross_entropy_rows_(logits, rows(target), row_scale, ignore_index, label_smoothing,
+                                                 out=rows(row_losses))
+            dlogits = logits
+        else:
+            t = rows(safe_targets)
+            # what the loss needs of the logits themselves is read first, so that the exp can then be
+            # taken in place: one [chunk, V] buffer per chunk, not two (the logits and their exp)
+            picked = logits.gather(1, t)
+            smooth = logits.sum(dim=1, keepdim=True) if label_smoothing else None
+            # one exp pass serves the log-sum-exp and the softmax
+            peak = logits.amax(dim=1, keepdim=True)
+            probs = (logits.sub_(peak) if owned else logits - peak).exp_()
+            del logits
+            sums = probs.sum(dim=1, keepdim=True)
+            # loss = lse - (1 - eps) x[t] - eps / V Σx, ignored rows included (masked at the end)
+            loss_rows = torch.sub(sums.log().add_(peak), picked, alpha=1.0 - label_smoothing, out=rows(row_losses))
+            if smooth is not None:
+                loss_rows.sub_(smooth, alpha=label_smoothing / vocab)
+            if not any_grad:
+                return
+            # d loss / d logits = softmax - (1 - eps) onehot - eps / V, times the row's weight
+            dlogits = probs.div_(sums)
+            dlogits.scatter_add_(1, t, onehot_step if stop - start == onehot_step.shape[0] else onehot_step[:stop - start])
+            if label_smoothing:
+                dlogits.sub_(label_smoothing / vocab)
+            dlogits.mul_(rows(row_weights))
         if not any_grad:
-            return total
-        # d loss / d logits = softmax - (1 - eps) onehot - eps / V, zero on ignored rows, times 1/count
-        dlogits = probs.div_(sums)
-        dlogits.scatter_add_(1, safe_t, torch.full_like(safe_t, -(1.0 - label_smoothing), dtype=dlogits.dtype))
-        if label_smoothing:
-            dlogits.sub_(label_smoothing / vocab)
-        scale = torch.where(keep, row_scale, torch.zeros((), dtype=torch.float32, device=hidden.device))
-        dlogits.mul_(scale.to(dlogits.dtype).unsqueeze(1))
+            return
         if capped is not None:
             dlogits.mul_(capped)
-        _accumulate(dlogits.to(hidden.dtype), h, weight, grad_h, grad_w, grad_b, start, stop,
+        if dlogits.dtype != grad_dtype:
+            dlogits = dlogits.to(grad_dtype)
+        _accumulate(dlogits, h, weight_for_grad, rows(grad_h) if need_hidden else grad_h, grad_w, grad_b,
                     need_hidden, need_weight, need_bias)
-        return total
 
     for start in range(0, n, chunk):
-        total = total + chunk_loss(start, min(start + chunk, n))
+        chunk_loss(start, min(start + chunk, n))
+    total = torch.where(valid, row_losses, 0.0).sum()
     loss = total * row_scale if reduction == "mean" else total
-    if need_weight:
+    if need_weight and grad_w.dtype != weight.dtype:
         grad_w = grad_w.to(weight.dtype)
-    if grad_b.numel():
+    if grad_b.numel() and grad_b.dtype != bias.dtype:
         grad_b = grad_b.to(bias.dtype)
-    return loss.to(out_dtype), grad_h, grad_w, grad_b
+    return (loss if loss.dtype == out_dtype else loss.to(out_dtype)), grad_h, grad_w, grad_b
 
 
 def one_minus_square(values: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
@@ -215,9 +243,10 @@ def workspace_bytes(chunk: int, vocab: int, d: int, *, hidden_dtype: torch.dtype
     logits_dtype = torch.promote_types(hidden_dtype, weight_dtype)
     compute_dtype = torch.float32 if upcast else logits_dtype
     per_element = compute_dtype.itemsize
-    if logits_dtype != torch.float32 and not logits_given and (on_cpu or compute_dtype != logits_dtype):
-        # our own logits beside an fp32 copy for a moment: their upcast, or (on the CPU) the fp32
-        # result ATen's bf16/fp16 matmul accumulates into before it rounds into the output
+    widens = on_cpu and cpu_matmul_widens(logits_dtype)
+    if logits_dtype != torch.float32 and not logits_given and (widens or compute_dtype != logits_dtype):
+        # our own logits beside an fp32 copy for a moment: their upcast, or (on a CPU whose bf16
+        # matmul widens) the fp32 result ATen accumulates into before it rounds into the output
         per_element = logits_dtype.itemsize + f32
     extra_rows = 0
     if need_grad:
@@ -233,12 +262,13 @@ def workspace_bytes(chunk: int, vocab: int, d: int, *, hidden_dtype: torch.dtype
     return chunk * vocab * per_element + extra_rows + accumulators
 
 
-def _accumulate(dlogits: Tensor, h: Tensor, weight: Tensor, grad_h: Tensor, grad_w: Tensor, grad_b: Tensor,
-                start: int, stop: int, need_hidden: bool, need_weight: bool, need_bias: bool) -> None:
-    """A chunk's share of the gradients: ``dlogits @ W`` into its rows of ``grad_h``; ``dlogits.T @ h``
-    and ``Σ dlogits`` added to ``grad_w`` and ``grad_b`` (fp32)."""
+def _accumulate(dlogits: Tensor, h: Tensor, weight: Tensor, grad_h_rows: Tensor, grad_w: Tensor, grad_b: Tensor,
+                need_hidden: bool, need_weight: bool, need_bias: bool) -> None:
+    """A chunk's share of the gradients: ``dlogits @ W`` into its rows of ``grad_h`` (``weight``
+    already in ``dlogits``' dtype); ``dlogits.T @ h`` and ``Σ dlogits`` added to ``grad_w`` and
+    ``grad_b`` (fp32)."""
     if need_hidden:  # written into its rows: no [chunk, d] temporary and copy
-        torch.mm(dlogits, weight.to(dlogits.dtype), out=grad_h[start:stop])
+        torch.mm(dlogits, weight, out=grad_h_rows)
     if need_weight:
         grad_w.addmm_(dlogits.t().float() if dlogits.dtype != torch.float32 else dlogits.t(),
                       h.float() if h.dtype != torch.float32 else h)

@@ -90,15 +90,20 @@ def can_run(logits: Tensor) -> bool:
 
 
 def cross_entropy_rows_(logits: Tensor, target: Tensor, row_scale: Tensor, ignore_index: int,
-                        label_smoothing: float) -> Tensor:
-    """Row losses ``[rows]`` (fp32, 0 where ignored); ``logits`` is overwritten with the gradient of
+                        label_smoothing: float, out: Tensor | None = None) -> Tensor:
+    """Row losses ``[rows]`` (fp32, 0 where ignored; written into ``out``, fp32 and contiguous with
+    ``rows`` elements, when given); ``logits`` is overwritten with the gradient of
     ``Σ scale·loss_row`` (``row_scale``: a 0-dim tensor, ``1/count`` or 1)."""
     rows, vocab = logits.shape
-    loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    loss = torch.empty(rows, dtype=torch.float32, device=logits.device) if out is None else out
+    if out is not None and (out.dtype != torch.float32 or out.numel() != rows or not out.is_contiguous()):
+        raise ValueError(f"cross_entropy_rows_: out {out.dtype} {tuple(out.shape)}; accepted: a contiguous "
+                         f"float32 tensor of {rows} elements")
     if rows == 0:
         return loss
     block = min(4096 if logits.is_cuda else 64, triton.next_power_of_2(vocab))
     kernel = interpreter.jit(cross_entropy_rows_kernel, "chunked cross-entropy kernel")
-    kernel[(rows,)](logits, logits.stride(0), target.contiguous(), loss, row_scale.reshape(()).float(),
-                    vocab, ignore_index, float(label_smoothing), BLOCK=block)
+    scale = row_scale if row_scale.dtype == torch.float32 else row_scale.float()
+    kernel[(rows,)](logits, logits.stride(0), target if target.is_contiguous() else target.contiguous(), loss,
+                    scale, vocab, ignore_index, float(label_smoothing), BLOCK=block)
     return loss
