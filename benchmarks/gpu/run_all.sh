@@ -18,6 +18,9 @@
 #   chunked_loss the chunked loss (its Triton kernel): peak and step time against torch.compile on
 #                the long-context case (vocab 128k, B1 x T2048); CHUNKED_LOSS_ARGS adds e.g.
 #                `--workloads mlp_long --variants torch.compile,"fxmem chunk.mlp"` where there is time
+#   host_overhead the host time the chunked loss adds to a launch-bound step (tiny HF Llama):
+#                step time against torch.compile and chunk=False, and ATen calls per step
+#   tests        (not in the default PARTS: it never got far in its time) the whole suite
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-benchmarks/results/gpu}
@@ -50,28 +53,31 @@ part() {  # part NAME SECONDS COMMAND...
 # PARTS picks parts (default: all, in this order: the figures that exist nowhere else first, the
 # test suite last); TRAIN_PEAK_ARGS replaces train_peak's default cases and variants. The limits
 # add up to 7.5 minutes (450 s), so the whole script stays under 8 with the set-up.
-PARTS=${PARTS:-train_peak chunked_loss int4 kernels_gpu gpu_tests tests}
+PARTS=${PARTS:-train_peak chunked_loss host_overhead int4 kernels_gpu gpu_tests}
 for name in $PARTS; do
   case $name in
     # the HF cases after the logits-output change (Llama was 3.5x torch.compile's step time) and
     # the two cases without any GPU figure yet; budgets: TRAIN_PEAK_ARGS="--cases blocks_manual"
     # --profile: per variant, the kernels one step launches and their device time (is a slower
     # step more launches or slower kernels?), so one lent session both measures and diagnoses
-    train_peak) part train_peak "${TRAIN_PEAK_LIMIT:-200}" "$PY" benchmarks/train_peak.py --device cuda --steps 20 \
+    train_peak) part train_peak "${TRAIN_PEAK_LIMIT:-185}" "$PY" benchmarks/train_peak.py --device cuda --steps 20 \
         --profile ${TRAIN_PEAK_ARGS:---cases hf_llama hf_gpt2 blocks_sdpa --variants eager torch.compile fxmem} \
         --out "$OUT/train_peak.json" ;;
     # the JSON is rewritten after each workload: a part cut short by its limit keeps what it measured
     chunked_loss) part chunked_loss "${CHUNKED_LOSS_LIMIT:-60}" "$PY" benchmarks/chunked_loss.py --device cuda \
         --steps 5 --workloads long_context --variants torch.compile,fxmem ${CHUNKED_LOSS_ARGS:-} \
         --out "$OUT/chunked_loss.json" ;;
+    # is the small model's slower GPU step the chunked loss's host time? (CPU: 1.46x torch.compile's)
+    host_overhead) part host_overhead "${HOST_OVERHEAD_LIMIT:-45}" "$PY" benchmarks/host_overhead.py --device cuda \
+        --rounds 10 --out "$OUT/host_overhead.json" ;;
     int4) [ -f benchmarks/kernels_int4.py ] && part int4 50 "$PY" benchmarks/kernels_int4.py --out "$OUT/int4.json" ;;
     kernels_gpu) part kernels_gpu 50 "$PY" benchmarks/gpu/kernels_gpu.py --out "$OUT/kernels_gpu.json" ;;
     # the test suite on this machine's torch (2.11 on the lent machines; CI has 2.13), GPU tests included
     # the GPU tests first and alone: the whole suite does not finish in its limit on the lent machine
-    gpu_tests) part gpu_tests "${GPU_TESTS_LIMIT:-70}" "$PY" -m pytest -q -m gpu -p no:cacheprovider -rA ;;
+    gpu_tests) part gpu_tests "${GPU_TESTS_LIMIT:-60}" "$PY" -m pytest -q -m gpu -p no:cacheprovider -rA ;;
     tests) part tests "${TESTS_LIMIT:-20}" "$PY" -m pytest -q -n 12 -p no:cacheprovider -rfE \
         --junitxml="$OUT/tests.xml" ${TESTS_ARGS:-} ;;
-    *) echo "run_all.sh: unknown part $name (parts: train_peak chunked_loss int4 kernels_gpu gpu_tests tests)" | tee -a "$LOG" ;;
+    *) echo "run_all.sh: unknown part $name (parts: train_peak chunked_loss host_overhead int4 kernels_gpu gpu_tests tests)" | tee -a "$LOG" ;;
   esac
 done
 ls -la "$OUT"
