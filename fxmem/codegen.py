@@ -38,6 +38,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from fxmem.kernels import direct
+
 INDUCTOR_BUFFER_POOL = False
 """Whether Inductor's wrapper keeps a dead buffer allocated for a later buffer of the same size
 (``allow_buffer_reuse``; ``buf50 = buf1; del buf1  # reuse``). Off under fxmem: the pool can only
@@ -286,8 +288,10 @@ def inductor_training(gm: fx.GraphModule, example_inputs: Sequence[Any],
     # the forward and, possibly later and lazily, the backward: active for fxmem's graphs only
     guarded = guarded_inner_compile(compile_fx_inner)
 
-    def inner_compile(*args: Any, **kwargs: Any) -> Any:
-        compiled = guarded(*args, **kwargs)
+    def inner_compile(gm: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+        # Inductor compiles a copy that calls fxmem's ops without custom_op's Python layers
+        # (fxmem.kernels.direct); the partition's graphs, which explain reads, keep the ops
+        compiled = guarded(direct.for_inductor(gm), *args, **kwargs)
         if partitioner.warned and hasattr(compiled, "_fx_graph_cache_key"):
             # AOTAutograd saves a step only when Inductor's FX-graph cache keyed both its graphs
             # (graph_compile._should_save_cache, torch 2.11 and 2.13): without the key the step
@@ -330,7 +334,7 @@ def inductor_inference(aten_gm: fx.GraphModule, example_inputs: Sequence[Any]) -
     from torch._inductor import config as inductor_config
 
     with allow, inductor_config.patch(fallback_random=True, allow_buffer_reuse=INDUCTOR_BUFFER_POOL):
-        compiled = compile_fx_inner(_decompose(aten_gm, list(example_inputs)), list(example_inputs))
+        compiled = compile_fx_inner(direct.for_inductor(_decompose(aten_gm, list(example_inputs))), list(example_inputs))
     if not getattr(compiled, "_boxed_call", False):
         from torch._functorch.aot_autograd import make_boxed_func
 

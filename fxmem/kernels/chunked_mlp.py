@@ -44,6 +44,7 @@ from torch import Tensor
 from torch.utils import flop_counter
 
 from fxmem.analysis.cost import register_internal_bytes
+from fxmem.kernels import direct
 
 aten = torch.ops.aten
 
@@ -157,9 +158,8 @@ def _projections(xc: Tensor, up_w, up_b, gate_w, gate_b) -> list[Tensor]:
     return ins
 
 
-@torch.library.custom_op("fxmem::chunked_mlp", mutates_args=())
-def chunked_mlp(x: Tensor, up_w: Tensor, up_b: Tensor | None, gate_w: Tensor | None, gate_b: Tensor | None,
-                down_w: Tensor, down_b: Tensor | None, program: str, chunk_tokens: int) -> Tensor:
+def _chunked_mlp(x: Tensor, up_w: Tensor, up_b: Tensor | None, gate_w: Tensor | None, gate_b: Tensor | None,
+                 down_w: Tensor, down_b: Tensor | None, program: str, chunk_tokens: int) -> Tensor:
     """``down(program(up(x), gate(x)))`` a chunk of rows at a time; see the module docstring."""
     steps = parse_program(program)
     x2d = x.reshape(-1, x.shape[-1])
@@ -173,15 +173,21 @@ def chunked_mlp(x: Tensor, up_w: Tensor, up_b: Tensor | None, gate_w: Tensor | N
     return out.reshape(*x.shape[:-1], down_w.shape[0])
 
 
+chunked_mlp = torch.library.custom_op("fxmem::chunked_mlp", mutates_args=())(_chunked_mlp)
+
+
 @chunked_mlp.register_fake
-def _(x, up_w, up_b, gate_w, gate_b, down_w, down_b, program, chunk_tokens):
+def _chunked_mlp_fake(x, up_w, up_b, gate_w, gate_b, down_w, down_b, program, chunk_tokens):
     return x.new_empty((*x.shape[:-1], down_w.shape[0]), dtype=torch.result_type(x, down_w))
 
 
-@torch.library.custom_op("fxmem::chunked_mlp_backward", mutates_args=())
-def chunked_mlp_backward(grad_out: Tensor, x: Tensor, up_w: Tensor, up_b: Tensor | None, gate_w: Tensor | None,
-                         gate_b: Tensor | None, down_w: Tensor, down_b: Tensor | None, program: str, chunk_tokens: int,
-                         need_x: bool, need_weights: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+# what compiled graphs call instead (fxmem.kernels.direct): the same kernels without custom_op's layers
+direct.register(torch.ops.fxmem.chunked_mlp.default, {None: _chunked_mlp}, _chunked_mlp_fake)
+
+
+def _chunked_mlp_backward(grad_out: Tensor, x: Tensor, up_w: Tensor, up_b: Tensor | None, gate_w: Tensor | None,
+                          gate_b: Tensor | None, down_w: Tensor, down_b: Tensor | None, program: str, chunk_tokens: int,
+                          need_x: bool, need_weights: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(x, up_w, up_b, gate_w, gate_b, down_w, down_b)``, recomputing each chunk's intermediates.
 
     Absent or unwanted gradients come back as empty tensors. Weight gradients accumulate over the
@@ -220,13 +226,22 @@ def chunked_mlp_backward(grad_out: Tensor, x: Tensor, up_w: Tensor, up_b: Tensor
     return (grad_x.reshape(x.shape) if need_x else grad_x, *out)
 
 
+chunked_mlp_backward = torch.library.custom_op("fxmem::chunked_mlp_backward", mutates_args=())(_chunked_mlp_backward)
+
+
 @chunked_mlp_backward.register_fake
-def _(grad_out, x, up_w, up_b, gate_w, gate_b, down_w, down_b, program, chunk_tokens, need_x, need_weights):
+def _chunked_mlp_backward_fake(grad_out, x, up_w, up_b, gate_w, gate_b, down_w, down_b, program, chunk_tokens, need_x,
+                               need_weights):
     # contiguous, as the real op returns them (a weight may be a transposed view: GPT-2's Conv1D)
     def like(w):
         return w.new_empty(w.shape) if (need_weights and w is not None) else x.new_empty(0)
 
     return (x.new_empty(x.shape) if need_x else x.new_empty(0), *[like(w) for w in (up_w, up_b, gate_w, gate_b, down_w, down_b)])
+
+
+# what compiled graphs call instead (fxmem.kernels.direct): the same kernels without custom_op's layers
+direct.register(torch.ops.fxmem.chunked_mlp_backward.default, {None: _chunked_mlp_backward},
+                _chunked_mlp_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fxmem.kernels import int8_matmul, interpreter
+from fxmem.kernels import direct, int8_matmul, interpreter
 from fxmem.kernels.int8_matmul import interpreting, sqnr_db  # noqa: F401 - sqnr_db re-exported for the pass
 from fxmem.kernels.row_blocks import blocked_linear
 
@@ -482,13 +482,15 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"fxmem::lowbit_linear: bits={bits}; accepted: 4 | 8")
 
 
-@torch.library.custom_op("fxmem::lowbit_linear", mutates_args=())
-def lowbit_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                  codebook: torch.Tensor | None, act_scale: torch.Tensor | None, bias: torch.Tensor | None,
-                  bits: int) -> torch.Tensor:
+def _lowbit_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                   codebook: torch.Tensor | None, act_scale: torch.Tensor | None, bias: torch.Tensor | None,
+                   bits: int) -> torch.Tensor:
     """``(x / act_scale) @ dequant(qweight).T + bias`` (see the module docstring)."""
     _check_bits(bits)
     return lowbit_linear_aten(x, qweight, scales, zeros, codebook, act_scale, bias, bits)
+
+
+lowbit_linear = torch.library.custom_op("fxmem::lowbit_linear", mutates_args=())(_lowbit_linear)
 
 
 @lowbit_linear.register_kernel("cuda")
@@ -504,6 +506,11 @@ def _lowbit_linear_fake(x, qweight, scales, zeros, codebook, act_scale, bias, bi
     k = qweight.shape[1] * (2 if bits == 4 else 1)
     torch._check(x.shape[-1] == k, lambda: "lowbit_linear: x and qweight disagree on K")
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+# what compiled graphs call instead (fxmem.kernels.direct): the same kernels without custom_op's layers
+direct.register(torch.ops.fxmem.lowbit_linear.default, {None: _lowbit_linear, "cuda": _lowbit_linear_cuda},
+                _lowbit_linear_fake)
 
 
 @torch.library.custom_op("fxmem::lowbit_embedding", mutates_args=())

@@ -37,7 +37,7 @@ import inspect
 
 import torch
 
-from fxmem.kernels import interpreter
+from fxmem.kernels import direct, interpreter
 from fxmem.kernels.row_blocks import blocked_linear
 
 try:  # Triton is optional: without it the ops run their ATen paths everywhere.
@@ -354,14 +354,16 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"fxmem::int8_linear: mode={mode!r}; accepted: {MODES}")
 
 
-@torch.library.custom_op("fxmem::int8_linear", mutates_args=())
-def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                mode: str) -> torch.Tensor:
+def _int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                 mode: str) -> torch.Tensor:
     """``x @ (qweight * scales).T + bias`` with int8 weights (see the module docstring)."""
     _check_mode(mode)
     if mode == "dynamic":
         return dynamic_linear_aten(x, qweight, scales, bias)
     return weight_only_linear_aten(x, qweight, scales, bias)
+
+
+int8_linear = torch.library.custom_op("fxmem::int8_linear", mutates_args=())(_int8_linear)
 
 
 @int8_linear.register_kernel("cuda")
@@ -379,6 +381,11 @@ def _int8_linear_cuda(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
 def _int8_linear_fake(x, qweight, scales, bias, mode):
     torch._check(x.shape[-1] == qweight.shape[1], lambda: "int8_linear: x and qweight disagree on K")
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+# what compiled graphs call instead (fxmem.kernels.direct): the same kernels without custom_op's layers
+direct.register(torch.ops.fxmem.int8_linear.default, {None: _int8_linear, "cuda": _int8_linear_cuda},
+                _int8_linear_fake)
 
 
 @torch.library.custom_op("fxmem::int8_embedding", mutates_args=())

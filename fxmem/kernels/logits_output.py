@@ -45,14 +45,13 @@ import torch
 from torch import Tensor
 from torch.utils import flop_counter
 
-from fxmem.kernels import linear_ce
+from fxmem.kernels import direct, linear_ce
 
 
-@torch.library.custom_op("fxmem::logits_cross_entropy", mutates_args=())
-def logits_cross_entropy(logits: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
-                         ignore_index: int, reduction: str, label_smoothing: float, upcast: bool, chunk_tokens: int,
-                         need_hidden: bool, need_weight: bool, need_bias: bool,
-                         softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _logits_cross_entropy(logits: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
+                          ignore_index: int, reduction: str, label_smoothing: float, upcast: bool, chunk_tokens: int,
+                          need_hidden: bool, need_weight: bool, need_bias: bool,
+                          softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(loss, grad_hidden, grad_weight, grad_bias)`` of ``cross_entropy(logits[.float()], target)``,
     where ``logits == linear(hidden, weight, bias)`` (soft-capped: ``c·tanh(linear / c)``, ``c = softcap``)."""
     linear_ce.check_arguments("logits_cross_entropy", reduction, softcap)
@@ -63,8 +62,11 @@ def logits_cross_entropy(logits: Tensor, hidden: Tensor, weight: Tensor, bias: T
                                    chunk_tokens, need_hidden, need_weight, need_bias, logits=logits, softcap=softcap)
 
 
+logits_cross_entropy = torch.library.custom_op("fxmem::logits_cross_entropy", mutates_args=())(_logits_cross_entropy)
+
+
 @logits_cross_entropy.register_fake
-def _(logits, hidden, weight, bias, *args):
+def _logits_cross_entropy_fake(logits, hidden, weight, bias, *args):
     return torch.ops.fxmem.linear_cross_entropy.default(hidden, weight, bias, *args)
 
 
@@ -80,6 +82,8 @@ def _backward(ctx, g_loss, _g_h, _g_w, _g_b):
 
 
 logits_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
+# what compiled graphs call instead (fxmem.kernels.direct): the same kernel without custom_op's layers
+direct.register(torch.ops.fxmem.logits_cross_entropy.default, {None: _logits_cross_entropy}, _logits_cross_entropy_fake)
 
 
 @flop_counter.register_flop_formula(torch.ops.fxmem.logits_cross_entropy)

@@ -161,3 +161,18 @@ def test_logits_differentiated_by_the_caller_still_equal_eager(llama_and_compile
         return out.loss + 1e-2 * out.logits.logsumexp(-1).square().mean()
 
     _assert_equal_grads(_grads(model, total(compiled)), _grads(model, total(model)))
+
+
+def test_compiled_step_calls_the_direct_twin_and_the_recorded_graph_keeps_the_op(llama_and_compiled):
+    """Inductor's code calls ``fxmem::logits_cross_entropy_direct`` (no custom_op layers on the
+    host, fxmem.kernels.direct); the forward graph explain shows keeps the op users know."""
+    model, compiled, backend = llama_and_compiled
+    ids, labels = _batch()
+    compiled(input_ids=ids, labels=labels).loss.backward()  # compiled (once for the module)
+    with torch.profiler.profile() as prof:
+        compiled(input_ids=ids, labels=labels).loss.backward()
+    names = {e.name for e in prof.events()}
+    assert "fxmem::logits_cross_entropy_direct" in names and "fxmem::logits_cross_entropy" not in names
+    targets = {str(n.target) for g in backend.recorder.final_graphs.values() for n in g.nodes}
+    assert "fxmem.logits_cross_entropy.default" in targets
+    assert not any(t.endswith("_direct.default") for t in targets)
