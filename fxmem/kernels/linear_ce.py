@@ -101,8 +101,9 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
     Host time: a small model's step waits on the host, and every ATen call here costs a few µs of
     it (a launch on a GPU). What depends on the row alone — the safe target, the row's weight in
     the gradient, the ``scatter_add_`` source, the weight in the gradient's dtype — is computed once
-    for all ``N`` rows before the loop (``[N]`` vectors, no ``[N, V]`` one); each chunk writes its
-    row losses into one ``[N]`` buffer, summed once at the end; a single chunk takes no slices.
+    for all ``N`` rows before the loop (``[N, 1]`` vectors, no ``[N, V]`` one); each chunk writes its
+    row losses into one ``[N, 1]`` buffer, summed once at the end; a single chunk takes no slices;
+    given logits (never written) take one fused ``log_softmax`` per chunk.
     """
     n, d = hidden.shape
     vocab = weight.shape[0]
