@@ -513,9 +513,8 @@ direct.register(torch.ops.fxmem.lowbit_linear.default, {None: _lowbit_linear, "c
                 _lowbit_linear_fake)
 
 
-@torch.library.custom_op("fxmem::lowbit_embedding", mutates_args=())
-def lowbit_embedding(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                     codebook: torch.Tensor | None, indices: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+def _lowbit_embedding(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                      codebook: torch.Tensor | None, indices: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
     """``embedding(dequant(qweight), indices)`` in ``dtype``: only the looked-up rows are unpacked."""
     _check_bits(bits)
     flat = indices.reshape(-1)
@@ -523,7 +522,14 @@ def lowbit_embedding(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.T
     return rows.reshape(*indices.shape, rows.shape[-1])
 
 
+lowbit_embedding = torch.library.custom_op("fxmem::lowbit_embedding", mutates_args=())(_lowbit_embedding)
+
+
 @lowbit_embedding.register_fake
 def _lowbit_embedding_fake(qweight, scales, zeros, codebook, indices, bits, dtype):
     k = qweight.shape[1] * (2 if bits == 4 else 1)
     return qweight.new_empty((*indices.shape, k), dtype=dtype)
+
+
+# what compiled graphs call instead (fxmem.kernels.direct): the same kernels without custom_op's layers
+direct.register(torch.ops.fxmem.lowbit_embedding.default, {None: _lowbit_embedding}, _lowbit_embedding_fake)

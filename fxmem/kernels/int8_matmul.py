@@ -388,8 +388,7 @@ direct.register(torch.ops.fxmem.int8_linear.default, {None: _int8_linear, "cuda"
                 _int8_linear_fake)
 
 
-@torch.library.custom_op("fxmem::int8_embedding", mutates_args=())
-def int8_embedding(qweight: torch.Tensor, scales: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _int8_embedding(qweight: torch.Tensor, scales: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``embedding(qweight * scales, indices)`` in ``dtype``: only the looked-up rows are dequantized."""
     rows = torch.nn.functional.embedding(indices, qweight).to(torch.float32)
     if scales.dim() == 1:
@@ -401,13 +400,19 @@ def int8_embedding(qweight: torch.Tensor, scales: torch.Tensor, indices: torch.T
     return rows.to(dtype)
 
 
+int8_embedding = torch.library.custom_op("fxmem::int8_embedding", mutates_args=())(_int8_embedding)
+
+
 @int8_embedding.register_fake
 def _int8_embedding_fake(qweight, scales, indices, dtype):
     return qweight.new_empty((*indices.shape, qweight.shape[1]), dtype=dtype)
 
 
-@torch.library.custom_op("fxmem::int8_grouped_mm", mutates_args=())
-def int8_grouped_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+# what compiled graphs call instead (fxmem.kernels.direct): the same kernels without custom_op's layers
+direct.register(torch.ops.fxmem.int8_embedding.default, {None: _int8_embedding}, _int8_embedding_fake)
+
+
+def _int8_grouped_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Mixture-of-experts grouped matmul with int8 expert weights, weight-only.
 
     ``x`` ``[S, K]`` holds the tokens sorted by expert; ``offs`` ``[E]`` the cumulative end row of
@@ -424,7 +429,14 @@ def int8_grouped_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     return out
 
 
+int8_grouped_mm = torch.library.custom_op("fxmem::int8_grouped_mm", mutates_args=())(_int8_grouped_mm)
+
+
 @int8_grouped_mm.register_fake
 def _int8_grouped_mm_fake(x, qweight, scales, offs):
     torch._check(x.shape[-1] == qweight.shape[2], lambda: "int8_grouped_mm: x and qweight disagree on K")
     return x.new_empty((x.shape[0], qweight.shape[1]))
+
+
+# what compiled graphs call instead (fxmem.kernels.direct): the same kernels without custom_op's layers
+direct.register(torch.ops.fxmem.int8_grouped_mm.default, {None: _int8_grouped_mm}, _int8_grouped_mm_fake)

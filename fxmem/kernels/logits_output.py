@@ -95,8 +95,7 @@ def _flops(logits_shape, hidden_shape, weight_shape, *args, out_shape=None, **kw
     return 2 * n * d * vocab * (int(need_hidden) + int(need_weight))
 
 
-@torch.library.custom_op("fxmem::output_linear", mutates_args=())
-def output_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float = 0.0) -> Tensor:
+def _output_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float = 0.0) -> Tensor:
     """``F.linear(hidden, weight, bias)``, soft-capped to ``softcap·tanh(· / softcap)`` when
     ``softcap > 0``; its backward skips the matmuls for an all-zero gradient."""
     out = torch.nn.functional.linear(hidden, weight, bias)
@@ -104,15 +103,21 @@ def output_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: 
     return out.div_(softcap).tanh_().mul_(softcap) if softcap else out
 
 
+output_linear = torch.library.custom_op("fxmem::output_linear", mutates_args=())(_output_linear)
+
+
 @output_linear.register_fake
-def _(hidden, weight, bias, softcap=0.0):
+def _output_linear_fake(hidden, weight, bias, softcap=0.0):
     return torch.nn.functional.linear(hidden, weight, bias)
 
 
-@torch.library.custom_op("fxmem::output_linear_backward", mutates_args=())
-def output_linear_backward(grad: Tensor, hidden: Tensor, weight: Tensor, has_bias: bool, need_hidden: bool,
-                           need_weight: bool, need_bias: bool, capped: Tensor | None = None,
-                           softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+# what compiled graphs call instead (fxmem.kernels.direct): the same kernels without custom_op's layers
+direct.register(torch.ops.fxmem.output_linear.default, {None: _output_linear}, _output_linear_fake)
+
+
+def _output_linear_backward(grad: Tensor, hidden: Tensor, weight: Tensor, has_bias: bool, need_hidden: bool,
+                            need_weight: bool, need_bias: bool, capped: Tensor | None = None,
+                            softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_hidden, grad_weight, grad_bias)`` of ``linear``; zeros without a matmul when ``grad`` is all zeros.
 
     ``capped``: the soft-capped output (``softcap > 0``), whose cap's derivative ``1 - (capped /
@@ -140,11 +145,18 @@ def output_linear_backward(grad: Tensor, hidden: Tensor, weight: Tensor, has_bia
     return grad_h, grad_w, grad_b
 
 
+output_linear_backward = torch.library.custom_op("fxmem::output_linear_backward", mutates_args=())(_output_linear_backward)
+
+
 @output_linear_backward.register_fake
-def _(grad, hidden, weight, has_bias, need_hidden, need_weight, need_bias, capped=None, softcap=0.0):
+def _output_linear_backward_fake(grad, hidden, weight, has_bias, need_hidden, need_weight, need_bias, capped=None, softcap=0.0):
     return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_weight else weight.new_empty(0),
             weight.new_empty(weight.shape[0]) if (has_bias and need_bias) else weight.new_empty(0))
+
+
+# what compiled graphs call instead (fxmem.kernels.direct): the same kernels without custom_op's layers
+direct.register(torch.ops.fxmem.output_linear_backward.default, {None: _output_linear_backward}, _output_linear_backward_fake)
 
 
 def linear_setup_context(ctx, inputs, output):

@@ -52,3 +52,25 @@ def test_for_inductor_retargets_a_copy_and_leaves_the_graph():
 def test_only_fxmem_ops_get_twins():
     with pytest.raises(ValueError, match="aten::relu; accepted: an fxmem:: op"):
         direct.register(torch.ops.aten.relu.default, {None: torch.relu}, torch.relu)
+
+
+def test_every_op_a_compiled_graph_calls_has_a_twin():
+    # fused_kernel is left out: only the eager codegen calls it, op by op, outside Inductor
+    from fxmem.kernels import chunked_mlp, int4_matmul, int8_matmul  # noqa: F401  (register theirs)
+
+    twinned = {str(op).removeprefix("fxmem.").removesuffix(".default") for op in direct._TWINS}
+    assert twinned == {"linear_cross_entropy", "logits_cross_entropy", "output_linear", "output_linear_backward",
+                       "chunked_mlp", "chunked_mlp_backward", "int8_linear", "int8_embedding", "int8_grouped_mm",
+                       "lowbit_linear", "lowbit_embedding"}
+
+
+def test_the_int8_linear_twin_is_the_op():
+    from fxmem.kernels import int8_matmul  # noqa: F401
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 16, generator=g)
+    qweight = torch.randint(-127, 128, (8, 16), generator=g, dtype=torch.int8)
+    scales = torch.rand(8, generator=g) / 100
+    args = (x, qweight, scales, None, "weight_only")
+    assert torch.equal(torch.ops.fxmem.int8_linear(*args), torch.ops.fxmem.int8_linear_direct(*args))
+    torch.library.opcheck(torch.ops.fxmem.int8_linear_direct.default, args, test_utils=("test_schema", "test_faketensor"))
