@@ -27,6 +27,7 @@ def __getattr__(name: str):
         return importlib.import_module("fxmem.shard")
     raise AttributeError(f"module 'fxmem' has no attribute {name!r}")
 
+
 __all__ = [
     "backend", "explain", "optimize", "Report", "distill", "fit", "FitResult", "FitError",
     "FxmemConfig", "parse_options", "OptionError", "PassFailure", "PassResult",

@@ -926,16 +926,17 @@ def _inference_activations(graphs: list[_InferenceGraph], options: Mapping[str, 
     the bf16 outputs and their fp32 copies are both alive. With ``int8`` or ``quantize`` the
     activations stay fp32 (measured: the precision pass leaves their ops' fp32 inputs)."""
     low = "precision" in options and not any(k in options for k in ("int8", "quantize"))  # see _linear_workspace
+    # ATen's bf16 matmul on a CPU without native bf16 accumulates into an fp32 [M, N] buffer beside
+    # its low-precision output (measured: MiniLM's [8192, 1536] addmm holds 48 MiB more than its
+    # 24 MiB output; on a CPU with AVX-512 BF16 it does not)
+    widens = low and device.type == "cpu" and cpu_matmul_widens(parse_options(dict(options)).precision.dtype)
     total = 0
     for g in graphs:
         peak = max([g.peak] + [live + _linear_workspace(options, device, out, shape) for live, out, shape in g.linears])
         acts = peak - g.input_bytes
         if low:
             acts = max(acts // 2, (g.end - g.input_bytes - g.outputs) // 2 + g.outputs // 2 + g.outputs)
-            if device.type == "cpu" and cpu_matmul_widens(parse_options(dict(options)).precision.dtype):
-                # ATen's bf16 matmul on a CPU without native bf16 accumulates into an fp32 [M, N]
-                # buffer beside its low-precision output (measured: MiniLM's [8192, 1536] addmm holds
-                # 48 MiB more than its 24 MiB output; on a CPU with AVX-512 BF16 it does not)
+            if widens:
                 acts = max([acts] + [(live - g.input_bytes) // 2 + out for live, out, _ in g.linears])
         total += acts
     return total

@@ -124,8 +124,9 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_bias else weight.new_empty(0)
     any_grad = need_hidden or need_weight or need_bias
     full_logits = logits
-    kernel = use_kernel if use_kernel is not None else (
-        hidden.is_cuda and linear_ce_triton.triton is not None and (full_logits is None or full_logits.stride(1) == 1))
+    # computed logits are 2-D and contiguous: only given ones can keep the kernel from running
+    kernel = use_kernel if use_kernel is not None else hidden.is_cuda and (
+        linear_ce_triton.available(hidden.device) if full_logits is None else linear_ce_triton.can_run(full_logits))
     if not kernel:  # what the ATen path needs of each row, for all rows at once
         # an ignored row's target reads column 0 (its loss is masked out); any other stays as it
         # is, so that one out of range still fails in the gather
@@ -170,6 +171,7 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
             dlogits = logits
         else:
             t = rows(safe_targets)
+            # `work`: the chunk's one [chunk, V] buffer, exp(x - max) (its sums in `sums`) or log_softmax(x)
             if owned:
                 # what the loss needs of the logits themselves is read first, so that the exp can
                 # then be taken in place: one [chunk, V] buffer per chunk, not two (the logits and
@@ -177,28 +179,26 @@ def _forward_impl(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
                 picked = logits.gather(1, t)
                 smooth = logits.sum(dim=1, keepdim=True) if label_smoothing else None
                 peak = logits.amax(dim=1, keepdim=True)
-                probs = logits.sub_(peak).exp_()
+                work = logits.sub_(peak).exp_()
                 del logits
-                sums = probs.sum(dim=1, keepdim=True)
+                sums = work.sum(dim=1, keepdim=True)
                 # loss = lse - (1 - eps) x[t] - eps / V Σx, ignored rows included (masked at the end)
                 loss_rows = torch.sub(sums.log().add_(peak), picked, alpha=1.0 - label_smoothing,
                                       out=rows(row_losses))
-                probs.div_(sums)
             else:
                 # logits given (read, never written): the chunk's one buffer is their log-softmax,
                 # in one fused call (five fewer per chunk than the in-place chain above); with
                 # lp = log_softmax(x), loss = -(1 - eps) lp[t] - eps / V Σ lp, the same value
-                log_probs = torch.log_softmax(logits, dim=1)
+                work, sums = torch.log_softmax(logits, dim=1), None
                 del logits
-                loss_rows = torch.mul(log_probs.gather(1, t), -(1.0 - label_smoothing), out=rows(row_losses))
-                smooth = log_probs.sum(dim=1, keepdim=True) if label_smoothing else None
-                probs = None  # taken in place from log_probs, when a gradient is wanted
+                loss_rows = torch.mul(work.gather(1, t), -(1.0 - label_smoothing), out=rows(row_losses))
+                smooth = work.sum(dim=1, keepdim=True) if label_smoothing else None
             if smooth is not None:
                 loss_rows.sub_(smooth, alpha=label_smoothing / vocab)
             if not any_grad:
                 return
             # d loss / d logits = softmax - (1 - eps) onehot - eps / V, times the row's weight
-            dlogits = probs if probs is not None else log_probs.exp_()
+            dlogits = work.div_(sums) if sums is not None else work.exp_()
             dlogits.scatter_add_(1, t, onehot_step if stop - start == onehot_step.shape[0] else onehot_step[:stop - start])
             if label_smoothing:
                 dlogits.sub_(label_smoothing / vocab)

@@ -82,11 +82,14 @@ def kernel_source() -> str:
     return inspect.getsource(cross_entropy_rows_kernel)
 
 
+def available(device: torch.device) -> bool:
+    """Triton is installed, and ``device`` is CUDA (or the interpreter is on)."""
+    return triton is not None and (device.type == "cuda" or interpreter.enabled())
+
+
 def can_run(logits: Tensor) -> bool:
-    """The kernel runs here: Triton is installed, and the tensor is on CUDA (or the interpreter is on)."""
-    if triton is None or logits.dim() != 2 or logits.stride(1) != 1:
-        return False
-    return logits.is_cuda or interpreter.enabled()
+    """The kernel runs on ``logits``: 2-D with contiguous rows, where :func:`available`."""
+    return logits.dim() == 2 and logits.stride(1) == 1 and available(logits.device)
 
 
 def cross_entropy_rows_(logits: Tensor, target: Tensor, row_scale: Tensor, ignore_index: int,
