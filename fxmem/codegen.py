@@ -303,6 +303,35 @@ def inductor_training(gm: fx.GraphModule, example_inputs: Sequence[Any],
         return compile_fx(gm, list(example_inputs), inner_compile=inner_compile, config_patches=patches)
 
 
+def sources_keyed_post_pass(user_pass: Any) -> Any:
+    """``post_grad_custom_post_pass`` for fxmem's inference compiles: the user's own pass (run
+    unchanged, if any) under a ``CustomGraphPass`` whose ``uuid`` adds fxmem's sources to
+    Inductor's FX-graph cache key.
+
+    A training compile's key has them through the partitioner (:func:`partition_cache_key`); an
+    inference compile has no partitioner, and its key — the graph's code, its constants,
+    Inductor's config — does not change when a new fxmem decides Inductor's heuristics
+    differently (:mod:`fxmem.fusion_guard`) or gives its ops other fake outputs: a cache written
+    by an older fxmem served its code. ``user_pass`` that Inductor cannot key (a plain callable)
+    is returned as it is: Inductor then bypasses its cache for the compile anyway.
+    """
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    passes = tuple(user_pass) if isinstance(user_pass, (list, tuple)) else (user_pass,) if user_pass else ()
+    if not all(isinstance(p, CustomGraphPass) for p in passes):
+        return user_pass
+
+    class FxmemSourcesKey(CustomGraphPass):
+        def __call__(self, graph: fx.Graph) -> None:
+            for user in passes:
+                user(graph)
+
+        def uuid(self) -> Any:
+            return ("fxmem-inference", _package_sources_digest(), *(p.uuid() for p in passes))
+
+    return FxmemSourcesKey()
+
+
 def _decompose(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
     """Retrace ``gm`` with Inductor's decomposition table (what Inductor's own AOTAutograd trace
     applies): fxmem traces with none, so that passes see whole ops, but Inductor refuses ops that
@@ -333,8 +362,13 @@ def inductor_inference(aten_gm: fx.GraphModule, example_inputs: Sequence[Any]) -
     allow = mock.patch.object(fake_mode, "allow_non_fake_inputs", True) if fake_mode is not None else contextlib.nullcontext()
     from torch._inductor import config as inductor_config
 
-    with allow, inductor_config.patch(fallback_random=True, allow_buffer_reuse=INDUCTOR_BUFFER_POOL):
-        compiled = compile_fx_inner(direct.for_inductor(_decompose(aten_gm, list(example_inputs))), list(example_inputs))
+    from fxmem.fusion_guard import guarded_inner_compile
+
+    keyed = sources_keyed_post_pass(inductor_config.post_grad_custom_post_pass)
+    with allow, inductor_config.patch(fallback_random=True, allow_buffer_reuse=INDUCTOR_BUFFER_POOL,
+                                      post_grad_custom_post_pass=keyed):
+        compiled = guarded_inner_compile(compile_fx_inner)(
+            direct.for_inductor(_decompose(aten_gm, list(example_inputs))), list(example_inputs))
     if not getattr(compiled, "_boxed_call", False):
         from torch._functorch.aot_autograd import make_boxed_func
 

@@ -1,10 +1,14 @@
-"""Inductor fusion guard: a recomputed value is not fused sideways into a kernel that must wait.
+"""Inductor fusion guard: fusing two kernels side by side must not keep a large buffer alive longer.
 
 Inductor fuses two kernels *horizontally* when they read the same buffer and neither depends on
-the other. In a backward graph that recomputes a forward value, that pairs the recomputation
-with the backward op that reads the same saved input — and the fused kernel can only run once
-*both* kernels' inputs exist. Four GPT-2 blocks (the MLP's GELU recomputed from its saved
-pre-activation ``pre``, for the down projection's weight gradient), as Inductor generated it::
+the other. The fused kernel runs where the earlier of the two ran, once both kernels' inputs
+exist; what it saves is one read of the shared input. fxmem refuses two kinds of such fusion,
+because each moves memory onto the peak for that saving.
+
+**1. A recomputation made to wait.** In a backward graph that recomputes a forward value,
+horizontal fusion pairs the recomputation with the backward op that reads the same saved input.
+Four GPT-2 blocks (the MLP's GELU recomputed from its saved pre-activation ``pre``, for the down
+projection's weight gradient), as Inductor generated it::
 
     before (fused):                                   after (guarded):
     buf0 = mm(grad_out, w_down)       # 24 MiB        buf1 = gelu(pre)                 # 24 MiB, recomputed
@@ -22,14 +26,37 @@ unfused").
 Rule (:func:`delays_recomputation`): refuse a horizontal fusion of a *recomputed* kernel (every
 FX node it came from is tagged ``meta[RECOMPUTED_KEY]`` by :mod:`fxmem.passes.remat`) with a
 kernel that is not, when the other kernel depends on an operation that the recomputed one does
-not — the fusion would make the recomputation wait for it. Vertical fusion (producer into
-consumer) is left alone: it never delays a producer. The cost is one more read of the shared
-input (here ``pre``) per refused pair.
+not — the fusion would make the recomputation wait for it.
+
+**2. A later kernel's output made early.** Several kernels that expand one small input into a
+large buffer — an attention mask ``[B, T]`` made ``[B, 1, T, T]`` again for every layer's
+attention, which needs it dense — read the same input and nothing else, so Inductor fuses them
+into one kernel at the first layer, and every layer's mask is alive from there. all-MiniLM-L6-v2
+on torch 2.11 (32 × 128 tokens; torch 2.13 happened not to fuse these, but fuses the same pattern
+elsewhere: ``tests/test_fusion_guard.py``)::
+
+    before (fused):                                   after (guarded):
+    buf8 = empty((32, 1, 128, 128))   # 2 MiB each    buf8 = empty((32, 1, 128, 128))
+    buf27 = empty(...); ... buf84 = empty(...)        cpp_fused_1(mask, buf8)
+    cpp_fused_1(mask, buf8, buf27, buf46, buf65, buf84)  sdpa(q, k, v, attn_mask=buf8); del buf8
+    sdpa(q, k, v, attn_mask=buf8); del buf8           ... layer 2 ...
+    ... layer 2 ... (buf27..buf84 alive throughout)   buf27 = empty(...); cpp_fused_1(mask, buf27)
+
+    forward peak 44 MiB                               36 MiB
+
+Rule (:func:`hoists_outputs`): refuse a horizontal fusion when other operations run between the
+two kernels and the later kernel's outputs (those read outside it) are larger than the bytes the
+fusion saves (Inductor's ``shared_data_score``). The cost is one more read of the shared input
+(here a ``[B, T]`` mask) per refused pair, and one more kernel launch.
+
+Vertical fusion (producer into consumer) is left alone by both rules: it never delays a producer
+nor allocates an output earlier.
 
 How it is installed: Inductor reads its heuristics from ``V.choices`` (an ``InductorChoices``),
 a thread-local that ``V.set_choices_handler`` replaces inside a context. fxmem wraps the
-``inner_compile`` it hands to ``compile_fx`` (:func:`guarded_inner_compile`), so the guard is
-active exactly while Inductor compiles fxmem's forward or backward graph — also when
+``inner_compile`` it hands to ``compile_fx`` (:func:`guarded_inner_compile`), and its inference
+graphs' ``compile_fx_inner`` the same way, so the guard is active exactly while Inductor
+compiles fxmem's forward, backward or inference graph — also when
 AOTAutograd compiles the backward lazily, at the first backward call, since ``compile_fx``
 calls the same ``inner_compile`` then — and the previous handler (Inductor's default, or the
 class a user set in ``torch._inductor.config.inductor_choices_class``) is back afterwards, and
@@ -73,26 +100,64 @@ def delays_recomputation(node1: Any, node2: Any) -> bool:
     return False
 
 
-class RecomputeFusionGuard:
+def _output_bytes(snode: Any) -> int:
+    """Bytes of the buffers ``snode`` writes that something outside it reads (a fused kernel's
+    internal buffers are never allocated); 0 for a size that is not known at compile time."""
+    from torch._inductor.virtualized import V
+
+    inside = snode.get_operation_names()
+    total = 0
+    for buf in snode.get_outputs():
+        if not buf.node.has_tensor_output():
+            continue
+        if all(getattr(use.node, "get_name", lambda: None)() in inside for use in buf.users):
+            continue
+        try:
+            numel = buf.node.get_numel()
+        except NotImplementedError:  # a layout without a numel (a list's): nothing allocated here
+            continue
+        # optimization_hint: the name both 2.11 and 2.13 have (2.13 dropped size_hint)
+        numel = V.graph.sizevars.optimization_hint(numel, fallback=0)
+        total += int(numel) * buf.node.get_dtype().itemsize
+    return total
+
+
+def hoists_outputs(node1: Any, node2: Any, shared_data_score: int) -> bool:
+    """Fusing ``node1`` and ``node2`` side by side would allocate the later kernel's outputs
+    before operations that run between the two, for a saving of ``shared_data_score`` bytes
+    read (see the module docstring)."""
+    early, late = sorted((node1, node2), key=lambda n: n.min_order)
+    if late.min_order <= early.max_order + 1:  # adjacent: nothing runs between them
+        return False
+    return _output_bytes(late) > shared_data_score
+
+
+class MemoryFusionGuard:
     """Mixin over an ``InductorChoices`` class: its ``can_fuse_horizontal`` first refuses the
-    fusions :func:`delays_recomputation` names, then asks the wrapped class."""
+    fusions :func:`delays_recomputation` and :func:`hoists_outputs` name, then asks the wrapped
+    class."""
 
     def can_fuse_horizontal(self, scheduler: Any, node1: Any, node2: Any, shared_data_score: int) -> bool:
+        reason = None
         if delays_recomputation(node1, node2):
+            reason = "fxmem: would make a recomputed value wait (fxmem.fusion_guard)"
+        elif hoists_outputs(node1, node2, shared_data_score):
+            reason = "fxmem: would allocate the later kernel's output early (fxmem.fusion_guard)"
+        if reason is not None:
             from torch._inductor.scheduler import WhyNoFuse
 
-            WhyNoFuse(node1, node2)("fxmem: would make a recomputed value wait (fxmem.fusion_guard)")
+            WhyNoFuse(node1, node2)(reason)
             return False
         return super().can_fuse_horizontal(scheduler, node1, node2, shared_data_score)  # type: ignore[misc]
 
 
 @functools.cache
 def _guarded_class(base: type) -> type:
-    return type(f"FxmemGuarded{base.__name__}", (RecomputeFusionGuard, base), {})
+    return type(f"FxmemGuarded{base.__name__}", (MemoryFusionGuard, base), {})
 
 
 @contextlib.contextmanager
-def recompute_fusion_guard() -> Iterator[None]:
+def memory_fusion_guard() -> Iterator[None]:
     """Inside: Inductor's heuristics are the current ones plus the guard (this thread only)."""
     from torch._inductor.virtualized import V
 
@@ -106,11 +171,11 @@ def recompute_fusion_guard() -> Iterator[None]:
 
 
 def guarded_inner_compile(inner_compile: Callable[..., Any]) -> Callable[..., Any]:
-    """``compile_fx``'s ``inner_compile`` with :func:`recompute_fusion_guard` around each call."""
+    """``compile_fx``'s ``inner_compile`` with :func:`memory_fusion_guard` around each call."""
 
     @functools.wraps(inner_compile)
     def compile_with_guard(*args: Any, **kwargs: Any) -> Any:
-        with recompute_fusion_guard():
+        with memory_fusion_guard():
             return inner_compile(*args, **kwargs)
 
     return compile_with_guard

@@ -397,3 +397,43 @@ def test_the_cache_key_names_the_recomputed_nodes():
     partitioner = make_partitioner(lambda gm, inputs, **kwargs: (plain, tagged))
     partitioner(graph(), [], compiler="inductor")
     assert pickle.loads(pickle.dumps(partitioner)) == partitioner.uuid() == partition_cache_key([plain, tagged])
+
+
+def test_an_inference_compile_is_cached_and_keyed_by_fxmems_sources(monkeypatch):
+    """An inference compile has no partitioner to carry fxmem's sources into Inductor's FX-graph
+    cache key: a cache written by another fxmem (another fusion guard, other fake outputs) must
+    not serve it. The same sources hit; changed sources miss; a user's own keyed post-grad pass
+    still runs and stays in the key."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
+    from torch._inductor import utils as inductor_utils
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    import fxmem.codegen as codegen
+
+    class UsersPass(CustomGraphPass):
+        calls = 0
+
+        def __call__(self, graph: fx.Graph) -> None:
+            UsersPass.calls += 1
+
+        def uuid(self) -> str:
+            return "users-pass-1"
+
+    fresh_cache = getattr(inductor_utils, "fresh_cache", None) or inductor_utils.fresh_inductor_cache
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16)).eval()
+    x = torch.randn(4, 16)
+    runs = []
+    with fresh_cache(), inductor_config.patch(fx_graph_cache=True), torch.no_grad():
+        for sources, users in (("a", None), ("a", None), ("b", None), ("b", UsersPass())):
+            monkeypatch.setattr(codegen, "_package_sources_digest", lambda s=sources: s)
+            torch._dynamo.reset()
+            before = dict(counters["inductor"])
+            with inductor_config.patch(post_grad_custom_post_pass=users):
+                torch.testing.assert_close(torch.compile(model, backend="fxmem")(x), model(x))
+            runs.append({k: counters["inductor"][k] - before.get(k, 0) for k in ("fxgraph_cache_hit", "fxgraph_cache_miss")})
+    assert runs == [{"fxgraph_cache_hit": 0, "fxgraph_cache_miss": 1}, {"fxgraph_cache_hit": 1, "fxgraph_cache_miss": 0},
+                    {"fxgraph_cache_hit": 0, "fxgraph_cache_miss": 1}, {"fxgraph_cache_hit": 0, "fxgraph_cache_miss": 1}], runs
+    assert UsersPass.calls == 1
+    assert inductor_config.post_grad_custom_post_pass is None  # nothing left behind

@@ -1,9 +1,11 @@
-"""fxmem.fusion_guard (with remat's matmul sinking): the recomputed activation of an MLP is consumed
-and freed before the input gradient is allocated — measured — and the guard is Inductor's only
-while it compiles fxmem's graphs.
+"""fxmem.fusion_guard, measured: (1, with remat's matmul sinking) the recomputed activation of an
+MLP is consumed and freed before the input gradient is allocated; (2) a layer's attention-mask-like
+buffer, made from a small input, is not allocated at the first layer by a fusion with the other
+layers' ones; and the guard is Inductor's only while it compiles fxmem's graphs.
 
-The model is the smallest that shows it: ``Linear(D, H) → GELU → Linear(H, D)``; fxmem saves the
-pre-activation and recomputes the GELU in the backward, for the second layer's weight gradient.
+The model for (1) is the smallest that shows it: ``Linear(D, H) → GELU → Linear(H, D)``; fxmem
+saves the pre-activation and recomputes the GELU in the backward, for the second layer's weight
+gradient. The model for (2) is :class:`_Masked`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torch._inductor import config as inductor_config
 
 import fxmem
 import fxmem.fusion_guard as fusion_guard
-from fxmem.measure import training_step_peak
+from fxmem.measure import peak_memory, training_step_peak
 from fxmem.passes import remat
 
 N, D, H = 1024, 64, 512
@@ -74,6 +76,48 @@ def test_gradients_equal_eager(measured):
         torch.testing.assert_close(measured["on"][1][key], want, atol=1e-5, rtol=1e-4)
 
 
+class _Masked(torch.nn.Module):
+    """Each layer makes its own ``[B, T, T]`` mixing matrix from the small ``[B, T]`` input ``x``
+    (as an attention layer makes its dense mask) and applies it with a matmul, which needs it
+    materialized. The matrices read only ``x``, so Inductor fuses them side by side into one
+    kernel at the first layer: all ``L`` alive from there (torch 2.11 and 2.13)."""
+
+    B, T, D, L = 8, 128, 64, 4
+    MASK_BYTES = B * T * T * 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ws = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(self.D, self.D) / self.D**0.5) for _ in range(self.L))
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        for i, w in enumerate(self.ws):
+            mix = (x[:, :, None] * x[:, None, :] * (i + 1)).tanh() / self.T
+            h = torch.relu(torch.bmm(mix, h) @ w)
+        return h
+
+
+def _masked_inference_peak(model: torch.nn.Module, fn) -> tuple[int, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    h, x = torch.randn(_Masked.B, _Masked.T, _Masked.D, generator=g), torch.randn(_Masked.B, _Masked.T, generator=g)
+    with torch.no_grad():
+        fn(h, x)
+        peak, out = peak_memory(lambda: fn(h, x))
+        torch.testing.assert_close(out, model(h, x), atol=1e-5, rtol=1e-4)
+    return peak.peak_bytes, out
+
+
+def test_a_layers_mask_is_not_made_at_the_first_layer(monkeypatch):
+    torch.manual_seed(0)
+    model = _Masked().eval()
+    with inductor_config.patch(fx_graph_cache=False):  # the patched rule is not in the cache key
+        guarded, _ = _masked_inference_peak(model, _fxmem(model))
+        monkeypatch.setattr(fusion_guard, "hoists_outputs", lambda node1, node2, shared: False)
+        unguarded, _ = _masked_inference_peak(model, _fxmem(model))
+    # unguarded: the L masks alive together at the first layer; guarded: one at a time (+ h's)
+    assert unguarded >= _Masked.L * _Masked.MASK_BYTES, unguarded
+    assert guarded <= 2 * _Masked.MASK_BYTES, (guarded, unguarded)
+
+
 def test_guard_is_installed_for_fxmems_compiles_only(monkeypatch):
     from torch._inductor.choices import InductorChoices
     from torch._inductor.graph import GraphLowering
@@ -83,7 +127,7 @@ def test_guard_is_installed_for_fxmems_compiles_only(monkeypatch):
     codegen = GraphLowering.codegen
 
     def recording(self, *args, **kwargs):
-        seen.append(isinstance(V.choices, fusion_guard.RecomputeFusionGuard))
+        seen.append(isinstance(V.choices, fusion_guard.MemoryFusionGuard))
         return codegen(self, *args, **kwargs)
 
     monkeypatch.setattr(GraphLowering, "codegen", recording)
@@ -92,7 +136,12 @@ def test_guard_is_installed_for_fxmems_compiles_only(monkeypatch):
     with inductor_config.patch(fx_graph_cache=False):  # a cache hit skips codegen
         _fxmem(model)(x).sum().backward()  # the backward is compiled here, possibly lazily
     assert seen == [True, True], seen  # forward and backward
-    assert not isinstance(V.choices, fusion_guard.RecomputeFusionGuard)  # nothing left behind
+    seen.clear()
+    torch._dynamo.reset()
+    with inductor_config.patch(fx_graph_cache=False), torch.no_grad():
+        _fxmem(model)(x)
+    assert seen == [True], seen  # an inference graph
+    assert not isinstance(V.choices, fusion_guard.MemoryFusionGuard)  # nothing left behind
     assert type(V.choices) is InductorChoices
 
     seen.clear()
