@@ -267,8 +267,15 @@ class FxmemBackend:
 
     def _inductor_failed(self, exc: Exception, what: str) -> None:
         """Inductor could not compile fxmem's graphs: raise under ``strict``, else warn (naming the
-        error) and let the caller run the same graphs op by op (``codegen="eager"``)."""
-        if self.config.strict:
+        error) and let the caller run the same graphs op by op (``codegen="eager"``).
+
+        Dynamo's restarts are not failures and pass through: with ``dynamic=True`` a float scalar
+        input makes the compile raise ``TensorifyScalarRestartAnalysis``, and Dynamo traces the
+        frame again and calls the backend with the new graph, as it does for torch.compile (fxmem
+        used to run that frame op by op, with this warning)."""
+        from torch._dynamo.exc import RestartAnalysis
+
+        if self.config.strict or isinstance(exc, RestartAnalysis):
             raise exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         warnings.warn(f"fxmem: Inductor could not compile {what} after fxmem's passes ({type(exc).__name__}: "
