@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
@@ -338,8 +339,13 @@ class _Propagate(FakeTensorProp):
 
 
 def refresh_vals(gm: fx.GraphModule) -> None:
-    """Recompute every node's ``meta["val"]`` by fake propagation from the placeholders' values."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    """Recompute every node's ``meta["val"]`` by fake propagation from the placeholders' values.
+
+    In the fake mode the graph's values are in (inside a compile: AOTAutograd's, which the later
+    passes find with ``detect_fake_mode`` and run ops in — a mode of its own here made
+    ``precision`` after ``prune`` fail on "Mixing fake modes"); a fresh one for a graph without."""
+    vals = [n.meta.get("val") for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+    mode = detect_fake_mode(vals) or FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         inputs = [torch.empty_strided(n.meta["val"].shape, n.meta["val"].stride(), dtype=n.meta["val"].dtype,
                                       device=n.meta["val"].device) if isinstance(n.meta.get("val"), torch.Tensor) else n.meta.get("val")
