@@ -102,7 +102,7 @@ def delays_recomputation(node1: Any, node2: Any) -> bool:
 
 def _output_bytes(snode: Any) -> int:
     """Bytes of the buffers ``snode`` writes that something outside it reads (a fused kernel's
-    internal buffers are never allocated); 0 for a size that is not known at compile time."""
+    internal buffers are never allocated); a size without a hint (an unbacked symbol) counts 0."""
     from torch._inductor.virtualized import V
 
     inside = snode.get_operation_names()
