@@ -332,6 +332,28 @@ def sources_keyed_post_pass(user_pass: Any) -> Any:
     return FxmemSourcesKey()
 
 
+class _RetraceInterpreter(fx.Interpreter):
+    """Runs an ATen graph for the retrace of :func:`_decompose`, a ``view`` that the new strides
+    do not allow taken as a ``reshape``.
+
+    The graph's ``view`` nodes were valid for the strides of the first trace, which had no
+    decompositions. Decomposed, an op upstream may return another layout — HF GPT-2's eager
+    attention: ``matmul(query, key.transpose(-1, -2))`` recorded ``view(expand(k_t), [8, 16, 16])``
+    on a contiguous tensor, and the retrace gives it as ``[2, 4, 16, 16]`` with strides
+    ``(1024, 16, 1, 64)``, which no view can reshape. ``reshape`` is what ``matmul`` itself calls
+    (a view where the strides allow it, else a copy); in an inference graph, functional after
+    AOTAutograd, a copy reads the same values, and nothing writes through these views.
+    """
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if target is torch.ops.aten.view.default:
+            try:
+                return super().call_function(target, args, kwargs)
+            except (RuntimeError, ValueError):
+                return torch.ops.aten.reshape.default(*args, **kwargs)
+        return super().call_function(target, args, kwargs)
+
+
 def _decompose(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
     """Retrace ``gm`` with Inductor's decomposition table (what Inductor's own AOTAutograd trace
     applies): fxmem traces with none, so that passes see whole ops, but Inductor refuses ops that
@@ -339,7 +361,7 @@ def _decompose(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
     from torch._inductor.decomposition import select_decomp_table
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    return make_fx(fx.Interpreter(gm).run, decomposition_table=select_decomp_table())(*example_inputs)
+    return make_fx(_RetraceInterpreter(gm).run, decomposition_table=select_decomp_table())(*example_inputs)
 
 
 def inductor_inference(aten_gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
