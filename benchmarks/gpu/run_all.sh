@@ -21,6 +21,9 @@
 #   host_overhead the host time the chunked loss adds to a launch-bound step (tiny HF Llama):
 #                step time against torch.compile and chunk=False, and ATen calls per step
 #   tests        (not in the default PARTS: it never got far in its time) the whole suite
+#   inference_peak (not in the default PARTS: the tool returns at most 8 files and the default
+#                parts' limits already add up to 450 s) the inference forward's peak and time
+#                beside torch.compile's (HF GPT-2, HF Llama, MiniLM); e.g. PARTS="inference_peak"
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-benchmarks/results/gpu}
@@ -75,9 +78,11 @@ for name in $PARTS; do
     # the test suite on this machine's torch (2.11 on the lent machines; CI has 2.13), GPU tests included
     # the GPU tests first and alone: the whole suite does not finish in its limit on the lent machine
     gpu_tests) part gpu_tests "${GPU_TESTS_LIMIT:-60}" "$PY" -m pytest -q -m gpu -p no:cacheprovider -rA ;;
+    inference_peak) part inference_peak "${INFERENCE_PEAK_LIMIT:-60}" "$PY" benchmarks/inference_peak.py --device cuda \
+        --out "$OUT/inference_peak.json" ;;
     tests) part tests "${TESTS_LIMIT:-20}" "$PY" -m pytest -q -n 12 -p no:cacheprovider -rfE \
         --junitxml="$OUT/tests.xml" ${TESTS_ARGS:-} ;;
-    *) echo "run_all.sh: unknown part $name (parts: train_peak chunked_loss host_overhead int4 kernels_gpu gpu_tests tests)" | tee -a "$LOG" ;;
+    *) echo "run_all.sh: unknown part $name (parts: train_peak chunked_loss host_overhead int4 kernels_gpu gpu_tests tests inference_peak)" | tee -a "$LOG" ;;
   esac
 done
 ls -la "$OUT"
