@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from fxmem.analysis.sizes import module_parameter_bytes, parameter_bytes
+from fxmem.analysis.sizes import module_parameter_bytes
 from fxmem.config import OptionError, parse_options
-from fxmem.measure import measure_training, time_inference
+from fxmem.measure import measure_training, peak_memory, time_inference
 from fxmem.models.gpt import GPT, GPTConfig, example_batch
 from fxmem.report import explain
 
@@ -119,26 +119,44 @@ def demo(ns: argparse.Namespace) -> int:
         (label, lambda m, o=opts: torch.compile(_LossOnly(m), backend="fxmem", options=o or None))
         for label, opts in CHUNK_VARIANTS
     ])
-    bar = tqdm(total=len(inference_variants) + len(training_contenders) + 1, desc="compiling", unit="step",
+    bar = tqdm(total=len(inference_variants) + 1 + len(training_contenders) + 1, desc="compiling", unit="step",
                file=sys.stderr, disable=ns.quiet)
 
     # -- inference ---------------------------------------------------------------------------
+    # Measured as a user runs it: each variant compiled (torch.compile(backend="fxmem"), Inductor
+    # generating the code), beside plain torch.compile; peak = the weights the graph reads + the
+    # batch + the forward's measured peak (fxmem.fit.measure_inference, as fit estimates it)
+    from fxmem.fit import measure_inference
+
     model = copy.deepcopy(base).eval()
     with torch.no_grad():
         ref = model(idx)
-    _, eager_t = time_inference(model, (idx,))
-    inference_rows = [["eager fp32", _mib(module_parameter_bytes(model)), "0", "1.00"]]
-    first_report = None
-    for label, opts in inference_variants:
-        bar.set_description(f"inference: {label}")
-        report = explain(model, idx, mode="inference", **opts)
-        first_report = first_report or report
+    first_report = explain(model, idx, mode="inference", **inference_variants[0][1])
+
+    def rel_error(fn) -> float:
         with torch.no_grad():
-            got = report.module(idx)
-        _, fx_t = time_inference(report.module, (idx,))
-        rel = (got.float() - ref.float()).abs().max() / ref.float().abs().max()
-        inference_rows.append([label, _mib(parameter_bytes(report.module.graph_module)), f"{rel:.2e}", f"{fx_t / eager_t:.2f}"])
+            got = fn(idx)
+        return float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
+
+    _, eager_t = time_inference(model, (idx,))
+    with torch.no_grad():
+        eager_peak = peak_memory(lambda: model(idx))[0].peak_bytes + module_parameter_bytes(model) + idx.numel() * idx.element_size()
+    inference_rows = []
+    for label, opts in [(TORCH_COMPILE, None), *inference_variants]:
+        bar.set_description(f"inference: {label}")
+        torch._dynamo.reset()
+        measured = measure_inference(model, idx, options=opts, steps=1)
+        fn = torch.compile(model) if opts is None else torch.compile(model, backend="fxmem", options=opts)
+        error = rel_error(fn)
+        _, latency = time_inference(fn, (idx,))
+        inference_rows.append([label, measured, error, latency])
         bar.update()
+    anchor_peak, anchor_t = inference_rows[0][1]["peak_bytes"], inference_rows[0][3]
+    inference_table = [["eager fp32", _mib(module_parameter_bytes(model)), "0", _mib(eager_peak),
+                        f"{eager_peak / anchor_peak:.2f}", f"{eager_t / anchor_t:.2f}"]]
+    for label, measured, error, latency in inference_rows:
+        inference_table.append([label, _mib(measured["weights_bytes"]), f"{error:.2e}", _mib(measured["peak_bytes"]),
+                                f"{measured['peak_bytes'] / anchor_peak:.2f}", f"{latency / anchor_t:.2f}"])
 
     # -- training ----------------------------------------------------------------------------
     bar.set_description("training: fxmem.explain")
@@ -156,8 +174,10 @@ def demo(ns: argparse.Namespace) -> int:
     print(first_report)
     print()
     print(train_report)
-    print("\ninference (fxmem.optimize vs fp32 eager; error = max |Δ logits| / max |logits|):")
-    print(_table(["", "params MiB", "rel. error", "latency × eager"], inference_rows))
+    print("\ninference (each compiled; peak measured from outside: weights + batch + the forward's peak; "
+          "error = max |Δ logits| / max |logits| against fp32 eager):")
+    print(_table(["", "params MiB", "rel. error", "peak MiB", "peak × torch.compile", "latency × torch.compile"],
+                 inference_table))
     print(f"\ntraining ({ns.steps} steps, SGD; peak measured from outside (allocator events), saved activations "
           "with saved_tensors_hooks):")
     eager = results[0]

@@ -14,7 +14,7 @@ def test_demo_prints_the_report_and_the_side_by_side_tables(capsys):
     out = capsys.readouterr().out
     assert "fxmem report (inference" in out
     assert "aot_eager (PyTorch default partitioner)" in out and "saved MiB" in out and "step × eager" in out
-    assert "rel. error" in out
+    assert "rel. error" in out and "latency × torch.compile" in out
     # every pass adds its row
     for row in ("fxmem precision=bf16", "fxmem int8=weight_only", "fxmem prune 30% MLP", "PyTorch min-cut partitioner",
                 "fxmem remat budget=0.5", "fxmem chunk (default), step returns the loss only"):
