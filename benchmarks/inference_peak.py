@@ -30,7 +30,6 @@ import platform
 import statistics
 import sys
 import time
-import warnings
 
 import torch
 
@@ -39,7 +38,6 @@ sys.path.insert(0, ROOT)
 
 import fxmem  # noqa: E402, F401 - registers the backend
 from fxmem.fit import measure_inference  # noqa: E402
-from fxmem.measure import peak_memory  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 CASES = ("hf_gpt2", "hf_llama", "minilm")
@@ -95,29 +93,18 @@ def run_case(name: str, device: torch.device, rounds: int, steps: int, seq: int 
     with torch.no_grad():
         reference = _logits(model(*args, **kwargs)).float()
     rows, calls = [], {}
-    for variant, options in (("eager", "eager"), ("torch.compile", None), ("fxmem", {})):
+    for variant, options in (("eager", None), ("torch.compile", None), ("fxmem", {})):
         torch._dynamo.reset()
         start = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            if options == "eager":
-                fn = model
-                with torch.no_grad():
-                    model(*args, **kwargs)
-                    peak, _ = peak_memory(lambda: model(*args, **kwargs), device=device)
-                storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
-                batch = sum(t.numel() * t.element_size() for t in args)
-                measured = {"weights_bytes": sum(storages.values()), "forward_peak_bytes": peak.peak_bytes,
-                            "peak_bytes": float(sum(storages.values()) + batch + peak.peak_bytes)}
-            else:
-                measured = measure_inference(model, *args, kwargs=kwargs, options=options, steps=1, device=device)
-                fn = torch.compile(model) if options is None else torch.compile(model, backend="fxmem", options=options)
-            with torch.no_grad():
-                got = _logits(fn(*args, **kwargs)).float()
-        fell_back = any(FALLBACK in str(w.message) for w in caught)
+        fn = (model if variant == "eager" else torch.compile(model) if options is None
+              else torch.compile(model, backend="fxmem", options=options))
+        measured = measure_inference(model, *args, kwargs=kwargs, options=options, steps=1, device=device, compiled=fn)
+        with torch.no_grad():
+            got = _logits(fn(*args, **kwargs)).float()
         row = {"variant": variant, "peak_bytes": measured["peak_bytes"], "weights_bytes": measured["weights_bytes"],
                "forward_peak_bytes": measured["forward_peak_bytes"], "setup_s": time.perf_counter() - start,
-               "fell_back_to_op_by_op": fell_back, "max_abs_diff_vs_eager": float((got - reference).abs().max())}
+               "fell_back_to_op_by_op": any(w.startswith(FALLBACK) for w in measured["warnings"]),
+               "max_abs_diff_vs_eager": float((got - reference).abs().max())}
         rows.append(row)
         calls[variant] = _forward(fn, args, kwargs, device)
     times: dict[str, list[float]] = {v: [] for v in calls}

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from fxmem.analysis.sizes import module_parameter_bytes
 from fxmem.config import OptionError, parse_options
-from fxmem.measure import measure_training, peak_memory, time_inference
+from fxmem.measure import measure_training
 from fxmem.models.gpt import GPT, GPTConfig, example_batch
 from fxmem.report import explain
 
@@ -119,7 +119,7 @@ def demo(ns: argparse.Namespace) -> int:
         (label, lambda m, o=opts: torch.compile(_LossOnly(m), backend="fxmem", options=o or None))
         for label, opts in CHUNK_VARIANTS
     ])
-    bar = tqdm(total=len(inference_variants) + 1 + len(training_contenders) + 1, desc="compiling", unit="step",
+    bar = tqdm(total=len(inference_variants) + 2 + len(training_contenders) + 1, desc="compiling", unit="step",
                file=sys.stderr, disable=ns.quiet)
 
     # -- inference ---------------------------------------------------------------------------
@@ -138,25 +138,19 @@ def demo(ns: argparse.Namespace) -> int:
             got = fn(idx)
         return float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
 
-    _, eager_t = time_inference(model, (idx,))
-    with torch.no_grad():
-        eager_peak = peak_memory(lambda: model(idx))[0].peak_bytes + module_parameter_bytes(model) + idx.numel() * idx.element_size()
-    inference_rows = []
-    for label, opts in [(TORCH_COMPILE, None), *inference_variants]:
+    rows = []
+    for label, opts in [("eager fp32", None), (TORCH_COMPILE, None), *inference_variants]:
         bar.set_description(f"inference: {label}")
         torch._dynamo.reset()
-        measured = measure_inference(model, idx, options=opts, steps=1)
-        fn = torch.compile(model) if opts is None else torch.compile(model, backend="fxmem", options=opts)
-        error = rel_error(fn)
-        _, latency = time_inference(fn, (idx,))
-        inference_rows.append([label, measured, error, latency])
+        fn = (model if label == "eager fp32" else torch.compile(model) if opts is None
+              else torch.compile(model, backend="fxmem", options=opts))
+        measured = measure_inference(model, idx, options=opts, steps=5, compiled=fn)
+        rows.append((label, measured, rel_error(fn)))
         bar.update()
-    anchor_peak, anchor_t = inference_rows[0][1]["peak_bytes"], inference_rows[0][3]
-    inference_table = [["eager fp32", _mib(module_parameter_bytes(model)), "0", _mib(eager_peak),
-                        f"{eager_peak / anchor_peak:.2f}", f"{eager_t / anchor_t:.2f}"]]
-    for label, measured, error, latency in inference_rows:
-        inference_table.append([label, _mib(measured["weights_bytes"]), f"{error:.2e}", _mib(measured["peak_bytes"]),
-                                f"{measured['peak_bytes'] / anchor_peak:.2f}", f"{latency / anchor_t:.2f}"])
+    anchor = rows[1][1]  # torch.compile's
+    inference_table = [[label, _mib(m["weights_bytes"]), f"{error:.2e}", _mib(m["peak_bytes"]),
+                        f"{m['peak_bytes'] / anchor['peak_bytes']:.2f}", f"{m['step_s'] / anchor['step_s']:.2f}"]
+                       for label, m, error in rows]
 
     # -- training ----------------------------------------------------------------------------
     bar.set_description("training: fxmem.explain")

@@ -831,7 +831,8 @@ def _pruned_graph(aten_gm: fx.GraphModule, params: Mapping[int, str], config: An
     from fxmem.passes.base import UnsupportedGraph, copy_graph
     from fxmem.passes.prune import prune_shapes
 
-    # AOTAutograd's fake mode is active in its compiler; the pass makes its own (refresh_vals)
+    # AOTAutograd's fake mode is active in its compiler: left while the meta weights are made;
+    # the pass's propagation (refresh_vals) runs in the mode the graph's values are in
     with unset_fake_temporarily():
         pruned = fx.GraphModule(aten_gm, copy_graph(aten_gm.graph))
         placeholders = [n for n in pruned.graph.nodes if n.op == "placeholder"]
@@ -1366,7 +1367,7 @@ def measure_options(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any
 
 def measure_inference(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, Any] | None = None,
                       options: Mapping[str, Any] | None, steps: int = 3,
-                      device: str | torch.device | None = None) -> dict[str, Any]:
+                      device: str | torch.device | None = None, compiled: Any = None) -> dict[str, Any]:
     """What :func:`fit` estimates for ``mode="inference"``, measured: the weights the options leave
     plus the batch plus the peak of a no-grad forward.
 
@@ -1378,6 +1379,10 @@ def measure_inference(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, A
       ``torch.compile``), above what was allocated before it (its output included);
     * ``peak_bytes``: their sum with the batch; ``step_s``: the median of ``steps`` calls;
       ``warnings``: what the compile warned (a pass that was skipped, say).
+
+    ``compiled``: the callable to measure, when the caller keeps it (to read its outputs too)
+    instead of a compile made here — ``torch.compile(model, backend="fxmem", options=options)``,
+    plain ``torch.compile(model)`` for ``options=None``, or ``model`` itself for eager.
     """
     import statistics
     import time
@@ -1391,7 +1396,7 @@ def measure_inference(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, A
     dev = torch.device(device) if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
     if options is None:
         weights = _state_bytes(model)
-        fn = torch.compile(model)
+        fn = compiled if compiled is not None else torch.compile(model)
     else:
         module = optimize(model, *args, kwargs=kwargs, **dict(options))
         seen, weights = set(), 0
@@ -1401,7 +1406,7 @@ def measure_inference(model: torch.nn.Module, *args: Any, kwargs: Mapping[str, A
                 seen.add(key)
                 weights += t.untyped_storage().nbytes()
         del module
-        fn = torch.compile(model, backend="fxmem", options=dict(options))
+        fn = compiled if compiled is not None else torch.compile(model, backend="fxmem", options=dict(options))
     batch = sum(t.numel() * t.element_size() for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor))
 
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
